@@ -1,0 +1,46 @@
+# heimdex-clip: every target runs inside .venv (created by `make setup`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+MODEL ?= ViT-B-32
+PRETRAINED ?= openai
+MODELS_DIR ?= models
+EXPORT_ARGS ?=
+
+# Where tests and the demo find the random-init artifact (no model hub here).
+TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
+
+.PHONY: setup export-model export-test-model test lint bench bench-quick demo docker clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned, CPU wheels from the local disk: nothing may resolve a CUDA build.
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[export,db,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+export-model: setup
+	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained $(PRETRAINED) --models-dir $(MODELS_DIR) $(EXPORT_ARGS)
+
+# The artifact the tests use: same architecture as production, seeded random weights.
+$(TEST_MODEL_DIR)/manifest.json: | setup
+	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained none --models-dir $(MODELS_DIR) --keep-fp32
+
+export-test-model: $(TEST_MODEL_DIR)/manifest.json
+
+test: setup export-test-model
+	$(VENV)/bin/ruff check .
+	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

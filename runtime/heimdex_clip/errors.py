@@ -1,0 +1,32 @@
+"""Exceptions of the heimdex_clip runtime.
+
+Every failure the runtime can report is a subclass of :class:`ClipError`, so callers can
+catch one type. The worker path (``ClipEmbedder.embed_frame``) never raises: it turns these
+into ``error`` strings in the embedding metadata.
+"""
+
+from __future__ import annotations
+
+
+class ClipError(Exception):
+    """Base class for every heimdex_clip error."""
+
+
+class ConfigError(ClipError, ValueError):
+    """A CLIP_* setting has an invalid value (raised at start-up, not at the first frame)."""
+
+
+class ArtifactError(ClipError):
+    """The model artifact is missing, incomplete, tampered with or incompatible."""
+
+
+class ImageError(ClipError, ValueError):
+    """An input image cannot be read: missing, empty, corrupt, hostile or of a bad shape."""
+
+
+class ClipTimeoutError(ClipError, TimeoutError):
+    """Embedding one scene took longer than CLIP_TIMEOUT_S; the work was stopped."""
+
+
+class DimensionError(ClipError, ValueError):
+    """A vector's dimension does not match the model or the database column."""
