@@ -44,3 +44,7 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Needs a Docker engine (not available on the build machines this repo is tested on).
+docker:
+	docker build --build-arg MODEL=$(MODEL) --build-arg PRETRAINED=$(PRETRAINED) -t heimdex-clip:$(MODEL)-$(PRETRAINED) .

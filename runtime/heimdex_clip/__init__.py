@@ -5,6 +5,7 @@ Importing this package never imports torch (a test proves it in a torch-free ven
 
 from .artifact import Manifest, PreprocessSpec, load_manifest
 from .config import ClipConfig
+from .embedder import ClipEmbedder, EmbeddingResult, get_embedder, reset_embedder
 from .errors import (
     ArtifactError,
     ClipError,
@@ -19,13 +20,17 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
     "ClipConfig",
+    "ClipEmbedder",
     "ClipError",
     "ClipTimeoutError",
     "ConfigError",
     "DimensionError",
+    "EmbeddingResult",
     "ImageError",
     "Manifest",
     "PreprocessSpec",
     "__version__",
+    "get_embedder",
     "load_manifest",
+    "reset_embedder",
 ]

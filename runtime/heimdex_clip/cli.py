@@ -1,0 +1,166 @@
+"""``heimdex-clip``: embed images, inspect the runtime, and (with the db extra) index/search.
+
+    heimdex-clip embed PATH... [--json]
+    heimdex-clip info [--json]
+    heimdex-clip db migrate | index | search | backfill | stats   (needs the db extra)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from . import __version__
+from .config import ClipConfig
+from .embedder import ClipEmbedder
+from .errors import ClipError
+from .session import cpu_features
+
+
+def _embedder(args: argparse.Namespace) -> ClipEmbedder:
+    return ClipEmbedder(model_dir=args.model_dir, config=ClipConfig.from_env())
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed each image; print dimension, norm and time (never stops at a bad file)."""
+    embedder = _embedder(args)
+    try:
+        embedder.load()
+    except ClipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for path in args.paths:
+        result = embedder.embed_frame(path, frame_path=path)
+        row: dict[str, Any] = {"path": path, "ok": result.ok, "error": result.error,
+                               "time_ms": result.metadata["inference_time_ms"]}
+        if result.ok:
+            assert result.embedding is not None
+            row.update(dim=int(result.embedding.shape[0]),
+                       norm=round(float(np.linalg.norm(result.embedding)), 6))
+            if args.vectors:
+                row["embedding"] = [round(float(x), 7) for x in result.embedding]
+        rows.append(row)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=None if args.vectors else 2)
+        print()
+    else:
+        for r in rows:
+            if r["ok"]:
+                print(f"{r['path']}: dim={r['dim']} norm={r['norm']:.4f} time={r['time_ms']}ms")
+            else:
+                print(f"{r['path']}: FAILED {r['error']}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Manifest, weights, providers, threads and CPU features of this runtime."""
+    embedder = _embedder(args)
+    info: dict[str, Any] = {"heimdex_clip": __version__, "onnxruntime": ort.__version__,
+                            "available_providers": ort.get_available_providers(),
+                            "cpu": cpu_features()}
+    try:
+        started = time.perf_counter()
+        embedder.load()
+        info["load_time_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        m = embedder.manifest
+        session = embedder.session_info
+        info.update(
+            artifact=str(embedder.artifact_dir),
+            model=m.model.__dict__,
+            weights=("RANDOM INIT (not semantic)" if m.model.random_init else m.model.pretrained),
+            preprocess=m.preprocess.__dict__,
+            files={k: {"path": f.path, "precision": f.precision, "bytes": f.bytes,
+                       "sha256": f.sha256} for k, f in m.files.items()},
+            quantization=m.quantization,
+            parity=m.parity,
+            session={"providers": session.providers, "device": session.device,
+                     "intra_op_threads": session.intra_op_threads,
+                     "memory_arena": session.memory_arena},
+            config={k: str(v) for k, v in embedder.config.__dict__.items()
+                    if k != "unknown_keys"},
+        )
+    except ClipError as exc:
+        info["error"] = str(exc)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        _print_info(info)
+    return 0 if "error" not in info else 2
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    cpu = info["cpu"]
+    flags = ", ".join(f for f, on in cpu["flags"].items() if on) or "none"
+    print(f"heimdex-clip {info['heimdex_clip']}, onnxruntime {info['onnxruntime']}")
+    print(f"CPU: {cpu['cpu_model']} ({cpu['physical_cores']} physical cores, "
+          f"{cpu['logical_cpus']} logical); flags: {flags}")
+    print(f"available providers: {', '.join(info['available_providers'])}")
+    if "error" in info:
+        print(f"model: NOT LOADED: {info['error']}")
+        return
+    m, s = info["model"], info["session"]
+    print(f"artifact: {info['artifact']} (loaded in {info['load_time_ms']} ms)")
+    print(f"model: {m['name']} embed_dim={m['embed_dim']} weights={info['weights']} "
+          f"quick_gelu={m['quick_gelu']}")
+    print(f"session: device={s['device']} providers={','.join(s['providers'])} "
+          f"threads={s['intra_op_threads']} arena={s['memory_arena']}")
+    for key, f in info["files"].items():
+        print(f"file {key}: {f['path']} {f['bytes'] / 1e6:.1f} MB sha256={f['sha256'][:16]}...")
+    parity = info["parity"]
+    if "int8_vs_fp32" in parity:
+        q = parity["int8_vs_fp32"]
+        print(f"INT8 vs fp32 (export-time, {q['images']} images): mean cos "
+              f"{q['mean_cosine']:.5f}, min {q['min_cosine']:.5f}, top-5 agreement "
+              f"{q['top5_agreement']:.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heimdex-clip", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"heimdex-clip {__version__}")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="artifact directory or models root (default: $CLIP_MODEL_DIR)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser("embed", help="embed images and print dim, norm and time")
+    embed.add_argument("paths", nargs="+")
+    embed.add_argument("--json", action="store_true", help="JSON output")
+    embed.add_argument("--vectors", action="store_true", help="include the vectors (JSON)")
+    embed.set_defaults(func=cmd_embed)
+
+    info = sub.add_parser("info", help="manifest, weights, providers, threads, CPU features")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    try:
+        from .db import cli as db_cli
+    except ImportError:  # the db extra is not installed: those commands say so
+        db_cli = None
+    if db_cli is not None:
+        db_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ClipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

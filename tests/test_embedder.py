@@ -1,0 +1,306 @@
+"""ClipEmbedder on the real exported artifact and real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from heimdex_clip import (
+    ArtifactError,
+    ClipConfig,
+    ClipEmbedder,
+    ImageError,
+    get_embedder,
+    reset_embedder,
+)
+from PIL import Image
+
+METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
+                   "frame_path", "frame_quality", "inference_time_ms", "created_at", "error"}
+
+
+def make_config(artifact_dir: Path, **changes) -> ClipConfig:
+    return ClipConfig(enabled=True, pretrained="none", model_dir=artifact_dir, **changes)
+
+
+@pytest.fixture(scope="module")
+def embedder(artifact_dir) -> ClipEmbedder:
+    return ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=0)).load()
+
+
+@pytest.fixture(scope="module")
+def jpeg_files(photos, tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("frames")
+    paths = []
+    for name, image in photos[:8]:
+        path = folder / f"{name}.jpg"
+        image.save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+class TestClipEmbedderDisabled:
+    def test_disabled_returns_none(self):
+        assert get_embedder(ClipConfig(enabled=False)) is None
+
+
+class TestClipEmbedderSingleton:
+    def test_singleton_returns_same_instance(self, artifact_dir):
+        reset_embedder()
+        cfg = make_config(artifact_dir)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                instances = list(pool.map(lambda _: get_embedder(cfg), range(16)))
+            assert all(i is instances[0] for i in instances)
+            assert isinstance(instances[0], ClipEmbedder)
+        finally:
+            reset_embedder()
+
+    def test_model_is_loaded_lazily(self, artifact_dir):
+        lazy = ClipEmbedder(config=make_config(artifact_dir))
+        assert lazy._session is None
+        lazy.embed_frame(Image.new("RGB", (64, 64)))
+        assert lazy._session is not None
+
+
+class TestClipEmbedderModelLoading:
+    def test_model_loading_success(self, artifact_dir, caplog):
+        caplog.set_level(logging.INFO, logger="heimdex_clip")
+        emb = ClipEmbedder(config=make_config(artifact_dir, cpu_threads=1)).load()
+        assert emb.embed_dim == 512
+        assert emb.manifest.model.name == "ViT-B-32"
+        assert emb.session_info.intra_op_threads == 1
+        assert emb.session_info.providers == ["CPUExecutionProvider"]
+        text = caplog.text
+        assert "Loading CLIP model: ViT-B-32 (pretrained=none, device=cpu)" in text
+        assert "CLIP model loaded successfully: ViT-B-32 (embed_dim=512, device=cpu" in text
+        assert "intra_op_threads=1" in text
+        assert "RANDOM INITIALISATION" in text  # loud warning for a test artifact
+
+    def test_missing_artifact_gives_null_embedding_with_error(self, tmp_path, photos):
+        emb = ClipEmbedder(config=make_config(tmp_path / "nowhere"))
+        result = emb.embed_frame(photos[0][1], frame_path="f.jpg")
+        assert result.embedding is None
+        assert "Model load failed" in result.error and "no model artifact" in result.error
+        with pytest.raises(ArtifactError, match="make export-model"):
+            emb.load()
+
+    @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete"])
+    def test_tampered_model_file_is_refused(self, artifact_dir, tmp_path, photos, damage):
+        copy = tmp_path / "artifact"
+        shutil.copytree(artifact_dir, copy, ignore=shutil.ignore_patterns("visual.fp32.onnx"))
+        model = copy / "visual.int8.onnx"
+        data = bytearray(model.read_bytes())
+        if damage == "flip_byte":
+            data[len(data) // 2] ^= 0xFF
+            model.write_bytes(bytes(data))
+        elif damage == "truncate":
+            model.write_bytes(bytes(data[:-10]))
+        else:
+            model.unlink()
+        emb = ClipEmbedder(config=make_config(copy))
+        result = emb.embed_frame(photos[0][1])
+        assert result.embedding is None
+        expected = {"flip_byte": "sha256 mismatch", "truncate": "truncated",
+                    "delete": "missing"}[damage]
+        assert expected in result.error
+        # The failure is remembered, not re-hashed for every frame, until reload().
+        assert emb.embed_frame(photos[1][1]).error == result.error
+
+    def test_fp32_precision_needs_the_fp32_file(self, artifact_dir, tmp_path):
+        copy = tmp_path / "artifact"
+        shutil.copytree(artifact_dir, copy, ignore=shutil.ignore_patterns("visual.fp32.onnx"))
+        manifest = (copy / "manifest.json").read_text()
+        import json
+        data = json.loads(manifest)
+        del data["files"]["visual.fp32"]
+        (copy / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match=r"no 'visual\.fp32' file"):
+            ClipEmbedder(config=make_config(copy, precision="fp32")).load()
+
+    def test_cuda_without_provider_falls_back_to_cpu_and_says_so(self, artifact_dir, caplog,
+                                                                 photos):
+        caplog.set_level(logging.WARNING)
+        emb = ClipEmbedder(config=make_config(artifact_dir, device="cuda"))
+        result = emb.embed_frame(photos[0][1])
+        assert result.ok and result.metadata["device"] == "cpu"
+        assert "no CUDAExecutionProvider" in caplog.text
+
+
+class TestClipEmbedderEmbeddingGeneration:
+    def test_embedding_generation_success(self, embedder, jpeg_files, caplog):
+        caplog.set_level(logging.INFO, logger="heimdex_clip")
+        result = embedder.embed_frame(jpeg_files[0], frame_quality=0.82, scene=12)
+        assert result.ok and result.error is None
+        vec = result.embedding
+        assert vec.shape == (512,) and vec.dtype == np.float32
+        assert abs(np.linalg.norm(vec) - 1) < 1e-4
+        md = result.metadata
+        assert set(md) == METADATA_FIELDS
+        assert md["model_name"] == "ViT-B-32" and md["pretrained"] == "none"
+        assert md["embed_dim"] == 512 and md["normalized"] is True and md["device"] == "cpu"
+        assert md["frame_path"] == str(jpeg_files[0])
+        assert md["frame_quality"] == {"quality_score": 0.82}
+        assert md["inference_time_ms"] > 0
+        assert md["created_at"].endswith("Z")
+        assert "Scene 12: Generating CLIP embedding from best frame" in caplog.text
+        assert "Scene 12: CLIP embedding created (dim=512, time=" in caplog.text
+
+    def test_debug_log_prints_norm(self, artifact_dir, jpeg_files, caplog):
+        caplog.set_level(logging.DEBUG, logger="heimdex_clip")
+        emb = ClipEmbedder(config=make_config(artifact_dir, debug_log=True))
+        emb.embed_frame(jpeg_files[0])
+        assert f"CLIP embedding created: {jpeg_files[0]}, dim=512" in caplog.text
+        assert "norm=1.0000" in caplog.text
+
+    def test_every_input_kind_gives_the_same_vector(self, embedder, jpeg_files):
+        path = jpeg_files[1]
+        pil = Image.open(path)
+        pil.load()
+        kinds = [str(path), path, path.read_bytes(), pil, np.asarray(pil.convert("RGB"))]
+        vectors = embedder.embed_images(kinds)
+        for v in vectors[1:]:
+            np.testing.assert_allclose(v, vectors[0], atol=1e-6)
+
+    def test_batch_equals_single_calls(self, embedder, jpeg_files):
+        batched = embedder.embed_images(jpeg_files, batch_size=8)
+        single = np.stack([embedder.embed_frame(p).embedding for p in jpeg_files])
+        assert np.min(np.sum(batched * single, axis=1)) >= 0.999
+
+    def test_different_images_give_different_vectors(self, embedder, jpeg_files):
+        vectors = embedder.embed_images(jpeg_files[:4])
+        sims = vectors @ vectors.T
+        assert sims[np.triu_indices(4, 1)].max() < 0.999
+
+    def test_normalize_false_returns_raw_features(self, artifact_dir, jpeg_files, embedder):
+        raw_emb = ClipEmbedder(config=make_config(artifact_dir, normalize=False))
+        raw = raw_emb.embed_images(jpeg_files[:2])
+        unit = embedder.embed_images(jpeg_files[:2])
+        assert np.all(np.abs(np.linalg.norm(raw, axis=1) - 1) > 1e-3)
+        np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit,
+                                   atol=1e-5)
+        assert raw_emb.embed_frame(jpeg_files[0]).metadata["normalized"] is False
+
+    def test_preprocess_is_public_and_shaped(self, embedder, jpeg_files):
+        pixels = embedder.preprocess(jpeg_files[:3])
+        assert pixels.shape == (3, 3, 224, 224) and pixels.dtype == np.float32
+
+
+class TestGracefulDegradation:
+    @pytest.mark.parametrize(("make", "message"), [
+        (lambda tmp: b"", "empty"),
+        (lambda tmp: np.random.default_rng(0).bytes(5000), "cannot identify"),
+        (lambda tmp: tmp / "missing.jpg", "does not exist"),
+        (lambda tmp: tmp, "directory"),
+        (lambda tmp: np.zeros((10, 10, 7), np.uint8), "shape"),
+    ])
+    def test_bad_frame_gives_null_with_error_and_pipeline_goes_on(self, embedder, tmp_path,
+                                                                  jpeg_files, make, message):
+        result = embedder.embed_frame(make(tmp_path), frame_path="bad.jpg", frame_quality=0.5)
+        assert result.embedding is None
+        assert message in result.error.lower() or message in result.error
+        md = result.metadata
+        assert set(md) == METADATA_FIELDS
+        assert md["frame_quality"] is None and md["inference_time_ms"] is None
+        assert embedder.embed_frame(jpeg_files[0]).ok
+
+    def test_strict_path_raises(self, embedder, jpeg_files):
+        with pytest.raises(ImageError):
+            embedder.embed_images([jpeg_files[0], b"not an image"])
+
+    def test_truncated_jpeg(self, embedder, jpeg_files):
+        data = jpeg_files[0].read_bytes()
+        result = embedder.embed_frame(data[: len(data) // 2])
+        assert result.embedding is None and result.error
+
+    def test_decompression_bomb_is_refused_quickly(self, embedder):
+        buf = io.BytesIO()
+        Image.new("1", (30000, 30000)).save(buf, format="PNG")
+        started = time.perf_counter()
+        result = embedder.embed_frame(buf.getvalue())
+        assert result.embedding is None and "pixels" in result.error
+        assert time.perf_counter() - started < embedder.config.timeout_s
+
+    def test_timeout_gives_null_stops_the_work_and_embedder_stays_usable(
+            self, artifact_dir, jpeg_files, embedder):
+        frames = [jpeg_files[i % len(jpeg_files)] for i in range(64)]
+        started = time.perf_counter()
+        embedder.embed_images(frames, batch_size=64)
+        full_run = time.perf_counter() - started
+
+        impatient = ClipEmbedder(config=make_config(
+            artifact_dir, timeout_s=0.002, batch_size=64, embed_cache_size=0)).load()
+        results = impatient.embed_frames(frames)
+        assert all(r.embedding is None for r in results)
+        assert results[0].error == f"Timeout after {0.002 * 64}s"
+        assert results[0].metadata["inference_time_ms"] is None
+        stopped = time.perf_counter()
+        while impatient.active_jobs and time.perf_counter() - stopped < full_run:
+            time.sleep(0.005)
+        # The ONNX Runtime run was terminated, not left to finish in the background.
+        assert impatient.active_jobs == 0
+        assert time.perf_counter() - stopped < full_run / 2
+
+        single = impatient.embed_frame(jpeg_files[0])
+        assert single.embedding is None and single.error == "Timeout after 0.002s"
+        # Usable afterwards: the same session answers a strict call correctly.
+        np.testing.assert_allclose(impatient.embed_images(jpeg_files[:2]),
+                                   embedder.embed_images(jpeg_files[:2]), atol=1e-6)
+
+
+class TestConcurrencyAndCache:
+    def test_many_threads_match_sequential(self, embedder, jpeg_files):
+        sequential = [embedder.embed_frame(p).embedding for p in jpeg_files]
+        barrier = threading.Barrier(8)
+
+        def worker(i):
+            barrier.wait()
+            return embedder.embed_frame(jpeg_files[i]).embedding
+
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(worker, range(len(jpeg_files))))
+        for a, b in zip(sequential, concurrent, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def test_identical_frames_are_embedded_once(self, artifact_dir, jpeg_files):
+        emb = ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=4))
+        first = emb.embed_frame(jpeg_files[0])
+        second = emb.embed_frame(jpeg_files[0].read_bytes())
+        assert emb.cache_stats["hits"] == 1 and emb.cache_stats["misses"] == 1
+        np.testing.assert_array_equal(first.embedding, second.embedding)
+        emb.embed_frame(jpeg_files[1])
+        assert emb.cache_stats["misses"] == 2
+
+
+class TestSceneAndBatchWorkerPath:
+    def test_embed_scene_pools_the_best_frames(self, embedder, jpeg_files):
+        frames = [(jpeg_files[0], 0.9), (jpeg_files[1], 0.1), (jpeg_files[2], 0.8),
+                  (jpeg_files[3], 0.7)]
+        result = embedder.embed_scene(frames, top_k=3)
+        vectors = embedder.embed_images([jpeg_files[0], jpeg_files[2], jpeg_files[3]])
+        expected = vectors.mean(axis=0)
+        expected /= np.linalg.norm(expected)
+        np.testing.assert_allclose(result.embedding, expected, atol=1e-3)
+        assert result.metadata["frame_quality"]["frames_pooled"] == 3
+
+    def test_embed_scene_skips_bad_frames_and_fails_only_if_all_fail(self, embedder,
+                                                                    jpeg_files):
+        ok = embedder.embed_scene([b"junk", jpeg_files[0]], top_k=2)
+        single = embedder.embed_images([jpeg_files[0]])[0]
+        assert ok.ok and float(ok.embedding @ single) > 0.999
+        bad = embedder.embed_scene([b"junk", b""], top_k=2)
+        assert bad.embedding is None and "all 2 frames failed" in bad.error
+
+    def test_embed_frames_isolates_failures(self, embedder, jpeg_files):
+        results = embedder.embed_frames([jpeg_files[0], b"junk", jpeg_files[1]])
+        assert [r.ok for r in results] == [True, False, True]
+        single = embedder.embed_images([jpeg_files[0], jpeg_files[1]])
+        assert float(results[0].embedding @ single[0]) > 0.999
+        assert float(results[2].embedding @ single[1]) > 0.999
