@@ -45,6 +45,20 @@ lint: setup
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
+# The main job, end to end on the embedded PostgreSQL. Real weights where a model hub is
+# reachable; otherwise a seeded random init, loudly flagged (results are not semantic).
+DEMO_DIR ?= .demo
+demo: setup
+	@if [ -f "$(MODELS_DIR)/$(MODEL)__$(PRETRAINED)/manifest.json" ] || \
+	    $(PY) -m heimdex_clip_export --model $(MODEL) --pretrained $(PRETRAINED) --models-dir $(MODELS_DIR); then \
+	  echo "$(MODELS_DIR)/$(MODEL)__$(PRETRAINED)" > $(DEMO_DIR).model; \
+	else \
+	  echo "!!! could not export $(MODEL) with PRETRAINED=$(PRETRAINED): falling back to a RANDOM INIT (not semantic)"; \
+	  $(MAKE) --no-print-directory export-test-model && echo "$(TEST_MODEL_DIR)" > $(DEMO_DIR).model; \
+	fi
+	$(PY) -m heimdex_clip_export.samples $(DEMO_DIR)/frames
+	$(PY) -m heimdex_clip.db.demo $(DEMO_DIR)/frames --model-dir "$$(cat $(DEMO_DIR).model)" --html $(DEMO_DIR)/results.html
+
 # Needs a Docker engine (not available on the build machines this repo is tested on).
 docker:
 	docker build --build-arg MODEL=$(MODEL) --build-arg PRETRAINED=$(PRETRAINED) -t heimdex-clip:$(MODEL)-$(PRETRAINED) .

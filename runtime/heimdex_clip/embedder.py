@@ -151,7 +151,8 @@ class ClipEmbedder:
             log.setLevel(logging.DEBUG)
         if self.config.unknown_keys:
             log.warning("unknown CLIP_* settings ignored: %s", ", ".join(self.config.unknown_keys))
-        self._model_dir = Path(model_dir) if model_dir is not None else self.config.model_dir
+        chosen = model_dir if model_dir is not None else self.config.model_dir
+        self._model_dir = Path(chosen) if chosen is not None else None
         self._load_lock = threading.Lock()
         self._session: ort.InferenceSession | None = None
         self._manifest: Manifest | None = None

@@ -1,0 +1,78 @@
+"""The end-to-end demo: embedded database, migrations, indexing, searches, stats.
+
+    python -m heimdex_clip.db.demo FRAMES_DIR [--model-dir DIR] [--html OUT.html]
+
+FRAMES_DIR holds owner_a/, owner_b/ and query.jpg (``python -m heimdex_clip_export.samples``
+writes real photographs there). Uses DATABASE_URL if set, else the embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import uuid
+from pathlib import Path
+
+from ..config import ClipConfig
+from ..embedder import ClipEmbedder
+from .cli import index_folder, print_hits
+from .connection import database
+from .migrate import migrate
+from .report import render_results
+from .stats import clip_stats, format_stats
+from .store import SceneStore
+
+OWNER_A = uuid.UUID("00000000-0000-4000-a000-00000000000a")
+OWNER_B = uuid.UUID("00000000-0000-4000-a000-00000000000b")
+BANNER = "=" * 78
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m heimdex_clip.db.demo")
+    parser.add_argument("frames", type=Path)
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--html", type=Path, default=Path("demo_results.html"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    embedder = ClipEmbedder(model_dir=args.model_dir, config=ClipConfig.from_env()).load()
+    model = embedder.manifest.model
+    print(f"model: {model.name} weights={model.pretrained} artifact={embedder.artifact_dir}")
+    warning = None
+    if model.random_init:
+        warning = ("RANDOM-INITIALISATION MODEL (no model hub was reachable): the pipeline "
+                   "is real, but similarities are NOT semantic. Export real weights with "
+                   "`make export-model PRETRAINED=openai` (or a checkpoint path).")
+        print(f"\n{BANNER}\n!!! {warning}\n{BANNER}\n")
+
+    with database() as pool:
+        applied = migrate(pool)
+        print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+        store = SceneStore(pool)
+        for owner, folder in ((OWNER_A, args.frames / "owner_a"),
+                              (OWNER_B, args.frames / "owner_b")):
+            summary = index_folder(store, embedder, folder, owner)
+            print(f"owner {owner}: indexed {summary['embedded']} of {summary['frames']} "
+                  f"frames ({summary['failed']} failed)")
+
+        query = args.frames / "query.jpg"
+        print(f"\nSearch by image {query} (owner {OWNER_A}, top 5):")
+        hits = store.search_by_image(OWNER_A, embedder, query, count=5)
+        print_hits(hits)
+
+        scene_id = store.add_scene(OWNER_A, str((args.frames / "owner_a" / "astronaut.jpg")
+                                                .resolve()))
+        print(f"\nScenes similar to {scene_id} (astronaut.jpg, owner {OWNER_A}, top 5):")
+        similar = store.search_similar(OWNER_A, scene_id, count=5)
+        print_hits(similar)
+
+        print("\nMonitoring (all owners):")
+        print(format_stats(clip_stats(pool)))
+    args.html.write_text(render_results(f"image {query.name}", query, hits, warning=warning),
+                         encoding="utf-8")
+    print(f"\nwrote {args.html} (query and result thumbnails)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

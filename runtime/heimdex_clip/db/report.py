@@ -1,0 +1,63 @@
+"""A self-contained HTML page of search results: the query and the result frames as
+thumbnails (inline data URIs), with their similarity. People would rather look."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from .store import SearchHit
+
+THUMBNAIL = 224
+
+
+def thumbnail_data_uri(path: str | Path | None) -> str | None:
+    """A JPEG thumbnail of the frame as a data URI, or None if it cannot be read."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG", quality=80)
+    except (OSError, ValueError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(uri: str | None, caption: str) -> str:
+    img = (f'<img src="{uri}" alt="">' if uri else '<div class="missing">frame unreadable</div>')
+    return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
+
+
+def render_results(query_label: str, query_frame: str | Path | None,
+                   hits: Sequence[SearchHit], *, title: str = "heimdex-clip search",
+                   warning: str | None = None) -> str:
+    """The page as a string (write it anywhere; it references no other file)."""
+    cards = [_figure(thumbnail_data_uri(h.frame_path),
+                     f"<b>{h.similarity:.3f}</b><br>{html.escape(Path(h.frame_path or '?').name)}"
+                     f"<br><small>{h.id}</small>") for h in hits]
+    body = "".join(cards) or "<p>No scene above the threshold.</p>"
+    banner = f'<p class="warn">{html.escape(warning)}</p>' if warning else ""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; width: {THUMBNAIL}px; text-align: center; }}
+img {{ max-width: {THUMBNAIL}px; max-height: {THUMBNAIL}px; border-radius: 4px; }}
+.query img {{ outline: 3px solid #2a7; }}
+.warn {{ background: #fee; border: 1px solid #c33; padding: .5em; }}
+.missing {{ width: {THUMBNAIL}px; height: 120px; background: #eee; line-height: 120px; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>{banner}
+<h2>Query</h2><div class="grid query">{_figure(thumbnail_data_uri(query_frame),
+                                              html.escape(query_label))}</div>
+<h2>{len(hits)} result{'s' if len(hits) != 1 else ''}</h2><div class="grid">{body}</div>
+</body></html>
+"""
