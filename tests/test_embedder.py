@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from heimdex_clip import (
     ArtifactError,
     ClipConfig,
@@ -20,7 +22,6 @@ from heimdex_clip import (
     get_embedder,
     reset_embedder,
 )
-from PIL import Image
 
 METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
                    "frame_path", "frame_quality", "inference_time_ms", "created_at", "error"}

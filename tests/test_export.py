@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from heimdex_clip.artifact import artifact_dir_name, load_manifest, sha256_file
 
 torch = pytest.importorskip("torch")

@@ -89,14 +89,14 @@ def test_truncated_files_fail_at_decode_not_later(photo, fmt):
     buf = io.BytesIO()
     photo.save(buf, format=fmt)
     data = buf.getvalue()
-    with pytest.raises(ImageError, match="cannot decode|cannot identify|cannot open"):
+    with pytest.raises(ImageError, match=r"cannot decode|cannot identify|cannot open"):
         load_image(data[: len(data) // 2], max_pixels=LIMIT)
 
 
 def test_decompression_bomb_is_refused_from_the_header_before_decoding():
     bomb = _png_header_only(100_000, 100_000)  # 10^10 pixels, 30 GB if decoded
     started = time.perf_counter()
-    with pytest.raises(ImageError, match=r"10000000000 pixels.*over the limit|over the limit.*10000000000 pixels"):
+    with pytest.raises(ImageError, match=r"over the limit.*10000000000 pixels"):
         load_image(bomb, max_pixels=LIMIT)
     moderate = _png_header_only(12_000, 10_000)  # under Pillow's own guard, over ours
     with pytest.raises(ImageError, match=r"12000x10000 = 120000000 pixels, over the limit"):

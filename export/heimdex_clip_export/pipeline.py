@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import open_clip
 import torch
+
 from heimdex_clip.artifact import (
     MANIFEST_NAME,
     SCHEMA_VERSION,

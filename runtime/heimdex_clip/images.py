@@ -12,7 +12,6 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ImageError
 
 #: What the runtime accepts as a frame.
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 _ARRAY_MODES = {2: "L", 3: "RGB", 4: "RGBA"}  # channels (or ndim 2) -> PIL mode
 

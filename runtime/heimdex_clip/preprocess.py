@@ -84,8 +84,9 @@ def center_crop_or_pad(image: Image.Image, size: int, fill: int = 0) -> Image.Im
         width, height = image.size
         if width == size and height == size:
             return image
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    # torchvision's exact expression (round half to even on .5 offsets).
+    top = int(round((height - size) / 2.0))  # noqa: RUF046
+    left = int(round((width - size) / 2.0))  # noqa: RUF046
     return image.crop((left, top, left + size, top + size))
 
 
