@@ -34,7 +34,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql STABLE
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = '200'
+SET hnsw.ef_search = '400'
 SET hnsw.max_scan_tuples = '100000'
 AS $$
 BEGIN

