@@ -13,7 +13,7 @@ EXPORT_ARGS ?=
 # Where tests and the demo find the random-init artifact (no model hub here).
 TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 
-.PHONY: setup export-model export-test-model test lint bench bench-quick demo docker clean
+.PHONY: setup export-model export-test-model test lint bench bench-quick bench-micro demo docker clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,3 +69,6 @@ bench: setup export-test-model
 
 bench-quick: setup export-test-model
 	$(PY) benchmarks/run.py --quick --artifact $(TEST_MODEL_DIR)
+
+bench-micro: setup export-test-model
+	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest benchmarks/test_micro.py --benchmark-only -p no:cacheprovider
