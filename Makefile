@@ -18,7 +18,7 @@ TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned, CPU wheels from the local disk: nothing may resolve a CUDA build.
+	# torch first and pinned: pip takes these exact builds and never resolves an unpinned torch.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[export,db,dev]'
 	touch $@

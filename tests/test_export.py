@@ -198,3 +198,22 @@ def test_unknown_tag_and_model_are_clear_errors(tmp_path):
         load_model("ViT-X-99", "none")
     with pytest.raises(WeightsError, match="does not exist"):
         load_model("ViT-B-32", str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.slow
+def test_another_open_clip_model_exports_with_its_own_config(tmp_path, photos):
+    """Nothing is ViT-B-32-specific: dims and preprocessing come from open_clip."""
+    from heimdex_clip import ClipConfig, ClipEmbedder
+
+    path = export_artifact("ViT-S-32", "none", tmp_path)
+    manifest = load_manifest(path)
+    reference = load_model("ViT-S-32", "none").model
+    cfg = reference.visual.preprocess_cfg
+    assert manifest.model.embed_dim == reference.visual.output_dim != 512
+    assert manifest.preprocess.image_size == cfg["size"][0]
+    assert manifest.preprocess.mean == tuple(cfg["mean"])
+    assert manifest.model.quick_gelu is False  # no openai weights for ViT-S-32: its own config
+    vectors = ClipEmbedder(config=ClipConfig(model_name="ViT-S-32", pretrained="none",
+                                             model_dir=tmp_path)).embed_images(
+        [img for _, img in photos[:2]])
+    assert vectors.shape == (2, manifest.model.embed_dim)
