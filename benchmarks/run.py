@@ -78,33 +78,34 @@ def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
-    manifest = load_manifest(artifact)
-    sessions = {}
-    for key in ("visual.fp32", "visual.int8"):
-        if key in manifest.files:
-            sessions[key] = create_session(artifact / manifest.files[key].path,
-                                           threads=threads)[0]
     rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, 3, 224, 224)).astype(np.float32) for b in batches}
+    repeats = {b: max(2, (8 if quick else 24) // b) for b in batches}
     results: dict[str, dict] = {"pytorch_fp32": {}, "onnx_fp32": {}, "onnx_int8": {}}
+    # PyTorch first, before any ONNX Runtime session exists: ORT's spinning worker threads
+    # would otherwise steal the cores from PyTorch and flatter our ratios.
     for batch in batches:
-        pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        repeats = max(2, (8 if quick else 24) // batch)
-        tensor = torch.from_numpy(pixels)
+        tensor = torch.from_numpy(inputs[batch])
 
         def run_torch(t=tensor):
             with torch.inference_mode():
                 model.encode_image(t, normalize=True)
 
-        engines = {"pytorch_fp32": run_torch}
-        for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8")):
-            if key in sessions:
-                engines[name] = (lambda s=sessions[key], x=pixels:
-                                 s.run(["image_embeds"], {"pixel_values": x}))
-        for name, fn in engines.items():
-            t = statistics.median(timed(fn, repeats))
-            results[name][str(batch)] = ms(t / batch)
+        results["pytorch_fp32"][str(batch)] = ms(
+            statistics.median(timed(run_torch, repeats[batch])) / batch)
+    manifest = load_manifest(artifact)
+    for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8")):
+        if key not in manifest.files:
+            continue
+        session = create_session(artifact / manifest.files[key].path, threads=threads)[0]
+        for batch in batches:
+            def run(s=session, x=inputs[batch]):
+                s.run(["image_embeds"], {"pixel_values": x})
+            results[name][str(batch)] = ms(statistics.median(timed(run, repeats[batch])) / batch)
+        del session
+    for batch in batches:
         print(f"  batch {batch:>2}: " + ", ".join(
-            f"{n} {results[n][str(batch)]} ms/img" for n in engines), flush=True)
+            f"{n} {results[n].get(str(batch))} ms/img" for n in results), flush=True)
     return results
 
 
@@ -157,18 +158,17 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
             x = transform(Image.open(io.BytesIO(data))).unsqueeze(0)
             return model.encode_image(x, normalize=True)[0].numpy()
 
+    repeats = 1 if quick else 3
+    out = {"open_clip_pytorch": ms(statistics.median(
+        timed(lambda: [reference(d) for d in jpegs], repeats)) / len(jpegs))}
+    ref = np.stack([reference(d) for d in jpegs])
     base = ClipConfig(pretrained="none", model_dir=artifact, cpu_threads=threads,
                       embed_cache_size=0, timeout_s=60)
     exact = ClipEmbedder(config=base).load()
     fast = ClipEmbedder(config=base.replace(fast_decode=True)).load()
-    repeats = 1 if quick else 3
-    out = {}
-    for name, fn in (("open_clip_pytorch", reference),
-                     ("ours_exact", lambda d: exact.embed_frame(d).embedding),
-                     ("ours_fast_decode", lambda d: fast.embed_frame(d).embedding)):
-        times = timed(lambda f=fn: [f(d) for d in jpegs], repeats)
+    for name, embedder in (("ours_exact", exact), ("ours_fast_decode", fast)):
+        times = timed(lambda e=embedder: [e.embed_frame(d) for d in jpegs], repeats)
         out[name] = ms(statistics.median(times) / len(jpegs))
-    ref = np.stack([reference(d) for d in jpegs])
     ex = np.stack([exact.embed_frame(d).embedding for d in jpegs])
     fa = np.stack([fast.embed_frame(d).embedding for d in jpegs])
     out["cosine_exact_int8_vs_pytorch"] = {"mean": float(np.mean(np.sum(ex * ref, 1))),
@@ -181,7 +181,7 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
 # --------------------------------------------------------------------------- processes
 
 RUNTIME_PROCESS = """
-import resource, sys, time, json
+import sys, time, json
 started = time.perf_counter()
 from heimdex_clip import ClipConfig, ClipEmbedder
 emb = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=sys.argv[1],
@@ -192,12 +192,13 @@ assert first.ok, first.error
 data = open(sys.argv[2], "rb").read()
 for _ in range(99):
     assert emb.embed_frame(data).ok
-print(json.dumps({"cold_start_s": cold, "peak_rss_mb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024, "torch_imported": "torch" in sys.modules}))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"cold_start_s": cold, "peak_rss_mb": int(hwm) / 1024,
+                  "torch_imported": "torch" in sys.modules}))
 """
 
 TORCH_PROCESS = """
-import resource, sys, time, json
+import sys, time, json
 started = time.perf_counter()
 import torch, open_clip
 from PIL import Image
@@ -212,13 +213,17 @@ embed(sys.argv[2])
 cold = time.perf_counter() - started
 for _ in range(99):
     embed(sys.argv[2])
-print(json.dumps({"cold_start_s": cold, "peak_rss_mb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"cold_start_s": cold, "peak_rss_mb": int(hwm) / 1024}))
 """
 
 
 def bench_processes(artifact: Path, jpeg_path: Path, threads: int, workdir: Path) -> dict:
-    """Cold start (import + load + first embedding) and peak RSS after 100 frames."""
+    """Cold start (import + load + first embedding) and peak RSS after 100 frames.
+
+    Each in a fresh process; peak RSS is the child's VmHWM (getrusage's ru_maxrss survives
+    fork+exec on Linux and would report this, much larger, parent process).
+    """
     import open_clip
     import torch
 

@@ -93,7 +93,7 @@ class TestClipEmbedderModelLoading:
         with pytest.raises(ArtifactError, match="make export-model"):
             emb.load()
 
-    @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete"])
+    @pytest.mark.parametrize("damage", ["flip_byte", "corrupt_header", "truncate", "delete"])
     def test_tampered_model_file_is_refused(self, artifact_dir, tmp_path, photos, damage):
         copy = tmp_path / "artifact"
         shutil.copytree(artifact_dir, copy, ignore=shutil.ignore_patterns("visual.fp32.onnx"))
@@ -102,6 +102,9 @@ class TestClipEmbedderModelLoading:
         if damage == "flip_byte":
             data[len(data) // 2] ^= 0xFF
             model.write_bytes(bytes(data))
+        elif damage == "corrupt_header":  # unparsable: ORT fails too, the hash says why
+            data[:64] = b"\x00" * 64
+            model.write_bytes(bytes(data))
         elif damage == "truncate":
             model.write_bytes(bytes(data[:-10]))
         else:
@@ -109,7 +112,8 @@ class TestClipEmbedderModelLoading:
         emb = ClipEmbedder(config=make_config(copy))
         result = emb.embed_frame(photos[0][1])
         assert result.embedding is None
-        expected = {"flip_byte": "sha256 mismatch", "truncate": "truncated",
+        expected = {"flip_byte": "sha256 mismatch", "corrupt_header": "sha256 mismatch",
+                    "truncate": "truncated",
                     "delete": "missing"}[damage]
         assert expected in result.error
         # The failure is remembered, not re-hashed for every frame, until reload().

@@ -220,16 +220,27 @@ class ClipEmbedder:
         if path.stat().st_size != entry.bytes:
             raise ArtifactError(f"{path} has {path.stat().st_size} bytes, the manifest says "
                                 f"{entry.bytes}: truncated or replaced; re-export the model")
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
-                                f"{digest}; the file was modified or corrupted; re-export")
         outputs = {t.name for t in entry.outputs}
         if self._output_name not in outputs:
             raise ArtifactError(f"{path} has no output {self._output_name!r} "
                                 f"(outputs: {sorted(outputs)}); re-export the model")
-        session, info = create_session(path, device=cfg.device, threads=cfg.cpu_threads,
-                                       memory_arena=cfg.memory_arena)
+        # Hash on one core while ONNX Runtime builds the session on another (cold start);
+        # the session is used only if the hash matches.
+        with cf.ThreadPoolExecutor(max_workers=1) as hasher:
+            digest_future = hasher.submit(sha256_file, path)
+            try:
+                session, info = create_session(path, device=cfg.device,
+                                               threads=cfg.cpu_threads,
+                                               memory_arena=cfg.memory_arena)
+                session_error = None
+            except Exception as exc:  # reported below, after the (likelier) hash mismatch
+                session_error = exc
+            digest = digest_future.result()
+        if digest != entry.sha256:
+            raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
+                                f"{digest}; the file was modified or corrupted; re-export")
+        if session_error is not None:
+            raise session_error
         self._preprocessor = Preprocessor(manifest.preprocess)
         self._manifest, self._session_info, self._artifact_dir = manifest, info, artifact_dir
         self._session = session
