@@ -217,3 +217,30 @@ def test_another_open_clip_model_exports_with_its_own_config(tmp_path, photos):
                                              model_dir=tmp_path)).embed_images(
         [img for _, img in photos[:2]])
     assert vectors.shape == (2, manifest.model.embed_dim)
+
+
+def test_lean_attention_is_the_same_function_as_multihead_attention():
+    from heimdex_clip_export.onnx_export import ExportSelfAttention, lean_attention_copy
+
+    torch.manual_seed(3)
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(3, 11, 64)
+    with torch.inference_mode():
+        expected = mha(x, x, x, need_weights=False)[0]
+        got = ExportSelfAttention(mha)(x, x, x)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="self-attention only"):
+        ExportSelfAttention(mha)(x, x, torch.randn(3, 11, 64))
+    model = load_model("ViT-B-32", "none").model
+    lean, replaced = lean_attention_copy(model)
+    assert replaced == 12 and lean is not model
+    assert isinstance(model.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+
+
+def test_manifest_records_the_lean_attention_export(artifact_dir):
+    raw = json.loads((artifact_dir / "manifest.json").read_text())
+    assert raw["export"]["lean_attention_layers"] == 12
+    graph = __import__("onnx").load(str(artifact_dir / "visual.fp32.onnx"),
+                                    load_external_data=False).graph
+    transposes = sum(1 for n in graph.node if n.op_type == "Transpose")
+    assert transposes <= 50  # traced nn.MultiheadAttention gave 97

@@ -108,8 +108,12 @@ def mha_fastpath_disabled() -> Iterator[None]:
 
 
 def export_visual(clip_model: torch.nn.Module, image_size: int, out_path: Path,
-                  lean_attention: bool = False) -> None:
-    """Write the fp32 visual encoder to ``out_path`` as one self-contained ONNX file."""
+                  lean_attention: bool = True) -> int:
+    """Write the fp32 visual encoder to ``out_path`` as one self-contained ONNX file.
+
+    Returns how many attention layers were exported as ExportSelfAttention.
+    """
+    replaced = 0
     if lean_attention:
         clip_model, replaced = lean_attention_copy(clip_model)
         log.info("exporting with lean attention in %d layers", replaced)
@@ -132,3 +136,4 @@ def export_visual(clip_model: torch.nn.Module, image_size: int, out_path: Path,
         )
     log.info("exported fp32 visual encoder to %s (%.1f MB)", out_path,
              out_path.stat().st_size / 1e6)
+    return replaced

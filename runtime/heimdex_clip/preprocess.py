@@ -1,21 +1,31 @@
 """open_clip's eval transform, reproduced exactly with Pillow and numpy (no torch).
 
-open_clip (``image_transform(..., is_train=False)``) runs torchvision on PIL images, and
-torchvision's PIL backend is a thin layer over Pillow, so the exact result is reachable by
-making the same Pillow calls with the same arguments:
+open_clip (``image_transform(..., is_train=False)``, the ``preprocess`` returned by
+``create_model_and_transforms``) runs torchvision transforms on PIL images, and
+torchvision's PIL backend is a thin layer over Pillow. The exact result is therefore
+reached by making the same Pillow calls with the same arguments, in the same order:
 
-* ``shortest`` (CLIP's default): ``Resize(S)`` — shorter side to S, longer side
-  ``int(S * long / short)`` (truncated, as torchvision does), skipped when the size already
-  matches — then ``CenterCrop(S)`` with offsets ``int(round((dim - S) / 2.0))``, padding with
-  0 first if a side is short;
-* ``longest``: ``ResizeKeepRatio(S, longest=1)`` (sizes ``round(dim / ratio)``) then
-  ``CenterCropOrPad(S, fill)``;
+* ``shortest`` (CLIP's default): ``Resize(S)`` — torchvision's
+  ``_compute_resized_output_size``: shorter side to S, longer side ``int(S * long / short)``
+  (truncated, evaluated in that order), no call at all when the size already matches, PIL
+  ``Image.resize(size, resample)`` otherwise — then ``CenterCrop(S)``: offsets
+  ``int(round((dim - S) / 2.0))`` (Python's round: half to even), after padding with 0
+  when a side is short (``ImageOps.expand``, the palette put back for mode P);
+* ``longest``: open_clip's ``ResizeKeepRatio(S, longest=1)`` (sizes ``round(dim / ratio)``
+  with ``ratio = max(h / S, w / S)``) then ``CenterCropOrPad(S, fill_color)``;
 * ``squash``: ``Resize((S, S))``.
 
-Then the image is converted to RGB — after resize and crop, as open_clip does; doing it
-first changes pixels for palette, alpha, 16-bit and float images — scaled by 1/255 in
-float32 and normalised ``(x - mean) / std`` in float32, the same IEEE operations as
-torchvision's ``ToTensor`` and ``Normalize``. No EXIF rotation (open_clip applies none).
+torchvision adds nothing for PIL images: ``antialias`` is ignored (Pillow always
+antialiases bilinear/bicubic), ``max_size`` is None in open_clip, and the modes Pillow
+resizes specially are Pillow's business, so they match by construction — ``1`` and ``P``
+are resized with NEAREST whatever is asked, ``LA``/``RGBA`` through premultiplied alpha,
+``I;16``/``I``/``F`` in their own integer/float domain.
+
+Then the image is converted to RGB — AFTER resize and crop, as open_clip's
+``MaybeConvertMode`` does; converting first changes pixels for P, LA/RGBA, I;16, I, F and 1
+images — scaled by 1/255 in float32 and normalised ``(x - mean) / std`` with float32 mean
+and std, the same IEEE operations as torchvision's ``ToTensor`` and ``Normalize``. The
+result equals open_clip's tensor bit for bit. No EXIF rotation (open_clip applies none).
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .artifact import PreprocessSpec
+from .errors import ImageError
 
+#: torchvision's ``pil_modes_mapping`` for the interpolations a spec may name.
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -38,40 +50,46 @@ _RESAMPLE = {
 
 
 def shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision's ``_compute_resized_output_size`` for a scalar size: (new_w, new_h)."""
+    """torchvision's ``_compute_resized_output_size`` for a scalar size: (new_w, new_h).
+
+    ``int(size * long / short)`` in exactly this order: ``int(long / short * size)`` or
+    ``round(...)`` give a different long side for some sizes.
+    """
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 def keep_ratio_size(width: int, height: int, size: int, longest: float) -> tuple[int, int]:
-    """open_clip's ``ResizeKeepRatio.get_params`` without randomness: (new_w, new_h)."""
+    """open_clip's ``ResizeKeepRatio.get_params`` without its random parts: (new_w, new_h)."""
     ratio_h, ratio_w = height / size, width / size
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
     return round(width / ratio), round(height / ratio)
 
 
-def _fill_for(image: Image.Image, fill: int) -> int | float | tuple:
-    """torchvision's ``_parse_fill``: one value per band, int unless the mode is float."""
+def _parse_fill(image: Image.Image, fill: int) -> int | float | tuple[int | float, ...]:
+    """torchvision's ``_parse_fill``: one value per band, cast to int unless the mode is F."""
     bands = len(image.getbands())
-    value: int | float | tuple = (fill,) * bands if bands > 1 else fill
+    value: int | float | tuple[int | float, ...] = (fill,) * bands if bands > 1 else fill
     if image.mode != "F":
         value = tuple(int(v) for v in value) if isinstance(value, tuple) else int(value)
     return value
 
 
-def _pad(image: Image.Image, ltrb: tuple[int, int, int, int], fill: int) -> Image.Image:
-    """torchvision's PIL constant padding (``ImageOps.expand``, palette preserved)."""
+def pad(image: Image.Image, ltrb: tuple[int, int, int, int], fill: int = 0) -> Image.Image:
+    """torchvision's PIL constant padding: ``ImageOps.expand``, palette put back for P."""
+    expanded = ImageOps.expand(image, border=ltrb, fill=_parse_fill(image, fill))
     if image.mode == "P":
-        palette = image.getpalette()
-        padded = ImageOps.expand(image, border=ltrb, fill=_fill_for(image, fill))
-        padded.putpalette(palette)
-        return padded
-    return ImageOps.expand(image, border=ltrb, fill=_fill_for(image, fill))
+        expanded.putpalette(image.getpalette())
+    return expanded
 
 
 def center_crop_or_pad(image: Image.Image, size: int, fill: int = 0) -> Image.Image:
-    """torchvision's ``center_crop`` (fill 0) and open_clip's ``center_crop_or_pad``."""
+    """torchvision's ``center_crop`` (fill 0) and open_clip's ``center_crop_or_pad`` (fill).
+
+    A side shorter than ``size`` is padded first (left/top get the smaller half); then the
+    crop box starts at ``int(round((dim - size) / 2.0))``.
+    """
     width, height = image.size
     if size > width or size > height:
         ltrb = (
@@ -80,55 +98,79 @@ def center_crop_or_pad(image: Image.Image, size: int, fill: int = 0) -> Image.Im
             (size - width + 1) // 2 if size > width else 0,
             (size - height + 1) // 2 if size > height else 0,
         )
-        image = _pad(image, ltrb, fill)
+        image = pad(image, ltrb, fill)
         width, height = image.size
         if width == size and height == size:
             return image
-    # torchvision's exact expression (round half to even on .5 offsets).
+    # torchvision's exact expression: round() is half to even, so 0.5 -> 0 and 2.5 -> 2.
     top = int(round((height - size) / 2.0))  # noqa: RUF046
     left = int(round((width - size) / 2.0))  # noqa: RUF046
     return image.crop((left, top, left + size, top + size))
 
 
-def _resize(image: Image.Image, new_w: int, new_h: int, resample: int) -> Image.Image:
-    if image.size == (new_w, new_h):  # torchvision returns the image untouched
+def resize(image: Image.Image, width: int, height: int, resample: int) -> Image.Image:
+    """torchvision's ``F.resize`` on a PIL image: untouched when the size already matches."""
+    if image.size == (width, height):
         return image
-    return image.resize((new_w, new_h), resample)
+    return image.resize((width, height), resample)
 
 
 class Preprocessor:
-    """Turns PIL images into the model's float32 input, as open_clip's eval transform does."""
+    """Turns PIL images into the model's float32 input exactly as open_clip's eval transform.
+
+    Built from the artifact's :class:`~heimdex_clip.artifact.PreprocessSpec`, never from
+    constants of its own. Stateless after construction, so one instance can be shared by
+    threads.
+    """
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
         self.size = spec.image_size
         self._resample = _RESAMPLE[spec.interpolation]
-        self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+        # torchvision's Normalize makes float32 tensors of mean and std first.
+        self._mean = np.asarray(spec.mean, dtype=np.float32)
+        self._std = np.asarray(spec.std, dtype=np.float32)
 
     def geometry(self, image: Image.Image) -> Image.Image:
-        """Resize and crop/pad to S x S in the image's own mode (no colour conversion yet)."""
+        """Resize and crop/pad to S x S, still in the image's own mode (no RGB yet)."""
         size, mode = self.size, self.spec.resize_mode
         if mode == "squash":
-            return _resize(image, size, size, self._resample)
+            return resize(image, size, size, self._resample)
         if mode == "longest":
-            new_w, new_h = keep_ratio_size(*image.size, size, longest=1.0)
-            return center_crop_or_pad(_resize(image, new_w, new_h, self._resample), size,
+            new_w, new_h = keep_ratio_size(image.width, image.height, size, longest=1.0)
+            if new_w < 1 or new_h < 1:
+                # open_clip fails here too (Pillow: "height and width must be > 0").
+                raise ImageError(
+                    f"a {image.width}x{image.height} image is too thin for resize_mode "
+                    f"'longest': it would be resized to {new_w}x{new_h} pixels")
+            return center_crop_or_pad(resize(image, new_w, new_h, self._resample), size,
                                       self.spec.fill_color)
-        new_w, new_h = shortest_side_size(*image.size, size)
-        return center_crop_or_pad(_resize(image, new_w, new_h, self._resample), size)
+        new_w, new_h = shortest_side_size(image.width, image.height, size)
+        return center_crop_or_pad(resize(image, new_w, new_h, self._resample), size)
 
     def transform(self, image: Image.Image) -> np.ndarray:
-        """One image -> float32 [3, S, S]."""
-        rgb = self.geometry(image).convert("RGB")
-        pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+        """One image -> C-contiguous float32 [3, S, S]; ImageError if it cannot be processed."""
+        if not isinstance(image, Image.Image):
+            raise ImageError(f"Preprocessor takes PIL images, got {type(image).__name__} "
+                             "(decode it with heimdex_clip.images.load_image)")
+        if image.width < 1 or image.height < 1:
+            raise ImageError(f"a {image.width}x{image.height} image has no pixels")
+        try:
+            rgb = self.geometry(image).convert("RGB")  # RGB after resize and crop
+        except ImageError:
+            raise
+        except (ValueError, OSError) as exc:  # e.g. a mode Pillow cannot resize or convert
+            raise ImageError(f"cannot preprocess a {image.mode} {image.width}x{image.height} "
+                             f"image: {exc}") from None
+        pixels = np.asarray(rgb, dtype=np.uint8).astype(np.float32)  # HxWx3
+        # The same float32 operations as ToTensor (x / 255) and Normalize ((x - m) / s).
         pixels /= np.float32(255)
         pixels -= self._mean
         pixels /= self._std
-        return pixels
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Images -> C-contiguous float32 [N, 3, S, S]."""
+        """Images -> C-contiguous float32 [N, 3, S, S] (the model's input batch)."""
         out = np.empty((len(images), 3, self.size, self.size), dtype=np.float32)
         for i, image in enumerate(images):
             out[i] = self.transform(image)
