@@ -1,21 +1,37 @@
-"""Frame loading: every input kind, hostile inputs refused with precise errors, fast decode."""
+"""Frame loading: every input kind, hostile inputs refused with precise errors, fast decode,
+content hashes. Runs without torch (the expected tensors come from our own Preprocessor,
+whose parity with open_clip is tests/test_preprocess_parity.py's job)."""
 
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
+import threading
 import time
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageFile
 
+import heimdex_clip.images as images_module
 from heimdex_clip import ImageError
+from heimdex_clip.artifact import PreprocessSpec
 from heimdex_clip.images import content_hash, load_image
+from heimdex_clip.preprocess import Preprocessor
 
 LIMIT = 64_000_000
+#: ViT-B-32's preprocessing (open_clip's OPENAI_DATASET_MEAN/STD), as the manifest holds it.
+SPEC = PreprocessSpec(image_size=224, mean=(0.48145466, 0.4578275, 0.40821073),
+                      std=(0.26862954, 0.26130258, 0.27577711))
 
 
 @pytest.fixture(scope="module")
@@ -23,114 +39,457 @@ def photo(photos) -> Image.Image:
     return dict(photos)["coffee"]
 
 
-@pytest.fixture()
-def jpeg_path(photo, tmp_path) -> Path:
-    path = tmp_path / "frame.jpg"
-    photo.save(path, quality=90)
-    return path
+@pytest.fixture(scope="module")
+def preprocess() -> Preprocessor:
+    return Preprocessor(SPEC)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with a tiny IDAT: a decompression bomb."""
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_bomb(width: int, height: int, *, rows: int = 0) -> bytes:
+    """A PNG whose header claims width x height (8-bit RGB). With ``rows`` > 0 the IDAT
+    really holds that many zero rows (a few hundred KB for hundreds of MB decoded)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (width * 3 + 1)
+    idat = b"".join(packer.compress(row) for _ in range(rows)) if rows else packer.compress(
+        b"\x00" * 64)
+    idat += packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
 
 
-def test_every_input_kind_decodes_to_the_same_pixels(jpeg_path):
-    reference = np.asarray(load_image(jpeg_path, max_pixels=LIMIT))
-    pil = Image.open(jpeg_path)
-    sources = [str(jpeg_path), jpeg_path, jpeg_path.read_bytes(),
-               bytearray(jpeg_path.read_bytes()), memoryview(jpeg_path.read_bytes()), pil,
-               reference.copy()]
-    for source in sources:
-        np.testing.assert_array_equal(np.asarray(load_image(source, max_pixels=LIMIT)),
-                                      reference)
+# --------------------------------------------------------------------------- input kinds
 
 
-def test_original_mode_is_kept(photo, tmp_path):
-    path = tmp_path / "p.png"
-    photo.convert("P").save(path)
-    assert load_image(path, max_pixels=LIMIT).mode == "P"  # converted to RGB after the crop
-    gray = np.zeros((5, 6), np.uint8)
-    assert load_image(gray, max_pixels=LIMIT).mode == "L"
-    assert load_image(np.zeros((5, 6, 4), np.uint8), max_pixels=LIMIT).mode == "RGBA"
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_every_input_kind_gives_the_same_tensor(photo, preprocess, tmp_path, mode):
+    image = photo.convert(mode)
+    if mode == "RGBA":
+        alpha = np.fromfunction(lambda y, x: (x * 3 + y) % 256, image.size[::-1])
+        image.putalpha(Image.fromarray(alpha.astype(np.uint8)))
+    path = tmp_path / f"frame-{mode}.png"
+    image.save(path)  # lossless: every kind must give the very same pixels
+    data = path.read_bytes()
+    array = np.asarray(image)
+    sources = {
+        "str": str(path), "Path": path, "bytes": data, "bytearray": bytearray(data),
+        "memoryview": memoryview(data), "PIL (lazy, unloaded)": Image.open(path),
+        "PIL (loaded)": image.copy(), "numpy": array.copy(),
+        "numpy (strided view)": np.ascontiguousarray(array[:, ::-1])[:, ::-1],
+    }
+    reference = preprocess.transform(image)
+    assert np.abs(reference).max() > 0.5  # a real picture, not a blank tensor
+    for kind, source in sources.items():
+        loaded = load_image(source, max_pixels=LIMIT)
+        assert loaded.mode == mode, kind
+        np.testing.assert_array_equal(preprocess.transform(loaded), reference, err_msg=kind)
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda tmp: b"", "empty (0 bytes)"),
-    (lambda tmp: bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
-     "cannot identify an image format"),
-    (lambda tmp: tmp / "missing.jpg", "does not exist"),
-    (lambda tmp: tmp, "is a directory"),
-    (lambda tmp: np.zeros((4, 4, 2), np.uint8), "shape (4, 4, 2)"),
-    (lambda tmp: np.zeros((4, 4, 3), np.float32), "dtype float32"),
-    (lambda tmp: np.zeros((0, 4, 3), np.uint8), "must not be empty"),
-    (lambda tmp: 42, "unsupported image source type int"),
-])
-def test_hostile_and_wrong_inputs_are_precise_image_errors(tmp_path, make, message):
-    with pytest.raises(ImageError) as info:
-        load_image(make(tmp_path), max_pixels=LIMIT)
-    assert message in str(info.value)
+def test_original_mode_is_kept_not_converted_to_rgb(photo, tmp_path):
+    """open_clip converts to RGB after resize and crop; converting here would change pixels."""
+    cases = {
+        "P": photo.quantize(32), "LA": photo.convert("LA"), "1": photo.convert("1"),
+        "I;16": Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257),
+        "CMYK": photo.convert("CMYK"),
+    }
+    for mode, image in cases.items():
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        assert load_image(encode(image, fmt), max_pixels=LIMIT).mode == mode
+    assert load_image(np.zeros((5, 6), np.uint8), max_pixels=LIMIT).mode == "L"
+    assert load_image(np.zeros((5, 6, 4), np.uint8), max_pixels=LIMIT).size == (6, 5)
 
 
-def test_empty_file_on_disk(tmp_path):
-    path = tmp_path / "empty.jpg"
-    path.touch()
-    with pytest.raises(ImageError, match="empty"):
-        load_image(path, max_pixels=LIMIT)
+def test_a_loaded_frame_no_longer_needs_its_file(photo, preprocess, tmp_path):
+    """Fully decoded and the file closed: deleting it afterwards changes nothing."""
+    frames = [photo.rotate(a).quantize(64) for a in (0, 90, 180)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    image = load_image(path, max_pixels=LIMIT)
+    path.unlink()
+    assert preprocess.transform(image).shape == (3, 224, 224)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_truncated_files_fail_at_decode_not_later(photo, fmt):
-    buf = io.BytesIO()
-    photo.save(buf, format=fmt)
-    data = buf.getvalue()
-    with pytest.raises(ImageError, match=r"cannot decode|cannot identify|cannot open"):
-        load_image(data[: len(data) // 2], max_pixels=LIMIT)
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_no_file_descriptor_is_left_open(photo, tmp_path):
+    """Pillow keeps multi-frame files open after load(); we read through a file we close."""
+    frames = [photo.rotate(a).quantize(64) for a in (0, 90)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [load_image(path, max_pixels=LIMIT) for _ in range(20)]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(kept) == 20
 
 
-def test_decompression_bomb_is_refused_from_the_header_before_decoding():
-    bomb = _png_header_only(100_000, 100_000)  # 10^10 pixels, 30 GB if decoded
+def test_a_file_rewritten_after_loading_does_not_change_the_frame(tmp_path):
+    """Image.open(path) memory-maps raw formats: a frame rewritten on disk changes (or, if
+    truncated, crashes) the image. We never map the file."""
+    path = tmp_path / "gray.pgm"
+    Image.fromarray(np.full((400, 500), 10, np.uint8)).save(path)
+    ours = load_image(path, max_pixels=LIMIT)
+    mapped = Image.open(path)
+    mapped.load()
+    with open(path, "r+b") as f:
+        f.seek(-500, os.SEEK_END)
+        f.write(b"\xff" * 500)
+    assert np.asarray(ours)[-1].max() == 10
+    if getattr(mapped, "map", None) is not None:  # the hazard we avoid, where Pillow maps
+        assert np.asarray(mapped)[-1].max() == 255
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _truncated(image: Image.Image, fmt: str, fraction: float = 0.5) -> bytes:
+    data = encode(image, fmt)
+    return data[: int(len(data) * fraction)]
+
+
+HOSTILE = {
+    "zero bytes": (lambda tmp, img: b"", r"^image data is empty \(0 bytes\)$"),
+    "random bytes": (
+        lambda tmp, img: bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8)),
+        r"<4096 bytes of image data> is not an image \(unknown format"),
+    "html error page": (lambda tmp, img: b"<html><body>404 Not Found</body></html>",
+                        r"is not an image \(unknown format"),
+    "truncated JPEG": (lambda tmp, img: _truncated(img, "JPEG"),
+                       r"is a truncated JPEG file \(data ends early"),
+    "truncated PNG": (lambda tmp, img: _truncated(img, "PNG"),
+                      r"is a truncated PNG file \(data ends early"),
+    "truncated WebP": (lambda tmp, img: _truncated(img, "WEBP"), r"is a truncated WebP file"),
+    "truncated GIF": (lambda tmp, img: _truncated(img.quantize(64), "GIF"),
+                      r"is a truncated GIF file"),
+    "truncated TIFF": (lambda tmp, img: _truncated(img, "TIFF"), r"is a truncated TIFF file"),
+    "truncated BMP": (lambda tmp, img: _truncated(img, "BMP"), r"is a truncated BMP file"),
+    "PNG cut inside its header": (
+        lambda tmp, img: encode(img, "PNG")[:14],
+        r"starts like a PNG file but its header cannot be read: the file is truncated"),
+    "corrupt PNG data": (
+        lambda tmp, img: (lambda d: d[:5000] + b"\x00" * 200 + d[5200:])(encode(img, "PNG")),
+        r"is a corrupt PNG file \(OSError: .*data stream"),
+    "empty file": (lambda tmp, img: _file(tmp / "empty.jpg", b""),
+                   r"image file .*empty\.jpg is empty \(0 bytes\)$"),
+    "a directory": (lambda tmp, img: tmp, r"is a directory, not an image file$"),
+    "a missing file": (lambda tmp, img: tmp / "missing.jpg",
+                       r"image file .*missing\.jpg does not exist$"),
+    "a path through a file": (lambda tmp, img: _file(tmp / "f.jpg", b"x") / "x.jpg",
+                              r"image file .*f\.jpg/x\.jpg does not exist$"),
+    "an empty path": (lambda tmp, img: "", r"^image path is empty$"),
+    "a device": (lambda tmp, img: Path("/dev/zero"), r"/dev/zero is not a regular file"),
+    "numpy 2 channels": (lambda tmp, img: np.zeros((4, 4, 2), np.uint8),
+                         r"got shape \(4, 4, 2\) dtype uint8$"),
+    "numpy 1 channel": (lambda tmp, img: np.zeros((4, 4, 1), np.uint8),
+                        r"got shape \(4, 4, 1\) dtype uint8$"),
+    "numpy float": (lambda tmp, img: np.zeros((4, 4, 3), np.float32),
+                    r"must be uint8 HxWx3 \(RGB\).*got shape \(4, 4, 3\) dtype float32$"),
+    "numpy uint16 gray": (lambda tmp, img: np.zeros((4, 4), np.uint16),
+                          r"got shape \(4, 4\) dtype uint16$"),
+    "numpy bool": (lambda tmp, img: np.zeros((4, 4), bool), r"got shape \(4, 4\) dtype bool$"),
+    "numpy 1-D": (lambda tmp, img: np.zeros(12, np.uint8), r"got shape \(12,\) dtype uint8$"),
+    "numpy 4-D": (lambda tmp, img: np.zeros((1, 4, 4, 3), np.uint8),
+                  r"got shape \(1, 4, 4, 3\) dtype uint8$"),
+    "numpy empty": (lambda tmp, img: np.zeros((0, 4, 3), np.uint8),
+                    r"must not be empty; got shape \(0, 4, 3\)$"),
+    "PIL 0x0": (lambda tmp, img: Image.new("RGB", (0, 0)), r"has no pixels \(0x0\)$"),
+    "unsupported type": (lambda tmp, img: 42, r"^unsupported image source type int$"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_and_wrong_inputs_are_precise_image_errors(photo, tmp_path, case):
+    make, message = HOSTILE[case]
+    if case == "a device" and not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero on this system")
+    source = make(tmp_path, photo)
     started = time.perf_counter()
-    with pytest.raises(ImageError, match=r"over the limit.*10000000000 pixels"):
-        load_image(bomb, max_pixels=LIMIT)
-    moderate = _png_header_only(12_000, 10_000)  # under Pillow's own guard, over ours
-    with pytest.raises(ImageError, match=r"12000x10000 = 120000000 pixels, over the limit"):
-        load_image(moderate, max_pixels=LIMIT)
-    assert time.perf_counter() - started < 1.0
+    with pytest.raises(ImageError, match=message):
+        load_image(source, max_pixels=LIMIT)
+    assert time.perf_counter() - started < 2.0
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # never switched on to "cope"
 
 
-def test_pixel_limit_applies_to_in_memory_images_too():
-    with pytest.raises(ImageError, match="over the limit of 100 pixels"):
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "frame.jpg"
+    os.mkfifo(fifo)
+    result: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _capture(result, fifo), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "load_image blocked on a FIFO"
+    assert isinstance(result[0], ImageError) and "not a regular file" in str(result[0])
+    assert content_hash(fifo) is None  # and hashing never reads it either
+
+
+def _capture(result: list[BaseException], source: Path) -> None:
+    try:
+        load_image(source, max_pixels=LIMIT)
+    except BaseException as exc:
+        result.append(exc)
+
+
+def test_a_truncated_lazy_pil_image_is_an_image_error(photo):
+    lazy = Image.open(io.BytesIO(_truncated(photo, "JPEG")))
+    with pytest.raises(ImageError, match=r"^the RGB PIL image is a truncated JPEG file "
+                                         r"\(data ends early; OSError: image file is truncated"):
+        load_image(lazy, max_pixels=LIMIT)
+
+
+def test_someone_elses_load_truncated_images_is_reported(photo, monkeypatch, caplog):
+    """We never set Pillow's global; if other code did, truncation goes undetected: say so."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(images_module, "_warned_truncated_global", False)
+    with caplog.at_level("WARNING", logger="heimdex_clip.images"):
+        load_image(_truncated(photo, "JPEG", 0.9), max_pixels=LIMIT)
+    assert "LOAD_TRUNCATED_IMAGES was set to True outside heimdex_clip" in caplog.text
+
+
+# --------------------------------------------------------------------------- bombs
+
+
+def test_decompression_bomb_is_refused_from_the_header_quickly_and_silently(monkeypatch):
+    # Any decode attempt fails the test: the refusal must come before ImageFile.load.
+    def no_decoding(self):
+        raise AssertionError("a bomb reached the decoder")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    filters = list(warnings.filters)
+    cases = [
+        # 10^10 pixels (30 GB): Pillow's own error fires first; our message, our limit.
+        (png_bomb(100_000, 100_000),
+         r"is 10000000000 pixels, over the limit of 64000000 pixels \(CLIP_MAX_IMAGE_PIXELS\)"),
+        # 120 M pixels: Pillow would only warn (and decode); we refuse.
+        (png_bomb(12_000, 10_000),
+         r"is 12000x10000 = 120000000 pixels, over the limit of 64000000 pixels"),
+        # 72 M pixels: under Pillow's threshold, so our guard is the only one.
+        (png_bomb(9_000, 8_000), r"is 9000x8000 = 72000000 pixels, over the limit of 64000000"),
+    ]
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data, message in cases:
+            with pytest.raises(ImageError, match=message):
+                load_image(data, max_pixels=LIMIT)
+    assert time.perf_counter() - started < 0.5
+    assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    assert warnings.filters == filters  # no filter left behind
+
+
+def test_pillows_hard_limit_still_applies_above_a_generous_setting():
+    with pytest.raises(ImageError, match=r"is 10000000000 pixels, over Pillow's hard limit of "
+                                         r"\d+ pixels .*cannot raise"):
+        load_image(png_bomb(100_000, 100_000), max_pixels=10**12)
+
+
+def test_pixel_limit_applies_to_in_memory_frames_too():
+    with pytest.raises(ImageError, match=r"numpy frame is 20x20 = 400 pixels, over the limit "
+                                         r"of 100 pixels"):
         load_image(np.zeros((20, 20, 3), np.uint8), max_pixels=100)
+    with pytest.raises(ImageError, match=r"RGB PIL image is 20x10 = 200 pixels"):
+        load_image(Image.new("RGB", (20, 10)), max_pixels=100)
 
 
-def test_fast_decode_shrinks_a_1080p_jpeg_but_keeps_the_model_size(photo, tmp_path):
+_RSS_PROBE = """
+import re, sys
+from heimdex_clip.errors import ImageError
+from heimdex_clip.images import load_image
+data = open(sys.argv[1], "rb").read()
+def peak_mb():  # this process's own peak RSS (ru_maxrss would include the forking parent's)
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1]) / 1024
+base = peak_mb()
+try:
+    load_image(data, max_pixels=10_000_000)
+    raise SystemExit("the bomb was not refused")
+except ImageError:
+    pass
+refused = peak_mb()
+load_image(data, max_pixels=64_000_000)  # control: decoding it really costs memory
+print(base, refused, peak_mb())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc (Linux)")
+def test_a_real_bomb_is_refused_before_its_memory_is_allocated(tmp_path):
+    """8000x6000 zero pixels compress to ~140 KB and decode to ~190 MB: peak memory proves
+    the refusal happened before allocation (the control decode shows the probe works)."""
+    bomb = png_bomb(8_000, 6_000, rows=6_000)
+    assert len(bomb) < 400_000
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb)
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path)], capture_output=True,
+                         text=True, timeout=120, check=True)
+    base, refused, decoded = (float(x) for x in out.stdout.split())
+    assert refused - base < 10, (base, refused)
+    assert decoded - base > 150, (base, decoded)
+
+
+# --------------------------------------------------------------------------- fast decode
+
+
+@pytest.fixture(scope="module")
+def hd_jpeg(photo) -> bytes:
+    return encode(photo.resize((1920, 1080), Image.Resampling.BICUBIC), "JPEG", quality=90)
+
+
+def test_fast_decode_shrinks_a_1080p_jpeg_by_dct_scaling(hd_jpeg, preprocess, tmp_path):
     path = tmp_path / "hd.jpg"
-    photo.resize((1920, 1080)).save(path, quality=90)
+    path.write_bytes(hd_jpeg)
     exact = load_image(path, max_pixels=LIMIT)
     fast = load_image(path, max_pixels=LIMIT, min_side_for_draft=224)
     assert exact.size == (1920, 1080)
-    assert min(fast.size) >= 224 and fast.size[0] <= 1920 // 4
-    png = tmp_path / "hd.png"
-    photo.resize((1920, 1080)).save(png)
-    reduced = load_image(png, max_pixels=LIMIT, min_side_for_draft=224)
-    assert min(reduced.size) >= 224 and reduced.size == (1920 // 4, 1080 // 4)
-    small = load_image(photo, max_pixels=LIMIT, min_side_for_draft=224)
-    assert small.size == photo.size  # nothing to gain: untouched
+    # 1/4 keeps 270 >= 224 (1/8 would give 135): 16x fewer pixels, same mode
+    assert fast.size == (480, 270) and fast.mode == exact.mode
+    assert min(fast.size) >= 224 and fast.width * fast.height * 16 <= 1920 * 1080
+    # 1/8 then an integer reduce when even that leaves more than needed
+    assert load_image(hd_jpeg, max_pixels=LIMIT, min_side_for_draft=100).size == (240, 135)
+    assert load_image(hd_jpeg, max_pixels=LIMIT, min_side_for_draft=60).size == (120, 68)
+    # the measured price: small pixel changes in the model input (documented, opt-in)
+    a, b = preprocess.transform(exact), preprocess.transform(fast)
+    diff = np.abs(a - b)
+    assert 0 < diff.mean() < 0.05 and diff.max() < 1.0
+    cosine = float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cosine > 0.995
 
 
-def test_content_hash_tracks_content_not_source_kind(jpeg_path, photo):
-    data = jpeg_path.read_bytes()
-    assert content_hash(jpeg_path) == content_hash(data) == content_hash(str(jpeg_path))
-    assert content_hash(data) != content_hash(data[:-1] + b"\x00")
+def test_fast_decode_reduces_other_formats_by_the_largest_safe_factor(photo):
+    hd = photo.resize((1920, 1080))
+    assert load_image(encode(hd, "PNG"), max_pixels=LIMIT,
+                      min_side_for_draft=224).size == (480, 270)
+    # Image.reduce rounds up: 447 / 2 -> 224 still fits, so the factor is 2, not 1
+    assert load_image(encode(photo.resize((447, 600)), "PNG"), max_pixels=LIMIT,
+                      min_side_for_draft=224).size == (224, 300)
+    assert load_image(encode(photo.resize((446, 600)), "PNG"), max_pixels=LIMIT,
+                      min_side_for_draft=224).size == (446, 600)
+    # palette indices and bits cannot be averaged: those stay exact
+    for image in (hd.quantize(64), hd.convert("1")):
+        assert load_image(encode(image, "PNG"), max_pixels=LIMIT,
+                          min_side_for_draft=224).size == (1920, 1080)
+    # a small frame has nothing to gain
+    assert load_image(photo, max_pixels=LIMIT, min_side_for_draft=224).size == photo.size
+    with pytest.raises(ValueError, match="min_side_for_draft"):
+        load_image(photo, max_pixels=LIMIT, min_side_for_draft=0)
+
+
+def test_fast_decode_never_modifies_a_pil_image_it_is_given(hd_jpeg):
+    lazy = Image.open(io.BytesIO(hd_jpeg))
+    reduced = load_image(lazy, max_pixels=LIMIT, min_side_for_draft=224)
+    assert lazy.size == (1920, 1080) and reduced is not lazy
+    assert reduced.size == (480, 270)
+
+
+@settings(max_examples=300, deadline=None)
+@given(short=st.integers(1, 5000), min_side=st.integers(1, 1000))
+def test_draft_and_reduce_factors_are_the_largest_that_keep_the_short_side(short, min_side):
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+    k = images_module._reduce_factor(short, short + 7, min_side)
+    assert k >= 1
+    if short >= min_side:
+        assert ceil_div(short, k) >= min_side
+    if short >= min_side > 1:  # maximal (with min_side 1 every k qualifies: k = short)
+        assert ceil_div(short, k + 1) < min_side
+    scale = images_module._draft_scale(short + 3, short, min_side)
+    assert scale in (1, 2, 4, 8)
+    assert scale == 1 or ceil_div(short, scale) >= min_side
+    assert scale == 8 or ceil_div(short, scale * 2) < min_side
+
+
+@pytest.mark.parametrize("size", [(1000, 563), (450, 800), (449, 224), (3000, 1700)])
+def test_jpeg_draft_lands_on_the_planned_scale(photo, size):
+    data = encode(photo.resize(size), "JPEG")
+    scale = images_module._draft_scale(*size, 224)
+    fast = load_image(data, max_pixels=LIMIT, min_side_for_draft=224)
+    if images_module._reduce_factor(*fast.size, 224) == 1:  # no reduce stacked on top
+        assert fast.size == tuple(-(-d // scale) for d in size)
+    assert min(fast.size) >= min(224, min(size))
+
+
+# --------------------------------------------------------------------------- content hash
+
+
+def test_content_hash_tracks_content_not_how_it_arrived(photo, tmp_path):
+    path = tmp_path / "frame.jpg"
+    photo.save(path, quality=90)
+    data = path.read_bytes()
+    key = content_hash(data)
+    assert isinstance(key, str) and len(key) == 40 and int(key, 16) >= 0
+    assert (content_hash(path) == content_hash(str(path)) == key
+            == content_hash(bytearray(data)) == content_hash(memoryview(data)))
+    assert content_hash(data[:-1] + bytes([data[-1] ^ 1])) != key
     array = np.asarray(photo)
-    assert content_hash(array) == content_hash(array.copy())
-    assert content_hash(array) != content_hash(array[::-1].copy())
+    assert content_hash(array) == content_hash(array.copy()) == content_hash(photo)
+    assert content_hash(array) != content_hash(np.flip(array, 0))
+    assert content_hash(array) != content_hash(array.reshape(array.shape[1], array.shape[0], 3))
     assert content_hash(photo) == content_hash(photo.copy())
     assert content_hash(photo) != content_hash(photo.convert("L"))
-    assert content_hash(Path("/nonexistent/x.jpg")) is None
+    assert content_hash(photo) != content_hash(data)  # encoded bytes are not pixels
+
+
+def test_content_hash_sees_the_palette(photo):
+    """The same palette indices with another palette are another picture."""
+    p = photo.quantize(16)
+    other = p.copy()
+    other.putpalette(bytes(255 - v for v in p.getpalette()))
+    assert content_hash(p) == content_hash(p.copy())
+    assert content_hash(p) != content_hash(other)
+    transparent = p.copy()
+    transparent.info["transparency"] = 0
+    assert content_hash(p) != content_hash(transparent)
+
+
+def test_content_hash_is_none_when_there_is_nothing_to_hash(tmp_path, photo):
+    assert content_hash(tmp_path / "missing.jpg") is None
+    assert content_hash(tmp_path) is None
+    assert content_hash("") is None
+    assert content_hash(np.zeros((4, 4, 3), np.float32)) is None
+    assert content_hash(42) is None  # type: ignore[arg-type]
+    assert content_hash(Image.open(io.BytesIO(_truncated(photo, "JPEG")))) is None
+    if Path("/dev/zero").exists():
+        assert content_hash(Path("/dev/zero")) is None  # would never end
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_loads_are_correct_and_leave_no_warning_filter(photo, preprocess):
+    good = encode(photo, "PNG")
+    bad = [b"", _truncated(photo, "JPEG"), png_bomb(12_000, 10_000)]
+    expected = preprocess.transform(photo)
+    filters = list(warnings.filters)
+
+    def job(i: int) -> bool:
+        if i % 2:
+            with pytest.raises(ImageError):
+                load_image(bad[i % 3], max_pixels=LIMIT)
+            return True
+        return np.array_equal(preprocess.transform(load_image(good, max_pixels=LIMIT)),
+                              expected)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(job, range(48)))
+    assert warnings.filters == filters
+
+
+# --------------------------------------------------------------------------- preprocessor
+
+
+def test_preprocessor_refuses_what_it_cannot_process_with_image_errors(preprocess, photo):
+    with pytest.raises(ImageError, match=r"takes PIL images, got ndarray"):
+        preprocess.transform(np.asarray(photo))  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match=r"a 0x0 image has no pixels"):
+        preprocess([Image.new("RGB", (0, 0))])
+    premultiplied = photo.convert("RGBa").convert("La")  # a mode Pillow cannot resize
+    with pytest.raises(ImageError, match=r"cannot preprocess a La 600x400 image"):
+        preprocess.transform(premultiplied)

@@ -15,7 +15,9 @@ What comes back is what open_clip would see from ``PIL.Image.open``:
 Decompression bombs are refused from the header, before any pixel is decoded, by our own
 ``max_pixels`` limit. Pillow's own guard (``Image.MAX_IMAGE_PIXELS``) stays in place as a
 ceiling above it: its warning is silenced while we open a file (our limit decides) and its
-error, for files over twice that value, becomes an ImageError too. Pillow's global
+error, for files over twice that value, becomes an ImageError too. (Rare containers, ICO
+and ICNS, only reveal an embedded picture's size while loading: Pillow's limit bounds that
+decode and the size is checked again afterwards.) Pillow's global
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set here: a truncated file is an error, never
 a half-grey frame.
 
@@ -90,9 +92,10 @@ def _sniff(head: bytes, total: int) -> tuple[str | None, bool]:
     return None, False
 
 
-def _truncated_or_corrupt(label: str, exc: BaseException, head: bytes,
-                          total: int) -> ImageError:
-    fmt, short = _sniff(head, total)
+def _truncated_or_corrupt(label: str, exc: BaseException, head: bytes, total: int,
+                          fmt: str | None = None) -> ImageError:
+    sniffed, short = _sniff(head, total)
+    fmt = fmt or sniffed
     detail = f"{type(exc).__name__}: {exc}"
     what = f"{fmt} file" if fmt else "image"
     if short or "truncated" in str(exc).lower():
@@ -256,6 +259,30 @@ def _decode(stream: IO[bytes], label: str, total: int, *, max_pixels: int,
         raise _bomb_error(label, exc, max_pixels) from None
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, EOFError...
         raise _truncated_or_corrupt(label, exc, head, total) from None
+    if image.width * image.height > max_pixels:
+        # A container (ICO, ICNS) can hold a bigger picture than its header said; Pillow's
+        # own limit bounded that decode, ours still refuses the result.
+        raise _too_many_pixels(label, image.width, image.height, max_pixels,
+                               "refused after decoding (its header said less)")
+    return image
+
+
+def _load_pil(image: Image.Image, max_pixels: int) -> Image.Image:
+    width, height = image.size
+    label = f"the {image.mode} PIL image"
+    if width < 1 or height < 1:
+        raise ImageError(f"{label} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        lazy = bool(getattr(image, "tile", None))  # opened but not decoded yet
+        raise _too_many_pixels(label, width, height, max_pixels,
+                               "refused before decoding" if lazy else "refused")
+    _check_truncation_guard()
+    try:
+        image.load()  # a no-op if loaded; a lazily opened file is decoded (and checked) here
+    except MemoryError:
+        raise
+    except Exception as exc:  # a lazily opened, truncated or corrupt file; a closed image
+        raise _truncated_or_corrupt(label, exc, b"", 0, image.format) from None
     return image
 
 
@@ -280,7 +307,8 @@ def load_image(source: ImageSource, *, max_pixels: int,
         A loaded image (truncated or corrupt data fails here, not later). Files are read
         through a file object we close, never memory-mapped, so a frame rewritten on disk
         afterwards cannot change or crash it. A PIL image passed in is loaded and returned
-        as is (never drafted in place); reduction makes a new image.
+        as is (never drafted in place); reduction makes a new image. A contiguous gray or
+        RGBA array may be shared rather than copied: leave it unchanged until preprocessed.
     """
     if min_side_for_draft is not None and min_side_for_draft < 1:
         raise ValueError(f"min_side_for_draft must be >= 1 or None, got {min_side_for_draft}")
@@ -307,25 +335,6 @@ def load_image(source: ImageSource, *, max_pixels: int,
         raise ImageError(f"unsupported image source type {type(source).__name__}")
     if min_side_for_draft:
         image = _reduce(image, min_side_for_draft)
-    return image
-
-
-def _load_pil(image: Image.Image, max_pixels: int) -> Image.Image:
-    width, height = image.size
-    label = f"the {image.mode} PIL image"
-    if width < 1 or height < 1:
-        raise ImageError(f"{label} has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        lazy = bool(getattr(image, "tile", None))  # opened but not decoded yet
-        raise _too_many_pixels(label, width, height, max_pixels,
-                               "refused before decoding" if lazy else "refused")
-    _check_truncation_guard()
-    try:
-        image.load()  # a no-op if loaded; a lazily opened file is decoded (and checked) here
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise ImageError(f"{label} cannot be loaded ({type(exc).__name__}: {exc})") from None
     return image
 
 
