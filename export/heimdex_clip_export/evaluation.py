@@ -7,7 +7,7 @@ something.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -111,8 +111,3 @@ def batch_invariance(embed: EmbedFn, pixels: np.ndarray, batch_size: int = 32) -
 def check_min(name: str, value: float, minimum: float, failures: list[str]) -> None:
     if not value >= minimum:  # also catches NaN
         failures.append(f"{name} = {value:.6f} < required {minimum}")
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "min": float(arr.min())}

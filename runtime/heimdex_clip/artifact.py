@@ -235,33 +235,6 @@ def load_manifest(artifact_dir: Path) -> Manifest:
     return Manifest.from_dict(data)
 
 
-def verified_file_bytes(artifact_dir: Path, entry: FileEntry) -> bytes:
-    """Read one artifact file and check its size and sha256 against the manifest.
-
-    Returns the bytes so the caller loads exactly what was verified (no window in which
-    the file could change between the check and the load).
-    """
-    path = Path(artifact_dir) / entry.path
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"artifact file {path} is missing") from None
-    except OSError as exc:
-        raise ArtifactError(f"cannot read artifact file {path}: {exc}") from exc
-    if len(data) != entry.bytes:
-        raise ArtifactError(
-            f"{path} has {len(data)} bytes, the manifest says {entry.bytes}: "
-            "the file is truncated or was replaced; re-export the model"
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry.sha256:
-        raise ArtifactError(
-            f"sha256 mismatch for {path}: expected {entry.sha256}, got {digest}; "
-            "the file was modified or corrupted; re-export the model"
-        )
-    return data
-
-
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
     path = Path(path)
