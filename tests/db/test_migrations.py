@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from heimdex_clip.db.connection import DatabaseError, open_pool
 from heimdex_clip.db.migrate import MIGRATIONS_DIR, discover, migrate
+from heimdex_clip.db.store import SceneStore
 
 pytestmark = pytest.mark.db
 
@@ -85,3 +88,22 @@ def test_migrations_ship_inside_the_package():
     assert names[:2] == ["001_scenes.sql", "002_clip_visual_embeddings.sql"]
     assert (MIGRATIONS_DIR / "002_clip_visual_embeddings.sql").read_text().count(
         "search_scenes_by_visual_clip_embedding") >= 2
+
+
+def test_vectors_are_stored_inline_not_in_toast(pool):
+    """A vector(512) is over the 2 kB TOAST threshold: migration 003 keeps it in the row."""
+    store = SceneStore(pool)
+    vector = np.random.default_rng(0).standard_normal(store.dimension).astype(np.float32)
+    scene_id = store.upsert_scene(uuid.uuid4(), "inline.jpg", vector / np.linalg.norm(vector),
+                                  {"model": "test"})
+    with pool.connection() as conn:
+        storage = conn.execute(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = 'scenes'::regclass "
+            "AND attname = 'embedding_visual_clip'").fetchone()[0]
+        chunk, size = conn.execute(
+            "SELECT pg_column_toast_chunk_id(embedding_visual_clip), "
+            "pg_column_size(embedding_visual_clip) FROM scenes WHERE id = %s",
+            (scene_id,)).fetchone()
+    assert storage == "m"
+    assert size == 8 + 4 * store.dimension  # stored whole: neither compressed nor a pointer
+    assert chunk is None  # no TOAST chunk: the vector lives in the heap row
