@@ -219,8 +219,8 @@ def test_another_open_clip_model_exports_with_its_own_config(tmp_path, photos):
     assert vectors.shape == (2, manifest.model.embed_dim)
 
 
-def test_lean_attention_is_the_same_function_as_multihead_attention():
-    from heimdex_clip_export.onnx_export import ExportSelfAttention, lean_attention_copy
+def test_export_self_attention_is_the_same_function_as_multihead_attention():
+    from heimdex_clip_export.onnx_export import ExportSelfAttention
 
     torch.manual_seed(3)
     mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
@@ -228,19 +228,52 @@ def test_lean_attention_is_the_same_function_as_multihead_attention():
     with torch.inference_mode():
         expected = mha(x, x, x, need_weights=False)[0]
         got = ExportSelfAttention(mha)(x, x, x)[0]
+        first_two = ExportSelfAttention(mha, query_tokens=2)(x, x, x)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Querying only the first tokens gives exactly those tokens' outputs.
+    assert first_two.shape == (3, 2, 64)
+    torch.testing.assert_close(first_two, expected[:, :2], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="self-attention only"):
         ExportSelfAttention(mha)(x, x, torch.randn(3, 11, 64))
+
+
+def test_patch_embedding_as_matmul_is_the_same_function_as_the_conv():
+    from heimdex_clip_export.onnx_export import PatchEmbedLinear
+
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=8, stride=8, bias=False).eval()
+    pixels = torch.randn(2, 3, 32, 48)  # not square: rows and columns must not swap
+    with torch.inference_mode():
+        torch.testing.assert_close(PatchEmbedLinear(conv)(pixels), conv(pixels),
+                                   rtol=1e-5, atol=1e-5)
+    assert PatchEmbedLinear.supports(conv, 32)
+    assert not PatchEmbedLinear.supports(conv, 36)  # image not a whole number of patches
+    overlapping = torch.nn.Conv2d(3, 24, kernel_size=8, stride=4)
+    assert not PatchEmbedLinear.supports(overlapping, 32)
+
+
+def test_export_ready_copy_is_the_same_image_tower_and_leaves_the_original_alone():
+    from heimdex_clip_export.onnx_export import Rewrites, export_ready_copy
+
     model = load_model("ViT-B-32", "none").model
-    lean, replaced = lean_attention_copy(model)
-    assert replaced == 12 and lean is not model
+    ready, applied = export_ready_copy(model, 224)
+    assert applied == Rewrites(attention_layers=12, patch_embed_as_matmul=True,
+                               class_token_last_block=True)
+    assert ready is not model
     assert isinstance(model.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+    assert isinstance(model.visual.conv1, torch.nn.Conv2d)
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected, got = model.encode_image(pixels), ready.encode_image(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_manifest_records_the_lean_attention_export(artifact_dir):
+def test_manifest_records_the_rewrites_and_the_graph_is_lean(artifact_dir):
     raw = json.loads((artifact_dir / "manifest.json").read_text())
-    assert raw["export"]["lean_attention_layers"] == 12
+    assert raw["export"]["rewrites"] == {"attention_layers": 12, "patch_embed_as_matmul": True,
+                                         "class_token_last_block": True}
     graph = __import__("onnx").load(str(artifact_dir / "visual.fp32.onnx"),
                                     load_external_data=False).graph
-    transposes = sum(1 for n in graph.node if n.op_type == "Transpose")
-    assert transposes <= 50  # traced nn.MultiheadAttention gave 97
+    ops = [n.op_type for n in graph.node]
+    assert "Conv" not in ops  # the patch embedding is a MatMul, so it is quantized too
+    assert ops.count("Transpose") <= 45  # traced nn.MultiheadAttention gave 97

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep visual.fp32.onnx in the artifact")
     p.add_argument("--cache-dir", default=os.environ.get("CLIP_CACHE_DIR"),
                    help="download cache for weights (default: $CLIP_CACHE_DIR)")
-    p.add_argument("--no-lean-attention", action="store_true",
-                   help="export nn.MultiheadAttention as traced (more layout ops)")
+    p.add_argument("--no-rewrites", action="store_true",
+                   help="export the image tower as traced, without the exact graph rewrites "
+                        "(lean attention, patch embedding as MatMul, class-token last block)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_artifact(args.model, args.pretrained, args.models_dir, seed=args.seed,
                                keep_fp32=args.keep_fp32, cache_dir=args.cache_dir,
-                               lean_attention=not args.no_lean_attention)
+                               rewrites=not args.no_rewrites)
     except (WeightsError, GateError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -49,52 +50,168 @@ class ExportSelfAttention(torch.nn.Module):
     dozen reshapes/gathers that tracing ``nn.MultiheadAttention`` produces (those layout
     ops were a fifth of the INT8 graph's time). The parity gate checks the result against
     the untouched open_clip model.
+
+    With ``query_tokens=n`` only the first ``n`` tokens are queried (keys and values still
+    come from every token): the output has ``n`` tokens. ClassTokenBlock uses it.
     """
 
-    def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+    def __init__(self, mha: torch.nn.MultiheadAttention, query_tokens: int | None = None) -> None:
         super().__init__()
         self.num_heads = mha.num_heads
         self.head_dim = mha.head_dim
         self.scale = float(self.head_dim) ** -0.5
+        self.query_tokens = query_tokens
         embed = mha.embed_dim
-        self.qkv = torch.nn.Linear(embed, 3 * embed, bias=mha.in_proj_bias is not None)
-        self.qkv.weight = mha.in_proj_weight
-        if mha.in_proj_bias is not None:
-            self.qkv.bias = mha.in_proj_bias
+        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        if query_tokens is None:
+            self.qkv = _linear(weight, bias)
+        else:  # Q from a few tokens, K and V from all: two MatMuls instead of the fused one
+            self.q = _linear(weight[:embed], None if bias is None else bias[:embed])
+            self.kv = _linear(weight[embed:], None if bias is None else bias[embed:])
         self.out_proj = mha.out_proj
 
     @staticmethod
     def supports(module: torch.nn.Module) -> bool:
         return (isinstance(module, torch.nn.MultiheadAttention) and module.batch_first
                 and module._qkv_same_embed_dim and module.bias_k is None
-                and module.dropout == 0.0)
+                and not module.add_zero_attn and module.dropout == 0.0)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 need_weights: bool = False, attn_mask: torch.Tensor | None = None):
         if attn_mask is not None or key is not query or value is not query:
             raise ValueError("ExportSelfAttention handles unmasked self-attention only")
         batch, length, embed = query.shape
-        qkv = self.qkv(query).reshape(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
+        heads, head_dim = self.num_heads, self.head_dim
+        if self.query_tokens is None:
+            qkv = self.qkv(query).reshape(batch, length, 3, heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
+            out_length = length
+        else:
+            out_length = self.query_tokens
+            q = self.q(query[:, :out_length]).reshape(batch, out_length, heads, head_dim)
+            q = q.transpose(1, 2)
+            kv = self.kv(query).reshape(batch, length, 2, heads, head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
         context = torch.matmul(scores.softmax(dim=-1), v)
-        return self.out_proj(context.transpose(1, 2).reshape(batch, length, embed)), None
+        context = context.transpose(1, 2).reshape(batch, out_length, embed)
+        return self.out_proj(context), None
 
 
-def lean_attention_copy(clip_model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
-    """A copy of the model whose image-tower attention layers are ExportSelfAttention.
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """A Linear sharing (not copying) the given weight and bias."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
 
-    Returns the copy and how many layers were replaced (0 when the tower has none that
-    qualify, e.g. a ResNet or a masked attention: then the copy equals the original).
+
+class PatchEmbedLinear(torch.nn.Module):
+    """The patch-embedding Conv2d (kernel == stride, no padding) as unfold + Linear.
+
+    Same output as the convolution, [B, width, grid_h, grid_w]. Exported as a MatMul, it is
+    quantized with the rest of the tower instead of staying a float Conv.
     """
-    lean = copy.deepcopy(clip_model)
-    replaced = 0
-    for module in lean.visual.modules():
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.patch = conv.kernel_size[0]
+        self.linear = _linear(conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+    @staticmethod
+    def supports(conv: torch.nn.Module, image_size: int) -> bool:
+        return (isinstance(conv, torch.nn.Conv2d) and conv.groups == 1
+                and conv.kernel_size[0] == conv.kernel_size[1]
+                and conv.kernel_size == conv.stride and conv.padding == (0, 0)
+                and conv.dilation == (1, 1) and image_size % conv.kernel_size[0] == 0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = pixels.shape
+        p = self.patch
+        grid_h, grid_w = height // p, width // p
+        # [B, C, gh, p, gw, p] -> [B, gh, gw, C, p, p]: each patch flattened in the
+        # (channel, row, column) order of the conv weight.
+        patches = pixels.reshape(batch, channels, grid_h, p, grid_w, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid_h * grid_w, -1)
+        tokens = self.linear(patches)  # [B, gh*gw, width]
+        return tokens.transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
+
+
+class ClassTokenBlock(torch.nn.Module):
+    """The tower's last residual block, computing only the class token's output.
+
+    With class-token pooling, nothing after the last block reads the other tokens, and a
+    block's attention, MLP and norms act per token: only the class token's query, output
+    projection and MLP are needed (keys and values still come from every token). For
+    ViT-B-32 this skips 6.6% of the tower's multiply-adds (counted from its shapes) and
+    changes no output.
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2, self.mlp = block.ln_1, block.ln_2, block.mlp
+        self.ls_1, self.ls_2 = block.ls_1, block.ls_2
+        self.attn = ExportSelfAttention(block.attn, query_tokens=1)
+
+    @staticmethod
+    def supports(visual: torch.nn.Module) -> bool:
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if not blocks:
+            return False
+        last = blocks[-1]
+        return (getattr(visual, "attn_pool", None) is None
+                and getattr(visual, "pool_type", None) == "tok"
+                and not getattr(visual, "output_tokens", True)
+                and getattr(visual.transformer, "batch_first", False)
+                and type(last).__name__ == "ResidualAttentionBlock"
+                and not hasattr(last, "ln_1_kv")
+                and ExportSelfAttention.supports(getattr(last, "attn", None)))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("ClassTokenBlock handles unmasked self-attention only")
+        normed = self.ln_1(x)
+        x = x[:, :1] + self.ls_1(self.attn(normed, normed, normed)[0])
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+@dataclass(frozen=True)
+class Rewrites:
+    """Which exact rewrites export_ready_copy applied (recorded in the manifest)."""
+
+    attention_layers: int = 0
+    patch_embed_as_matmul: bool = False
+    class_token_last_block: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_ready_copy(clip_model: torch.nn.Module, image_size: int) -> tuple[torch.nn.Module,
+                                                                              Rewrites]:
+    """A copy of the model with the image tower rewritten for a fast ONNX graph.
+
+    Three rewrites, each exact (same function, same weights) and each applied only where
+    the tower qualifies: attention as ExportSelfAttention, the patch embedding as
+    PatchEmbedLinear, the last block as ClassTokenBlock. The original is not touched; the
+    export's parity gate compares the ONNX graph against it.
+    """
+    ready = copy.deepcopy(clip_model)
+    visual = ready.visual
+    class_token = ClassTokenBlock.supports(visual)
+    if class_token:
+        visual.transformer.resblocks[-1] = ClassTokenBlock(visual.transformer.resblocks[-1])
+    attention_layers = int(class_token)
+    for module in visual.modules():
         attn = getattr(module, "attn", None)
         if attn is not None and ExportSelfAttention.supports(attn):
             module.attn = ExportSelfAttention(attn)
-            replaced += 1
-    return lean, replaced
+            attention_layers += 1
+    patch_linear = PatchEmbedLinear.supports(getattr(visual, "conv1", None), image_size)
+    if patch_linear:
+        visual.conv1 = PatchEmbedLinear(visual.conv1)
+    return ready, Rewrites(attention_layers, patch_linear, class_token)
 
 
 @contextlib.contextmanager
@@ -108,15 +225,16 @@ def mha_fastpath_disabled() -> Iterator[None]:
 
 
 def export_visual(clip_model: torch.nn.Module, image_size: int, out_path: Path,
-                  lean_attention: bool = True) -> int:
+                  rewrites: bool = True) -> Rewrites:
     """Write the fp32 visual encoder to ``out_path`` as one self-contained ONNX file.
 
-    Returns how many attention layers were exported as ExportSelfAttention.
+    With ``rewrites`` (the default) the tower goes through export_ready_copy first; returns
+    what was rewritten.
     """
-    replaced = 0
-    if lean_attention:
-        clip_model, replaced = lean_attention_copy(clip_model)
-        log.info("exporting with lean attention in %d layers", replaced)
+    applied = Rewrites()
+    if rewrites:
+        clip_model, applied = export_ready_copy(clip_model, image_size)
+        log.info("exporting with rewrites: %s", applied)
     encoder = VisualEncoder(clip_model).eval()
     example = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -136,4 +254,4 @@ def export_visual(clip_model: torch.nn.Module, image_size: int, out_path: Path,
         )
     log.info("exported fp32 visual encoder to %s (%.1f MB)", out_path,
              out_path.stat().st_size / 1e6)
-    return replaced
+    return applied

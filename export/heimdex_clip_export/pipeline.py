@@ -145,7 +145,7 @@ def _install(work: Path, final: Path) -> None:
 def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed: int = 0,
                     keep_fp32: bool = False, cache_dir: str | None = None,
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
-                    lean_attention: bool = True) -> Path:
+                    rewrites: bool = True) -> Path:
     """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path."""
     gates = gates or Gates()
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
@@ -158,7 +158,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
         manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
-                                lean_attention)
+                                rewrites)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         _install(work, final)
     except BaseException:
@@ -169,10 +169,9 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
 
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
-                 gates: Gates, lean_attention: bool) -> Manifest:
+                 gates: Gates, rewrites: bool) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
-    lean_layers = export_visual(loaded.model, loaded.image_size, fp32_path,
-                                lean_attention=lean_attention)
+    applied = export_visual(loaded.model, loaded.image_size, fp32_path, rewrites=rewrites)
 
     pixels = evaluation_pixels(loaded)
     if len(pixels) < gates.min_eval_images:
@@ -234,7 +233,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"export": {"exporter": "torch.onnx dynamo", "opset": OPSET,
-                          "lean_attention_layers": lean_layers}},
+                          "rewrites": applied.to_dict()}},
     )
 
 

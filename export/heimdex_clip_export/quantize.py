@@ -2,13 +2,14 @@
 
 Recipe (DESIGN.md, then measured): ``quant_pre_process`` (ONNX shape inference and
 optimisation; the symbolic shape pass is skipped because it fails on exported open_clip
-graphs), then ``quantize_dynamic`` with QInt8 per-channel weights on MatMul only — the patch
-Conv and the embedding Gathers stay float.
+graphs), then ``quantize_dynamic`` with QInt8 per-channel weights on MatMul only (the patch
+embedding is a MatMul after the export's rewrites, so it is quantized too; a Conv left by
+``--no-rewrites`` and the embedding Gathers stay float).
 
 ``reduce_range`` (7-bit weights) is on: on CPUs without AVX-512 VNNI, ONNX Runtime's
 u8 x s8 kernels accumulate pairs in saturating int16, which with 8-bit weights broke the
 gates on an AVX2 machine (mean cosine 0.988, batch invariance 0.996); with 7-bit weights the
-same graph measured mean 0.99972 / min 0.99964. VNNI and AMX machines lose only one bit of
+same graph measured mean 0.99970 / min 0.99957. VNNI and AMX machines lose only one bit of
 weight resolution.
 """
 
