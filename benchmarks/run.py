@@ -49,6 +49,20 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
     return times
 
 
+def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per case, the cases taking turns so that a slow spell of a shared
+    machine hits all of them alike instead of whichever happened to be running."""
+    for fn in cases.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
@@ -138,7 +152,7 @@ def bench_preprocess(artifact: Path, jpeg: bytes, quick: bool) -> dict:
         "ours_fast_decode": lambda: ours([load_image(jpeg, max_pixels=10**8,
                                                      min_side_for_draft=spec.image_size)]),
     }
-    out = {name: ms(statistics.median(timed(fn, repeats))) for name, fn in cases.items()}
+    out = {name: ms(median) for name, median in interleaved_medians(cases, repeats).items()}
     exact = ours([load_image(jpeg, max_pixels=10**8)])[0]
     out["exact_max_abs_diff_vs_open_clip"] = float(
         np.abs(exact - reference(Image.open(io.BytesIO(jpeg))).numpy()).max())

@@ -80,10 +80,8 @@ def resolve_providers(device: str) -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
-def create_session(model: Path | bytes, *, device: str = "cpu", threads: int | None = None,
-                   memory_arena: bool = True) -> tuple[ort.InferenceSession, SessionInfo]:
-    """An inference session for ``model`` (a path or the verified bytes of the graph)."""
-    providers, actual_device = resolve_providers(device)
+def session_options(*, threads: int | None = None, memory_arena: bool = True) -> ort.SessionOptions:
+    """The options every heimdex-clip session runs with (also used by the profiler)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
@@ -91,6 +89,14 @@ def create_session(model: Path | bytes, *, device: str = "cpu", threads: int | N
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.enable_cpu_mem_arena = memory_arena
     options.log_severity_level = 3  # ORT warnings about unused initializers are noise here
+    return options
+
+
+def create_session(model: Path | bytes, *, device: str = "cpu", threads: int | None = None,
+                   memory_arena: bool = True) -> tuple[ort.InferenceSession, SessionInfo]:
+    """An inference session for ``model`` (a path or the verified bytes of the graph)."""
+    providers, actual_device = resolve_providers(device)
+    options = session_options(threads=threads, memory_arena=memory_arena)
     source = str(model) if isinstance(model, Path) else model
     session = ort.InferenceSession(source, options, providers=providers)
     info = SessionInfo(providers=session.get_providers(), device=actual_device,

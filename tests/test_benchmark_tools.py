@@ -1,0 +1,51 @@
+"""The benchmark tools count and schedule what they claim (no timings asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def vit_b32_multiply_adds_with_class_token_last_block() -> int:
+    """Multiply-adds in ViT-B-32's quantized MatMuls, from the architecture alone."""
+    width, tokens, patches, patch_pixels, embed_dim = 768, 50, 49, 3 * 32 * 32, 512
+    qkv, out, mlp = width * 3 * width, width * width, 2 * width * 4 * width
+    full_block = tokens * (qkv + out + mlp)
+    # Last block: keys and values from every token; query, output and MLP for the class token.
+    last_block = tokens * width * 2 * width + (width * width) + out + mlp
+    return patches * patch_pixels * width + 11 * full_block + last_block + width * embed_dim
+
+
+def test_profiler_counts_exactly_the_models_multiply_adds(artifact_dir):
+    profile_encoder = load_benchmark_module("profile_encoder")
+    graph = artifact_dir / "visual.int8.onnx"
+    result = profile_encoder.profile(graph, batch=2, threads=1, runs=1)
+
+    assert result["int8_gemm"]["multiply_adds_per_image"] == (
+        vit_b32_multiply_adds_with_class_token_last_block())
+    shares = [op["share"] for op in result["by_operator"].values()]
+    assert abs(sum(shares) - 1) < 0.01
+    assert "DynamicQuantizeMatMul" in result["by_operator"]
+    result["machine"] = {"cpu_model": "test cpu", "flags": [], "date": "today"}
+    assert "G multiply-adds/image" in profile_encoder.markdown(result)
+
+
+def test_interleaved_medians_let_the_cases_take_turns():
+    run = load_benchmark_module("run")
+    calls: list[str] = []
+    medians = run.interleaved_medians({"a": lambda: calls.append("a"),
+                                       "b": lambda: calls.append("b")}, repeats=3)
+
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert set(medians) == {"a", "b"}
