@@ -49,14 +49,20 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
     return times
 
 
-def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int,
+                        pause_s: float = 0.0) -> dict[str, float]:
     """Median seconds per case, the cases taking turns so that a slow spell of a shared
-    machine hits all of them alike instead of whichever happened to be running."""
+    machine hits all of them alike instead of whichever happened to be running.
+
+    ``pause_s`` is slept before every call (not timed): ONNX Runtime's worker threads keep
+    spinning for a moment after a run returns and would steal cores from the next case.
+    """
     for fn in cases.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
+            time.sleep(pause_s)
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)
@@ -97,29 +103,26 @@ def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool)
     model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, 3, 224, 224)).astype(np.float32) for b in batches}
-    repeats = {b: max(2, (8 if quick else 24) // b) for b in batches}
+    repeats = {b: max(3, (8 if quick else 24) // b) for b in batches}
+    manifest = load_manifest(artifact)
+    sessions = {name: create_session(artifact / manifest.files[key].path, threads=threads)[0]
+                for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8"))
+                if key in manifest.files}
     results: dict[str, dict] = {"pytorch_fp32": {}, "onnx_fp32": {}, "onnx_int8": {}}
-    # PyTorch first, before any ONNX Runtime session exists: ORT's spinning worker threads
-    # would otherwise steal the cores from PyTorch and flatter our ratios.
     for batch in batches:
-        tensor = torch.from_numpy(inputs[batch])
+        tensor, pixels = torch.from_numpy(inputs[batch]), inputs[batch]
 
         def run_torch(t=tensor):
             with torch.inference_mode():
                 model.encode_image(t, normalize=True)
 
-        results["pytorch_fp32"][str(batch)] = ms(
-            statistics.median(timed(run_torch, repeats[batch])) / batch)
-    manifest = load_manifest(artifact)
-    for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8")):
-        if key not in manifest.files:
-            continue
-        session = create_session(artifact / manifest.files[key].path, threads=threads)[0]
-        for batch in batches:
-            def run(s=session, x=inputs[batch]):
-                s.run(["image_embeds"], {"pixel_values": x})
-            results[name][str(batch)] = ms(statistics.median(timed(run, repeats[batch])) / batch)
-        del session
+        cases: dict[str, Callable[[], object]] = {"pytorch_fp32": run_torch}
+        for name, session in sessions.items():
+            cases[name] = lambda s=session, x=pixels: s.run(["image_embeds"], {"pixel_values": x})
+        # Engines take turns, so a slow spell of the shared machine hits all alike; the
+        # pause lets ORT's spinning workers go idle before PyTorch needs the cores.
+        for name, median in interleaved_medians(cases, repeats[batch], pause_s=0.1).items():
+            results[name][str(batch)] = ms(median / batch)
     for batch in batches:
         print(f"  batch {batch:>2}: " + ", ".join(
             f"{n} {results[n].get(str(batch))} ms/img" for n in results), flush=True)
@@ -175,17 +178,19 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
             x = transform(Image.open(io.BytesIO(data))).unsqueeze(0)
             return model.encode_image(x, normalize=True)[0].numpy()
 
-    repeats = 1 if quick else 3
-    out = {"open_clip_pytorch": ms(statistics.median(
-        timed(lambda: [reference(d) for d in jpegs], repeats)) / len(jpegs))}
+    repeats = 2 if quick else 5
     ref = np.stack([reference(d) for d in jpegs])
     base = ClipConfig(pretrained="none", model_dir=artifact, cpu_threads=threads,
                       embed_cache_size=0, timeout_s=60)
     exact = ClipEmbedder(config=base).load()
     fast = ClipEmbedder(config=base.replace(fast_decode=True)).load()
-    for name, embedder in (("ours_exact", exact), ("ours_fast_decode", fast)):
-        times = timed(lambda e=embedder: [e.embed_frame(d) for d in jpegs], repeats)
-        out[name] = ms(statistics.median(times) / len(jpegs))
+    cases: dict[str, Callable[[], object]] = {
+        "open_clip_pytorch": lambda: [reference(d) for d in jpegs],
+        "ours_exact": lambda: [exact.embed_frame(d) for d in jpegs],
+        "ours_fast_decode": lambda: [fast.embed_frame(d) for d in jpegs],
+    }
+    out: dict = {name: ms(median / len(jpegs))
+                 for name, median in interleaved_medians(cases, repeats, pause_s=0.1).items()}
     ex = np.stack([exact.embed_frame(d).embedding for d in jpegs])
     fa = np.stack([fast.embed_frame(d).embedding for d in jpegs])
     out["cosine_exact_int8_vs_pytorch"] = {"mean": float(np.mean(np.sum(ex * ref, 1))),
