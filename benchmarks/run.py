@@ -37,18 +37,6 @@ from heimdex_clip.session import cpu_features, create_session, physical_cores
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int,
                         pause_s: float = 0.0) -> dict[str, float]:
     """Median seconds per case, the cases taking turns so that a slow spell of a shared
