@@ -130,6 +130,16 @@ class Manifest:
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def artifact_id(self) -> str:
+        """Which export made a vector: ``<model>:<pretrained>:<visual.int8 sha256[:16]>``.
+
+        Vectors are comparable only with vectors of the same ``artifact_id``; the database
+        stores it beside every vector and search never mixes two of them.
+        """
+        visual = self.files.get("visual.int8") or next(iter(self.files.values()))
+        return f"{self.model.name}:{self.model.pretrained}:{visual.sha256[:16]}"
+
     def file(self, key: str) -> FileEntry:
         """The entry ``key`` (e.g. ``visual.int8``); ArtifactError if the artifact lacks it."""
         try:

@@ -269,6 +269,11 @@ class ClipEmbedder:
         return self.manifest.model.embed_dim
 
     @property
+    def artifact_id(self) -> str:
+        """The loaded artifact's identity (see :attr:`Manifest.artifact_id`)."""
+        return self.manifest.artifact_id
+
+    @property
     def session_info(self) -> SessionInfo:
         self.load()
         assert self._session_info is not None
