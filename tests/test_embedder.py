@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import BlockingImage
 from PIL import Image
 
 from heimdex_clip import (
@@ -28,20 +29,6 @@ from heimdex_clip import (
 METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
                    "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
                    "artifact_id"}
-
-
-class BlockingImage(Image.Image):
-    """A frame whose decoding blocks until ``gate`` is set: a slow decode on demand."""
-
-    def __init__(self, gate: threading.Event) -> None:
-        super().__init__()
-        self._mode, self._size = "RGB", (64, 64)
-        self.gate = gate
-
-    def load(self):
-        self.gate.wait(30)
-        self.im = Image.new("RGB", self.size).im
-        return None
 
 
 def make_config(artifact_dir: Path, **changes) -> ClipConfig:
