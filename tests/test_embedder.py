@@ -359,3 +359,47 @@ class TestSceneAndBatchWorkerPath:
         single = embedder.embed_images([jpeg_files[0], jpeg_files[1]])
         assert float(results[0].embedding @ single[0]) > 0.999
         assert float(results[2].embedding @ single[1]) > 0.999
+
+
+class TestBatchingAcrossScenes:
+    def test_embed_scenes_pools_each_scene_like_embed_scene(self, embedder, jpeg_files):
+        scenes = [[(jpeg_files[0], 0.9), (jpeg_files[1], 0.2), (jpeg_files[2], 0.8)],
+                  [jpeg_files[3]],
+                  [b"junk", b""],
+                  [(jpeg_files[4], 0.5), (b"junk", 0.9)]]
+        pooled = embedder.embed_scenes(scenes, top_k=2, frame_paths=["a", "b", "c", "d"])
+        assert [r.ok for r in pooled] == [True, True, False, True]
+        vectors = embedder.embed_images([jpeg_files[0], jpeg_files[2], jpeg_files[3],
+                                         jpeg_files[4]])
+        first = vectors[:2].mean(axis=0)
+        np.testing.assert_allclose(pooled[0].embedding, first / np.linalg.norm(first),
+                                   atol=1e-3)
+        np.testing.assert_allclose(pooled[1].embedding, vectors[2], atol=1e-3)
+        assert "all 2 frames failed" in pooled[2].error
+        assert pooled[3].metadata["frame_quality"] == {"quality_score": 0.5,
+                                                       "frames_pooled": 1}
+        assert [r.metadata["frame_path"] for r in pooled] == ["a", "b", "c", "d"]
+        for one, scene in zip(pooled, scenes, strict=True):
+            alone = embedder.embed_scene(scene, top_k=2)
+            assert alone.ok == one.ok
+            if one.ok:
+                assert float(alone.embedding @ one.embedding) > 0.999
+
+    def test_frames_of_many_scenes_share_model_runs(self, artifact_dir, jpeg_files):
+        emb = ClipEmbedder(config=make_config(artifact_dir, batch_size=8, embed_cache_size=0))
+        runs = []
+        model = emb._current()
+        original = model.session.run
+
+        class CountingSession:  # counts the real session's runs, changes nothing
+            def run(self, *args, **kwargs):
+                runs.append(args[1][model.input_name].shape[0])
+                return original(*args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(model.session, name)
+
+        object.__setattr__(model, "session", CountingSession())
+        scenes = [[jpeg_files[i], jpeg_files[(i + 1) % 8]] for i in range(6)]  # 12 frames
+        assert all(r.ok for r in emb.embed_scenes(scenes, top_k=2))
+        assert runs == [8, 4]
