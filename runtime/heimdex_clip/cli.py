@@ -170,13 +170,15 @@ def _register_db_placeholders(sub: argparse._SubParsersAction, missing: list[str
     for name in DB_COMMANDS:
         placeholder = sub.add_parser(name, help="(needs: pip install 'heimdex-clip[db]')",
                                      add_help=False)
-        placeholder.add_argument("rest", nargs=argparse.REMAINDER)
-        placeholder.set_defaults(func=needs_extra)
+        # Whatever follows is the real command's arguments: accepted, not parsed.
+        placeholder.set_defaults(func=needs_extra, accepts_any_arguments=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
