@@ -324,6 +324,40 @@ class TestConcurrencyAndCache:
         for a, b in zip(sequential, concurrent, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
+    def test_close_racing_in_flight_calls_breaks_none_of_them(self, artifact_dir, jpeg_files,
+                                                               embedder):
+        expected = [embedder.embed_images([f])[0] for f in jpeg_files[:4]]  # each alone
+        racer = ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=0))
+        stop = threading.Event()
+        closes = 0
+
+        def closer():
+            nonlocal closes
+            while not stop.is_set():
+                racer.close()
+                closes += 1
+                time.sleep(0.01)
+
+        def caller(i):
+            out = []
+            for k in range(6):
+                result = racer.embed_frame(jpeg_files[(i + k) % 4])
+                out.append(((i + k) % 4, result))
+            return out
+
+        thread = threading.Thread(target=closer)
+        thread.start()
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                outcomes = [r for batch in pool.map(caller, range(4)) for r in batch]
+        finally:
+            stop.set()
+            thread.join()
+        assert closes > 10
+        for index, result in outcomes:
+            assert result.ok, result.error  # never an assert, never a half-closed session
+            np.testing.assert_allclose(result.embedding, expected[index], atol=1e-6)
+
     def test_identical_frames_are_embedded_once(self, artifact_dir, jpeg_files):
         emb = ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=4))
         first = emb.embed_frame(jpeg_files[0])
