@@ -251,3 +251,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "index": cmd_index, "search": cmd_search, "backfill": cmd_backfill,
                 "stats": cmd_stats}
     cli_args.register(sub, {k: _guarded(v, k) for k, v in commands.items()})
+    # The pool's reconnect chatter is not actionable for an operator; its errors surface
+    # as the command's one-line error.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -115,6 +115,12 @@ def describe(url: str) -> str:
     return " ".join(f"{k}={v}" for k, v in info.items() if k != "options")
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (libpq's span several)."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or \
+        type(exc).__name__
+
+
 def _configure(conn: psycopg.Connection) -> None:
     # numpy arrays <-> vector through pgvector's adapter, once the extension exists (a
     # fresh database gets it from `db migrate`, which then renews the pool's connections).
@@ -137,14 +143,15 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4,
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to the database ({describe(url)}): "
-                            f"{str(exc).strip()}") from None
+                            f"{one_line(exc)}") from None
     pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
                           timeout=CONNECT_TIMEOUT_S * 2, configure=_configure, kwargs=kwargs)
     try:
         pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
     except Exception as exc:
         pool.close()
-        raise DatabaseError(f"cannot open a connection pool ({describe(url)}): {exc}") from exc
+        raise DatabaseError(f"cannot open a connection pool ({describe(url)}): "
+                            f"{one_line(exc)}") from None
     log.info("using database %s", describe(url))
     return pool
 

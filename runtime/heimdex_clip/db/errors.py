@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import psycopg
 import psycopg_pool
 
-from .connection import DatabaseError
+from .connection import DatabaseError, one_line
 
 _RERUN = {
     "index": "everything stored so far is kept; re-running `heimdex-clip index` is safe "
@@ -44,7 +44,4 @@ def database_errors(command: str) -> Iterator[None]:
 
 
 def _first(exc: BaseException) -> str:
-    """The first line of an error's message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
+    return one_line(exc)
