@@ -172,7 +172,7 @@ def test_postgres_dying_mid_index_is_one_line_and_rerun_is_safe(artifact_dir, ph
                             text=True)
 
     def stored() -> int:
-        with psycopg.connect(url) as conn:
+        with psycopg.connect(env["DATABASE_URL"]) as conn:
             return conn.execute("SELECT count(*) FROM scenes").fetchone()[0]
 
     deadline = time.monotonic() + 240
@@ -188,12 +188,18 @@ def test_postgres_dying_mid_index_is_one_line_and_rerun_is_safe(artifact_dir, ph
     assert "re-running `heimdex-clip index` is safe" in lines[0]
 
     time.sleep(1)  # let orphaned backends notice the postmaster is gone
+    # The killed postmaster may linger as a zombie (no init reaps it in a container), which
+    # the embedded server would take for a running one: restart from its data directory.
+    for stale in [data / "postmaster.pid", *data.glob(".s.PGSQL.*")]:
+        stale.unlink(missing_ok=True)
     server.ensure_postgres_running()
+    url = server.get_uri("postgres")  # the restarted server may listen elsewhere
+    env["DATABASE_URL"] = url
     kept = stored()
     assert 8 <= kept < total
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(env["DATABASE_URL"]) as conn:
         rows = conn.execute("SELECT count(*), count(DISTINCT frame_path), "
                             "count(embedding_visual_clip) FROM scenes").fetchone()
     assert rows == (total, total, total)  # the rest added, nothing duplicated
