@@ -83,7 +83,8 @@ def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(pool, artifact_d
     all_b = ids_seen_by(new)
     assert len(all_b) == 11 and legacy in all_b
     assert ids_seen_by(old) == everything_a
-    assert promote(pool, new.artifact_id, Scope(all_owners=True)) == 11  # B first everywhere, A/unknown beside
+    # B first everywhere; A and the unknown vector beside it.
+    assert promote(pool, new.artifact_id, Scope(all_owners=True)) == 11
     stats = clip_stats(pool, scope)
     assert stats.artifacts[new.artifact_id] == {"main": 11, "alt": 0}
     assert stats.artifacts[old.artifact_id] == {"main": 0, "alt": 10}
