@@ -12,22 +12,25 @@ from heimdex_clip.db.store import SceneStore
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 ROWS, DIM, K = 20_000, 512, 20
+ARTIFACT = "ViT-B-32:synthetic:0000000000000000"
 
 
 def bulk_load(pool, owners: np.ndarray, vectors: np.ndarray, owner_ids: list[uuid.UUID]):
     """COPY in binary through pgvector's adapter, then build the HNSW index once."""
     with pool.connection() as conn:
+        conn.execute("SET statement_timeout = 0")  # the index build outlasts the pool's limit
         conn.execute("DROP INDEX IF EXISTS scenes_embedding_visual_clip_hnsw")
         with conn.cursor() as cur, cur.copy(
-                "COPY scenes (owner_id, frame_path, embedding_visual_clip) "
-                "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["uuid", "text", "vector"])
+                "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
+                " FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "text", "vector", "text"])
             for i, (o, v) in enumerate(zip(owners, vectors, strict=True)):
-                copy.write_row([owner_ids[o], f"s{i}.jpg", v])
+                copy.write_row([owner_ids[o], f"s{i}.jpg", v, ARTIFACT])
         conn.execute("SET maintenance_work_mem = '512MB'")
         conn.execute("CREATE INDEX scenes_embedding_visual_clip_hnsw ON scenes "
                      "USING hnsw (embedding_visual_clip vector_cosine_ops)")
         conn.execute("ANALYZE scenes")
+        conn.execute("RESET statement_timeout")
         conn.commit()
         ids = conn.execute("SELECT frame_path, id FROM scenes").fetchall()
     by_path = dict(ids)
@@ -61,7 +64,8 @@ def test_owner_filtered_recall_at_20(corpus, owner):
         query /= np.linalg.norm(query)
         exact = mine[np.argsort(-(vectors[mine] @ query), kind="stable")[:K]]
         started = time.perf_counter()
-        hits = store.search_by_embedding(owner_ids[owner], query, threshold=-1.0, count=K)
+        hits = store.search_by_embedding(owner_ids[owner], query, artifact=ARTIFACT,
+                                         threshold=-1.0, count=K)
         latencies.append(time.perf_counter() - started)
         assert len(hits) == K
         assert all(h.owner_id == owner_ids[owner] for h in hits)
