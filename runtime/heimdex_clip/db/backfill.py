@@ -35,7 +35,7 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from ..embedder import ClipEmbedder
+from ..embedder import ClipEmbedder, EmbeddingResult
 from ..errors import DimensionError
 from .store import SceneStore, write_vector
 
@@ -100,6 +100,12 @@ class BackfillReport:
 def classify_fault(error: str | None) -> str:
     """``worker`` or ``frame``: who is to blame for a failed embedding."""
     return "worker" if error and error.startswith(WORKER_FAULTS) else "frame"
+
+
+def _fault(result: EmbeddingResult, batch_raised: bool) -> str | None:
+    if result.ok:
+        return None
+    return "worker" if batch_raised else classify_fault(result.error)
 
 
 def _work(reembed_stale: bool) -> str:
@@ -225,11 +231,19 @@ def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str
                      token: uuid.UUID, rows: list, policy: Policy, frame_root: Path | None,
                      report: BackfillReport) -> None:
     paths = [_resolve(frame_root, path) for _, _, path, _ in rows]
-    results = embedder.embed_frames(paths, frame_paths=[path for _, _, path, _ in rows])
+    try:
+        results = embedder.embed_frames(paths, frame_paths=[path for _, _, path, _ in rows])
+    except Exception as exc:  # the worker path should not raise; if it does, blame the worker
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("embedding a batch raised %s; its scenes will be retried alone", error)
+        results = [EmbeddingResult(None, {"frame_path": p, "error": error}) for p in paths]
+        batch_raised = True
+    else:
+        batch_raised = False
     with pool.connection() as conn, conn.transaction():
         for (scene_id, owner, _, attempt), result in zip(rows, results, strict=True):
             report.scenes.add(scene_id)
-            fault = None if result.ok else classify_fault(result.error)
+            fault = _fault(result, batch_raised)
             written = write_vector(conn, scene_id, owner, artifact, result.embedding,
                                    {**result.metadata, "attempts": attempt}, lease=token,
                                    fault=fault, retry_after_s=policy.retry_after(attempt))
