@@ -142,26 +142,19 @@ BEGIN
 END;
 $$;
 
--- The serving artifact, for the four-argument forms; an error naming the fix if unset.
+-- The serving artifact, for the four-argument forms (NULL until one is recorded).
 CREATE OR REPLACE FUNCTION heimdex_clip_serving_artifact()
 RETURNS text
-LANGUAGE plpgsql STABLE
+LANGUAGE sql STABLE
 SET search_path FROM CURRENT
 AS $$
-DECLARE
-    artifact text := (SELECT value FROM heimdex_clip_settings
-                      WHERE key = 'serving_visual_clip_artifact');
-BEGIN
-    IF artifact IS NULL THEN
-        RAISE EXCEPTION 'no serving artifact is recorded: pass the query model''s artifact '
-            'id (five-argument form) or run `heimdex-clip db promote`'
-            USING ERRCODE = 'no_data_found';
-    END IF;
-    RETURN artifact;
-END;
+    SELECT value FROM heimdex_clip_settings WHERE key = 'serving_visual_clip_artifact';
 $$;
 
--- The design's four-argument form: searches the serving artifact's vectors.
+-- The design's four-argument form: searches the serving artifact's vectors. Until a
+-- serving artifact is recorded (a deployment migrated, its workers not yet upgraded), it
+-- searches the rows embedded before provenance, as it did before this migration: the
+-- query then comes from the same pre-provenance code, and no attributed row is mixed in.
 CREATE OR REPLACE FUNCTION search_scenes_by_visual_clip_embedding(
     query_embedding vector(512),
     match_threshold float,
@@ -177,12 +170,47 @@ RETURNS TABLE (
     visual_clip_metadata jsonb,
     similarity float
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
+SET plan_cache_mode = 'force_custom_plan'
+SET hnsw.iterative_scan = 'relaxed_order'
+SET hnsw.ef_search = '400'
+SET hnsw.max_scan_tuples = '100000'
 AS $$
-    SELECT * FROM search_scenes_by_visual_clip_embedding(
-        query_embedding, match_threshold, match_count, filter_user_id,
-        heimdex_clip_serving_artifact());
+DECLARE
+    serving text := heimdex_clip_serving_artifact();
+BEGIN
+    IF serving IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM search_scenes_by_visual_clip_embedding(
+            query_embedding, match_threshold, match_count, filter_user_id, serving);
+        RETURN;
+    END IF;
+    IF filter_user_id IS NULL THEN
+        RAISE EXCEPTION 'filter_user_id must not be NULL: search is always owner-scoped'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF match_count IS NULL OR match_count < 1 THEN
+        RAISE EXCEPTION 'match_count must be >= 1, got %', match_count
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH nearest AS MATERIALIZED (
+        SELECT s.id, s.owner_id, s.video_id, s.scene_index, s.frame_path,
+               s.visual_clip_metadata,
+               s.embedding_visual_clip <=> query_embedding AS distance
+        FROM scenes s
+        WHERE s.owner_id = filter_user_id
+          AND s.visual_clip_artifact IS NULL
+          AND s.embedding_visual_clip IS NOT NULL
+        ORDER BY s.embedding_visual_clip <=> query_embedding
+        LIMIT match_count
+    )
+    SELECT n.id, n.owner_id, n.video_id, n.scene_index, n.frame_path,
+           n.visual_clip_metadata, (1 - n.distance)::float AS similarity
+    FROM nearest n
+    WHERE 1 - n.distance > COALESCE(match_threshold, -1)
+    ORDER BY n.distance, n.id;
+END;
 $$;
 
 -- "Similar scenes": a scene's own vector of artifact query_artifact as the query.
@@ -250,10 +278,31 @@ RETURNS TABLE (
     visual_clip_metadata jsonb,
     similarity float
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path FROM CURRENT
 AS $$
-    SELECT * FROM search_similar_scenes_by_visual_clip(
-        query_scene_id, match_threshold, match_count, filter_user_id,
-        heimdex_clip_serving_artifact());
+DECLARE
+    serving text := heimdex_clip_serving_artifact();
+    query_vector vector(512);
+BEGIN
+    IF serving IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM search_similar_scenes_by_visual_clip(
+            query_scene_id, match_threshold, match_count, filter_user_id, serving);
+        RETURN;
+    END IF;
+    -- No serving artifact yet: the scene's pre-provenance vector, among such vectors.
+    SELECT s.embedding_visual_clip INTO query_vector FROM scenes s
+    WHERE s.id = query_scene_id AND s.owner_id = filter_user_id
+      AND s.visual_clip_artifact IS NULL;
+    IF query_vector IS NULL THEN
+        RAISE EXCEPTION 'scene % has no CLIP embedding for this owner', query_scene_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    SELECT r.* FROM search_scenes_by_visual_clip_embedding(
+        query_vector, match_threshold, match_count + 1, filter_user_id) r
+    WHERE r.id <> query_scene_id
+    ORDER BY r.similarity DESC, r.id
+    LIMIT match_count;
+END;
 $$;

@@ -84,6 +84,11 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     promote.add_argument("--artifact", help="artifact id (default: the loaded model's)")
     promote.add_argument("--force", action="store_true", help="even if scenes are pending")
     _owner_args(promote, all_owners=True)
+    attribute = command(db_sub, "attribute", help="attribute vectors embedded before "
+                        "provenance to the loaded model, if a sample reproduces them")
+    attribute.add_argument("--sample", type=integer(1, 1000), default=16,
+                           help="frames to embed again as evidence (default 16)")
+    _owner_args(attribute, all_owners=True)
     prune = command(db_sub, "prune", help="delete a retired artifact's second-slot vectors")
     prune.add_argument("--artifact", required=True)
     _owner_args(prune, all_owners=True)

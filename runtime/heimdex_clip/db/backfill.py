@@ -230,7 +230,7 @@ def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
 def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str,
                      token: uuid.UUID, rows: list, policy: Policy, frame_root: Path | None,
                      report: BackfillReport) -> None:
-    paths = [_resolve(frame_root, path) for _, _, path, _ in rows]
+    paths = [resolve_frame(frame_root, path) for _, _, path, _ in rows]
     try:
         results = embedder.embed_frames(paths, frame_paths=[path for _, _, path, _ in rows])
     except Exception as exc:  # the worker path should not raise; if it does, blame the worker
@@ -258,6 +258,7 @@ def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str
                             result.error)
 
 
-def _resolve(root: Path | None, frame_path: str) -> str:
+def resolve_frame(root: Path | None, frame_path: str) -> str:
+    """``frame_path``, relative to ``root`` when it is relative and a root is given."""
     path = Path(frame_path)
     return str(root / path) if root is not None and not path.is_absolute() else frame_path

@@ -32,7 +32,7 @@ from .migrate import migrate, require_schema
 from .report import render_results
 from .stats import clip_stats, format_stats
 from .store import SceneStore, SearchHit
-from .upgrade import promote, prune
+from .upgrade import attribute_legacy, promote, prune
 from .worker import FollowOptions, follow
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
@@ -151,6 +151,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    embedder = _embedder(args)
+    with _db(args) as pool:
+        compared, attributed = attribute_legacy(pool, embedder, _scope(args),
+                                                sample=args.sample)
+    print(f"attributed {attributed} pre-provenance vectors to {embedder.artifact_id} "
+          f"({compared} frames re-embedded matched)")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     with _db(args) as pool:
         pruned = prune(pool, args.artifact, _scope(args))
@@ -248,6 +258,7 @@ def _guarded(command: Callable[[argparse.Namespace], int], name: str):
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the database commands to the main ``heimdex-clip`` parser."""
     commands = {"migrate": cmd_migrate, "promote": cmd_promote, "prune": cmd_prune,
+                "attribute": cmd_attribute,
                 "index": cmd_index, "search": cmd_search, "backfill": cmd_backfill,
                 "stats": cmd_stats}
     cli_args.register(sub, {k: _guarded(v, k) for k, v in commands.items()})
