@@ -37,12 +37,9 @@ from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder, EmbeddingResult
 from ..errors import DimensionError
-from .store import SceneStore, write_vector
+from .store import SceneStore, classify_fault, write_vector
 
 log = logging.getLogger(__name__)
-
-#: Error prefixes that blame the worker (its state or load), not the frame.
-WORKER_FAULTS = ("Timeout", "Model load failed", "MemoryError", "ClipTimeoutError")
 
 
 @dataclass(frozen=True)
@@ -95,11 +92,6 @@ class BackfillReport:
     def processed(self) -> int:
         """Distinct scenes attempted in this run (a retry of one scene counts once)."""
         return len(self.scenes)
-
-
-def classify_fault(error: str | None) -> str:
-    """``worker`` or ``frame``: who is to blame for a failed embedding."""
-    return "worker" if error and error.startswith(WORKER_FAULTS) else "frame"
 
 
 def _fault(result: EmbeddingResult, batch_raised: bool) -> str | None:
@@ -177,7 +169,7 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
                         visual_clip_lease_token = %(token)s,
                         visual_clip_lease_until = now() + %(lease)s * interval '1 second',
                         visual_clip_leased_by = %(by)s
-                    WHERE s.id IN (SELECT id FROM scenes WHERE {where} ORDER BY id
+                    WHERE s.id IN (SELECT id FROM scenes WHERE {where}
                                    LIMIT {limit} FOR UPDATE SKIP LOCKED)
                     RETURNING s.id, s.owner_id, s.frame_path, s.visual_clip_attempts""",
                 params).fetchall()

@@ -116,7 +116,10 @@ def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *,
     applied_now: list[str] = []
     # A dedicated connection: migrations may run longer than the pool's statement_timeout.
     with psycopg.connect(pool.conninfo, **{**pool.kwargs, "autocommit": True}) as conn:
+        # No statement limit (index builds), and table locks waited for as long as the
+        # migrators' lock: a busy table delays a migration, it does not fail it at once.
         conn.execute("SET statement_timeout = 0")
+        conn.execute(f"SET lock_timeout = {int(lock_timeout_s * 1000)}")
         _lock(conn, lock_timeout_s)
         try:
             created = _ensure_pgvector(conn)

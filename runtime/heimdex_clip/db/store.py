@@ -37,6 +37,15 @@ _SLOTS = {
 }
 
 
+#: Error prefixes that blame the worker (its state or load), not the frame.
+WORKER_FAULTS = ("Timeout", "Model load failed", "MemoryError", "ClipTimeoutError")
+
+
+def classify_fault(error: str | None) -> str:
+    """``worker`` or ``frame``: who is to blame for a failed embedding."""
+    return "worker" if error and error.startswith(WORKER_FAULTS) else "frame"
+
+
 @dataclass(frozen=True)
 class SearchHit:
     """One search result: the scene and its cosine similarity to the query."""
@@ -112,7 +121,8 @@ def write_vector(conn: psycopg.Connection, scene_id: uuid.UUID, owner: uuid.UUID
             params += [artifact, Jsonb(metadata)]
         sets += ["visual_clip_last_error = %s", "visual_clip_fault = %s",
                  "visual_clip_retry_at = now() + %s * interval '1 second'"]
-        params += [metadata.get("error"), fault or "frame", retry_after_s or 0.0]
+        params += [metadata.get("error"), fault or classify_fault(metadata.get("error")),
+                   retry_after_s or 0.0]
     conn.execute(f"UPDATE scenes SET {', '.join(sets)} WHERE id = %s AND owner_id = %s",
                  (*params, scene_id, owner))
     return True
