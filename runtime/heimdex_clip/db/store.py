@@ -134,6 +134,7 @@ class SceneStore:
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self._dimension: int | None = None
+        self._serving_known: set[str] = set()  # artifacts whose serving row was ensured
 
     @property
     def dimension(self) -> int:
@@ -209,14 +210,14 @@ class SceneStore:
             self._record_serving(conn, artifact, vector)
         return scene_id
 
-    @staticmethod
-    def _record_serving(conn: psycopg.Connection, artifact: str,
+    def _record_serving(self, conn: psycopg.Connection, artifact: str,
                         vector: np.ndarray | None) -> None:
         # The first model to store a vector serves the four-argument SQL search until
-        # `db promote` names another.
-        if vector is not None:
+        # `db promote` names another (once per store and artifact: it never changes back).
+        if vector is not None and artifact not in self._serving_known:
             conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
                          "ON CONFLICT (key) DO NOTHING", (SERVING_KEY, artifact))
+            self._serving_known.add(artifact)  # a rollback raises to the caller anyway
 
     # ------------------------------------------------------------------ search
 
