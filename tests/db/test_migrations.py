@@ -173,3 +173,35 @@ def test_library_code_never_starts_an_embedded_server(monkeypatch):
     monkeypatch.delenv("DATABASE_URL", raising=False)
     with pytest.raises(DatabaseError, match="set DATABASE_URL"):
         resolve_url()
+
+
+def test_an_interrupted_concurrent_index_build_is_rebuilt_by_the_next_migrate(pool):
+    """A CREATE INDEX CONCURRENTLY cut short (here by a statement timeout, as a crash or a
+    cancel would) leaves an INVALID index that IF NOT EXISTS would keep for ever: the
+    runner drops it and builds it again."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((3000, 512)).astype(np.float32)
+    name = "scenes_embedding_visual_clip_alt_hnsw"
+    with psycopg.connect(pool.conninfo, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute(f"DROP INDEX {name}")
+        with conn.cursor() as cur, cur.copy(
+                "COPY scenes (owner_id, frame_path, embedding_visual_clip_alt, "
+                "visual_clip_alt_artifact) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "text", "vector", "text"])
+            owner = uuid.uuid4()
+            for i, v in enumerate(vectors):
+                copy.write_row([owner, f"f{i}.jpg", v, "x:y:z"])
+        conn.execute("DELETE FROM heimdex_clip_migrations WHERE version = '005'")
+        conn.execute("SET statement_timeout = 50")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute(f"CREATE INDEX CONCURRENTLY {name} ON scenes USING hnsw "
+                         "(embedding_visual_clip_alt vector_cosine_ops)")
+        valid = "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = " \
+                "i.indexrelid WHERE c.relname = %s"
+        assert conn.execute(valid, (name,)).fetchone() == (False,)
+        assert migrate(pool) == ["005_upgrade_indexes_concurrently.sql"]
+        assert conn.execute(valid, (name,)).fetchone() == (True,)
