@@ -269,10 +269,29 @@ def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(pool, db_url
     assert "heimdex_clip_availability_ratio 1.0" in text
     assert "heimdex_clip_failure_ratio 0.0" in text and "heimdex_clip_timeout_ratio 0.0" in text
     assert "heimdex_clip_inference_time_ms_avg" in text
+    # A last wave, and SIGTERM the moment the worker holds a lease: it must finish that
+    # batch (write it, end its leases) and only then exit 0.
+    added += [store.add_scene(owner, str(p)) for p in frames[14:22]]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with pool.connection() as conn:
+            leased = conn.execute("SELECT array_agg(id) FROM scenes WHERE "
+                                  "visual_clip_lease_until IS NOT NULL").fetchone()[0]
+        if leased:
+            break
+        time.sleep(0.01)
+    assert leased, "the worker never claimed the last wave"
     worker.send_signal(signal.SIGTERM)
-    out, err = worker.communicate(timeout=60)
+    out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
     assert "figures: availability 100.0%" in err and "worker stopping" in err
-    assert f"backfill: {len(added)} embedded, 0 failed" in out
-    rows = _rows(pool)
-    assert all(r[1] and r[2] == 1 for r in rows)  # nothing lost, nothing claimed twice
+    rows = {r[0]: r for r in _rows(pool)}
+    assert all(rows[s][1] for s in leased)  # the batch in flight was finished, not dropped
+    with pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM scenes WHERE visual_clip_lease_until IS "
+                            "NOT NULL").fetchone()[0] == 0
+    done = sum(1 for r in rows.values() if r[1])
+    assert f"backfill: {done} embedded, 0 failed" in out
+    # The rest of the wave (if any) waits, never claimed, for the next worker.
+    assert all(r[2] == 0 for r in rows.values() if not r[1])
+    assert all(r[2] == 1 for r in rows.values() if r[1])  # nothing claimed twice

@@ -17,9 +17,11 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+from psycopg_pool import ConnectionPool
 from tqdm import tqdm
 
 from ..config import ClipConfig
@@ -42,36 +44,19 @@ def _embedder(args: argparse.Namespace) -> ClipEmbedder:
     return ClipEmbedder(model_dir=args.model_dir, config=ClipConfig.from_env()).load()
 
 
-def _db(args: argparse.Namespace, *, schema: bool = True):
-    """A pool on the chosen database, announced on stderr; schema checked unless told."""
+@contextmanager
+def _db(args: argparse.Namespace, *, schema: bool = True) -> Iterator[ConnectionPool]:
+    """A pool on the chosen database, announced on stderr; unless ``schema`` is False,
+    refused (naming the fix) when the database is not fully migrated."""
     url = resolve_url(args.database_url, embedded=True, data_dir=args.pg_data)
     if not args.quiet:
-        where = ("embedded PostgreSQL" if not (args.database_url or os.environ.get(
-            "DATABASE_URL")) else "DATABASE_URL" if not args.database_url else "--database-url")
+        where = ("--database-url" if args.database_url else "DATABASE_URL"
+                 if os.environ.get("DATABASE_URL") else "embedded PostgreSQL")
         print(f"database: {where} ({describe(url)})", file=sys.stderr)
-    pool_cm = database(url)
-    if not schema:
-        return pool_cm
-    return _checked(pool_cm)
-
-
-class _checked:
-    """``database()`` that refuses an unmigrated schema before any data command runs."""
-
-    def __init__(self, cm) -> None:
-        self.cm = cm
-
-    def __enter__(self):
-        pool = self.cm.__enter__()
-        try:
+    with database(url) as pool:
+        if schema:
             require_schema(pool)
-        except BaseException:
-            self.cm.__exit__(*sys.exc_info())
-            raise
-        return pool
-
-    def __exit__(self, *exc):
-        return self.cm.__exit__(*exc)
+        yield pool
 
 
 def _scope(args: argparse.Namespace) -> Scope:
