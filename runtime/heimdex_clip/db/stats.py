@@ -28,7 +28,7 @@ SELECT
     percentile_cont(0.95) WITHIN GROUP
         (ORDER BY (visual_clip_metadata->>'inference_time_ms')::float8) AS latency_p95_ms,
     count(*) FILTER (WHERE visual_clip_metadata->>'error' IS NOT NULL) AS failures,
-    count(*) FILTER (WHERE visual_clip_metadata->>'error' LIKE 'Timeout%%') AS timeouts,
+    count(*) FILTER (WHERE visual_clip_metadata->>'error' LIKE '%%Timeout%%') AS timeouts,
     count(*) FILTER (WHERE visual_clip_lease_until IS NOT NULL)    AS leased
 FROM scenes WHERE {scope}
 """
