@@ -154,15 +154,22 @@ def test_kill_9_mid_way_loses_nothing_and_repeats_nothing(db_url, frames, artifa
     victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        done = sum(1 for r in _rows(pool) if r[1])
-        if done >= 8:
+    leased = 0
+    while time.monotonic() < deadline:  # kill while it holds a claimed, unwritten batch
+        with pool.connection() as conn:
+            done, leased = conn.execute(
+                "SELECT count(embedding_visual_clip), count(visual_clip_lease_until) "
+                "FROM scenes").fetchone()
+        if done >= 8 and leased:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     done_at_kill = sum(1 for r in _rows(pool) if r[1])
     assert 8 <= done_at_kill < len(scenes), "the kill must land mid-way"
+    with pool.connection() as conn:  # the batch it held is still leased to the dead worker
+        assert conn.execute("SELECT count(*) FROM scenes WHERE visual_clip_lease_until IS "
+                            "NOT NULL AND embedding_visual_clip IS NULL").fetchone()[0] >= 1
     time.sleep(3.5)  # the killed batch's lease expires
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
