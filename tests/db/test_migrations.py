@@ -205,3 +205,22 @@ def test_an_interrupted_concurrent_index_build_is_rebuilt_by_the_next_migrate(po
         assert conn.execute(valid, (name,)).fetchone() == (False,)
         assert migrate(pool) == ["005_upgrade_indexes_concurrently.sql"]
         assert conn.execute(valid, (name,)).fetchone() == (True,)
+
+
+def test_pgvector_older_than_0_8_is_refused_by_runner_and_sql(db_url):
+    """The catalog made to report pgvector 0.7.4 (as on a server not yet upgraded)."""
+    import psycopg
+
+    pool = open_pool(db_url)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION vector")
+            conn.execute("UPDATE pg_extension SET extversion = '0.7.4' WHERE extname = 'vector'")
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match=r"needs >= 0\.8"):
+                conn.execute(next(m for m in discover() if m.version == "004").sql)
+        with pytest.raises(DatabaseError, match=r"pgvector 0\.7\.4 is installed.*>= 0\.8"):
+            migrate(pool)
+        with pool.connection() as conn:  # refused before any migration ran
+            assert conn.execute("SELECT to_regclass('scenes')").fetchone()[0] is None
+    finally:
+        pool.close()
