@@ -320,22 +320,25 @@ def bench_database(rows: int, quick: bool) -> dict:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     owners = np.where(rng.random(rows) < 0.01, 0, rng.integers(1, 100, rows))
     owner_ids = [uuid.uuid4() for _ in range(100)]
+    artifact = "ViT-B-32:synthetic:0000000000000000"  # every stored vector names its artifact
 
     n_upserts = 300 if quick else 1000
     started = time.perf_counter()
     for i in range(n_upserts):
-        store.upsert_scene(owner_ids[owners[i]], f"u{i}.jpg", vectors[i], {"i": i})
+        store.upsert_scene(owner_ids[owners[i]], f"u{i}.jpg", vectors[i], {"i": i},
+                           artifact=artifact)
     upsert_rate = n_upserts / (time.perf_counter() - started)
 
     with pool.connection() as conn:
+        conn.execute("SET statement_timeout = 0")  # bulk load and index build, not a request
         conn.execute("DROP INDEX scenes_embedding_visual_clip_hnsw")
         started = time.perf_counter()
         with conn.cursor() as cur, cur.copy(
-                "COPY scenes (owner_id, frame_path, embedding_visual_clip) "
-                "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["uuid", "text", "vector"])
+                "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
+                " FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "text", "vector", "text"])
             for i in range(n_upserts, rows):
-                copy.write_row([owner_ids[owners[i]], f"s{i}.jpg", vectors[i]])
+                copy.write_row([owner_ids[owners[i]], f"s{i}.jpg", vectors[i], artifact])
         conn.commit()
         copy_rate = (rows - n_upserts) / (time.perf_counter() - started)
         conn.execute("SET maintenance_work_mem = '1GB'")
@@ -343,6 +346,7 @@ def bench_database(rows: int, quick: bool) -> dict:
         conn.execute("CREATE INDEX scenes_embedding_visual_clip_hnsw ON scenes "
                      "USING hnsw (embedding_visual_clip vector_cosine_ops)")
         conn.execute("ANALYZE scenes")
+        conn.execute("RESET statement_timeout")
         conn.commit()
         index_s = time.perf_counter() - started
         id_by_path = dict(conn.execute("SELECT frame_path, id FROM scenes").fetchall())
@@ -355,7 +359,8 @@ def bench_database(rows: int, quick: bool) -> dict:
         query /= np.linalg.norm(query)
         exact = set(ids[mine[np.argsort(-(vectors[mine] @ query))[:20]]])
         started = time.perf_counter()
-        hits = store.search_by_embedding(owner_ids[0], query, threshold=-1.0, count=20)
+        hits = store.search_by_embedding(owner_ids[0], query, artifact=artifact,
+                                         threshold=-1.0, count=20)
         latencies.append(time.perf_counter() - started)
         recalls.append(len({h.id for h in hits} & exact) / 20)
     pool.close()

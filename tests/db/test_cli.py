@@ -13,9 +13,9 @@ import pytest
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
 
-def run(args, db_url, artifact_dir, check=True):
+def run(args, db_url, artifact_dir, check=True, **env_extra):
     env = {**os.environ, "DATABASE_URL": db_url, "CLIP_PRETRAINED": "none",
-           "CLIP_MODEL_DIR": str(artifact_dir)}
+           "CLIP_MODEL_DIR": str(artifact_dir), **env_extra}
     proc = subprocess.run([sys.executable, "-m", "heimdex_clip.cli", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     if check:
@@ -31,12 +31,14 @@ def test_index_search_html_and_stats(db_url, artifact_dir, photos, tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
     owner, stranger = uuid.uuid4(), uuid.uuid4()
 
-    assert "applied: 001_scenes.sql, 002" in run(["db", "migrate"], db_url, artifact_dir).stdout
+    migrated = run(["db", "migrate"], db_url, artifact_dir)
+    assert "applied: 001_scenes.sql, 002" in migrated.stdout
+    assert "database: DATABASE_URL (" in migrated.stderr  # says which database it uses
     assert "up to date" in run(["db", "migrate"], db_url, artifact_dir).stdout
     index = run(["index", str(folder), "--owner", str(owner), "--quiet"], db_url, artifact_dir,
                 check=False)
     assert index.returncode == 1  # one frame failed, and says so
-    assert "indexed 6 of 7 frames (1 failed)" in index.stdout
+    assert "indexed 6 of 7 frames (1 failed, 0 skipped)" in index.stdout
     # Indexing again updates the same scenes instead of duplicating them.
     run(["index", str(folder), "--owner", str(owner), "--quiet"], db_url, artifact_dir,
         check=False)
@@ -61,10 +63,13 @@ def test_index_search_html_and_stats(db_url, artifact_dir, photos, tmp_path):
     assert json.loads(run(["search", "--image", str(query), "--owner", str(stranger),
                            "--json"], db_url, artifact_dir).stdout) == []
 
-    stats = run(["stats"], db_url, artifact_dir).stdout
+    stats = run(["stats", "--all-owners"], db_url, artifact_dir).stdout
     assert "CLIP availability:  85.7% (6 of 7 scenes embedded)" in stats
     assert "Failure rate:       14.3% (1 of 7 attempted)" in stats
     assert "Inference latency:  mean" in stats and "Timeout rate:       0.0%" in stats
+    assert "ViT-B-32:none:" in stats and ": 6 + 0 = 85.7%" in stats  # rows per artifact
     figures = json.loads(run(["stats", "--json", "--owner", str(stranger)], db_url,
                              artifact_dir).stdout)
     assert figures["scenes"] == 0 and figures["availability"] is None
+    no_scope = run(["stats"], db_url, artifact_dir, check=False)
+    assert no_scope.returncode == 2 and "--all-owners" in no_scope.stderr

@@ -1,40 +1,83 @@
-"""Backfill: embed every scene whose CLIP embedding is still NULL, with any number of workers.
+"""Backfill: embed the scenes that lack a vector of the worker's artifact, with leases.
 
-Each worker loops: in ONE short transaction it claims a batch with
-``FOR UPDATE SKIP LOCKED`` (rows another worker holds are skipped, not waited for), embeds
-those frames, writes embeddings and metadata, and commits. Killing a worker (even
-``kill -9``) aborts its open transaction, so its batch is neither half-written nor lost:
-the row locks vanish and another worker (or the next run) claims the batch again. A
-committed row is never claimed again, so every eligible scene is embedded exactly once.
+Each round a worker
+1. returns expired leases to the pool of work (one short committed statement, recording a
+   *worker* fault: the holder died, was killed or overran its lease);
+2. claims a batch in ONE short committed statement, ``UPDATE ... WHERE id IN (SELECT ...
+   FOR UPDATE SKIP LOCKED) RETURNING``, that counts the attempt and sets a lease expiry;
+3. embeds the frames outside any transaction;
+4. writes each result owner-scoped, and only if the lease is still its own.
 
-A frame that fails (unreadable, timeout) is written with a NULL embedding and the error
-in its metadata; ``attempts`` counts tries, and a scene is given up after MAX_ATTEMPTS.
+So a worker killed at any point (``kill -9``, the OOM killer) leaves its batch leased until
+the lease expires and someone reclaims it; a late writer whose lease was taken over writes
+nothing; every scene gets its vector written once. Scenes whose last attempt ended in a
+worker fault are retried alone, so a frame that kills its worker cannot take its batch
+mates down with it. Failed attempts back off exponentially; after ``max_attempts`` a scene
+is given up, its last error and fault kind (``frame``: the image is bad; ``worker``: crash,
+lease expiry, timeout or memory exhaustion) kept in ``visual_clip_last_error`` and
+``visual_clip_fault``.
+
+Without ``reembed_stale`` the work is the scenes with no vector in their first slot; with
+it, also every scene whose vectors were made by other artifacts (a model upgrade: the new
+vectors go beside the old ones, see :mod:`.store`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from ..embedder import ClipEmbedder
+from ..embedder import ClipEmbedder, EmbeddingResult
 from ..errors import DimensionError
-from .store import SceneStore
+from .store import SceneStore, classify_fault, write_vector
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
 
-_ELIGIBLE = """
-    embedding_visual_clip IS NULL AND frame_path IS NOT NULL
-    AND COALESCE((visual_clip_metadata->>'attempts')::int, 0) < %(max_attempts)s
-    AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid)
-"""
+@dataclass(frozen=True)
+class Scope:
+    """Whose scenes: one owner, or every owner, said explicitly."""
+
+    owner_id: uuid.UUID | None = None
+    all_owners: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.owner_id is None) == (not self.all_owners):
+            if self.owner_id is None:
+                raise ValueError("give an owner, or all_owners=True (--all-owners) to work "
+                                 "on every owner's scenes")
+            raise ValueError("give an owner or all_owners=True, not both")
+
+    def sql(self, alias: str = "") -> str:
+        return "TRUE" if self.all_owners else f"{alias}owner_id = %(owner)s"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a worker claims, retries and gives up."""
+
+    batch_size: int = 16
+    lease_s: float = 300.0
+    max_attempts: int = 3
+    retry_base_s: float = 30.0  # first retry delay; doubles with every attempt
+    retry_max_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_attempts < 1:
+            raise ValueError("batch_size and max_attempts must be >= 1")
+        if not self.lease_s > 0 or self.retry_base_s < 0 or self.retry_max_s < 0:
+            raise ValueError("lease_s must be > 0, retry delays >= 0")
+
+    def retry_after(self, attempts: int) -> float:
+        return min(self.retry_max_s, self.retry_base_s * 2 ** max(attempts - 1, 0))
 
 
 @dataclass
@@ -42,66 +85,172 @@ class BackfillReport:
     embedded: int = 0
     failed: int = 0
     batches: int = 0
+    lost_leases: int = 0  # results not written: the lease had been taken over
+    scenes: set = field(default_factory=set, repr=False)
 
     @property
     def processed(self) -> int:
-        return self.embedded + self.failed
+        """Distinct scenes attempted in this run (a retry of one scene counts once)."""
+        return len(self.scenes)
 
 
-def count_pending(pool: ConnectionPool, owner_id: uuid.UUID | None = None,
-                  max_attempts: int = MAX_ATTEMPTS) -> int:
-    """Scenes still waiting for an embedding (and not given up on)."""
+def _fault(result: EmbeddingResult, batch_raised: bool) -> str | None:
+    if result.ok:
+        return None
+    return "worker" if batch_raised else classify_fault(result.error)
+
+
+def _work(reembed_stale: bool) -> str:
+    """The scenes that still need a vector of %(artifact)s."""
+    return f"""frame_path IS NOT NULL
+        AND NOT (visual_clip_artifact IS NOT DISTINCT FROM %(artifact)s
+                 AND embedding_visual_clip IS NOT NULL)
+        AND NOT (visual_clip_alt_artifact IS NOT DISTINCT FROM %(artifact)s
+                 AND embedding_visual_clip_alt IS NOT NULL)
+        {"" if reembed_stale else "AND embedding_visual_clip IS NULL"}"""
+
+
+_NOT_GIVEN_UP = """(visual_clip_job_artifact IS DISTINCT FROM %(artifact)s
+                    OR visual_clip_attempts < %(max_attempts)s)"""
+_READY = """visual_clip_lease_until IS NULL
+        AND (visual_clip_job_artifact IS DISTINCT FROM %(artifact)s
+             OR visual_clip_retry_at IS NULL OR visual_clip_retry_at <= now())"""
+
+
+def count_pending(pool: ConnectionPool, artifact: str, scope: Scope, *,
+                  reembed_stale: bool = False, max_attempts: int = 3) -> int:
+    """Scenes still needing a vector of ``artifact`` (and not given up on)."""
     with pool.connection() as conn:
-        return conn.execute(f"SELECT count(*) FROM scenes WHERE {_ELIGIBLE}",
-                            {"owner": owner_id, "max_attempts": max_attempts}).fetchone()[0]
+        return conn.execute(
+            f"SELECT count(*) FROM scenes WHERE {scope.sql()} AND {_work(reembed_stale)} "
+            f"AND {_NOT_GIVEN_UP}",
+            {"owner": scope.owner_id, "artifact": artifact, "max_attempts": max_attempts}
+        ).fetchone()[0]
 
 
-def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, *,
-                 owner_id: uuid.UUID | None = None, batch_size: int = 16,
-                 limit: int | None = None, max_attempts: int = MAX_ATTEMPTS,
-                 frame_root: Path | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> BackfillReport:
-    """Claim and embed batches until nothing is left (or ``limit`` scenes were processed).
+def release_expired(pool: ConnectionPool, scope: Scope, policy: Policy) -> int:
+    """End every expired lease in ``scope`` as a worker fault; returns how many."""
+    with pool.connection() as conn:
+        return conn.execute(
+            f"""UPDATE scenes SET visual_clip_lease_token = NULL, visual_clip_lease_until = NULL,
+                    visual_clip_leased_by = NULL, visual_clip_fault = 'worker',
+                    visual_clip_last_error = format('attempt %%s: lease expired (held by %%s): '
+                        'the worker died, was killed or overran its lease',
+                        visual_clip_attempts, visual_clip_leased_by),
+                    visual_clip_retry_at = now() + least(%(retry_max)s, %(retry_base)s
+                        * 2 ^ greatest(visual_clip_attempts - 1, 0)) * interval '1 second'
+                WHERE id IN (SELECT id FROM scenes WHERE visual_clip_lease_until < now()
+                             AND {scope.sql()} FOR UPDATE SKIP LOCKED)""",
+            {"owner": scope.owner_id, "retry_base": policy.retry_base_s,
+             "retry_max": policy.retry_max_s}).rowcount
 
-    ``frame_root`` resolves relative frame paths. ``on_batch(n)`` is called after each
-    committed batch (progress bars).
+
+def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, size: int, *,
+          reembed_stale: bool = False, token: uuid.UUID | None = None
+          ) -> tuple[uuid.UUID, list[tuple[uuid.UUID, uuid.UUID, str, int]]]:
+    """Lease up to ``size`` scenes (one at a time if the next is a crash suspect).
+
+    Returns the lease token and ``(scene id, owner id, frame path, attempt number)`` rows.
     """
+    token = token or uuid.uuid4()
+    params = {"owner": scope.owner_id, "artifact": artifact, "max_attempts": policy.max_attempts,
+              "size": size, "token": token, "lease": policy.lease_s, "by": worker_name()}
+    eligible = f"{scope.sql()} AND {_work(reembed_stale)} AND {_NOT_GIVEN_UP} AND {_READY}"
+    with pool.connection() as conn:
+        # Crash suspects first, alone: what killed a worker must not kill the batch again.
+        suspect = f"{eligible} AND visual_clip_fault = 'worker'"
+        for where, limit in ((suspect, 1), (f"{eligible} AND visual_clip_fault IS "
+                                            "DISTINCT FROM 'worker'", size)):
+            rows = conn.execute(
+                f"""UPDATE scenes s SET
+                        visual_clip_attempts = CASE WHEN s.visual_clip_job_artifact
+                            = %(artifact)s THEN s.visual_clip_attempts + 1 ELSE 1 END,
+                        visual_clip_job_artifact = %(artifact)s,
+                        visual_clip_lease_token = %(token)s,
+                        visual_clip_lease_until = now() + %(lease)s * interval '1 second',
+                        visual_clip_leased_by = %(by)s
+                    WHERE s.id IN (SELECT id FROM scenes WHERE {where}
+                                   LIMIT {limit} FOR UPDATE SKIP LOCKED)
+                    RETURNING s.id, s.owner_id, s.frame_path, s.visual_clip_attempts""",
+                params).fetchall()
+            conn.commit()
+            if rows:
+                return token, sorted(rows)
+    return token, []
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process, recorded with its leases."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
+                 policy: Policy | None = None, reembed_stale: bool = False,
+                 limit: int | None = None, frame_root: Path | None = None,
+                 stop: threading.Event | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> BackfillReport:
+    """Claim and embed batches until no scene is ready, ``limit`` distinct scenes were
+    attempted, or ``stop`` is set (checked between batches).
+
+    ``frame_root`` resolves relative frame paths; ``on_batch(n)`` follows each batch.
+    """
+    policy = policy or Policy()
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
     column_dim = SceneStore(pool).dimension
     if embedder.embed_dim != column_dim:
         raise DimensionError(f"the model embeds {embedder.embed_dim} dimensions, the "
                              f"embedding_visual_clip column holds vector({column_dim})")
+    artifact = embedder.artifact_id
     report = BackfillReport()
-    params = {"owner": owner_id, "max_attempts": max_attempts}
     while limit is None or report.processed < limit:
-        size = batch_size if limit is None else min(batch_size, limit - report.processed)
-        with pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                f"""SELECT id, frame_path, visual_clip_metadata FROM scenes
-                    WHERE {_ELIGIBLE}
-                    ORDER BY id
-                    LIMIT %(size)s
-                    FOR UPDATE SKIP LOCKED""", {**params, "size": size}).fetchall()
-            if not rows:
-                break
-            paths = [_resolve(frame_root, path) for _, path, _ in rows]
-            results = embedder.embed_frames(paths, frame_paths=[p for _, p, _ in rows])
-            for (scene_id, _, old_meta), result in zip(rows, results, strict=True):
-                metadata = dict(result.metadata)
-                metadata["attempts"] = int((old_meta or {}).get("attempts", 0)) + 1
-                conn.execute(
-                    "UPDATE scenes SET embedding_visual_clip = %s, visual_clip_metadata = %s "
-                    "WHERE id = %s", (result.embedding, Jsonb(metadata), scene_id))
-                if result.ok:
-                    report.embedded += 1
-                else:
-                    report.failed += 1
-                    log.warning("scene %s: %s", scene_id, result.error)
+        if stop is not None and stop.is_set():
+            break
+        release_expired(pool, scope, policy)
+        size = policy.batch_size if limit is None else min(policy.batch_size,
+                                                           limit - report.processed)
+        token, rows = claim(pool, artifact, scope, policy, size, reembed_stale=reembed_stale)
+        if not rows:
+            break
+        _embed_and_write(pool, embedder, artifact, token, rows, policy, frame_root, report)
         report.batches += 1
         if on_batch is not None:
             on_batch(len(rows))
     return report
 
 
-def _resolve(root: Path | None, frame_path: str) -> str:
+def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str,
+                     token: uuid.UUID, rows: list, policy: Policy, frame_root: Path | None,
+                     report: BackfillReport) -> None:
+    paths = [resolve_frame(frame_root, path) for _, _, path, _ in rows]
+    try:
+        results = embedder.embed_frames(paths, frame_paths=[path for _, _, path, _ in rows])
+    except Exception as exc:  # the worker path should not raise; if it does, blame the worker
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("embedding a batch raised %s; its scenes will be retried alone", error)
+        results = [EmbeddingResult(None, {"frame_path": p, "error": error}) for p in paths]
+        batch_raised = True
+    else:
+        batch_raised = False
+    with pool.connection() as conn, conn.transaction():
+        for (scene_id, owner, _, attempt), result in zip(rows, results, strict=True):
+            report.scenes.add(scene_id)
+            fault = _fault(result, batch_raised)
+            written = write_vector(conn, scene_id, owner, artifact, result.embedding,
+                                   {**result.metadata, "attempts": attempt}, lease=token,
+                                   fault=fault, retry_after_s=policy.retry_after(attempt))
+            if not written:
+                report.lost_leases += 1
+                log.warning("scene %s: lease taken over, result discarded", scene_id)
+            elif result.ok:
+                report.embedded += 1
+            else:
+                report.failed += 1
+                log.warning("scene %s attempt %d (%s fault): %s", scene_id, attempt, fault,
+                            result.error)
+
+
+def resolve_frame(root: Path | None, frame_path: str) -> str:
+    """``frame_path``, relative to ``root`` when it is relative and a root is given."""
     path = Path(frame_path)
     return str(root / path) if root is not None and not path.is_absolute() else frame_path

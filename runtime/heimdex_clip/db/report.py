@@ -1,5 +1,9 @@
 """A self-contained HTML page of search results: the query and the result frames as
-thumbnails (inline data URIs), with their similarity. People would rather look."""
+thumbnails (inline data URIs), with their similarity. People would rather look.
+
+Frames are opened through the runtime's safe loader (:func:`heimdex_clip.images.load_image`)
+with the configured pixel limit, so a result frame replaced by a FIFO, a device or a
+decompression bomb is shown as missing instead of hanging or crashing the command."""
 
 from __future__ import annotations
 
@@ -9,23 +13,29 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
+from ..config import ClipConfig
+from ..errors import ClipError
+from ..images import load_image
 from .store import SearchHit
 
 THUMBNAIL = 224
 
 
-def thumbnail_data_uri(path: str | Path | None) -> str | None:
-    """A JPEG thumbnail of the frame as a data URI, or None if it cannot be read."""
+def thumbnail_data_uri(path: str | Path | None, *,
+                       max_pixels: int | None = None) -> str | None:
+    """A JPEG thumbnail of the frame as a data URI, or None if it cannot be shown.
+
+    ``max_pixels`` defaults to the configured CLIP_MAX_IMAGE_PIXELS.
+    """
     if path is None:
         return None
+    limit = max_pixels if max_pixels is not None else ClipConfig.from_env().max_image_pixels
     try:
-        with Image.open(path) as image:
-            image.thumbnail((THUMBNAIL, THUMBNAIL))
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError):
+        image = load_image(path, max_pixels=limit, min_side_for_draft=THUMBNAIL)
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="JPEG", quality=80)
+    except (ClipError, OSError, ValueError, MemoryError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -37,9 +47,9 @@ def _figure(uri: str | None, caption: str) -> str:
 
 def render_results(query_label: str, query_frame: str | Path | None,
                    hits: Sequence[SearchHit], *, title: str = "heimdex-clip search",
-                   warning: str | None = None) -> str:
+                   warning: str | None = None, max_pixels: int | None = None) -> str:
     """The page as a string (write it anywhere; it references no other file)."""
-    cards = [_figure(thumbnail_data_uri(h.frame_path),
+    cards = [_figure(thumbnail_data_uri(h.frame_path, max_pixels=max_pixels),
                      f"<b>{h.similarity:.3f}</b><br>{html.escape(Path(h.frame_path or '?').name)}"
                      f"<br><small>{h.id}</small>") for h in hits]
     body = "".join(cards) or "<p>No scene above the threshold.</p>"
@@ -56,7 +66,8 @@ img {{ max-width: {THUMBNAIL}px; max-height: {THUMBNAIL}px; border-radius: 4px; 
 .missing {{ width: {THUMBNAIL}px; height: 120px; background: #eee; line-height: 120px; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>{banner}
-<h2>Query</h2><div class="grid query">{_figure(thumbnail_data_uri(query_frame),
+<h2>Query</h2><div class="grid query">{_figure(thumbnail_data_uri(query_frame,
+                                                                 max_pixels=max_pixels),
                                               html.escape(query_label))}</div>
 <h2>{len(hits)} result{'s' if len(hits) != 1 else ''}</h2><div class="grid">{body}</div>
 </body></html>

@@ -1,17 +1,21 @@
-"""The design document's four monitoring figures, computed in SQL.
+"""The design's four monitoring figures, computed in SQL, plus vectors per artifact.
 
 1. availability: share of scenes with ``embedding_visual_clip IS NOT NULL``
 2. inference latency: mean, p50 and p95 of ``visual_clip_metadata->>'inference_time_ms'``
 3. failure rate: scenes whose metadata carries an ``error``
 4. timeout rate: scenes whose error says ``Timeout``
+
+Per artifact: how many scenes hold a vector of it in each slot (a model upgrade is complete
+for an artifact when it covers every scene), and the backfill's queue state.
 """
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from psycopg_pool import ConnectionPool
+
+from .backfill import Scope
 
 STATS_SQL = """
 SELECT
@@ -24,9 +28,20 @@ SELECT
     percentile_cont(0.95) WITHIN GROUP
         (ORDER BY (visual_clip_metadata->>'inference_time_ms')::float8) AS latency_p95_ms,
     count(*) FILTER (WHERE visual_clip_metadata->>'error' IS NOT NULL) AS failures,
-    count(*) FILTER (WHERE visual_clip_metadata->>'error' LIKE '%%Timeout%%') AS timeouts
-FROM scenes
-WHERE %(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid
+    count(*) FILTER (WHERE visual_clip_metadata->>'error' LIKE '%%Timeout%%') AS timeouts,
+    count(*) FILTER (WHERE visual_clip_lease_until IS NOT NULL)    AS leased
+FROM scenes WHERE {scope}
+"""
+
+ARTIFACTS_SQL = """
+SELECT COALESCE(artifact, 'unknown (embedded before provenance)') AS artifact,
+       count(*) FILTER (WHERE slot = 'main') AS main, count(*) FILTER (WHERE slot = 'alt') AS alt
+FROM (SELECT visual_clip_artifact AS artifact, 'main' AS slot FROM scenes
+      WHERE {scope} AND embedding_visual_clip IS NOT NULL
+      UNION ALL
+      SELECT visual_clip_alt_artifact, 'alt' FROM scenes
+      WHERE {scope} AND embedding_visual_clip_alt IS NOT NULL) v
+GROUP BY 1 ORDER BY 1
 """
 
 
@@ -40,6 +55,9 @@ class ClipStats:
     latency_p95_ms: float | None
     failures: int
     timeouts: int
+    leased: int
+    #: artifact id -> {"main": n, "alt": n}: scenes holding a vector of it, per slot.
+    artifacts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def availability(self) -> float | None:
@@ -56,16 +74,24 @@ class ClipStats:
         """Share of attempted scenes that timed out."""
         return self.timeouts / self.attempted if self.attempted else None
 
+    def coverage(self, artifact: str) -> float | None:
+        """Share of all scenes holding a vector of ``artifact`` (in either slot)."""
+        counts = self.artifacts.get(artifact, {"main": 0, "alt": 0})
+        return (counts["main"] + counts["alt"]) / self.scenes if self.scenes else None
+
     def to_dict(self) -> dict:
         return {**asdict(self), "availability": self.availability,
                 "failure_rate": self.failure_rate, "timeout_rate": self.timeout_rate}
 
 
-def clip_stats(pool: ConnectionPool, owner_id: uuid.UUID | None = None) -> ClipStats:
-    """The monitoring figures for all scenes, or one owner's."""
+def clip_stats(pool: ConnectionPool, scope: Scope) -> ClipStats:
+    """The monitoring figures for one owner's scenes, or every owner's."""
+    params = {"owner": scope.owner_id}
     with pool.connection() as conn:
-        row = conn.execute(STATS_SQL, {"owner": owner_id}).fetchone()
-    return ClipStats(*row)
+        row = conn.execute(STATS_SQL.format(scope=scope.sql()), params).fetchone()
+        artifacts = {a: {"main": m, "alt": n} for a, m, n in conn.execute(
+            ARTIFACTS_SQL.format(scope=scope.sql()), params).fetchall()}
+    return ClipStats(*row, artifacts=artifacts)
 
 
 def format_stats(stats: ClipStats) -> str:
@@ -75,7 +101,7 @@ def format_stats(stats: ClipStats) -> str:
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.1f} ms"
 
-    return "\n".join([
+    lines = [
         f"CLIP availability:  {pct(stats.availability)} "
         f"({stats.embedded} of {stats.scenes} scenes embedded)",
         f"Inference latency:  mean {ms(stats.latency_mean_ms)}, p50 {ms(stats.latency_p50_ms)},"
@@ -83,4 +109,12 @@ def format_stats(stats: ClipStats) -> str:
         f"Failure rate:       {pct(stats.failure_rate)} ({stats.failures} of "
         f"{stats.attempted} attempted)",
         f"Timeout rate:       {pct(stats.timeout_rate)} ({stats.timeouts})",
-    ])
+        f"Leased now:         {stats.leased} scenes being embedded",
+        "Vectors per artifact (first slot + second slot = coverage):",
+    ]
+    for artifact, counts in stats.artifacts.items():
+        lines.append(f"  {artifact}: {counts['main']} + {counts['alt']} = "
+                     f"{pct(stats.coverage(artifact))}")
+    if not stats.artifacts:
+        lines.append("  (none)")
+    return "\n".join(lines)

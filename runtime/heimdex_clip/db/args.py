@@ -1,0 +1,136 @@
+"""Arguments of the database commands: every number has a range, every error is one line."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+    return parse
+
+
+def number(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (or (low, high])."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if math.isnan(value) or value > high or value < low or (low_open and value == low):
+            opening = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"must be a number in {opening}{low:g}, {high:g}], got {text}")
+        return value
+    return parse
+
+
+def _one_line(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report usage errors as one line (no usage dump), exit code 2."""
+    def error(message: str) -> NoReturn:
+        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _owner_args(parser: argparse.ArgumentParser, *, all_owners: bool) -> None:
+    parser.add_argument("--owner", type=uuid.UUID, default=None, required=not all_owners,
+                        help="the owner whose scenes to use")
+    if all_owners:
+        parser.add_argument("--all-owners", action="store_true",
+                            help="every owner's scenes (must be said explicitly)")
+
+
+def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
+    """Add the database commands (``commands`` by name) to the main parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", default=None,
+                        help="PostgreSQL URL (default: $DATABASE_URL, else the embedded server)")
+    common.add_argument("--pg-data", type=Path, default=None,
+                        help="embedded server data directory (default: $HEIMDEX_PG_DATA)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, no database line")
+
+    def command(parent, name: str, **kwargs) -> argparse.ArgumentParser:
+        parser = _one_line(parent.add_parser(name, parents=[common], **kwargs))
+        parser.set_defaults(func=commands[name])
+        return parser
+
+    db = _one_line(sub.add_parser("db", help="database administration"))
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    migrate = command(db_sub, "migrate", help="apply pending SQL migrations")
+    migrate.add_argument("--lock-timeout", type=number(0, 86400, low_open=True), default=60.0,
+                         help="seconds to wait for another migrator (default 60)")
+    promote = command(db_sub, "promote", help="make an artifact's vectors the first slot's "
+                      "once it covers every scene (model upgrade)")
+    promote.add_argument("--artifact", help="artifact id (default: the loaded model's)")
+    promote.add_argument("--force", action="store_true", help="even if scenes are pending")
+    _owner_args(promote, all_owners=True)
+    attribute = command(db_sub, "attribute", help="attribute vectors embedded before "
+                        "provenance to the loaded model, if a sample reproduces them")
+    attribute.add_argument("--sample", type=integer(1, 1000), default=16,
+                           help="frames to embed again as evidence (default 16)")
+    _owner_args(attribute, all_owners=True)
+    prune = command(db_sub, "prune", help="delete a retired artifact's second-slot vectors")
+    prune.add_argument("--artifact", required=True)
+    _owner_args(prune, all_owners=True)
+
+    index = command(sub, "index", help="embed and store a folder of frames")
+    index.add_argument("folder")
+    _owner_args(index, all_owners=False)
+    index.add_argument("--batch", type=integer(1, 4096), default=16)
+
+    search = command(sub, "search", help="owner-scoped visual search")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", help="query image file")
+    query.add_argument("--scene", type=uuid.UUID, help="query scene id (similar scenes)")
+    _owner_args(search, all_owners=False)
+    search.add_argument("--threshold", type=number(-1, 1), default=0.0,
+                        help="minimum cosine similarity in [-1, 1] (default 0)")
+    search.add_argument("--count", type=integer(1, 10_000), default=20)
+    search.add_argument("--html", help="write a self-contained HTML page of the results")
+    search.add_argument("--json", action="store_true")
+
+    backfill = command(sub, "backfill", help="embed scenes lacking a vector of this model "
+                       "(parallel-safe leases)")
+    _owner_args(backfill, all_owners=True)
+    backfill.add_argument("--batch", type=integer(1, 4096), default=16)
+    backfill.add_argument("--limit", type=integer(1), default=None,
+                          help="stop after this many distinct scenes")
+    backfill.add_argument("--reembed-stale", action="store_true",
+                          help="also re-embed scenes whose vectors another artifact made")
+    backfill.add_argument("--max-attempts", type=integer(1, 100), default=3)
+    backfill.add_argument("--lease", type=number(0, 86400, low_open=True), default=300.0,
+                          help="seconds a claimed batch stays ours (default 300)")
+    backfill.add_argument("--retry-base", type=number(0, 86400), default=30.0,
+                          help="first retry delay in seconds, doubling (default 30)")
+    backfill.add_argument("--follow", action="store_true",
+                          help="worker service: keep embedding new scenes until SIGTERM")
+    backfill.add_argument("--idle-max", type=number(0, 3600, low_open=True), default=30.0,
+                          help="--follow: longest sleep when idle (default 30 s)")
+    backfill.add_argument("--stats-interval", type=number(0, 86400, low_open=True),
+                          default=60.0, help="--follow: seconds between figure logs")
+    backfill.add_argument("--metrics-port", type=integer(1, 65535), default=None,
+                          help="--follow: serve Prometheus metrics (extra: metrics)")
+
+    stats = command(sub, "stats", help="the four monitoring figures and vectors per artifact")
+    _owner_args(stats, all_owners=True)
+    stats.add_argument("--json", action="store_true")
