@@ -26,7 +26,11 @@ CONTAINERS=(heimdex-clip-test-health heimdex-clip-test-unhealthy heimdex-clip-te
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    if engine_running; then docker rm -f "${CONTAINERS[@]}" >/dev/null 2>&1 || true; fi
+    if engine_running; then
+        docker rm -f "${CONTAINERS[@]}" >/dev/null 2>&1 || true
+        # Our own engine: drop the images earlier runs left untagged (a user's are left alone).
+        [ "$ENGINE_STARTED_BY_US" -eq 1 ] && docker image prune -f >/dev/null 2>&1 || true
+    fi
     engine_stop
     rm -rf "$WORK" build/docker
     exit $rc
