@@ -28,8 +28,11 @@ cleanup() {
     trap - EXIT INT TERM
     if engine_running; then
         docker rm -f "${CONTAINERS[@]}" >/dev/null 2>&1 || true
-        # Our own engine: drop the images earlier runs left untagged (a user's are left alone).
-        [ "$ENGINE_STARTED_BY_US" -eq 1 ] && docker image prune -f >/dev/null 2>&1 || true
+        # Our own engine: drop week-old untagged images (stages of earlier builds) and keep
+        # the rest as the build cache. A user's engine is left alone.
+        if [ "$ENGINE_STARTED_BY_US" -eq 1 ]; then
+            docker image prune -f --filter until=168h >/dev/null 2>&1 || true
+        fi
     fi
     engine_stop
     rm -rf "$WORK" build/docker
@@ -71,8 +74,9 @@ build_s=$((SECONDS - build_started))
 image_mb=$(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f", $1 / 1e6}')
 base_mb=$(docker image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%.0f", $1 / 1e6}')
 torch_mb=$(du -sLm "$TORCH_ENV" 2>/dev/null | cut -f1 || echo "?")
-say "built in ${build_s} s: image $image_mb MB (base $base_mb MB); the PyTorch venv" \
-    "$TORCH_ENV is $torch_mb MB on disk"
+layers=$(docker history --format '{{.Size}}' "$TAG" | grep -v '^0B$' | head -n 2 | paste -sd' ')
+say "built in ${build_s} s: image $image_mb MB (base $base_mb MB; artifact and venv layers:" \
+    "$layers); the PyTorch venv $TORCH_ENV is $torch_mb MB on disk"
 
 # ---------------------------------------------------------------- the image itself
 expect "info with --network=none: the baked artifact loads and its sha256 verifies" \
