@@ -65,6 +65,15 @@ started=$SECONDS
 engine_install
 engine_start
 if [ -z "${BASE_IMAGE:-}" ]; then local_base_image; BASE_IMAGE=$LOCAL_BASE_TAG; fi
+# A symlinked artifact directory (models/<name> -> a versioned dir) is staged as real files.
+mkdir -p "$WORK/links" && ln -s "$(readlink -f "$ARTIFACT")" "$WORK/links/$(basename "$ARTIFACT")"
+stage_build_inputs "$WORK/links/$(basename "$ARTIFACT")" >/dev/null
+staged=build/docker/models/$(basename "$ARTIFACT")
+if [ ! -L "$staged" ] && [ -f "$staged/visual.int8.onnx" ] && [ ! -L "$staged/visual.int8.onnx" ] \
+   && cmp -s "$staged/visual.int8.onnx" "$ARTIFACT/visual.int8.onnx" \
+   && [ ! -e "$staged/visual.fp32.onnx" ]; then
+    pass "a symlinked artifact directory is staged as real files (fp32 graph left out)"
+else fail "a symlinked artifact directory is staged as real files" "$(ls -la "$staged")"; fi
 stage_build_inputs "$ARTIFACT"
 say "building $TAG on $BASE_IMAGE (engine + base ready after $((SECONDS - started)) s)"
 build_started=$SECONDS
@@ -79,6 +88,16 @@ say "built in ${build_s} s: image $image_mb MB (base $base_mb MB; artifact and v
     "$layers); the PyTorch venv $TORCH_ENV is $torch_mb MB on disk"
 
 # ---------------------------------------------------------------- the image itself
+# The classic builder's last "Sending build context to Docker daemon  88.7MB" (progress: \r).
+context_kb=$(tr '\r' '\n' <"$WORK/build.log" | awk '/^Sending build context/ {v = $NF}
+    END {u = v; sub(/^[0-9.]+/, "", u); sub(/[A-Za-z]+$/, "", v);
+         if (v != "") print (u == "GB" ? v * 1e6 : u == "MB" ? v * 1e3 : u == "kB" ? v : v / 1e3)}')
+artifact_kb=$(( $(du -sb "$staged" | cut -f1) / 1000 ))
+if [ -n "$context_kb" ] && awk -v c="$context_kb" -v a="$artifact_kb" 'BEGIN {exit !(c < a + 5000)}'
+then pass "build context: the staged artifact + $(awk -v c="$context_kb" -v a="$artifact_kb" \
+    'BEGIN {printf "%.0f", c - a}') kB (no .git, .venv or other models)"
+else fail "build context small" "context ${context_kb:-?} kB, artifact $artifact_kb kB"; fi
+expect "the default command (info) runs" "artifact: $MODEL_PATH " in_image "$TAG"
 expect "info with --network=none: the baked artifact loads and its sha256 verifies" \
     "artifact: $MODEL_PATH " in_image "$TAG" info
 host_sha=$(sha256sum "$(readlink -f "$ARTIFACT")/visual.int8.onnx" | cut -d' ' -f1)
