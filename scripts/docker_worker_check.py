@@ -193,8 +193,14 @@ class WorkerCheck:
         self.verify_failed(bad, "bad frames stored as NULL + error (no traceback)")
 
     def follow(self, good: list[str], bad: list[str]) -> None:
-        started = self.run("backfill", "--follow", *self.scope, *self.idle, detach=True)
-        if not check(started.returncode == 0, "worker service started (backfill --follow)",
+        default = docker("image", "inspect", "-f", "{{json .Config.Cmd}}", self.image).stdout
+        if "--follow" in default:  # the image's default command is the worker: run it as is
+            how, started = f"the image's default command {default.strip()}", self.run(
+                detach=True)
+        else:
+            how, started = "backfill --follow", self.run(
+                "backfill", "--follow", *self.scope, *self.idle, detach=True)
+        if not check(started.returncode == 0, f"worker service started ({how})",
                      started.stderr.strip()[-300:]):
             return
         wait_for(lambda: self.embedded(good), 180, "the first scenes")
