@@ -1,38 +1,103 @@
-# syntax=docker/dockerfile:1
-# heimdex-clip worker image.
-#   stage "export":  torch (CPU) + open_clip turn the model into the verified INT8 ONNX artifact
-#   stage "runtime": the slim worker image: onnxruntime + numpy + Pillow (+ db extra), no torch
+# heimdex-clip: a torch-free CLIP embedding worker with the model baked in.
 #
-#   docker build -t heimdex-clip .                                   # openai weights (needs a hub)
-#   docker build --build-arg PRETRAINED=none -t heimdex-clip:test .  # offline: random init, tests only
-ARG PYTHON_VERSION=3.11
+#   stage "build":   a venv with the heimdex-clip wheel and its db extra (build-only pip settings)
+#   stage "model":   the artifact: exported here with PyTorch's CPU build + open_clip (the build
+#                    fails when an export gate fails), or taken from MODELS_DIR (air-gapped)
+#   stage "runtime": that venv + the artifact on a slim base, non-root, no torch, no compilers
+#
+# Written for the classic builder as well as BuildKit: no RUN --mount, COPY --chmod or heredocs.
+# See docs/docker.md; `make docker` and `make docker-test` drive it.
+#
+#   docker build -t heimdex-clip .                                    # export openai weights
+#   docker build --build-arg MODELS_DIR=build/docker/models \
+#                --build-arg PRETRAINED=none -t heimdex-clip:test .   # already exported artifact
 
-FROM python:${PYTHON_VERSION}-slim AS export
-ARG MODEL=ViT-B-32
-ARG PRETRAINED=openai
-# PyTorch's CPU wheels: the default index would resolve multi-GB CUDA builds.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Every stage starts from this image. Offline, pass a local Python 3.11 base (make docker-test
+# builds one from Debian packages).
+ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
+
+FROM ${BASE_IMAGE} AS build
+# Optional pip settings for the build only (a proxy's CA bundle, an index): make stages them in
+# build/docker/. The bracket wildcards let the files be absent; pyproject.toml is always there.
+COPY pyproject.toml build/docker/pip.con[f] build/docker/ca-bundle.cr[t] /build/pip/
+ENV PIP_CONFIG_FILE=/build/pip/pip.conf \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv
 WORKDIR /src
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
+COPY migrations migrations
 COPY runtime runtime
 COPY export export
-COPY migrations migrations
-RUN pip install --no-cache-dir '.[export]' \
- && pip wheel --no-cache-dir --no-deps -w /wheels .
-# The export fails (and so does the build) unless every parity/accuracy gate passes.
-RUN python -m heimdex_clip_export --model "${MODEL}" --pretrained "${PRETRAINED}" \
-        --models-dir /artifacts
+# The runtime and its db extra as wheels only: nothing is compiled, so no compiler is needed.
+RUN pip wheel --no-deps -w /wheels . \
+ && pip install --only-binary=:all: "$(ls /wheels/heimdex_clip-*.whl)[db]" \
+ && python -c "import sys, heimdex_clip.cli, heimdex_clip.db.cli; assert 'torch' not in sys.modules"
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
-ENV PYTHONDONTWRITEBYTECODE=1 \
+FROM build AS model
+ARG MODEL=ViT-B-32
+ARG PRETRAINED=openai
+# A directory of the build context holding already exported <MODEL>__<PRETRAINED>/ artifacts.
+# Empty: export here (needs PyTorch's CPU wheels and, for real weights, a model hub).
+ARG MODELS_DIR=
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+# With MODELS_DIR empty this copies a placeholder (the classic builder cannot skip a COPY).
+COPY ${MODELS_DIR:-models/README.md} /prebuilt/
+RUN set -eu; \
+    if [ -n "${MODELS_DIR}" ]; then \
+        echo "using the artifacts exported beforehand in ${MODELS_DIR}"; \
+        mkdir -p /artifacts && cp -a /prebuilt/. /artifacts/; \
+    else \
+        pip install --index-url "${TORCH_INDEX_URL}" \
+            "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"; \
+        if [ -f export/pyproject.toml ]; then pip install ./export; \
+        else pip install ".[export]"; fi; \
+        python -m heimdex_clip_export --model "${MODEL}" --pretrained "${PRETRAINED}" \
+            --models-dir /artifacts; \
+    fi; \
+    CLIP_MODEL_NAME="${MODEL}" CLIP_PRETRAINED="${PRETRAINED}" \
+        heimdex-clip --model-dir /artifacts info \
+    || { echo "the artifact for MODEL=${MODEL} PRETRAINED=${PRETRAINED} does not load" >&2; \
+         exit 1; }
+
+# The runtime venv without the installers (nothing is installed at run time).
+FROM build AS venv
+RUN pip uninstall -q -y pip setuptools
+
+FROM ${BASE_IMAGE} AS runtime
+ARG MODEL=ViT-B-32
+ARG PRETRAINED=openai
+# One writable place (HOME, the embedded PostgreSQL's data) plus TMPDIR: with --read-only,
+# mount a volume or tmpfs on each; nothing else is written.
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/heimdex-clip \
+        --shell /usr/sbin/nologin heimdex \
+ && install -d -o heimdex -g heimdex -m 0750 /var/lib/heimdex-clip
+COPY --from=venv /opt/venv /opt/venv
+COPY --from=model /artifacts /opt/heimdex-clip/models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    CLIP_MODEL_DIR=/opt/heimdex-clip/models
-COPY --from=export /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/heimdex_clip-*.whl)[db]" && rm -rf /wheels \
- && useradd --create-home --uid 10001 heimdex \
- && python -c "import sys, heimdex_clip; assert 'torch' not in sys.modules"
-COPY --from=export /artifacts /opt/heimdex-clip/models
-USER heimdex
+    HOME=/var/lib/heimdex-clip \
+    XDG_DATA_HOME=/var/lib/heimdex-clip \
+    XDG_CACHE_HOME=/tmp/cache \
+    XDG_RUNTIME_DIR=/tmp \
+    TMPDIR=/tmp \
+    HEIMDEX_PG_DATA=/var/lib/heimdex-clip/pgdata \
+    CLIP_ENABLED=true \
+    CLIP_MODEL_DIR=/opt/heimdex-clip/models \
+    CLIP_MODEL_NAME=${MODEL} \
+    CLIP_PRETRAINED=${PRETRAINED} \
+    CLIP_DEVICE=cpu \
+    CLIP_PRECISION=int8 \
+    CLIP_CACHE_DIR=/tmp/clip_cache
+USER 10001:10001
+WORKDIR /var/lib/heimdex-clip
+# Healthy = the baked model loads and its sha256 matches the manifest (info exits 2 otherwise).
+HEALTHCHECK --interval=5m --timeout=60s --start-period=60s --retries=3 \
+    CMD ["heimdex-clip", "info", "--json"]
 ENTRYPOINT ["heimdex-clip"]
+# The embedding worker (`backfill --follow --all-owners`) becomes the default once it ships.
 CMD ["info"]

@@ -13,7 +13,8 @@ EXPORT_ARGS ?=
 # Where tests and the demo find the random-init artifact (no model hub here).
 TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 
-.PHONY: setup export-model export-test-model test lint bench bench-quick bench-micro demo docker clean
+.PHONY: setup export-model export-test-model test lint bench bench-quick bench-micro demo docker \
+        docker-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,9 +61,19 @@ demo: setup
 	$(PY) -m heimdex_clip_export.samples $(DEMO_DIR)/frames
 	$(PY) -m heimdex_clip.db.demo $(DEMO_DIR)/frames --model-dir "$$(cat $(DEMO_DIR).model)" --html $(DEMO_DIR)/results.html
 
-# Needs a Docker engine (not available on the build machines this repo is tested on).
+# The worker image (docs/docker.md). Where an engine runs; DOCKER_LOCAL=1 starts one for the
+# build on a machine without (and no registry). ARTIFACT=models/<dir> bakes an exported artifact
+# instead of exporting in the build (air-gapped).
+ARTIFACT ?=
+DOCKER_TAG ?= heimdex-clip:$(MODEL)-$(PRETRAINED)
 docker:
-	docker build --build-arg MODEL=$(MODEL) --build-arg PRETRAINED=$(PRETRAINED) -t heimdex-clip:$(MODEL)-$(PRETRAINED) .
+	MODEL=$(MODEL) PRETRAINED=$(PRETRAINED) ARTIFACT=$(ARTIFACT) TAG=$(DOCKER_TAG) \
+	    scripts/docker_build.sh
+
+# Builds the image from the test artifact and runs it for real (own dockerd, stopped after).
+docker-test: export-test-model
+	ARTIFACT=$(TEST_MODEL_DIR) MODEL=$(MODEL) PRETRAINED=none PYTHON=$(PY) TORCH_ENV=$(VENV) \
+	    scripts/docker_test.sh
 
 # Side-by-side benchmarks against the open_clip/PyTorch reference (needs the fp32 graph too).
 bench: setup export-test-model
