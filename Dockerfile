@@ -32,7 +32,7 @@ COPY runtime runtime
 COPY export export
 # The runtime and its db extra as wheels only: nothing is compiled, so no compiler is needed.
 RUN pip wheel --no-deps -w /wheels . \
- && pip install --only-binary=:all: "$(ls /wheels/heimdex_clip-*.whl)[db]" \
+ && pip install --only-binary=:all: "$(ls /wheels/heimdex_clip-*.whl)[db,metrics]" \
  && python -c "import sys, heimdex_clip.cli, heimdex_clip.db.cli; assert 'torch' not in sys.modules"
 
 FROM build AS model
@@ -99,5 +99,5 @@ WORKDIR /var/lib/heimdex-clip
 HEALTHCHECK --interval=5m --timeout=60s --start-period=60s --retries=3 \
     CMD ["heimdex-clip", "info", "--json"]
 ENTRYPOINT ["heimdex-clip"]
-# The embedding worker (`backfill --follow --all-owners`) becomes the default once it ships.
-CMD ["info"]
+# The embedding worker: pending scenes from DATABASE_URL, SIGTERM finishes the batch and exits.
+CMD ["backfill", "--follow", "--all-owners"]
