@@ -18,7 +18,7 @@ COPY pyproject.toml README.md ./
 COPY runtime runtime
 COPY export export
 COPY migrations migrations
-RUN pip install --no-cache-dir '.[export]' \
+RUN pip install --no-cache-dir . ./export \
  && pip wheel --no-cache-dir --no-deps -w /wheels .
 # The export fails (and so does the build) unless every parity/accuracy gate passes.
 RUN python -m heimdex_clip_export --model "${MODEL}" --pretrained "${PRETRAINED}" \
