@@ -40,7 +40,7 @@ from heimdex_clip.artifact import (
     write_json_atomic,
 )
 from heimdex_clip.preprocess import Preprocessor
-from heimdex_clip.session import create_session
+from heimdex_clip.session import cpu_features, create_session
 
 from . import evaluation as ev
 from .install import install
@@ -174,7 +174,7 @@ def _file_entry(path: Path, precision: str) -> FileEntry:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "numpy",
-                 "pillow", "heimdex-clip"):
+                 "pillow", "heimdex-clip", "heimdex-clip-export"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
@@ -264,8 +264,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
             "int8_vs_fp32": int8_vs_fp32.to_dict(),
             "int8_vs_torch": int8_vs_torch.to_dict(),
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
-            "measured_with": {"onnxruntime": ort.__version__, "cpu": platform.processor()
-                              or platform.machine()},
+            "measured_with": {"onnxruntime": ort.__version__, "cpu": cpu_features()},
         },
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
