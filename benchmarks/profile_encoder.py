@@ -39,10 +39,16 @@ def multiply_adds(event_args: dict) -> int:
     return math.prod(out_shape[:-1]) * a_shape[-1] * out_shape[-1]
 
 
-def profile(graph: Path, input_name: str, image_size: int, batch: int, threads: int,
-            runs: int) -> dict:
-    """Kernel time per operator type (ms/image) and the in-model INT8 GEMM rate."""
-    shape = (batch, 3, image_size, image_size)
+def profile(artifact: Path, batch: int, threads: int, runs: int) -> dict:
+    """Kernel time per operator type (ms/image) and the in-model INT8 GEMM rate.
+
+    The INT8 graph of ``artifact``, fed under the input name and image size its manifest
+    records.
+    """
+    manifest = load_manifest(artifact)
+    int8 = manifest.files["visual.int8"]
+    graph, input_name = artifact / int8.path, int8.inputs[0].name
+    shape = (batch, 3, manifest.preprocess.image_size, manifest.preprocess.image_size)
     pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads=threads)
@@ -114,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    manifest = load_manifest(args.artifact)
-    int8 = manifest.files["visual.int8"]
-    result = profile(args.artifact / int8.path, int8.inputs[0].name,
-                     manifest.preprocess.image_size, args.batch, args.threads, args.runs)
+    result = profile(args.artifact, args.batch, args.threads, args.runs)
     features = cpu_features()
     present = [flag for flag, on in features["flags"].items() if on]
     result["machine"] = {"cpu_model": features["cpu_model"], "flags": present,
