@@ -331,6 +331,9 @@ def test_local_checkpoint_loads_the_same_weights(tmp_path):
     assert artifact_dir_name("ViT-B-32", "my-weights.safetensors") == (
         "ViT-B-32__checkpoint-my-weights")
     assert artifact_dir_name("ViT-B-32", "None") == "ViT-B-32__none"
+    # A worker configured with the recorded label finds the same directory as with the path.
+    assert artifact_dir_name("ViT-B-32", loaded.pretrained) == artifact_dir_name(
+        "ViT-B-32", str(checkpoint))
 
 
 def test_quick_gelu_follows_the_weights():
