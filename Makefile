@@ -16,12 +16,13 @@ TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 .PHONY: setup export-model export-test-model test lint bench bench-quick bench-micro demo docker \
         docker-test clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml export/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: pip takes these exact builds and never resolves an unpinned torch.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[export,db,dev]'
+	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export).
+	$(PIP) install -q -e '.[db,dev]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed

@@ -93,9 +93,14 @@ def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool)
     inputs = {b: rng.standard_normal((b, 3, 224, 224)).astype(np.float32) for b in batches}
     repeats = {b: max(3, (8 if quick else 24) // b) for b in batches}
     manifest = load_manifest(artifact)
-    sessions = {name: create_session(artifact / manifest.files[key].path, threads=threads)[0]
-                for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8"))
-                if key in manifest.files}
+    # Each graph with its tensor names as the manifest records them: the first output is the
+    # unit-norm embedding.
+    graphs = {name: manifest.files[key]
+              for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8"))
+              if key in manifest.files}
+    sessions = {name: (create_session(artifact / entry.path, threads=threads)[0],
+                       entry.inputs[0].name, entry.outputs[0].name)
+                for name, entry in graphs.items()}
     results: dict[str, dict] = {"pytorch_fp32": {}, "onnx_fp32": {}, "onnx_int8": {}}
     for batch in batches:
         tensor, pixels = torch.from_numpy(inputs[batch]), inputs[batch]
@@ -105,8 +110,9 @@ def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool)
                 model.encode_image(t, normalize=True)
 
         cases: dict[str, Callable[[], object]] = {"pytorch_fp32": run_torch}
-        for name, session in sessions.items():
-            cases[name] = lambda s=session, x=pixels: s.run(["image_embeds"], {"pixel_values": x})
+        for name, (session, input_name, output_name) in sessions.items():
+            cases[name] = lambda s=session, i=input_name, o=output_name, x=pixels: s.run(
+                [o], {i: x})
         # Engines take turns, so a slow spell of the shared machine hits all alike; the
         # pause lets ORT's spinning workers go idle before PyTorch needs the cores.
         for name, median in interleaved_medians(cases, repeats[batch], pause_s=0.1).items():

@@ -1,15 +1,20 @@
-"""The runtime installs and embeds in a fresh virtual environment without torch.
+"""The wheels, and the runtime installed and embedding in a fresh venv without torch.
 
-This is the Docker runtime stage without Docker: build the wheel, install it with the base
-dependencies only, copy the INT8 artifact in, embed a JPEG through the API and the CLI.
+Two distributions: ``heimdex-clip`` (the torch-free runtime, with the SQL migrations inside)
+and ``heimdex-clip-export`` (the build-time export, torch and open_clip). The wheels are
+built from a copy of the sources, so nothing left over in the work tree can slip in. The
+install test is the Docker runtime stage without Docker: install the runtime wheel with its
+base dependencies only, copy the INT8 artifact in, embed a JPEG through the API and the CLI.
 """
 
 from __future__ import annotations
 
+import email
 import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,8 @@ import pytest
 from heimdex_clip import ClipConfig, ClipEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
+#: Build-time packages; none may be a dependency of the runtime wheel, not even an extra's.
+BUILD_TIME = {"torch", "torchvision", "open-clip-torch", "onnx", "onnxscript"}
 
 SCRIPT = """
 import importlib.util, json, sys
@@ -33,12 +40,73 @@ print(json.dumps({"ok": result.ok, "error": result.error,
 """
 
 
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> dict[str, Path]:
+    """Both wheels, built from a clean copy of the sources (no build isolation: fast)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    leftovers = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
+    for name in ("runtime", "migrations", "export"):
+        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=leftovers)
+    out = tmp_path_factory.mktemp("wheels")
+    for project in (src, src / "export"):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(out), str(project)], check=True)
+    return {"runtime": next(out.glob("heimdex_clip-*.whl")),
+            "export": next(out.glob("heimdex_clip_export-*.whl"))}
+
+
+def _contents(wheel: Path) -> tuple[dict[str, bytes], email.message.Message]:
+    with zipfile.ZipFile(wheel) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    metadata = next(data for name, data in files.items() if name.endswith(".dist-info/METADATA"))
+    return files, email.message_from_bytes(metadata)
+
+
+def _requirement_names(metadata: email.message.Message) -> set[str]:
+    names = set()
+    for requirement in metadata.get_all("Requires-Dist") or []:
+        name = requirement.split(";")[0].strip()
+        for stop in "[<>=!~ (":
+            name = name.split(stop)[0]
+        names.add(name.lower().replace("_", "-"))
+    return names
+
+
+def _top_level_packages(files: dict[str, bytes]) -> set[str]:
+    return {name.split("/")[0] for name in files if ".dist-info/" not in name}
+
+
+def test_runtime_wheel_has_the_migrations_and_no_build_time_code(wheels):
+    files, metadata = _contents(wheels["runtime"])
+    assert metadata["Name"] == "heimdex-clip"
+    assert _top_level_packages(files) == {"heimdex_clip"}
+    shipped = {Path(name).name: data for name, data in files.items()
+               if name.startswith("heimdex_clip/db/migrations/")}
+    sources = sorted((REPO / "migrations").glob("*.sql"))
+    assert len(sources) >= 3
+    assert shipped == {path.name: path.read_bytes() for path in sources}
+    assert "heimdex_clip/py.typed" in files
+    requirements = _requirement_names(metadata)
+    assert {"onnxruntime", "numpy", "pillow", "psycopg"} <= requirements
+    assert not requirements & BUILD_TIME
+
+
+def test_export_is_its_own_distribution_on_top_of_the_runtime(wheels):
+    files, metadata = _contents(wheels["export"])
+    assert metadata["Name"] == "heimdex-clip-export"
+    assert _top_level_packages(files) == {"heimdex_clip_export"}
+    assert "heimdex_clip_export/__main__.py" in files
+    assert {"heimdex-clip", "torch", "open-clip-torch", "onnx"} <= _requirement_names(metadata)
+    pins = metadata.get_all("Requires-Dist")
+    assert "torch==2.14.1" in pins and "torchvision==0.29.1" in pins
+
+
 @pytest.mark.slow
-def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
-                    str(REPO)], check=True)
-    wheel = next(wheels.glob("heimdex_clip-*.whl"))
+def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, tmp_path,
+                                                         wheels):
+    wheel = wheels["runtime"]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

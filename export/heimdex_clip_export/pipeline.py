@@ -1,8 +1,11 @@
-"""The export, end to end: load -> ONNX fp32 -> parity gate -> INT8 -> accuracy gates -> manifest.
+"""The export, end to end: load -> preprocessing proof -> ONNX fp32 -> parity gate -> INT8 ->
+accuracy gates -> manifest.
 
-Everything is written into a hidden working directory next to the destination and moved
-into place only after every gate passed, so a failed export leaves no half-written artifact
-(and an existing artifact stays untouched).
+Everything is written into a hidden working directory next to the destination and put in
+place (:mod:`.install`, atomically) only after every gate passed, so a failed export leaves
+no half-written artifact and an existing artifact stays untouched. The gates run the graphs
+in sessions built by the runtime's own ``create_session`` and feed them pixels the runtime's
+own ``Preprocessor`` reproduces bit for bit from the spec the manifest records.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import onnx
 import onnxruntime as ort
 import open_clip
 import torch
+from PIL import Image
 
 from heimdex_clip.artifact import (
     MANIFEST_NAME,
@@ -35,8 +39,11 @@ from heimdex_clip.artifact import (
     sha256_file,
     write_json_atomic,
 )
+from heimdex_clip.preprocess import Preprocessor
+from heimdex_clip.session import cpu_features, create_session
 
 from . import evaluation as ev
+from .install import install
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
 from .quantize import QuantRecipe, quantize_visual
 from .weights import LoadedModel, load_model
@@ -65,9 +72,8 @@ class Gates:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The graph in a session built exactly as the runtime builds it (gate what production runs)."""
+    return create_session(path)[0]
 
 
 def _onnx_embed(session: ort.InferenceSession) -> ev.EmbedFn:
@@ -81,13 +87,56 @@ def _torch_embed(model: torch.nn.Module) -> ev.EmbedFn:
     return embed
 
 
-def evaluation_pixels(loaded: LoadedModel) -> np.ndarray:
-    """The evaluation set through open_clip's own eval transform (the reference)."""
+def preprocess_spec(loaded: LoadedModel) -> PreprocessSpec:
+    """The preprocessing the manifest records: the model's own open_clip eval transform."""
+    return PreprocessSpec(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std,
+                          interpolation=loaded.interpolation, resize_mode=loaded.resize_mode,
+                          fill_color=loaded.fill_color)
+
+
+def open_clip_pixels(loaded: LoadedModel, images: list[Image.Image]) -> np.ndarray:
+    """``images`` through open_clip's own eval transform for this model (the reference)."""
     transform = open_clip.image_transform(
         loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std,
         resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
         fill_color=loaded.fill_color)
-    return torch.stack([transform(img) for img in ev.evaluation_images()]).numpy()
+    return torch.stack([transform(img) for img in images]).numpy()
+
+
+def prove_runtime_preprocessing(spec: PreprocessSpec, images: list[Image.Image],
+                                reference: np.ndarray) -> dict:
+    """The runtime's Preprocessor, built from ``spec``, must give ``reference`` bit for bit.
+
+    GateError otherwise: an artifact whose recorded preprocessing the runtime would apply
+    differently from open_clip is never written.
+    """
+    try:
+        ours = Preprocessor(spec)(images)
+    except Exception as exc:  # e.g. ArtifactError/ImageError: a spec the runtime cannot apply
+        raise GateError(f"runtime preprocessing gate failed; no artifact written: the "
+                        f"runtime cannot apply {spec}: {exc}") from exc
+    differing = [i for i in range(len(images)) if not np.array_equal(ours[i], reference[i])]
+    if ours.shape != reference.shape or differing:
+        worst = float(np.abs(ours - reference).max()) if ours.shape == reference.shape else None
+        raise GateError(
+            "runtime preprocessing gate failed; no artifact written: heimdex_clip's "
+            f"Preprocessor from the manifest's spec ({spec}) differs from open_clip's "
+            f"transform on {len(differing)} of {len(images)} evaluation images "
+            f"(shapes {ours.shape} vs {reference.shape}, max abs diff {worst})")
+    return {"images": len(images), "bit_exact": True,
+            "compared": "heimdex_clip.preprocess.Preprocessor(manifest preprocess) vs "
+                        "open_clip.image_transform(is_train=False)"}
+
+
+def evaluation_pixels(loaded: LoadedModel, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
+    """The evaluation set's model input, proven identical under open_clip and the runtime.
+
+    Returns open_clip's pixels and the proof's record; GateError if the runtime's
+    preprocessing from ``spec`` differs in a single bit.
+    """
+    images = ev.evaluation_images()
+    reference = open_clip_pixels(loaded, images)
+    return reference, prove_runtime_preprocessing(spec, images, reference)
 
 
 def fp32_parity(torch_ref: np.ndarray, fp32: ev.EmbedFn, pixels: np.ndarray) -> dict:
@@ -125,21 +174,10 @@ def _file_entry(path: Path, precision: str) -> FileEntry:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "numpy",
-                 "pillow", "heimdex-clip"):
+                 "pillow", "heimdex-clip", "heimdex-clip-export"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
-
-
-def _install(work: Path, final: Path) -> None:
-    """Move the finished working directory into place, replacing an older artifact."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{dt.datetime.now().timestamp():.0f}")
-        final.rename(old)
-    work.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed: int = 0,
@@ -160,7 +198,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
         manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
                                 rewrites)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
-        _install(work, final)
+        install(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -171,12 +209,13 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
                  gates: Gates, rewrites: bool) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
-    applied = export_visual(loaded.model, loaded.image_size, fp32_path, rewrites=rewrites)
-
-    pixels = evaluation_pixels(loaded)
+    spec = preprocess_spec(loaded)
+    pixels, preprocess_report = evaluation_pixels(loaded, spec)  # first: it fails in seconds
     if len(pixels) < gates.min_eval_images:
         raise GateError(f"evaluation set has {len(pixels)} images < {gates.min_eval_images}")
-    log.info("evaluating on %d photographs and crops", len(pixels))
+    log.info("runtime preprocessing equals open_clip's bit for bit on %d photographs and crops",
+             len(pixels))
+    applied = export_visual(loaded.model, loaded.image_size, fp32_path, rewrites=rewrites)
     torch_ref = ev.embed_batched(_torch_embed(loaded.model), pixels, EVAL_BATCH)
 
     fp32_embed = _onnx_embed(_session(fp32_path))
@@ -213,22 +252,19 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
         model=ModelInfo(name=loaded.model_name, pretrained=loaded.pretrained,
                         embed_dim=loaded.embed_dim, random_init=loaded.random_init,
                         seed=loaded.seed, quick_gelu=loaded.quick_gelu),
-        preprocess=PreprocessSpec(image_size=loaded.image_size, mean=loaded.mean,
-                                  std=loaded.std, interpolation=loaded.interpolation,
-                                  resize_mode=loaded.resize_mode,
-                                  fill_color=loaded.fill_color),
+        preprocess=spec,
         files=files,
         quantization=recipe_record,
         parity={
             "evaluation_set": {"source": "scikit-image photographs + crops",
                                "images": len(pixels)},
             "gates": asdict(gates),
+            "runtime_preprocessing": preprocess_report,
             "fp32_vs_torch": fp32_report,
             "int8_vs_fp32": int8_vs_fp32.to_dict(),
             "int8_vs_torch": int8_vs_torch.to_dict(),
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
-            "measured_with": {"onnxruntime": ort.__version__, "cpu": platform.processor()
-                              or platform.machine()},
+            "measured_with": {"onnxruntime": ort.__version__, "cpu": cpu_features()},
         },
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 
+from heimdex_clip.artifact import is_checkpoint_path, weights_label
+
 log = logging.getLogger(__name__)
 
 #: How long we wait for a model hub before declaring the network unreachable.
@@ -32,7 +34,7 @@ class WeightsError(RuntimeError):
 class LoadedModel:
     model: torch.nn.Module
     model_name: str
-    #: What the manifest records: the tag, ``none`` or ``checkpoint:<file name>``.
+    #: What the manifest records: heimdex_clip.artifact.weights_label of PRETRAINED.
     pretrained: str
     random_init: bool
     seed: int | None
@@ -46,11 +48,6 @@ class LoadedModel:
     fill_color: int
 
 
-def _is_checkpoint_path(pretrained: str) -> bool:
-    return os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin",
-                                                               ".safetensors"}
-
-
 def resolve_quick_gelu(model_name: str, pretrained: str) -> bool:
     """QuickGELU as the weights need it.
 
@@ -58,7 +55,8 @@ def resolve_quick_gelu(model_name: str, pretrained: str) -> bool:
     the model's ``openai`` weights where open_clip has them (the production default), so
     that tests exercise the production graph; otherwise the model config's own choice.
     """
-    tag = pretrained if not (_is_checkpoint_path(pretrained) or pretrained == "none") else None
+    is_tag = not (is_checkpoint_path(pretrained) or pretrained.lower() == "none")
+    tag = pretrained if is_tag else None
     if tag is None and "openai" in open_clip.list_pretrained_tags_by_model(model_name):
         tag = "openai"
     if tag is not None:
@@ -126,11 +124,11 @@ def load_model(model_name: str, pretrained: str, *, seed: int = 0,
     if random_init:
         torch.manual_seed(seed)
         weights, recorded = None, "none"
-    elif _is_checkpoint_path(pretrained):
+    elif is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist")
-        weights, recorded = str(path), f"checkpoint:{path.name}"
+        weights, recorded = str(path), weights_label(pretrained)
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:

@@ -105,7 +105,8 @@ class FileEntry:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    #: ``openai`` (or another open_clip tag), ``none`` (random init) or ``checkpoint:<file>``.
+    #: ``openai`` (or another open_clip tag), ``none`` (random init) or ``checkpoint-<stem>``
+    #: (see :func:`weights_label`).
     pretrained: str
     embed_dim: int
     random_init: bool
@@ -191,13 +192,34 @@ class Manifest:
             raise ArtifactError(f"malformed manifest: {type(exc).__name__}: {exc}") from exc
 
 
+#: File suffixes that make a PRETRAINED value a local checkpoint even without a directory.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_checkpoint_path(pretrained: str) -> bool:
+    """Whether PRETRAINED names a local checkpoint file rather than an open_clip tag or none."""
+    return "/" in pretrained or os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def weights_label(pretrained: str) -> str:
+    """The weights as the manifest records them and the artifact directory is named.
+
+    An open_clip tag as given, ``none`` for a random init (any case), ``checkpoint-<stem>``
+    for a checkpoint path (the file stem made file-name safe). The export and the runtime
+    both use this one rule, so the directory a runtime looks for is the one the export wrote.
+    """
+    if is_checkpoint_path(pretrained):
+        return "checkpoint-" + _safe_name(Path(pretrained).stem)
+    return "none" if pretrained.lower() == "none" else pretrained
+
+
 def artifact_dir_name(model_name: str, pretrained: str) -> str:
-    """``<MODEL>__<PRETRAINED>`` with a checkpoint path reduced to a safe file name."""
-    tag = pretrained
-    if os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        tag = "checkpoint-" + Path(tag).stem
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model_name}__{tag}").strip("-")
-    return safe
+    """``<MODEL>__<weights_label(PRETRAINED)>``, made file-name safe."""
+    return _safe_name(f"{model_name}__{weights_label(pretrained)}")
 
 
 def resolve_artifact_dir(model_dir: Path | None, model_name: str, pretrained: str,
