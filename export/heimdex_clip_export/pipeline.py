@@ -13,7 +13,7 @@ import logging
 import platform
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from heimdex_clip.artifact import (
 from . import evaluation as ev
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
 from .quantize import QuantRecipe, quantize_visual
+from .text_export import TextGateError, export_text_tower
 from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,14 @@ def _tensor_specs(values: list) -> list[TensorSpec]:
     return specs
 
 
-def _file_entry(path: Path, precision: str) -> FileEntry:
+def _file_entry(path: Path, precision: str | None, role: str = "visual") -> FileEntry:
+    entry = FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
+                      role=role, precision=precision)
+    if path.suffix != ".onnx":
+        return entry
     graph = onnx.load(str(path), load_external_data=False).graph
-    return FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
-                     role="visual", precision=precision, inputs=_tensor_specs(graph.input),
-                     outputs=_tensor_specs(graph.output))
+    return replace(entry, inputs=_tensor_specs(graph.input),
+                   outputs=_tensor_specs(graph.output))
 
 
 def _versions() -> dict[str, str]:
@@ -208,6 +212,14 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
         files["visual.fp32"] = _file_entry(fp32_path, "fp32")
     else:
         fp32_path.unlink()
+    try:
+        text = export_text_tower(loaded.model, loaded.model_name, work, torch_ref,
+                                 keep_fp32=keep_fp32, recipe=recipe)
+    except TextGateError as exc:
+        raise GateError(f"text fp32 parity gate failed; no artifact written: {exc}") from exc
+    if text is not None:
+        files.update({key: _file_entry(path, precision, role)
+                      for key, (path, precision, role) in text.files.items()})
     return Manifest(
         schema_version=SCHEMA_VERSION,
         model=ModelInfo(name=loaded.model_name, pretrained=loaded.pretrained,
@@ -229,11 +241,13 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
             "measured_with": {"onnxruntime": ort.__version__, "cpu": platform.processor()
                               or platform.machine()},
+            **({"text": text.parity} if text is not None else {}),
         },
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"export": {"exporter": "torch.onnx dynamo", "opset": OPSET,
-                          "rewrites": applied.to_dict()}},
+                          "rewrites": applied.to_dict()},
+               **({"text": text.spec} if text is not None else {})},
     )
 
 

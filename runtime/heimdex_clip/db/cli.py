@@ -85,7 +85,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     with _db(args) as pool:
         store = SceneStore(pool)
-        if args.image:
+        if args.text is not None:
+            embedder = _embedder(args)
+            hits = store.search_by_text(args.owner, embedder, args.text,
+                                        threshold=args.threshold, count=args.count)
+            query_label, query_frame = f"text: {args.text}", None
+            random_init = embedder.manifest.model.random_init
+            if random_init:
+                print("note: random-initialisation model: this text ranking is meaningless",
+                      file=sys.stderr)
+        elif args.image:
             embedder = _embedder(args)
             hits = store.search_by_image(args.owner, embedder, args.image,
                                          threshold=args.threshold, count=args.count)
@@ -156,6 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     search = sub.add_parser("search", parents=[common], help="owner-scoped visual search")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="query image file")
+    query.add_argument("--text", help="query text (needs an artifact with a text tower)")
     query.add_argument("--scene", type=uuid.UUID, help="query scene id (similar scenes)")
     search.add_argument("--owner", type=uuid.UUID, required=True)
     search.add_argument("--threshold", type=float, default=0.0)
