@@ -73,3 +73,36 @@ def test_invalid_values_are_clear_errors_naming_the_variable(name, value, messag
 def test_unknown_clip_variables_are_reported_not_silently_dropped():
     cfg = ClipConfig.from_env({"CLIP_TIMEOUT": "3", "CLIP_ENABLED": "true", "PATH": "/bin"})
     assert cfg.unknown_keys == ("CLIP_TIMEOUT",)
+
+
+def test_the_settings_table_covers_every_field_and_only_clip_names():
+    from dataclasses import fields
+
+    from heimdex_clip.config import SETTINGS
+
+    settable = {f.name for f in fields(ClipConfig)} - {"unknown_keys"}
+    assert sorted(field for field, _ in SETTINGS.values()) == sorted(settable)
+    assert all(name == f"CLIP_{field.upper()}" or (name, field) in {
+        ("CLIP_TIMEOUT_S", "timeout_s"), ("CLIP_CPU_THREADS", "cpu_threads")}
+        for name, (field, _) in SETTINGS.items())
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("CLIP_MAX_IMAGE_BYTES", "1000", 1000),
+    ("CLIP_MAX_RESIZE_PIXELS", "50000", 50000),
+    ("CLIP_IMAGE_FORMATS", "png,Jpeg", frozenset({"PNG", "JPEG"})),
+])
+def test_the_input_limits_are_settings(name, value, expected):
+    from heimdex_clip.config import SETTINGS
+
+    assert getattr(ClipConfig.from_env({name: value}), SETTINGS[name][0]) == expected
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("CLIP_MAX_IMAGE_BYTES", "0", ">= 1"),
+    ("CLIP_MAX_RESIZE_PIXELS", "lots", "not an integer"),
+    ("CLIP_IMAGE_FORMATS", " , ", "at least one"),
+])
+def test_the_input_limits_are_validated(name, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ClipConfig.from_env({name: value})

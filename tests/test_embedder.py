@@ -12,19 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import BlockingImage
 from PIL import Image
 
 from heimdex_clip import (
     ArtifactError,
     ClipConfig,
     ClipEmbedder,
+    ConfigError,
     ImageError,
     get_embedder,
     reset_embedder,
 )
 
+# The design document's ten fields, plus the artifact that made the vector (provenance).
 METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
-                   "frame_path", "frame_quality", "inference_time_ms", "created_at", "error"}
+                   "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
+                   "artifact_id"}
 
 
 def make_config(artifact_dir: Path, **changes) -> ClipConfig:
@@ -66,9 +70,28 @@ class TestClipEmbedderSingleton:
 
     def test_model_is_loaded_lazily(self, artifact_dir):
         lazy = ClipEmbedder(config=make_config(artifact_dir))
-        assert lazy._session is None
+        assert not lazy.is_loaded and lazy.load_time_ms is None
         lazy.embed_frame(Image.new("RGB", (64, 64)))
-        assert lazy._session is not None
+        assert lazy.is_loaded and lazy.load_time_ms > 0
+
+    def test_a_different_config_is_refused_not_silently_ignored(self, artifact_dir):
+        reset_embedder()
+        try:
+            first = get_embedder(make_config(artifact_dir))
+            assert get_embedder(make_config(artifact_dir)) is first  # equal config: same one
+            with pytest.raises(ConfigError, match="reset_embedder"):
+                get_embedder(make_config(artifact_dir, timeout_s=9.0))
+        finally:
+            reset_embedder()
+
+    def test_reset_does_not_break_a_holder_of_the_old_instance(self, artifact_dir, photos):
+        reset_embedder()
+        held = get_embedder(make_config(artifact_dir))
+        assert held.embed_frame(photos[0][1]).ok
+        reset_embedder()
+        assert held.embed_frame(photos[1][1]).ok  # still usable by whoever holds it
+        assert get_embedder(make_config(artifact_dir)) is not held
+        reset_embedder()
 
 
 class TestClipEmbedderModelLoading:
@@ -158,12 +181,19 @@ class TestClipEmbedderEmbeddingGeneration:
         assert "Scene 12: Generating CLIP embedding from best frame" in caplog.text
         assert "Scene 12: CLIP embedding created (dim=512, time=" in caplog.text
 
-    def test_debug_log_prints_norm(self, artifact_dir, jpeg_files, caplog):
-        caplog.set_level(logging.DEBUG, logger="heimdex_clip")
+    def test_debug_log_prints_norm_without_touching_logger_levels(self, artifact_dir,
+                                                                  jpeg_files, caplog):
+        caplog.set_level(logging.INFO, logger="heimdex_clip")
+        package_logger = logging.getLogger("heimdex_clip")
+        level_before = package_logger.level
+        quiet = ClipEmbedder(config=make_config(artifact_dir))
+        quiet.embed_frame(jpeg_files[0])
+        assert "norm=" not in caplog.text  # only at DEBUG without CLIP_DEBUG_LOG
         emb = ClipEmbedder(config=make_config(artifact_dir, debug_log=True))
         emb.embed_frame(jpeg_files[0])
         assert f"CLIP embedding created: {jpeg_files[0]}, dim=512" in caplog.text
         assert "norm=1.0000" in caplog.text
+        assert package_logger.level == level_before
 
     def test_every_input_kind_gives_the_same_vector(self, embedder, jpeg_files):
         path = jpeg_files[1]
@@ -233,31 +263,51 @@ class TestGracefulDegradation:
         assert result.embedding is None and "pixels" in result.error
         assert time.perf_counter() - started < embedder.config.timeout_s
 
-    def test_timeout_gives_null_stops_the_work_and_embedder_stays_usable(
+    def test_slow_decoding_times_out_with_the_designs_message(self, artifact_dir,
+                                                               jpeg_files, embedder):
+        impatient = ClipEmbedder(config=make_config(artifact_dir, timeout_s=0.3,
+                                                    embed_cache_size=0)).load()
+        gate = threading.Event()
+        slow = BlockingImage(gate)
+        try:
+            single = impatient.embed_frame(slow, frame_path="slow.jpg")
+            assert single.embedding is None and single.error == "Timeout after 0.3s"
+            assert single.metadata["inference_time_ms"] is None
+            # In a batch the slow frame fails alone, with the same per-frame message.
+            batch = impatient.embed_frames([jpeg_files[0], BlockingImage(gate), jpeg_files[1]])
+            assert [r.ok for r in batch] == [True, False, True]
+            assert batch[1].error == "Timeout after 0.3s"
+            np.testing.assert_allclose(np.stack([batch[0].embedding, batch[2].embedding]),
+                                       embedder.embed_images(jpeg_files[:2]), atol=1e-6)
+            assert impatient.active_jobs == 2  # the abandoned decodes are still blocked
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 10
+        while impatient.active_jobs and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert impatient.active_jobs == 0  # abandoned work ended once it could
+
+    def test_a_run_over_budget_is_terminated_and_the_embedder_stays_usable(
             self, artifact_dir, jpeg_files, embedder):
-        frames = [jpeg_files[i % len(jpeg_files)] for i in range(64)]
-        started = time.perf_counter()
-        embedder.embed_images(frames, batch_size=64)
-        full_run = time.perf_counter() - started
-
+        # 96 frames in one run: preparing each takes milliseconds, the run itself seconds,
+        # far beyond 96 x 20 ms. The run must be stopped, not left to finish.
         impatient = ClipEmbedder(config=make_config(
-            artifact_dir, timeout_s=0.002, batch_size=64, embed_cache_size=0)).load()
-        results = impatient.embed_frames(frames)
-        assert all(r.embedding is None for r in results)
-        assert results[0].error == f"Timeout after {0.002 * 64}s"
-        assert results[0].metadata["inference_time_ms"] is None
-        stopped = time.perf_counter()
-        while impatient.active_jobs and time.perf_counter() - stopped < full_run:
+            artifact_dir, timeout_s=0.02, batch_size=96, embed_cache_size=0)).load()
+        frame = np.zeros((224, 224, 3), np.uint8)
+        started = time.perf_counter()
+        results = impatient.embed_frames([frame] * 96)
+        assert {r.error for r in results} == {"Timeout after 0.02s"}
+        deadline = time.monotonic() + 30
+        while impatient.active_jobs and time.monotonic() < deadline:
             time.sleep(0.005)
-        # The ONNX Runtime run was terminated, not left to finish in the background.
         assert impatient.active_jobs == 0
-        assert time.perf_counter() - stopped < full_run / 2
-
-        single = impatient.embed_frame(jpeg_files[0])
-        assert single.embedding is None and single.error == "Timeout after 0.002s"
+        full_run = time.perf_counter() - started
         # Usable afterwards: the same session answers a strict call correctly.
         np.testing.assert_allclose(impatient.embed_images(jpeg_files[:2]),
                                    embedder.embed_images(jpeg_files[:2]), atol=1e-6)
+        one = time.perf_counter()
+        impatient.embed_images([frame] * 96, batch_size=96)
+        assert full_run < time.perf_counter() - one  # terminated: shorter than a real run
 
 
 class TestConcurrencyAndCache:

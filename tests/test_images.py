@@ -25,7 +25,7 @@ from PIL import Image, ImageFile
 import heimdex_clip.images as images_module
 from heimdex_clip import ImageError
 from heimdex_clip.artifact import PreprocessSpec
-from heimdex_clip.images import content_hash, load_image
+from heimdex_clip.images import load_image
 from heimdex_clip.preprocess import Preprocessor
 
 LIMIT = 64_000_000
@@ -231,7 +231,6 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     worker.join(5)
     assert not worker.is_alive(), "load_image blocked on a FIFO"
     assert isinstance(result[0], ImageError) and "not a regular file" in str(result[0])
-    assert content_hash(fifo) is None  # and hashing never reads it either
 
 
 def _capture(result: list[BaseException], source: Path) -> None:
@@ -414,50 +413,6 @@ def test_jpeg_draft_lands_on_the_planned_scale(photo, size):
     if images_module._reduce_factor(*fast.size, 224) == 1:  # no reduce stacked on top
         assert fast.size == tuple(-(-d // scale) for d in size)
     assert min(fast.size) >= min(224, min(size))
-
-
-# --------------------------------------------------------------------------- content hash
-
-
-def test_content_hash_tracks_content_not_how_it_arrived(photo, tmp_path):
-    path = tmp_path / "frame.jpg"
-    photo.save(path, quality=90)
-    data = path.read_bytes()
-    key = content_hash(data)
-    assert isinstance(key, str) and len(key) == 40 and int(key, 16) >= 0
-    assert (content_hash(path) == content_hash(str(path)) == key
-            == content_hash(bytearray(data)) == content_hash(memoryview(data)))
-    assert content_hash(data[:-1] + bytes([data[-1] ^ 1])) != key
-    array = np.asarray(photo)
-    assert content_hash(array) == content_hash(array.copy()) == content_hash(photo)
-    assert content_hash(array) != content_hash(np.flip(array, 0))
-    assert content_hash(array) != content_hash(array.reshape(array.shape[1], array.shape[0], 3))
-    assert content_hash(photo) == content_hash(photo.copy())
-    assert content_hash(photo) != content_hash(photo.convert("L"))
-    assert content_hash(photo) != content_hash(data)  # encoded bytes are not pixels
-
-
-def test_content_hash_sees_the_palette(photo):
-    """The same palette indices with another palette are another picture."""
-    p = photo.quantize(16)
-    other = p.copy()
-    other.putpalette(bytes(255 - v for v in p.getpalette()))
-    assert content_hash(p) == content_hash(p.copy())
-    assert content_hash(p) != content_hash(other)
-    transparent = p.copy()
-    transparent.info["transparency"] = 0
-    assert content_hash(p) != content_hash(transparent)
-
-
-def test_content_hash_is_none_when_there_is_nothing_to_hash(tmp_path, photo):
-    assert content_hash(tmp_path / "missing.jpg") is None
-    assert content_hash(tmp_path) is None
-    assert content_hash("") is None
-    assert content_hash(np.zeros((4, 4, 3), np.float32)) is None
-    assert content_hash(42) is None  # type: ignore[arg-type]
-    assert content_hash(Image.open(io.BytesIO(_truncated(photo, "JPEG")))) is None
-    if Path("/dev/zero").exists():
-        assert content_hash(Path("/dev/zero")) is None  # would never end
 
 
 # --------------------------------------------------------------------------- concurrency

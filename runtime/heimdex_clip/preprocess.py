@@ -136,13 +136,36 @@ class Preprocessor:
         scaled = np.arange(256, dtype=np.float32) / np.float32(255)
         self._lut = np.ascontiguousarray((scaled - mean) / std, dtype=np.float32)  # [3, 256]
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) of the resized image before the crop or pad: what the resize allocates."""
+        size, mode = self.size, self.spec.resize_mode
+        if mode == "squash":
+            return size, size
+        if mode == "longest":
+            return keep_ratio_size(width, height, size, longest=1.0)
+        return shortest_side_size(width, height, size)
+
+    def check_resize_cost(self, width: int, height: int, label: str,
+                          max_pixels: int) -> None:
+        """Refuse a frame whose resize would build an image of more than ``max_pixels``.
+
+        The pixel limit bounds the input, not the output: keeping the aspect ratio, the
+        shorter side of a 20000x1 sliver goes to S and its longer side to S * 20000.
+        """
+        new_w, new_h = self.resized_size(width, height)
+        if new_w * new_h > max_pixels:
+            raise ImageError(
+                f"{label} is {width}x{height}: resizing it for the model would build a "
+                f"{new_w}x{new_h} image ({new_w * new_h} pixels), over the limit of "
+                f"{max_pixels} (CLIP_MAX_RESIZE_PIXELS); refused before decoding")
+
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and crop/pad to S x S, still in the image's own mode (no RGB yet)."""
         size, mode = self.size, self.spec.resize_mode
+        new_w, new_h = self.resized_size(image.width, image.height)
         if mode == "squash":
-            return resize(image, size, size, self._resample)
+            return resize(image, new_w, new_h, self._resample)
         if mode == "longest":
-            new_w, new_h = keep_ratio_size(image.width, image.height, size, longest=1.0)
             if new_w < 1 or new_h < 1:
                 # open_clip fails here too (Pillow: "height and width must be > 0").
                 raise ImageError(
@@ -150,7 +173,6 @@ class Preprocessor:
                     f"'longest': it would be resized to {new_w}x{new_h} pixels")
             return center_crop_or_pad(resize(image, new_w, new_h, self._resample), size,
                                       self.spec.fill_color)
-        new_w, new_h = shortest_side_size(image.width, image.height, size)
         return center_crop_or_pad(resize(image, new_w, new_h, self._resample), size)
 
     def transform(self, image: Image.Image) -> np.ndarray:

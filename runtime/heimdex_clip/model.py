@@ -1,0 +1,166 @@
+"""Loading the visual tower: manifest checked, bytes verified, then (only then) parsed.
+
+:func:`load_visual_model` returns a :class:`VisualModel`, an immutable bundle of everything
+one loaded artifact needs (manifest, session, preprocessor, tensor names). The embedder
+holds it in a single attribute, so swapping or dropping a model is one assignment and a
+call in flight keeps the model it started with.
+
+The order of checks is the point: the manifest is validated against what this runtime can
+do, the graph file is read once, its size and sha256 are checked against the manifest,
+and only verified bytes reach ONNX Runtime's parser. The session's real input and output
+tensors are then checked against the manifest, so a manifest that lies (``image_size:
+100000``) is refused at load instead of failing every frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .artifact import FileEntry, Manifest, load_manifest, resolve_artifact_dir
+from .config import DEFAULT_MODEL_DIRS, ClipConfig
+from .errors import ArtifactError
+from .metadata import ModelIdentity
+from .preprocess import Preprocessor
+from .session import SessionInfo, create_session
+
+log = logging.getLogger("heimdex_clip")
+
+#: Bounds a manifest must respect: a larger input would allocate absurd tensors per frame.
+MAX_INPUT_SIDE = 1024
+MAX_EMBED_DIM = 16384
+
+
+@dataclass(frozen=True)
+class VisualModel:
+    """One loaded, verified image tower and what running it needs."""
+
+    artifact_dir: Path
+    manifest: Manifest
+    session: ort.InferenceSession
+    session_info: SessionInfo
+    preprocessor: Preprocessor
+    input_name: str
+    output_name: str
+    identity: ModelIdentity
+    load_time_ms: float
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest.model.embed_dim
+
+    def run(self, pixels: np.ndarray, run_options: ort.RunOptions | None = None) -> np.ndarray:
+        """float32 [N, 3, S, S] -> float32 [N, D] (raises what ONNX Runtime raises)."""
+        out = self.session.run([self.output_name], {self.input_name: pixels}, run_options)[0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def check_supported(manifest: Manifest, *, normalize: bool) -> None:
+    """Refuse an artifact that asks for what this runtime cannot do, or is out of bounds."""
+    spec, model = manifest.preprocess, manifest.model
+    if spec.crop != "center":
+        raise ArtifactError(f"the manifest asks for crop={spec.crop!r}; this runtime "
+                            "implements open_clip's centre crop only")
+    if not 1 <= spec.image_size <= MAX_INPUT_SIDE:
+        raise ArtifactError(f"the manifest's image_size {spec.image_size} is outside "
+                            f"1..{MAX_INPUT_SIDE}; the artifact is corrupt or hostile")
+    if not 1 <= model.embed_dim <= MAX_EMBED_DIM:
+        raise ArtifactError(f"the manifest's embed_dim {model.embed_dim} is outside "
+                            f"1..{MAX_EMBED_DIM}")
+    if normalize and not model.normalized_in_graph:
+        raise ArtifactError("the artifact's graph does not L2-normalise its output "
+                            "(normalized_in_graph is false) and CLIP_NORMALIZE=true relies "
+                            "on it; re-export the model with this version of heimdex-clip")
+
+
+def _output_name(entry: FileEntry, normalize: bool) -> str:
+    """outputs[0] is the unit-norm embedding, outputs[1] the raw features (manifest order)."""
+    wanted = 0 if normalize else 1
+    if len(entry.outputs) <= wanted:
+        raise ArtifactError(f"{entry.path} lists {len(entry.outputs)} output(s) in the "
+                            f"manifest; CLIP_NORMALIZE={str(normalize).lower()} needs output "
+                            f"#{wanted}; re-export the model")
+    return entry.outputs[wanted].name
+
+
+def read_verified(path: Path, entry: FileEntry) -> bytes:
+    """The file's bytes, read once, after checking size and sha256 against the manifest."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact file {path} is missing; re-export the model") from None
+    if size != entry.bytes:
+        raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry.bytes}: "
+                            "truncated or replaced; re-export the model")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != entry.bytes or digest != entry.sha256:
+        raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
+                            f"{digest}; the file was modified or corrupted; re-export")
+    return data
+
+
+def _check_graph(session: ort.InferenceSession, manifest: Manifest, input_name: str,
+                 output_name: str, path: Path) -> None:
+    """The graph's real tensors must be the ones the manifest describes."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    if set(inputs) != {input_name}:
+        raise ArtifactError(f"{path} takes inputs {sorted(inputs)}, the manifest says "
+                            f"{input_name!r}")
+    if output_name not in outputs:
+        raise ArtifactError(f"{path} has no output {output_name!r} (outputs: "
+                            f"{sorted(outputs)}); re-export the model")
+    size = manifest.preprocess.image_size
+    expected = [3, size, size]
+    actual = inputs[input_name][1:]
+    # A symbolic dimension (a string) accepts any size; a fixed one must match.
+    if len(actual) != 3 or any(isinstance(a, int) and a != e
+                               for a, e in zip(actual, expected, strict=True)):
+        raise ArtifactError(f"{path} takes [N, {', '.join(map(str, actual))}] images, the "
+                            f"manifest says [N, 3, {size}, {size}]; the manifest does not "
+                            "belong to this graph")
+    dim = outputs[output_name][-1]
+    if isinstance(dim, int) and dim != manifest.model.embed_dim:
+        raise ArtifactError(f"{path} outputs {dim} dimensions, the manifest says "
+                            f"{manifest.model.embed_dim}")
+
+
+def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel:
+    """Find, verify and load the image tower for ``config``; raises ArtifactError."""
+    started = time.perf_counter()
+    artifact_dir = resolve_artifact_dir(model_dir, config.model_name, config.pretrained,
+                                        search=DEFAULT_MODEL_DIRS)
+    manifest = load_manifest(artifact_dir)
+    if manifest.model.name != config.model_name:
+        log.warning("the artifact in %s holds %s, not CLIP_MODEL_NAME=%s; using the artifact",
+                    artifact_dir, manifest.model.name, config.model_name)
+    check_supported(manifest, normalize=config.normalize)
+    entry = manifest.file(f"visual.{config.precision}")
+    if len(entry.inputs) != 1:
+        raise ArtifactError(f"{entry.path}: the manifest lists {len(entry.inputs)} inputs, "
+                            "an image tower takes one")
+    input_name, output_name = entry.inputs[0].name, _output_name(entry, config.normalize)
+    path = artifact_dir / entry.path
+    graph = read_verified(path, entry)
+    try:
+        session, info = create_session(graph, device=config.device,
+                                       threads=config.cpu_threads,
+                                       memory_arena=config.memory_arena)
+    except Exception as exc:  # ONNX Runtime raises its own types for graphs it rejects
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    _check_graph(session, manifest, input_name, output_name, path)
+    identity = ModelIdentity(model_name=manifest.model.name,
+                             pretrained=manifest.model.pretrained,
+                             embed_dim=manifest.model.embed_dim, device=info.device,
+                             normalized=config.normalize, artifact_id=manifest.artifact_id)
+    return VisualModel(artifact_dir=artifact_dir, manifest=manifest, session=session,
+                       session_info=info, preprocessor=Preprocessor(manifest.preprocess),
+                       input_name=input_name, output_name=output_name, identity=identity,
+                       load_time_ms=(time.perf_counter() - started) * 1000)
