@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdex_clip import ArtifactError, ClipConfig
+from heimdex_clip import ArtifactError, ClipConfig, ClipEmbedder
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.errors import TextError
+from heimdex_clip.metadata import METADATA_FIELDS
 from heimdex_clip.text import INPUT_NAME, TextSpec, TextTower, has_text_tower
 
 QUERIES = ["a photo of a cat", "a red car at night", "", "sunset over the sea " * 10,
@@ -154,3 +155,65 @@ def test_bad_texts_raise_text_error(int8_tower):
     with pytest.raises(TextError):
         int8_tower.embed([None])
     assert int8_tower.embed([]).shape == (0, 512)
+
+
+class TestClipEmbedderText:
+    """The public API: ClipEmbedder.tokenize / embed_texts / embed_text."""
+
+    @pytest.fixture(scope="class")
+    def embedder(self, artifact_dir):
+        return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
+                                              embed_cache_size=8)).load()
+
+    @pytest.mark.parity
+    def test_tokenize_is_open_clip_tokenize(self, embedder):
+        open_clip = pytest.importorskip("open_clip")
+        assert embedder.has_text_tower
+        np.testing.assert_array_equal(embedder.tokenize(QUERIES),
+                                      open_clip.tokenize(QUERIES).numpy())
+
+    def test_embed_texts_and_embed_text_agree(self, embedder):
+        strict = embedder.embed_texts(QUERIES, batch_size=2)
+        assert strict.shape == (len(QUERIES), embedder.embed_dim)
+        result = embedder.embed_text(QUERIES[1])
+        assert result.ok and result.error is None
+        assert set(result.metadata) == set(METADATA_FIELDS)
+        assert result.metadata["frame_path"] is None and result.metadata["frame_quality"] is None
+        assert result.metadata["artifact_id"] == embedder.artifact_id
+        assert result.metadata["inference_time_ms"] >= 0
+        # Alone vs in a batch of 2: INT8 activation scales depend on the batch.
+        assert cosines(strict[1:2], result.embedding[None])[0] >= 0.999
+
+    def test_repeated_query_is_served_from_the_lru(self, embedder):
+        tower = embedder._text_tower()
+        first = embedder.embed_text("a red car at night")
+        hits = tower.cache.hits
+        second = embedder.embed_text("a red car at night")
+        assert tower.cache.hits == hits + 1
+        np.testing.assert_array_equal(first.embedding, second.embedding)
+
+    def test_bad_text_fails_the_result_not_the_caller(self, embedder):
+        result = embedder.embed_text(None)  # type: ignore[arg-type]
+        assert not result.ok and result.error.startswith("TextError")
+        assert result.metadata["inference_time_ms"] is None
+        with pytest.raises(TextError):
+            embedder.embed_texts([b"bytes"])  # type: ignore[list-item]
+        with pytest.raises(ValueError, match="batch_size"):
+            embedder.embed_texts(QUERIES, batch_size=0)
+
+    def test_timeout_gives_a_timeout_error(self, artifact_dir):
+        slow = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
+                                              timeout_s=1e-6, embed_cache_size=0)).load()
+        slow._text_tower()  # the one-off load is not part of the budget
+        result = slow.embed_text("a photo of a cat " * 10)
+        assert not result.ok and result.error == "Timeout after 1e-06s"
+
+    def test_artifact_without_text_tower(self, artifact_dir, tmp_path):
+        bare = _copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
+        embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=bare))
+        assert embedder.embed_images([np.zeros((32, 32, 3), np.uint8)]).shape == (1, 512)
+        assert not embedder.has_text_tower
+        with pytest.raises(TextError, match="this artifact has no text tower"):
+            embedder.embed_texts(["a cat"])
+        result = embedder.embed_text("a cat")
+        assert not result.ok and "this artifact has no text tower" in result.error

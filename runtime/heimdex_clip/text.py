@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import FileEntry, Manifest
+from .artifact import Manifest
 from .config import ClipConfig
 from .errors import ArtifactError, TextError
+from .frames import EmbeddingCache
+from .model import read_verified
 from .session import create_session
 from .tokenizer import ClipTokenizer, check_texts
 
@@ -84,55 +84,6 @@ def has_text_tower(manifest: Manifest) -> bool:
     return True
 
 
-def verified_bytes(artifact_dir: Path, entry: FileEntry) -> bytes:
-    """The file's bytes, read once, after its size and sha256 match the manifest."""
-    path = Path(artifact_dir) / entry.path
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"artifact file {path} is missing") from None
-    except OSError as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from exc
-    if len(data) != entry.bytes:
-        raise ArtifactError(f"{path} has {len(data)} bytes, the manifest says {entry.bytes}: "
-                            "truncated or replaced; re-export the model")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry.sha256:
-        raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
-                            f"{digest}; the file was modified or corrupted; re-export")
-    return data
-
-
-class _QueryCache:
-    """A small thread-safe LRU of query vectors keyed by the text (queries repeat)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value.copy()
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        if self.capacity == 0:
-            return
-        with self._lock:
-            self._items[key] = value.copy()
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-
 class TextTower:
     """The verified text graph and tokenizer of an artifact, ready to embed.
 
@@ -140,7 +91,7 @@ class TextTower:
         artifact_dir: the artifact directory (holding manifest.json).
         manifest: its parsed manifest.
         config: runtime settings (precision, threads, device, arena, normalize, batch size).
-        cache_size: repeated texts (exact string) are embedded once; 0 = off.
+        cache_size: repeated texts (the exact string) are embedded once; 0 = off.
 
     Raises TextError if the artifact has no text tower, ArtifactError if a file is missing,
     altered or unloadable.
@@ -152,8 +103,9 @@ class TextTower:
         self.config = config
         self.embed_dim = manifest.model.embed_dim
         self.entry = manifest.file(self.spec.graph_key)
-        tokenizer_json = verified_bytes(artifact_dir, manifest.file("tokenizer"))
-        graph = verified_bytes(artifact_dir, self.entry)
+        tokenizer_entry = manifest.file("tokenizer")
+        tokenizer_json = read_verified(artifact_dir / tokenizer_entry.path, tokenizer_entry)
+        graph = read_verified(artifact_dir / self.entry.path, self.entry)
         try:
             self.tokenizer = ClipTokenizer(tokenizer_json.decode("utf-8"),
                                            self.spec.context_length, self.spec.special_tokens)
@@ -165,11 +117,14 @@ class TextTower:
         except Exception as exc:  # tokenizers / ONNX Runtime raise their own types
             raise ArtifactError(f"cannot load the text tower: {exc}") from exc
         self.output_name = OUTPUT_NAME if config.normalize else RAW_OUTPUT_NAME
-        outputs = {t.name for t in self.entry.outputs}
-        if self.output_name not in outputs:
-            raise ArtifactError(f"{self.entry.path} has no output {self.output_name!r}")
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if inputs != {INPUT_NAME} or self.output_name not in outputs:
+            raise ArtifactError(f"{self.entry.path} takes {sorted(inputs)} and gives "
+                                f"{sorted(outputs)}; a text tower takes {INPUT_NAME!r} and "
+                                f"gives {self.output_name!r}; re-export the model")
         self.precision = self.entry.precision
-        self.cache = _QueryCache(cache_size)
+        self.cache = EmbeddingCache(cache_size)
         log.info("CLIP text tower loaded: %s (%s, %s ids)", self.entry.path, self.precision,
                  self.spec.token_dtype)
 
@@ -207,13 +162,15 @@ class TextTower:
 
     def embed_one(self, text: str, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """One query's vector, from the LRU when the same text was embedded before."""
-        key = f"{self.output_name}\0{text}" if isinstance(text, str) else None
-        cached = self.cache.get(key) if key is not None else None
+        key = None
+        if isinstance(text, str):
+            raw = f"{self.output_name}\0{text}".encode("utf-8", "surrogatepass")
+            key = hashlib.blake2b(raw, digest_size=20).digest()
+        cached = self.cache.get(key)
         if cached is not None:
             return cached
         vector = self.embed([text], run_options=run_options)[0]
-        if key is not None:
-            self.cache.put(key, vector)
+        self.cache.put(key, vector)
         return vector
 
     def describe(self) -> dict[str, Any]:
