@@ -137,3 +137,31 @@ def text_markdown(t: dict) -> list[str]:
               f"({t['query_tokens']} positions). Accuracy on {t['queries']} queries: "
               + ", ".join(f"{k} {v}" for k, v in t["accuracy"].items()) + "."]
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only the text tower: ``python benchmarks/text_bench.py [--quick] [--artifact DIR]``."""
+    import argparse
+    import json
+    import tempfile
+
+    from run import REPO, interleaved_medians, machine_info, ms
+
+    from heimdex_clip.session import physical_cores
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--artifact", type=Path, default=REPO / "models" / "ViT-B-32__none")
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    args = parser.parse_args(argv)
+    machine = machine_info(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = bench_text(args.artifact, args.threads, args.quick, Path(tmp),
+                            interleaved_medians, ms)
+    print(json.dumps({"machine": machine, "text": result}, indent=2))
+    print("\n".join(text_markdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,13 +157,14 @@ def test_bad_texts_raise_text_error(int8_tower):
     assert int8_tower.embed([]).shape == (0, 512)
 
 
+@pytest.fixture(scope="module")
+def embedder(artifact_dir) -> ClipEmbedder:
+    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
+                                          embed_cache_size=8)).load()
+
+
 class TestClipEmbedderText:
     """The public API: ClipEmbedder.tokenize / embed_texts / embed_text."""
-
-    @pytest.fixture(scope="class")
-    def embedder(self, artifact_dir):
-        return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
-                                              embed_cache_size=8)).load()
 
     @pytest.mark.parity
     def test_tokenize_is_open_clip_tokenize(self, embedder):

@@ -62,22 +62,24 @@ def _ranges(codepoints: list[int]) -> str:
     return "".join(parts)
 
 
-def _classify() -> dict[str, list[int]]:
-    """Every code point by the class of open_clip's pattern (under IGNORECASE) that takes it."""
-    every = "".join(chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF)
-    index = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
+#: Every code point a Python string can hold (no surrogates), in order.
+_CODEPOINTS = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
 
+
+def _classify(universe: str) -> dict[str, list[int]]:
+    """Every code point by the class of open_clip's pattern (under IGNORECASE) that takes it."""
     def members(pattern: str) -> list[int]:
-        return [index[m.start()] for m in regex.finditer(pattern, every, regex.IGNORECASE)]
+        return [_CODEPOINTS[m.start()]
+                for m in regex.finditer(pattern, universe, regex.IGNORECASE)]
 
     return {"letter": members(r"[\p{L}]"), "number": members(r"[\p{N}]"),
             "other": members(r"[^\s\p{L}\p{N}]")}
 
 
-def _case_variants(char: str, universe: str) -> str:
-    """``char`` as a class of every character ``regex`` matches it with under IGNORECASE."""
-    folded = char.casefold()
-    candidates = {c for c in universe if c.casefold() == folded or c.lower() == char.lower()}
+def _case_variants(char: str, by_fold: dict[str, set[str]]) -> str:
+    """``char`` as a class of every character ``regex`` matches it with under IGNORECASE
+    (candidates: characters sharing its case fold or its lower case)."""
+    candidates = by_fold.get(char.casefold(), set()) | by_fold.get(char.lower(), set())
     matching = sorted(ord(c) for c in candidates | {char}
                       if regex.fullmatch(regex.escape(char), c, regex.IGNORECASE))
     return f"[{_ranges(matching)}]"
@@ -85,11 +87,15 @@ def _case_variants(char: str, universe: str) -> str:
 
 def split_pattern() -> str:
     """open_clip's pre-tokenization pattern with every class and case variant explicit."""
-    universe = "".join(chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF)
-    classes = _classify()
+    universe = "".join(map(chr, _CODEPOINTS))
+    classes = _classify(universe)
+    by_fold: dict[str, set[str]] = {}
+    for c in universe:
+        by_fold.setdefault(c.casefold(), set()).add(c)
+        by_fold.setdefault(c.lower(), set()).add(c)
 
     def literal(text: str) -> str:
-        return "".join(_case_variants(c, universe) if c.isalpha() else regex.escape(c)
+        return "".join(_case_variants(c, by_fold) if c.isalpha() else regex.escape(c)
                        for c in text)
 
     alternatives = [literal(t) for t in SPECIAL_TOKENS + CONTRACTIONS]
