@@ -134,7 +134,7 @@ def test_same_seed_reexport_gives_same_embeddings_and_other_seed_differs(
     _, pixels = reference
     out = tmp_path / "models"
     subprocess.run([sys.executable, "-m", "heimdex_clip_export", "--pretrained", "none",
-                    "--seed", "0", "--models-dir", str(out), "-q"], check=True)
+                    "--seed", "0", "--models-dir", str(out), "--no-text", "-q"], check=True)
     again = _run(_session(out / "ViT-B-32__none" / "visual.int8.onnx"), pixels[:6])
     first = _run(_session(artifact_dir / "visual.int8.onnx"), pixels[:6])
     np.testing.assert_allclose(again, first, atol=1e-6)
@@ -205,7 +205,7 @@ def test_another_open_clip_model_exports_with_its_own_config(tmp_path, photos):
     """Nothing is ViT-B-32-specific: dims and preprocessing come from open_clip."""
     from heimdex_clip import ClipConfig, ClipEmbedder
 
-    path = export_artifact("ViT-S-32", "none", tmp_path)
+    path = export_artifact("ViT-S-32", "none", tmp_path, text=False)  # text: test_text.py
     manifest = load_manifest(path)
     reference = load_model("ViT-S-32", "none").model
     cfg = reference.visual.preprocess_cfg

@@ -218,3 +218,39 @@ class TestClipEmbedderText:
             embedder.embed_texts(["a cat"])
         result = embedder.embed_text("a cat")
         assert not result.ok and "this artifact has no text tower" in result.error
+
+
+@pytest.mark.parity
+def test_export_attention_with_the_causal_mask_is_multihead_attention():
+    torch = pytest.importorskip("torch")
+    from heimdex_clip_export.onnx_export import ExportSelfAttention
+
+    torch.manual_seed(5)
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(3, 9, 64)
+    causal = torch.full((9, 9), float("-inf")).triu(1)
+    with torch.inference_mode():
+        expected = mha(x, x, x, need_weights=False, attn_mask=causal)[0]
+        got = ExportSelfAttention(mha)(x, x, x, attn_mask=causal)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="additive float mask"):
+        ExportSelfAttention(mha)(x, x, x, attn_mask=causal.isinf())
+
+
+@pytest.mark.parity
+def test_text_encoder_on_cut_ids_is_open_clips_encode_text():
+    """The exported module on ids cut after the last end-of-text token == PyTorch on 77."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from heimdex_clip_export.text_export import TextEncoder
+
+    torch.manual_seed(7)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
+    assert TextEncoder.supports(model)
+    ids = open_clip.tokenize(QUERIES)
+    cut = ids[:, :int(ids.argmax(dim=1).max()) + 1]
+    with torch.inference_mode():
+        expected = model.encode_text(ids, normalize=True)
+        normed, raw = TextEncoder(model)(cut.int())
+    torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(normed, torch.nn.functional.normalize(raw, dim=-1))

@@ -149,8 +149,11 @@ def _install(work: Path, final: Path) -> None:
 def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed: int = 0,
                     keep_fp32: bool = False, cache_dir: str | None = None,
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
-                    rewrites: bool = True) -> Path:
-    """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path."""
+                    rewrites: bool = True, text: bool = True) -> Path:
+    """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path.
+
+    ``text=False`` leaves the text tower out (an image-only artifact).
+    """
     gates = gates or Gates()
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
     if loaded.random_init:
@@ -162,7 +165,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
         manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
-                                rewrites)
+                                rewrites, text)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         _install(work, final)
     except BaseException:
@@ -173,7 +176,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
 
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
-                 gates: Gates, rewrites: bool) -> Manifest:
+                 gates: Gates, rewrites: bool, with_text: bool) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
     applied = export_visual(loaded.model, loaded.image_size, fp32_path, rewrites=rewrites)
 
@@ -214,7 +217,8 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
         fp32_path.unlink()
     try:
         text = export_text_tower(loaded.model, loaded.model_name, work, torch_ref,
-                                 keep_fp32=keep_fp32, recipe=recipe)
+                                 keep_fp32=keep_fp32, recipe=recipe,
+                                 gates=gates) if with_text else None
     except TextGateError as exc:
         raise GateError(f"text fp32 parity gate failed; no artifact written: {exc}") from exc
     if text is not None:

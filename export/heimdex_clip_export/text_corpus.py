@@ -8,12 +8,11 @@ import itertools
 SUBJECTS = (
     "a cat", "a dog", "an astronaut", "a rocket", "a motorcycle", "a cup of coffee",
     "a wall clock", "old coins", "a brick wall", "the moon", "a man with a camera",
-    "a galaxy", "green grass", "grey gravel", "a page of text", "a red car",
+    "a red car",
 )
 TEMPLATES = (
-    "a photo of {}", "{} at night", "a close-up of {}", "a blurry picture of {}",
-    "{} in the sunset over the sea", "a black and white photo of {}",
-    "a video frame showing {} and people walking by",
+    "a photo of {}", "{} at night", "a blurry close-up of {}",
+    "{} in the sunset over the sea", "a video frame showing {} and people walking by",
 )
 HOSTILE = (
     "", "   \t\n ", "Hello, World!!!", "3.14159 and 1,000,000 and the 42nd street",
@@ -27,6 +26,7 @@ HOSTILE = (
 
 
 def gate_corpus() -> list[str]:
-    """Every template with every subject, then the hostile texts (about 130 texts)."""
+    """Every template with every subject, then the hostile texts (75 texts: the PyTorch
+    reference runs all 77 positions of each, the export's largest text cost)."""
     captions = [t.format(s) for t, s in itertools.product(TEMPLATES, SUBJECTS)]
     return captions + list(HOSTILE)
