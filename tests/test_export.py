@@ -110,6 +110,8 @@ def test_manifest_records_model_preprocessing_figures_and_hashes(artifact_dir, r
     for entry in m.files.values():
         path = artifact_dir / entry.path
         assert sha256_file(path) == entry.sha256 and path.stat().st_size == entry.bytes
+        if entry.role != "visual":  # the text tower's files: tests/test_text.py
+            continue
         assert [t.name for t in entry.inputs] == ["pixel_values"]
         assert [t.name for t in entry.outputs] == ["image_embeds", "image_features"]
         assert entry.inputs[0].shape[1:] == [3, 224, 224]

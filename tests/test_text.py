@@ -254,3 +254,21 @@ def test_text_encoder_on_cut_ids_is_open_clips_encode_text():
         normed, raw = TextEncoder(model)(cut.int())
     torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(normed, torch.nn.functional.normalize(raw, dim=-1))
+
+
+def test_cli_embed_text(artifact_dir, tmp_path, capsys, monkeypatch):
+    from heimdex_clip.cli import main
+
+    monkeypatch.setenv("CLIP_PRETRAINED", "none")
+    assert main(["--model-dir", str(artifact_dir), "embed", "--text", "a red car",
+                 "--text", "", "--json", "--vectors"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == ["a red car", ""]
+    assert all(r["ok"] and r["dim"] == 512 and abs(r["norm"] - 1) < 1e-3 for r in rows)
+    np.testing.assert_allclose(rows[0]["embedding"], make_tower(artifact_dir).embed(
+        ["a red car"])[0], atol=1e-5)
+    bare = _copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
+    assert main(["--model-dir", str(bare), "embed", "--text", "a red car"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert main(["--model-dir", str(bare), "embed"]) == 2
+    assert "--text" in capsys.readouterr().err

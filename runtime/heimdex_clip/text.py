@@ -67,12 +67,16 @@ class TextSpec:
         key = f"text.{precision}" if f"text.{precision}" in graphs else graphs[0]
         try:
             tok = section["tokenizer"]
-            return cls(graph_key=key, context_length=int(tok["context_length"]),
+            spec = cls(graph_key=key, context_length=int(tok["context_length"]),
                        special_tokens=tuple(tok["special_tokens"]),
                        token_dtype=str(section.get("token_dtype", "int64")),
                        cut_to_longest=bool(section.get("cut_to_longest", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"malformed text section in the manifest: {exc}") from exc
+        if spec.token_dtype not in ("int32", "int64") or not 2 <= spec.context_length <= 4096:
+            raise ArtifactError(f"the manifest's text section asks for {spec.token_dtype} ids "
+                                f"and {spec.context_length} positions; not a CLIP text tower")
+        return spec
 
 
 def has_text_tower(manifest: Manifest) -> bool:
