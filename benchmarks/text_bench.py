@@ -83,11 +83,11 @@ def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path,
         "ours_32": lambda: int8.tokenize(batch)}, repeats * 3)
     cases = {"open_clip_pytorch": lambda: reference([query])}
     cases.update({f"ours_{p}": (lambda e=e: e.embed_texts([query])) for p, e in ours.items()})
-    one = interleaved_medians(cases, repeats, pause_s=0.05)
+    one = interleaved_medians(cases, repeats, pause_s=0.1)
     cases = {"open_clip_pytorch": lambda: reference(batch)}
     cases.update({f"ours_{p}": (lambda e=e: e.embed_texts(batch, batch_size=32))
                   for p, e in ours.items()})
-    many = interleaved_medians(cases, max(3, repeats // 5), pause_s=0.05)
+    many = interleaved_medians(cases, max(3, repeats // 5), pause_s=0.1)
 
     ids = int8.tokenize([query])
     cut = ids[:, :active_length(ids)]
