@@ -66,29 +66,25 @@ class ClipTokenizer:
                 context_length:
             raise TextError(f"tokenizer.json does not truncate and pad to {context_length}")
 
-    def _with_specials(self, cleaned: str) -> list[int]:
-        """Ids of a text holding a special token's string.
+    def _ids(self, cleaned: str) -> list[int]:
+        """The ids of one cleaned text (SOT, BPE tokens, EOT, padding).
 
-        That string counts as the special token only where open_clip's pattern cuts it out
-        as one piece ("x <end_of_text>" yes, "!!<end_of_text>" no): split with the pattern
-        first, then each piece is matched whole (the added-token lookup) or BPE-encoded.
+        A special token's string counts as that token only where open_clip's pattern cuts
+        it out as one piece ("x <end_of_text>" yes, "!!<end_of_text>" no), so a text holding
+        one is split with the pattern first, then each piece is matched whole (the
+        added-token lookup) or BPE-encoded. Other texts go straight through.
         """
+        if not any(s in cleaned for s in self._specials):
+            return self._tok.encode(cleaned).ids
         pieces = [p for p, _ in self._split.pre_tokenize_str(cleaned)]
-        if not pieces:
-            return self._tok.encode("").ids
-        return self._tok.encode(pieces, is_pretokenized=True).ids
+        return self._tok.encode(pieces or "", is_pretokenized=bool(pieces)).ids
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids of each text; TextError for anything but a sequence of str."""
         cleaned = [clean_text(t) for t in check_texts(texts)]
         out = np.zeros((len(cleaned), self.context_length), dtype=np.int64)
-        if not cleaned:
-            return out
-        plain = [i for i, t in enumerate(cleaned) if not any(s in t for s in self._specials)]
-        for i, enc in zip(plain, self._tok.encode_batch([cleaned[i] for i in plain]),
-                          strict=True):
-            out[i] = enc.ids
-        for i in sorted(set(range(len(cleaned))) - set(plain)):
-            out[i] = self._with_specials(cleaned[i])
+        # One text at a time: a query batch is small, and encode_batch would start a
+        # thread pool that competes with ONNX Runtime's threads.
+        for i, text in enumerate(cleaned):
+            out[i] = self._ids(text)
         return out
-
