@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from heimdex_clip.session import create_session
 from heimdex_clip.text import INPUT_NAME, OUTPUT_NAME, RAW_OUTPUT_NAME, active_length
 from heimdex_clip.tokenizer import ClipTokenizer
 
@@ -132,10 +132,9 @@ def export_text_onnx(clip_model: torch.nn.Module, out_path: Path,
 
 
 def onnx_text_embed(path: Path, token_dtype: str = TOKEN_DTYPE):
-    """Embed ids [N, 77] as the runtime does: cut to the batch's longest text, then run."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """Embed ids [N, 77] as the runtime does: in a session built by the runtime's own
+    ``create_session``, cut to the batch's longest text."""
+    session = create_session(path)[0]
 
     def embed(ids: np.ndarray) -> np.ndarray:
         cut = ids[:, :active_length(ids)].astype(token_dtype)
