@@ -35,6 +35,8 @@ from heimdex_clip.preprocess import Preprocessor
 from heimdex_clip.session import cpu_features, create_session, physical_cores
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from text_bench import bench_text, text_markdown  # noqa: E402  (a sibling script)
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int,
@@ -297,7 +299,7 @@ def _size_mb(dists: set[str]) -> float:
 
 def bench_footprint() -> dict:
     """Installed size of the runtime's dependency closure vs the PyTorch reference's."""
-    runtime = {"onnxruntime", "numpy", "pillow"}
+    runtime = {"onnxruntime", "numpy", "pillow", "tokenizers", "ftfy"}
     runtime = set().union(*(_closure(d) for d in runtime))
     reference = set().union(*(_closure(d) for d in ("torch", "torchvision", "open-clip-torch")))
     return {"runtime_mb": _size_mb(runtime), "runtime_packages": sorted(runtime),
@@ -434,6 +436,7 @@ def markdown(r: dict) -> str:
         f"| installed packages, MB | {fp['runtime_mb']} | {fp['pytorch_reference_mb']} | "
         f"{ratio(fp['runtime_mb'], fp['pytorch_reference_mb'])} |",
     ]
+    lines += text_markdown(r.get("text", {}))
     if "database" in r:
         d = r["database"]
         lines += [
@@ -496,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         frame = Path(tmp) / "frame.jpg"
         frame.write_bytes(jpegs[0])
         results["processes"] = bench_processes(args.artifact, frame, args.threads, Path(tmp))
+        print("text tower ...", flush=True)
+        results["text"] = bench_text(args.artifact, args.threads, args.quick, Path(tmp),
+                                     interleaved_medians, ms)
     results["footprint"] = bench_footprint()
     print("database ...", flush=True)
     rows = args.db_rows or (20_000 if args.quick else 100_000)

@@ -4,7 +4,8 @@ Two distributions: ``heimdex-clip`` (the torch-free runtime, with the SQL migrat
 and ``heimdex-clip-export`` (the build-time export, torch and open_clip). The wheels are
 built from a copy of the sources, so nothing left over in the work tree can slip in. The
 install test is the Docker runtime stage without Docker: install the runtime wheel with its
-base dependencies only, copy the INT8 artifact in, embed a JPEG through the API and the CLI.
+base dependencies only, copy the INT8 artifact in, embed a JPEG and a query text through the
+API and the CLI.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ import heimdex_clip
 from heimdex_clip import ClipConfig, ClipEmbedder
 emb = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=sys.argv[1]))
 result = emb.embed_frame(sys.argv[2])
+text = emb.embed_text(sys.argv[3])
 print(json.dumps({"ok": result.ok, "error": result.error,
                   "embedding": result.embedding.tolist() if result.ok else None,
+                  "text_ok": text.ok, "text_error": text.error,
+                  "text_embedding": text.embedding.tolist() if text.ok else None,
+                  "tokens": emb.tokenize([sys.argv[3]]).tolist(),
                   "torch_in_modules": any(m == "torch" or m.startswith("torch.")
                                           for m in sys.modules)}))
 """
@@ -115,31 +120,49 @@ def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, t
     installed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"],
                                capture_output=True, text=True, check=True).stdout
     names = {d["name"].lower() for d in json.loads(installed)}
-    assert {"onnxruntime", "numpy", "pillow", "heimdex-clip"} <= names
+    assert {"onnxruntime", "numpy", "pillow", "tokenizers", "ftfy", "heimdex-clip"} <= names
     assert not names & {"torch", "torchvision", "open-clip-torch", "psycopg"}
 
-    # Only the INT8 graph ships in the runtime image.
+    # Only the INT8 graphs (and the tokenizer) ship in the runtime image.
     artifact = tmp_path / "models" / "ViT-B-32__none"
     artifact.mkdir(parents=True)
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    manifest["files"] = {"visual.int8": manifest["files"]["visual.int8"]}
+    shipped = {"visual.int8", "text.int8", "tokenizer"}
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if k in shipped}
+    assert set(manifest["files"]) == shipped
     (artifact / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copy(artifact_dir / "visual.int8.onnx", artifact / "visual.int8.onnx")
+    for entry in manifest["files"].values():
+        shutil.copy(artifact_dir / entry["path"], artifact / entry["path"])
     jpeg = tmp_path / "frame.jpg"
     photos[0][1].save(jpeg, quality=90)
 
-    out = subprocess.run([str(python), "-c", SCRIPT, str(artifact), str(jpeg)],
+    query = "a photo of a cat &amp; a dog 👍🏽"
+    out = subprocess.run([str(python), "-c", SCRIPT, str(artifact), str(jpeg), query],
                          capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"], report["error"]
+    assert report["text_ok"], report["text_error"]
     assert report["torch_in_modules"] is False
-    here = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact)).embed_images(
-        [jpeg])[0]
-    np.testing.assert_allclose(np.array(report["embedding"], np.float32), here, atol=1e-5)
+    here = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact))
+    np.testing.assert_allclose(np.array(report["embedding"], np.float32),
+                               here.embed_images([jpeg])[0], atol=1e-5)
+    np.testing.assert_allclose(np.array(report["text_embedding"], np.float32),
+                               here.embed_texts([query])[0], atol=1e-5)
+    open_clip = pytest.importorskip("open_clip")
+    assert report["tokens"] == open_clip.tokenize([query]).tolist()
 
     cli = subprocess.run([str(venv / "bin" / "heimdex-clip"), "--model-dir", str(artifact),
-                          "embed", str(jpeg), "--json"], capture_output=True, text=True,
-                         env={"CLIP_PRETRAINED": "none", "PATH": "/usr/bin:/bin"})
+                          "embed", str(jpeg), "--text", query, "--json"], capture_output=True,
+                         text=True, env={"CLIP_PRETRAINED": "none", "PATH": "/usr/bin:/bin"})
     assert cli.returncode == 0, cli.stderr
-    row = json.loads(cli.stdout)[0]
-    assert row["ok"] and row["dim"] == 512 and abs(row["norm"] - 1) < 1e-3
+    image_row, text_row = json.loads(cli.stdout)
+    assert image_row["ok"] and image_row["dim"] == 512 and abs(image_row["norm"] - 1) < 1e-3
+    assert text_row["text"] == query and text_row["ok"] and text_row["dim"] == 512
+    assert abs(text_row["norm"] - 1) < 1e-3
+
+    # Without the db extra, the database commands say how to get it, in one line.
+    stats = subprocess.run([str(venv / "bin" / "heimdex-clip"), "stats", "--all-owners"],
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert stats.returncode == 2
+    assert stats.stderr.strip().splitlines() == [
+        stats.stderr.strip()] and "pip install 'heimdex-clip[db]'" in stats.stderr

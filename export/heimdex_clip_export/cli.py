@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-DESCRIPTION = """Export an open_clip model's image tower to a verified INT8 ONNX artifact.
+DESCRIPTION = """Export an open_clip model's image and text towers to a verified INT8 ONNX
+artifact.
 PRETRAINED is an open_clip tag (default 'openai'; needs a model hub), a path to a local
 checkpoint, or 'none' for a seeded random initialisation (tests; not semantic)."""
 
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rewrites", action="store_true",
                    help="export the image tower as traced, without the exact graph rewrites "
                         "(lean attention, patch embedding as MatMul, class-token last block)")
+    p.add_argument("--no-text", action="store_true",
+                   help="leave the text tower (text search) out of the artifact")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_artifact(args.model, args.pretrained, args.models_dir, seed=args.seed,
                                keep_fp32=args.keep_fp32, cache_dir=args.cache_dir,
-                               rewrites=not args.no_rewrites)
+                               rewrites=not args.no_rewrites, text=not args.no_text)
     except (WeightsError, GateError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

@@ -45,7 +45,8 @@ class ExportSelfAttention(torch.nn.Module):
     """``nn.MultiheadAttention`` self-attention, rewritten for a lean ONNX graph.
 
     The same weights and arithmetic as PyTorch's ``multi_head_attention_forward`` for a
-    batch-first self-attention without mask, but laid out so the export has one fused QKV
+    batch-first self-attention (without mask, or with an additive float mask such as the
+    text tower's causal one), but laid out so the export has one fused QKV
     MatMul, one split and three transposes per layer instead of the ~8 transposes and a
     dozen reshapes/gathers that tracing ``nn.MultiheadAttention`` produces (those layout
     ops were a fifth of the INT8 graph's time). The parity gate checks the result against
@@ -78,8 +79,11 @@ class ExportSelfAttention(torch.nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 need_weights: bool = False, attn_mask: torch.Tensor | None = None):
-        if attn_mask is not None or key is not query or value is not query:
-            raise ValueError("ExportSelfAttention handles unmasked self-attention only")
+        if key is not query or value is not query:
+            raise ValueError("ExportSelfAttention handles self-attention only")
+        if attn_mask is not None and (attn_mask.dtype == torch.bool
+                                      or self.query_tokens is not None):
+            raise ValueError("ExportSelfAttention takes an additive float mask, all queries")
         batch, length, embed = query.shape
         heads, head_dim = self.num_heads, self.head_dim
         if self.query_tokens is None:
@@ -93,6 +97,8 @@ class ExportSelfAttention(torch.nn.Module):
             kv = self.kv(query).reshape(batch, length, 2, heads, head_dim)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
+        if attn_mask is not None:  # additive, as nn.MultiheadAttention applies a float mask
+            scores = scores + attn_mask
         context = torch.matmul(scores.softmax(dim=-1), v)
         context = context.transpose(1, 2).reshape(batch, out_length, embed)
         return self.out_proj(context), None

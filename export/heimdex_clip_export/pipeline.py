@@ -16,7 +16,7 @@ import logging
 import platform
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from . import evaluation as ev
 from .install import install
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
 from .quantize import QuantRecipe, quantize_visual
+from .text_export import TextGateError, export_text_tower
 from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,14 @@ def _tensor_specs(values: list) -> list[TensorSpec]:
     return specs
 
 
-def _file_entry(path: Path, precision: str) -> FileEntry:
+def _file_entry(path: Path, precision: str | None, role: str = "visual") -> FileEntry:
+    entry = FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
+                      role=role, precision=precision)
+    if path.suffix != ".onnx":
+        return entry
     graph = onnx.load(str(path), load_external_data=False).graph
-    return FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
-                     role="visual", precision=precision, inputs=_tensor_specs(graph.input),
-                     outputs=_tensor_specs(graph.output))
+    return replace(entry, inputs=_tensor_specs(graph.input),
+                   outputs=_tensor_specs(graph.output))
 
 
 def _versions() -> dict[str, str]:
@@ -183,8 +187,11 @@ def _versions() -> dict[str, str]:
 def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed: int = 0,
                     keep_fp32: bool = False, cache_dir: str | None = None,
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
-                    rewrites: bool = True) -> Path:
-    """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path."""
+                    rewrites: bool = True, text: bool = True) -> Path:
+    """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path.
+
+    ``text=False`` leaves the text tower out (an image-only artifact).
+    """
     gates = gates or Gates()
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
     if loaded.random_init:
@@ -196,7 +203,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
         manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
-                                rewrites)
+                                rewrites, text)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         install(work, final)
     except BaseException:
@@ -207,7 +214,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
 
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
-                 gates: Gates, rewrites: bool) -> Manifest:
+                 gates: Gates, rewrites: bool, with_text: bool) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
     spec = preprocess_spec(loaded)
     pixels, preprocess_report = evaluation_pixels(loaded, spec)  # first: it fails in seconds
@@ -247,6 +254,15 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
         files["visual.fp32"] = _file_entry(fp32_path, "fp32")
     else:
         fp32_path.unlink()
+    try:
+        text = export_text_tower(loaded.model, loaded.model_name, work, torch_ref,
+                                 keep_fp32=keep_fp32, recipe=recipe,
+                                 gates=gates) if with_text else None
+    except TextGateError as exc:
+        raise GateError(f"text fp32 parity gate failed; no artifact written: {exc}") from exc
+    if text is not None:
+        files.update({key: _file_entry(path, precision, role)
+                      for key, (path, precision, role) in text.files.items()})
     return Manifest(
         schema_version=SCHEMA_VERSION,
         model=ModelInfo(name=loaded.model_name, pretrained=loaded.pretrained,
@@ -265,11 +281,13 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
             "int8_vs_torch": int8_vs_torch.to_dict(),
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
             "measured_with": {"onnxruntime": ort.__version__, "cpu": cpu_features()},
+            **({"text": text.parity} if text is not None else {}),
         },
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"export": {"exporter": "torch.onnx dynamo", "opset": OPSET,
-                          "rewrites": applied.to_dict()}},
+                          "rewrites": applied.to_dict()},
+               **({"text": text.spec} if text is not None else {})},
     )
 
 

@@ -13,6 +13,7 @@ from .errors import (
     ConfigError,
     DimensionError,
     ImageError,
+    TextError,
 )
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "ImageError",
     "Manifest",
     "PreprocessSpec",
+    "TextError",
     "__version__",
     "get_embedder",
     "load_manifest",

@@ -1,6 +1,6 @@
 """``heimdex-clip``: embed images, inspect the runtime, and (with the db extra) index/search.
 
-    heimdex-clip embed PATH... [--json]
+    heimdex-clip embed PATH... [--text TEXT]... [--json]
     heimdex-clip info [--json]
     heimdex-clip db migrate | index | search | backfill | stats   (needs the db extra)
 """
@@ -31,7 +31,10 @@ def _embedder(args: argparse.Namespace) -> ClipEmbedder:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    """Embed each image; print dimension, norm and time (never stops at a bad file)."""
+    """Embed each image and text; print dimension, norm and time (never stops at a bad one)."""
+    if not args.paths and not args.text:
+        print("error: give image paths and/or --text TEXT", file=sys.stderr)
+        return 2
     embedder = _embedder(args)
     try:
         embedder.load()
@@ -39,9 +42,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows: list[dict[str, Any]] = []
-    for path in args.paths:
-        result = embedder.embed_frame(path, frame_path=path)
-        row: dict[str, Any] = {"path": path, "ok": result.ok, "error": result.error,
+    queries = [("path", p, embedder.embed_frame(p, frame_path=p)) for p in args.paths]
+    queries += [("text", t, embedder.embed_text(t)) for t in args.text]
+    for kind, query, result in queries:
+        row: dict[str, Any] = {kind: query, "ok": result.ok, "error": result.error,
                                "time_ms": result.metadata["inference_time_ms"]}
         if result.ok:
             assert result.embedding is not None
@@ -55,10 +59,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print()
     else:
         for r in rows:
+            label = r["path"] if "path" in r else f"text {r['text']!r}"
             if r["ok"]:
-                print(f"{r['path']}: dim={r['dim']} norm={r['norm']:.4f} time={r['time_ms']}ms")
+                print(f"{label}: dim={r['dim']} norm={r['norm']:.4f} time={r['time_ms']}ms")
             else:
-                print(f"{r['path']}: FAILED {r['error']}")
+                print(f"{label}: FAILED {r['error']}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
@@ -132,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    embed = sub.add_parser("embed", help="embed images and print dim, norm and time")
-    embed.add_argument("paths", nargs="+")
+    embed = sub.add_parser("embed", help="embed images and texts; print dim, norm and time")
+    embed.add_argument("paths", nargs="*", help="image files")
+    embed.add_argument("--text", action="append", default=[],
+                       help="a query text to embed with the text tower (repeatable)")
     embed.add_argument("--json", action="store_true", help="JSON output")
     embed.add_argument("--vectors", action="store_true", help="include the vectors (JSON)")
     embed.set_defaults(func=cmd_embed)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
@@ -31,7 +32,7 @@ from .config import ClipConfig
 from .errors import ArtifactError, ClipError, ConfigError, ImageError
 from .frames import EmbeddingCache, Frame, FramePipeline
 from .images import ImageSource
-from .jobs import DeadlineRunner
+from .jobs import DeadlineRunner, JobTimeout
 from .metadata import (
     EmbeddingResult,
     InvalidArgument,
@@ -43,6 +44,7 @@ from .metadata import (
 )
 from .model import VisualModel, load_visual_model
 from .session import SessionInfo
+from .text import TextTower, has_text_tower
 
 log = logging.getLogger("heimdex_clip")
 
@@ -72,6 +74,8 @@ class ClipEmbedder:
         self._cache = EmbeddingCache(self.config.embed_cache_size)
         self._runner = DeadlineRunner()
         self._pipeline = FramePipeline(self.config, self._runner, self._cache)
+        self._text_lock = threading.Lock()
+        self._text: tuple[VisualModel, TextTower | ClipError] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -139,6 +143,8 @@ class ClipEmbedder:
             self._model = None
             self._load_error = None
             self._cache.clear()
+        with self._text_lock:
+            self._text = None
 
     @property
     def is_loaded(self) -> bool:
@@ -354,6 +360,77 @@ class ClipEmbedder:
         time_ms = sum(r.metadata["inference_time_ms"] or 0.0 for r in results if r.ok)
         return success(self._identity(), pooled.astype(np.float32), frame_path=path,
                        frame_quality=quality, time_ms=time_ms)
+
+    # ------------------------------------------------------------------ text (text tower)
+    # Thin delegations to heimdex_clip.text.TextTower, loaded on first text call from the
+    # same artifact as the image tower (its vectors are comparable with the image vectors).
+
+    def _text_tower(self) -> TextTower:
+        """The text tower of the loaded artifact; TextError if it has none. A failed load is
+        remembered for that model (:meth:`reload` tries again)."""
+        model = self._current()
+        loaded = self._text
+        if loaded is None or loaded[0] is not model:
+            with self._text_lock:
+                if self._text is None or self._text[0] is not model:
+                    try:
+                        tower: TextTower | ClipError = TextTower(
+                            model.artifact_dir, model.manifest, self.config,
+                            cache_size=self.config.embed_cache_size)
+                    except ClipError as exc:
+                        tower = exc
+                    self._text = (model, tower)
+                loaded = self._text
+        if isinstance(loaded[1], ClipError):
+            raise loaded[1]
+        return loaded[1]
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """open_clip.tokenize's token ids, int64 [N, 77], torch-free; raises TextError."""
+        return self._text_tower().tokenize(texts)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Embed every text, float32 [N, D], comparable with the image vectors. Raises
+        ClipError (TextError for a bad text or an artifact without text tower)."""
+        batch = self.config.batch_size if batch_size is None else batch_size
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch!r}")
+        return self._text_tower().embed(texts, batch_size=batch)
+
+    def embed_text(self, text: str) -> EmbeddingResult:
+        """Embed one query text for a worker or a search endpoint. Never raises.
+
+        Same rules as :meth:`embed_frame`: CLIP_TIMEOUT_S covers tokenizing and inference
+        (not the one-off load), a failure gives ``embedding=None`` and the reason in the
+        metadata (``frame_path`` and ``frame_quality`` are null). Repeated texts come from
+        a small LRU (CLIP_EMBED_CACHE_SIZE).
+        """
+        started = time.perf_counter()
+        try:
+            tower = self._text_tower()
+        except ClipError as exc:
+            return failure(self._identity(), frame_path=None, error=f"Model load failed: {exc}")
+        except Exception as exc:  # a bug must cost this query, never the worker
+            return failure(self._identity(), frame_path=None,
+                           error=f"Model load failed: {type(exc).__name__}: {exc}")
+        timeout = self.config.timeout_s
+        try:
+            vector = self._runner.run(lambda job: tower.embed_one(text, job.run_options),
+                                      timeout)
+        except JobTimeout:
+            log.warning("CLIP text embedding failed: Timeout after %ss", timeout)
+            return failure(self._identity(), frame_path=None, error=f"Timeout after {timeout}s")
+        except Exception as exc:  # TextError, an ONNX Runtime failure, MemoryError...
+            log.error("CLIP text embedding failed: %s", exc)
+            return failure(self._identity(), frame_path=None,
+                           error=f"{type(exc).__name__}: {exc}")
+        return success(self._identity(), vector, frame_path=None, frame_quality=None,
+                       time_ms=(time.perf_counter() - started) * 1000)
+
+    @property
+    def has_text_tower(self) -> bool:
+        """Whether the loaded artifact ships a text tower (loads the model if needed)."""
+        return has_text_tower(self.manifest)
 
 
 def _sequence(images: Any, caller: str, error: type[Exception] = ImageError) -> list:

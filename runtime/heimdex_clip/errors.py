@@ -30,3 +30,8 @@ class ClipTimeoutError(ClipError, TimeoutError):
 
 class DimensionError(ClipError, ValueError):
     """A vector's dimension does not match the model or the database column."""
+
+
+class TextError(ClipError, ValueError):
+    """A query text cannot be embedded (not a string, too long), or the artifact has no text
+    tower."""

@@ -98,9 +98,10 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     _owner_args(index, all_owners=False)
     index.add_argument("--batch", type=integer(1, 4096), default=16)
 
-    search = command(sub, "search", help="owner-scoped visual search")
+    search = command(sub, "search", help="owner-scoped search by image, text or scene")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="query image file")
+    query.add_argument("--text", help="query text (needs an artifact with a text tower)")
     query.add_argument("--scene", type=uuid.UUID, help="query scene id (similar scenes)")
     _owner_args(search, all_owners=False)
     search.add_argument("--threshold", type=number(-1, 1), default=0.0,

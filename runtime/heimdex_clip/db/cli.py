@@ -167,7 +167,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     with _db(args) as pool:
         store = SceneStore(pool)
-        if args.image:
+        if args.text is not None:
+            hits = store.search_by_text(args.owner, embedder, args.text,
+                                        threshold=args.threshold, count=args.count)
+            query_label, query_frame = f"text: {args.text}", None
+            if embedder.manifest.model.random_init:
+                print("note: random-initialisation model: this text ranking is meaningless",
+                      file=sys.stderr)
+        elif args.image:
             hits = store.search_by_image(args.owner, embedder, args.image,
                                          threshold=args.threshold, count=args.count)
             query_label, query_frame = f"image {args.image}", args.image

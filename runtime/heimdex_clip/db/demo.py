@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import ClipConfig
 from ..embedder import ClipEmbedder
+from ..errors import TextError
 from .backfill import Scope
 from .cli import index_folder, print_hits
 from .connection import database
@@ -26,6 +27,7 @@ from .store import SceneStore
 OWNER_A = uuid.UUID("00000000-0000-4000-a000-00000000000a")
 OWNER_B = uuid.UUID("00000000-0000-4000-a000-00000000000b")
 BANNER = "=" * 78
+QUERY_TEXT = "a photo of a cat"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,12 +70,35 @@ def main(argv: list[str] | None = None) -> int:
                                        count=5)
         print_hits(similar)
 
+        text_hits = _text_search(store, embedder, model.random_init)
+
         print("\nMonitoring (all owners):")
         print(format_stats(clip_stats(pool, Scope(all_owners=True))))
     args.html.write_text(render_results(f"image {query.name}", query, hits, warning=warning),
                          encoding="utf-8")
     print(f"\nwrote {args.html} (query and result thumbnails)")
+    if text_hits is not None:
+        text_html = args.html.with_name(f"{args.html.stem}_text{args.html.suffix}")
+        text_warning = ("Random-initialisation model: this text ranking is MEANINGLESS."
+                        if model.random_init else None)
+        text_html.write_text(render_results(f"text: {QUERY_TEXT}", None, text_hits,
+                                            warning=text_warning), encoding="utf-8")
+        print(f"wrote {text_html} (query text and result thumbnails)")
     return 0
+
+
+def _text_search(store: SceneStore, embedder: ClipEmbedder, random_init: bool):
+    """Text -> scenes over owner A's photographs; None when the artifact has no text tower."""
+    print(f'\nSearch by text "{QUERY_TEXT}" (owner {OWNER_A}, top 5):')
+    try:
+        hits = store.search_by_text(OWNER_A, embedder, QUERY_TEXT, count=5)
+    except TextError as exc:
+        print(f"skipped: {exc}")
+        return None
+    print_hits(hits)
+    if random_init:
+        print("!!! random-initialisation model: this text ranking is MEANINGLESS")
+    return hits
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ def _figure(uri: str | None, caption: str) -> str:
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
 
+def _query(label: str, frame: str | Path | None, max_pixels: int | None) -> str:
+    """The query's thumbnail, or for a text query (no frame) the text itself."""
+    if frame is None:
+        return f'<p class="query-text">{html.escape(label)}</p>'
+    return _figure(thumbnail_data_uri(frame, max_pixels=max_pixels), html.escape(label))
+
+
 def render_results(query_label: str, query_frame: str | Path | None,
                    hits: Sequence[SearchHit], *, title: str = "heimdex-clip search",
                    warning: str | None = None, max_pixels: int | None = None) -> str:
@@ -62,13 +69,12 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 figure {{ margin: 0; width: {THUMBNAIL}px; text-align: center; }}
 img {{ max-width: {THUMBNAIL}px; max-height: {THUMBNAIL}px; border-radius: 4px; }}
 .query img {{ outline: 3px solid #2a7; }}
+.query-text {{ font-size: 1.4em; border-left: 4px solid #2a7; padding: .3em .8em; }}
 .warn {{ background: #fee; border: 1px solid #c33; padding: .5em; }}
 .missing {{ width: {THUMBNAIL}px; height: 120px; background: #eee; line-height: 120px; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>{banner}
-<h2>Query</h2><div class="grid query">{_figure(thumbnail_data_uri(query_frame,
-                                                                 max_pixels=max_pixels),
-                                              html.escape(query_label))}</div>
+<h2>Query</h2><div class="grid query">{_query(query_label, query_frame, max_pixels)}</div>
 <h2>{len(hits)} result{'s' if len(hits) != 1 else ''}</h2><div class="grid">{body}</div>
 </body></html>
 """

@@ -243,6 +243,14 @@ class SceneStore:
         return self.search_by_embedding(owner_id, vector, artifact=embedder.artifact_id,
                                         threshold=threshold, count=count)
 
+    def search_by_text(self, owner_id: uuid.UUID | str, embedder: ClipEmbedder, text: str, *,
+                       threshold: float = 0.0, count: int = 20) -> list[SearchHit]:
+        """Embed ``text`` with the text tower (strictly: raises TextError for a bad text or an
+        artifact without text tower) and search the owner's scenes with it, through the
+        same SQL function as image search."""
+        vector = embedder.embed_texts([text])[0]
+        return self.search_by_embedding(owner_id, vector, threshold=threshold, count=count)
+
     def search_similar(self, owner_id: uuid.UUID | str, scene_id: uuid.UUID | str, *,
                        artifact: str, threshold: float = 0.0,
                        count: int = 20) -> list[SearchHit]:
