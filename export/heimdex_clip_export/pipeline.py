@@ -13,7 +13,7 @@ import logging
 import platform
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from heimdex_clip.artifact import (
 
 from . import evaluation as ev
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
-from .quantize import QuantRecipe, quantize_visual
+from .quantize import SHIPPED_RECIPE, QuantRecipe, quantize_visual
 from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,21 @@ class GateError(RuntimeError):
 
 @dataclass(frozen=True)
 class Gates:
-    """The accuracy an artifact must show before it is written (DESIGN.md targets)."""
+    """The accuracy an artifact must show before it is written (real trained weights)."""
 
     fp32_min_cosine: float = 0.99999
-    int8_mean_cosine: float = 0.995
-    int8_min_cosine: float = 0.98
-    int8_top5_agreement: float = 0.9
-    batch_invariance_min_cosine: float = 0.999
+    int8_mean_cosine: float = 0.999
+    int8_min_cosine: float = 0.99
+    int8_top5_agreement: float = 0.95
+    #: An image alone vs inside a batch: search must not depend on what was batched with it.
+    batch_invariance_min_cosine: float = 0.9999
     min_eval_images: int = 100
+
+
+#: A seeded random init has no activation outliers; it keeps the looser INT8 figures it
+#: was first gated on (the batch-invariance gate is the same).
+RANDOM_INIT_GATES = replace(Gates(), int8_mean_cosine=0.995, int8_min_cosine=0.98,
+                            int8_top5_agreement=0.9)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -81,13 +88,14 @@ def _torch_embed(model: torch.nn.Module) -> ev.EmbedFn:
     return embed
 
 
-def evaluation_pixels(loaded: LoadedModel) -> np.ndarray:
-    """The evaluation set through open_clip's own eval transform (the reference)."""
+def evaluation_pixels(loaded: LoadedModel, images: list | None = None) -> np.ndarray:
+    """``images`` (default: the evaluation set) through open_clip's own eval transform."""
     transform = open_clip.image_transform(
         loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std,
         resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
         fill_color=loaded.fill_color)
-    return torch.stack([transform(img) for img in ev.evaluation_images()]).numpy()
+    images = ev.evaluation_images() if images is None else images
+    return torch.stack([transform(img) for img in images]).numpy()
 
 
 def fp32_parity(torch_ref: np.ndarray, fp32: ev.EmbedFn, pixels: np.ndarray) -> dict:
@@ -147,8 +155,8 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
                     rewrites: bool = True) -> Path:
     """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path."""
-    gates = gates or Gates()
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
+    gates = gates or (RANDOM_INIT_GATES if loaded.random_init else Gates())
     if loaded.random_init:
         log.warning("RANDOM INITIALISATION (seed %d): this artifact is for tests; its "
                     "embeddings carry no meaning", seed)
@@ -157,7 +165,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{final.name}.tmp-"))
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
-        manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
+        manifest = _export_into(loaded, work, keep_fp32, recipe or SHIPPED_RECIPE, gates,
                                 rewrites)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         _install(work, final)
@@ -187,7 +195,8 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
                  gates.fp32_min_cosine, failures)
     _raise_if(failures, "fp32 parity")
 
-    recipe_record = quantize_visual(fp32_path, int8_path, recipe)
+    calibration = evaluation_pixels(loaded, ev.calibration_images())  # not in the eval set
+    recipe_record = quantize_visual(fp32_path, int8_path, recipe, calibration=calibration)
     fp32_emb = ev.embed_batched(fp32_embed, pixels, EVAL_BATCH)
     int8_embed = _onnx_embed(_session(int8_path))
     int8_emb = ev.embed_batched(int8_embed, pixels, EVAL_BATCH)

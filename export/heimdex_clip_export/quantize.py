@@ -1,6 +1,6 @@
 """Step 4: INT8 quantization of an fp32 image-tower graph (any ViT ONNX graph).
 
-The shipped recipe, ``rowwise`` (see ``rowwise.py`` and docs/quantization.md for the
+The shipped recipe, dynamic ``per_row`` (see ``rowwise.py`` and docs/quantization.md for the
 measurements behind it): after ``quant_pre_process`` (ONNX shape inference and
 optimisation; the symbolic shape pass is skipped because it fails on exported open_clip
 graphs), every weight MatMul gets per-row symmetric uint8 activations, per-channel int8
@@ -9,7 +9,7 @@ calibrated on images that are not in the evaluation set. The patch Conv (left on
 ``--no-rewrites``), the embedding Gathers and the attention's activation x activation
 MatMuls stay float.
 
-``dynamic`` is the previous recipe, ONNX Runtime's ``quantize_dynamic`` (one activation
+``per_tensor`` is the previous recipe, ONNX Runtime's ``quantize_dynamic`` (one activation
 scale per tensor, so a batch-mate's outlier moves an image's embedding); it stays selectable
 so the benchmark can compare the two.
 """
@@ -39,17 +39,19 @@ CALIBRATION_BATCH = 4
 class QuantRecipe:
     """Everything that decides the INT8 graph; recorded verbatim in the manifest."""
 
-    method: str = "rowwise"
+    #: Activation scales are computed at run time, from the tensor being multiplied.
+    method: str = "dynamic"
     weight_type: str = "QInt8"
     activation_type: str = "QUInt8"
-    #: "per_row": one scale per token (rowwise); "per_tensor": one per batch (dynamic).
+    #: "per_row": one scale per token (``rowwise.py``); "per_tensor": one per batch, which is
+    #: ONNX Runtime's ``quantize_dynamic``.
     activation_granularity: str = "per_row"
     per_channel: bool = True
-    #: 7-bit weights (dynamic only); rowwise bounds adjacent weight pairs instead.
+    #: 7-bit weights (per_tensor only); per_row bounds adjacent weight pairs instead.
     reduce_range: bool = False
-    #: rowwise: int8 weight pairs bounded so uint8 x int8 kernels without VNNI cannot saturate.
+    #: per_row: int8 weight pairs bounded so uint8 x int8 kernels without VNNI cannot saturate.
     saturation_safe_weights: bool = True
-    #: SmoothQuant migration strength (rowwise; None = no smoothing, no calibration needed).
+    #: SmoothQuant migration strength (per_row; None = no smoothing, no calibration needed).
     smooth_alpha: float | None = 0.6
     op_types: tuple[str, ...] = ("MatMul",)
     excluded_nodes: tuple[str, ...] = ()
@@ -62,8 +64,10 @@ class QuantRecipe:
         return d
 
 
+#: The recipe the export ships (and the real-weights test applies, unchanged).
+SHIPPED_RECIPE = QuantRecipe()
 #: The recipe shipped before the real-weights proxy existed (kept for comparisons).
-PER_TENSOR_RECIPE = QuantRecipe(method="dynamic", activation_granularity="per_tensor",
+PER_TENSOR_RECIPE = QuantRecipe(activation_granularity="per_tensor",
                                 reduce_range=True, saturation_safe_weights=False,
                                 smooth_alpha=None)
 
@@ -75,22 +79,24 @@ def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None 
     ``calibration``: input batches (float32, the graph's input layout) for SmoothQuant;
     required when the recipe smooths. Use images that are not in the evaluation set.
     """
-    recipe = recipe or QuantRecipe()
+    recipe = recipe or SHIPPED_RECIPE
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), **recipe.pre_process)
-        if recipe.method == "dynamic":
-            record = _quantize_dynamic(prepared, out_path, recipe)
-        elif recipe.method == "rowwise":
-            record = _quantize_rowwise(prepared, out_path, recipe, calibration)
-        else:
+        if recipe.method != "dynamic":
             raise ValueError(f"unknown quantization method {recipe.method!r}")
+        if recipe.activation_granularity == "per_tensor":
+            record = _quantize_per_tensor(prepared, out_path, recipe)
+        elif recipe.activation_granularity == "per_row":
+            record = _quantize_per_row(prepared, out_path, recipe, calibration)
+        else:
+            raise ValueError(f"unknown activation granularity {recipe.activation_granularity!r}")
     log.info("quantized %s -> %s (%.1f MB)", fp32_path.name, out_path.name,
              out_path.stat().st_size / 1e6)
     return record
 
 
-def _quantize_dynamic(prepared: Path, out_path: Path, recipe: QuantRecipe) -> dict:
+def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) -> dict:
     quantize_dynamic(
         str(prepared),
         str(out_path),
@@ -103,10 +109,10 @@ def _quantize_dynamic(prepared: Path, out_path: Path, recipe: QuantRecipe) -> di
     return recipe.to_dict()
 
 
-def _quantize_rowwise(prepared: Path, out_path: Path, recipe: QuantRecipe,
+def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
                       calibration: np.ndarray | None) -> dict:
     if recipe.op_types != ("MatMul",) or recipe.weight_type != "QInt8" or recipe.reduce_range:
-        raise ValueError("rowwise quantizes MatMul with QInt8 weights and no reduce_range")
+        raise ValueError("per_row quantizes MatMul with QInt8 weights and no reduce_range")
     model = onnx.load(str(prepared))
     act_absmax = None
     if recipe.smooth_alpha is not None:

@@ -66,6 +66,55 @@ def smoothing_factors(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     return factors
 
 
+def fold_smoothing(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
+                   consumers_ok: set[int]) -> bool:
+    """Divide activation ``x`` by ``s`` inside the affine op that produces it, if it can.
+
+    ``x`` must be read only by the nodes in ``consumers_ok``, and be produced by a
+    ``LayerNormalization`` with constant scale/bias or by ``Add(Mul(z, gamma), beta)`` with
+    constant ``gamma``/``beta`` (a decomposed layer norm). Otherwise nothing changes and the
+    caller divides with an explicit Mul.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    readers = [i for i, n in enumerate(nodes) if x in n.input]
+    if not readers or not set(readers) <= consumers_ok:
+        return False
+    producer = {o: n for n in nodes for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+
+    def rescale(node: onnx.NodeProto, slot: int) -> bool:
+        name = node.input[slot]
+        if name not in inits or list(inits[name].dims) not in ([inv_s.size], [1, inv_s.size],
+                                                               [1, 1, inv_s.size]):
+            return False
+        scaled = numpy_helper.to_array(inits[name]) * inv_s
+        graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32),
+                                                         f"{name}/smoothed/{x}"))
+        node.input[slot] = f"{name}/smoothed/{x}"
+        return True
+
+    node = producer.get(x)
+    if node is None:
+        return False
+    if node.op_type == "LayerNormalization":
+        slots = [s for s in (1, 2) if len(node.input) > s and node.input[s]]
+        if all(node.input[s] in inits for s in slots):
+            return all(rescale(node, s) for s in slots)
+        return False
+    if node.op_type == "Add":
+        const = next((s for s in (0, 1) if node.input[s] in inits), None)
+        mul = producer.get(node.input[1 - const]) if const is not None else None
+        if (mul is None or mul.op_type != "Mul"
+                or sum(node.input[1 - const] in n.input for n in nodes) != 1):
+            return False
+        gamma = next((s for s in (0, 1) if mul.input[s] in inits), None)
+        if gamma is None or list(inits[mul.input[gamma]].dims) != [inv_s.size]:
+            return False
+        return rescale(mul, gamma) and rescale(node, const)
+    return False
+
+
 def quantize_weight(w: np.ndarray, pair_safe: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8 weights and their float scales."""
     bound = np.abs(w).max(axis=0)
@@ -98,21 +147,24 @@ class _Builder:
                                            **attrs))
         return output
 
-    def reduce_max_last(self, x: str, output: str) -> str:
+    def reduce_last(self, op: str, x: str, output: str) -> str:
         if self.opset >= 18:  # axes became an input in opset 18
-            return self.node("ReduceMax", [x, "rowq/last_axis"], output, keepdims=0)
-        return self.node("ReduceMax", [x], output, axes=[-1], keepdims=0)
+            return self.node(op, [x, "rowq/last_axis"], output, keepdims=0)
+        return self.node(op, [x], output, axes=[-1], keepdims=0)
 
 
-def _quantize_rows(b: _Builder, x: str, k: int, smooth: np.ndarray | None, p: str):
+def _quantize_rows(b: _Builder, x: str, k: int, inv_smooth: np.ndarray | None, p: str):
     """Nodes quantizing activation ``x`` per row; returns (q [M,K] u8, scale [M,1], lead)."""
-    if smooth is not None:
-        x = b.node("Mul", [x, b.const(p + "/inv_smooth", 1.0 / smooth)], p + "/smoothed")
+    if inv_smooth is not None:
+        x = b.node("Mul", [x, b.const(p + "/inv_smooth", inv_smooth)], p + "/smoothed")
     flat = b.node("Reshape", [x, b.const(p + "/shape2d", np.array([-1, k], np.int64))],
                   p + "/flat")
     lead = b.node("Slice", [b.node("Shape", [x], p + "/shape"), "rowq/zero", "rowq/last_axis"],
                   p + "/lead_dims")
-    amax = b.reduce_max_last(b.node("Abs", [flat], p + "/abs"), p + "/amax")
+    # max |x| without writing |x|: max(max x, -min x)
+    amax = b.node("Max", [b.reduce_last("ReduceMax", flat, p + "/max"),
+                          b.node("Neg", [b.reduce_last("ReduceMin", flat, p + "/min")],
+                                 p + "/neg_min")], p + "/amax")
     scale = b.node("Max", [b.node("Mul", [amax, "rowq/inv_qmax"], p + "/scale0"), "rowq/tiny"],
                    p + "/scale")
     # Per-axis QuantizeLinear wants a zero point per row: 128 everywhere.
@@ -139,6 +191,8 @@ def rewrite(model: onnx.ModelProto, *, act_absmax: dict[str, np.ndarray] | None 
     target_nodes = [n for i, n in enumerate(graph.node) if i in targets]
     smooth = (smoothing_factors(model, target_nodes, act_absmax, alpha)
               if act_absmax is not None and alpha is not None else {})
+    explicit = {x: (1.0 / s).astype(np.float32) for x, s in smooth.items()
+                if not fold_smoothing(model, x, (1.0 / s).astype(np.float32), targets)}
     inits = {i.name: i for i in graph.initializer}
     b = _Builder(opset)
     b.const("rowq/last_axis", np.array([-1], np.int64))
@@ -157,7 +211,7 @@ def rewrite(model: onnx.ModelProto, *, act_absmax: dict[str, np.ndarray] | None 
         if x in smooth:
             w = w * smooth[x][:, None]
         if x not in quantized:  # Q, K and V share one quantized input
-            quantized[x] = _quantize_rows(b, x, w.shape[0], smooth.get(x), p)
+            quantized[x] = _quantize_rows(b, x, w.shape[0], explicit.get(x), p)
         q, scale_col, lead = quantized[x]
         wq, wscale = quantize_weight(w, pair_safe)
         y2d = b.node("MatMulIntegerToFloat",
