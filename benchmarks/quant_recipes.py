@@ -102,7 +102,7 @@ def clip_speed(artifact: Path, workdir: Path, threads: int, repeats: int) -> dic
 
 def _fmt_row(row: dict) -> str:
     return (f"mean {row['mean_cosine']:.5f} | min {row['min_cosine']:.5f} | "
-            f"top-5 {row['top5_agreement']:.3f} | alone vs batch {row['batch_invariance']:.6f}")
+            f"top-5 {row['top5_agreement']:.3f} | alone vs batch {row['batch_invariance']:.7f}")
 
 
 def markdown(results: dict) -> str:
@@ -121,7 +121,7 @@ def markdown(results: dict) -> str:
     ]
     for label, r in acc["recipes"].items():
         lines.append(f"| {label} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
-                     f"{r['top5_agreement']:.3f} | {r['batch_invariance']:.6f} | "
+                     f"{r['top5_agreement']:.3f} | {r['batch_invariance']:.7f} | "
                      f"{'yes' if r['passes_gates'] else 'no'} |")
     speed = results["clip_speed"]
     lines += ["", "Gates: mean >= 0.999, min >= 0.99, top-5 >= 0.95, alone vs batch >= 0.9999.",
