@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +151,3 @@ def activation_absmax(model: onnx.ModelProto, calibration: np.ndarray,
             channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             absmax[name] = np.maximum(absmax.get(name, 0.0), channel_max)
     return absmax
-
-
-def with_excluded(recipe: QuantRecipe, nodes: tuple[str, ...]) -> QuantRecipe:
-    """The same recipe with ``nodes`` kept in float (mixed precision)."""
-    return replace(recipe, excluded_nodes=tuple(recipe.excluded_nodes) + tuple(nodes))

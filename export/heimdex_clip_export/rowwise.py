@@ -3,7 +3,8 @@
 Each MatMul ``Y = X @ W`` whose ``W`` is a 2-D initializer becomes:
 
 * ``X`` divided per channel by SmoothQuant factors ``s`` (``W`` multiplied by them), which
-  moves activation outlier channels into the weights (optional);
+  moves activation outlier channels into the weights (optional). The division is folded
+  into the layer norm that produces ``X`` where there is one, else it is one ``Mul``;
 * ``X`` quantized per row to uint8 around a fixed zero point of 128 (symmetric: one scale
   per row = max |x| / 127), so a token's quantization depends on that token only and an
   image's embedding cannot depend on its batch-mates; ONNX Runtime's integer kernels accept
@@ -115,17 +116,23 @@ def fold_smoothing(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
     return False
 
 
+def _same_sign_pair_sums(w: np.ndarray) -> np.ndarray:
+    """|w[2i]| + |w[2i+1]| where both have the same sign, else 0 (per column)."""
+    k = w.shape[0] - w.shape[0] % 2
+    first, second = w[0:k:2], w[1:k:2]
+    return np.where(first * second > 0, np.abs(first) + np.abs(second), 0)
+
+
 def quantize_weight(w: np.ndarray, pair_safe: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8 weights and their float scales."""
     bound = np.abs(w).max(axis=0)
     if pair_safe:
-        k = w.shape[0] - w.shape[0] % 2
-        first, second = w[0:k:2], w[1:k:2]
-        same_sign = np.where(first * second > 0, np.abs(first) + np.abs(second), 0.0)
         # /QMAX, not /PAIR_LIMIT: rounding each of the two may add 0.5 to the pair's sum.
-        bound = np.maximum(bound, same_sign.max(axis=0, initial=0.0))
+        bound = np.maximum(bound, _same_sign_pair_sums(w).max(axis=0, initial=0.0))
     scale = np.where(bound > 0, bound / QMAX, 1.0).astype(np.float32)
     q = np.clip(np.round(w / scale), -QMAX, QMAX).astype(np.int8)
+    if pair_safe and _same_sign_pair_sums(q.astype(np.int32)).max(initial=0) > PAIR_LIMIT:
+        raise RuntimeError("int8 weight pair bound violated")  # guards the arithmetic above
     return q, scale
 
 
