@@ -160,14 +160,29 @@ class _Builder:
         return self.node(op, [x], output, axes=[-1], keepdims=0)
 
 
-def _quantize_rows(b: _Builder, x: str, k: int, inv_smooth: np.ndarray | None, p: str):
-    """Nodes quantizing activation ``x`` per row; returns (q [M,K] u8, scale [M,1], lead)."""
+def _static_lead(model: onnx.ModelProto, x: str) -> list[int] | None:
+    """``x``'s dims between the batch axis and the last one, if shape inference fixed them."""
+    values = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    info = next((v for v in values if v.name == x), None)
+    if info is None or not info.type.tensor_type.HasField("shape"):
+        return None
+    dims = info.type.tensor_type.shape.dim
+    middle = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:-1]]
+    return middle if len(dims) >= 2 and None not in middle else None
+
+
+def _quantize_rows(b: _Builder, x: str, k: int, inv_smooth: np.ndarray | None, p: str,
+                   static_lead: list[int] | None):
+    """Nodes quantizing activation ``x`` per row; returns (q [M,K] u8, scale [M,1], lead):
+    ``lead`` is ``x``'s leading dims, a constant list when known, else a tensor name."""
     if inv_smooth is not None:
         x = b.node("Mul", [x, b.const(p + "/inv_smooth", inv_smooth)], p + "/smoothed")
     flat = b.node("Reshape", [x, b.const(p + "/shape2d", np.array([-1, k], np.int64))],
                   p + "/flat")
-    lead = b.node("Slice", [b.node("Shape", [x], p + "/shape"), "rowq/zero", "rowq/last_axis"],
-                  p + "/lead_dims")
+    # Fewer nodes when the token count is static: each costs dispatch time at batch 1.
+    lead = ([-1, *static_lead] if static_lead is not None else
+            b.node("Slice", [b.node("Shape", [x], p + "/shape"), "rowq/zero", "rowq/last_axis"],
+                   p + "/lead_dims"))
     # max |x| without writing |x|: max(max x, -min x)
     amax = b.node("Max", [b.reduce_last("ReduceMax", flat, p + "/max"),
                           b.node("Neg", [b.reduce_last("ReduceMin", flat, p + "/min")],
@@ -218,14 +233,19 @@ def rewrite(model: onnx.ModelProto, *, act_absmax: dict[str, np.ndarray] | None 
         if x in smooth:
             w = w * smooth[x][:, None]
         if x not in quantized:  # Q, K and V share one quantized input
-            quantized[x] = _quantize_rows(b, x, w.shape[0], explicit.get(x), p)
+            quantized[x] = _quantize_rows(b, x, w.shape[0], explicit.get(x), p,
+                                          _static_lead(model, x))
         q, scale_col, lead = quantized[x]
         wq, wscale = quantize_weight(w, pair_safe)
         y2d = b.node("MatMulIntegerToFloat",
                      [q, b.const(p + "/w", wq), scale_col, b.const(p + "/w_scale", wscale),
                       "rowq/zp"], p + "/y2d")
-        out_shape = b.node("Concat", [lead, b.const(p + "/n", np.array([w.shape[1]], np.int64))],
-                           p + "/out_shape", axis=0)
+        if isinstance(lead, list):
+            out_shape = b.const(p + "/out_shape", np.array([*lead, w.shape[1]], np.int64))
+        else:
+            out_shape = b.node("Concat", [lead, b.const(p + "/n", np.array([w.shape[1]],
+                                                                          np.int64))],
+                               p + "/out_shape", axis=0)
         b.nodes.append(helper.make_node("Reshape", [y2d, out_shape], [node.output[0]],
                                         name=node.name + "/rowq"))
         done.append(node.name)
