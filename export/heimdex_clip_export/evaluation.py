@@ -20,6 +20,9 @@ PHOTO_NAMES = (
     "page", "retina", "rocket", "text",
 )
 CROPS_PER_PHOTO = 5
+#: Calibration crops come from another random stream than the evaluation crops.
+CALIBRATION_SEED = 1
+CALIBRATION_CROPS_PER_PHOTO = 2
 
 #: A function from a float32 [N, 3, S, S] batch to unit-norm embeddings [N, D].
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -37,21 +40,34 @@ def sample_photos() -> list[tuple[str, Image.Image]]:
     return photos
 
 
-def evaluation_images(seed: int = 0) -> list[Image.Image]:
-    """Every photograph plus CROPS_PER_PHOTO random crops (some mirrored) of each."""
+def _crops(photo: Image.Image, rng: np.random.Generator, count: int) -> list[Image.Image]:
+    """``count`` random crops (35-80% of each side, some mirrored) of ``photo``."""
+    crops = []
+    w, h = photo.size
+    for _ in range(count):
+        cw, ch = int(w * rng.uniform(0.35, 0.8)), int(h * rng.uniform(0.35, 0.8))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = photo.crop((x0, y0, x0 + cw, y0 + ch))
+        if rng.random() < 0.3:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crops.append(crop)
+    return crops
+
+
+def evaluation_images(seed: int = 0, crops_per_photo: int = CROPS_PER_PHOTO) -> list[Image.Image]:
+    """Every photograph plus ``crops_per_photo`` random crops (some mirrored) of each."""
     rng = np.random.default_rng(seed)
     images = []
     for _, photo in sample_photos():
         images.append(photo)
-        w, h = photo.size
-        for _ in range(CROPS_PER_PHOTO):
-            cw, ch = int(w * rng.uniform(0.35, 0.8)), int(h * rng.uniform(0.35, 0.8))
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            crop = photo.crop((x0, y0, x0 + cw, y0 + ch))
-            if rng.random() < 0.3:
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            images.append(crop)
+        images += _crops(photo, rng, crops_per_photo)
     return images
+
+
+def calibration_images(crops_per_photo: int = CALIBRATION_CROPS_PER_PHOTO) -> list[Image.Image]:
+    """Crops only (other windows than the evaluation set's), for quantization calibration."""
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    return [crop for _, photo in sample_photos() for crop in _crops(photo, rng, crops_per_photo)]
 
 
 def embed_batched(embed: EmbedFn, pixels: np.ndarray, batch_size: int) -> np.ndarray:

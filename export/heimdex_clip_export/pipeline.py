@@ -45,7 +45,7 @@ from heimdex_clip.session import cpu_features, create_session
 from . import evaluation as ev
 from .install import install
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
-from .quantize import QuantRecipe, quantize_visual
+from .quantize import SHIPPED_RECIPE, QuantRecipe, quantize_visual
 from .text_export import TextGateError, export_text_tower
 from .weights import LoadedModel, load_model
 
@@ -62,14 +62,21 @@ class GateError(RuntimeError):
 
 @dataclass(frozen=True)
 class Gates:
-    """The accuracy an artifact must show before it is written (DESIGN.md targets)."""
+    """The accuracy an artifact must show before it is written (real trained weights)."""
 
     fp32_min_cosine: float = 0.99999
-    int8_mean_cosine: float = 0.995
-    int8_min_cosine: float = 0.98
-    int8_top5_agreement: float = 0.9
-    batch_invariance_min_cosine: float = 0.999
+    int8_mean_cosine: float = 0.999
+    int8_min_cosine: float = 0.99
+    int8_top5_agreement: float = 0.95
+    #: An image alone vs inside a batch: search must not depend on what was batched with it.
+    batch_invariance_min_cosine: float = 0.9999
     min_eval_images: int = 100
+
+
+#: A seeded random init has no activation outliers; it keeps the looser INT8 figures it
+#: was first gated on (the batch-invariance gate is the same).
+RANDOM_INIT_GATES = replace(Gates(), int8_mean_cosine=0.995, int8_min_cosine=0.98,
+                            int8_top5_agreement=0.9)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -192,8 +199,8 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
     ``text=False`` leaves the text tower out (an image-only artifact).
     """
-    gates = gates or Gates()
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
+    gates = gates or (RANDOM_INIT_GATES if loaded.random_init else Gates())
     if loaded.random_init:
         log.warning("RANDOM INITIALISATION (seed %d): this artifact is for tests; its "
                     "embeddings carry no meaning", seed)
@@ -202,7 +209,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{final.name}.tmp-"))
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
-        manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
+        manifest = _export_into(loaded, work, keep_fp32, recipe or SHIPPED_RECIPE, gates,
                                 rewrites, text)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         install(work, final)
@@ -233,7 +240,8 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
                  gates.fp32_min_cosine, failures)
     _raise_if(failures, "fp32 parity")
 
-    recipe_record = quantize_visual(fp32_path, int8_path, recipe)
+    calibration = open_clip_pixels(loaded, ev.calibration_images())  # not in the eval set
+    recipe_record = quantize_visual(fp32_path, int8_path, recipe, calibration=calibration)
     fp32_emb = ev.embed_batched(fp32_embed, pixels, EVAL_BATCH)
     int8_embed = _onnx_embed(_session(int8_path))
     int8_emb = ev.embed_batched(int8_embed, pixels, EVAL_BATCH)

@@ -1,16 +1,17 @@
-"""Step 4: dynamic INT8 quantization of the fp32 visual graph.
+"""Step 4: INT8 quantization of an fp32 image-tower graph (any ViT ONNX graph).
 
-Recipe (DESIGN.md, then measured): ``quant_pre_process`` (ONNX shape inference and
+The shipped recipe, dynamic ``per_row`` (see ``rowwise.py`` and docs/quantization.md for the
+measurements behind it): after ``quant_pre_process`` (ONNX shape inference and
 optimisation; the symbolic shape pass is skipped because it fails on exported open_clip
-graphs), then ``quantize_dynamic`` with QInt8 per-channel weights on MatMul only (the patch
-embedding is a MatMul after the export's rewrites, so it is quantized too; a Conv left by
-``--no-rewrites`` and the embedding Gathers stay float).
+graphs), every weight MatMul gets per-row symmetric uint8 activations, per-channel int8
+weights that cannot saturate the non-VNNI integer kernels, and SmoothQuant factors
+calibrated on images that are not in the evaluation set. The patch Conv (left only by
+``--no-rewrites``), the embedding Gathers and the attention's activation x activation
+MatMuls stay float.
 
-``reduce_range`` (7-bit weights) is on: on CPUs without AVX-512 VNNI, ONNX Runtime's
-u8 x s8 kernels accumulate pairs in saturating int16, which with 8-bit weights broke the
-gates on an AVX2 machine (mean cosine 0.988, batch invariance 0.996); with 7-bit weights the
-same graph measured mean 0.99970 / min 0.99957. VNNI and AMX machines lose only one bit of
-weight resolution.
+``per_tensor`` is the previous recipe, ONNX Runtime's ``quantize_dynamic`` (one activation
+scale per tensor, so a batch-mate's outlier moves an image's embedding); it stays selectable
+so the benchmark can compare the two.
 """
 
 from __future__ import annotations
@@ -20,21 +21,38 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from . import rowwise
+
 log = logging.getLogger(__name__)
+
+CALIBRATION_BATCH = 4
 
 
 @dataclass(frozen=True)
 class QuantRecipe:
     """Everything that decides the INT8 graph; recorded verbatim in the manifest."""
 
+    #: Activation scales are computed at run time, from the tensor being multiplied.
     method: str = "dynamic"
     weight_type: str = "QInt8"
     activation_type: str = "QUInt8"
+    #: "per_row": one scale per token (``rowwise.py``); "per_tensor": one per batch, which is
+    #: ONNX Runtime's ``quantize_dynamic``.
+    activation_granularity: str = "per_row"
     per_channel: bool = True
-    reduce_range: bool = True
+    #: 7-bit weights (per_tensor only); per_row bounds adjacent weight pairs instead.
+    reduce_range: bool = False
+    #: per_row: int8 weight pairs bounded so uint8 x int8 kernels without VNNI cannot saturate.
+    saturation_safe_weights: bool = True
+    #: SmoothQuant migration strength (per_row; None = no smoothing, no calibration needed).
+    smooth_alpha: float | None = 0.6
     op_types: tuple[str, ...] = ("MatMul",)
     excluded_nodes: tuple[str, ...] = ()
     pre_process: dict = field(default_factory=lambda: {"skip_symbolic_shape": True})
@@ -46,21 +64,90 @@ class QuantRecipe:
         return d
 
 
-def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None = None) -> dict:
-    """Write the INT8 graph of ``fp32_path`` to ``out_path``; return the recipe as recorded."""
-    recipe = recipe or QuantRecipe()
+#: The recipe the export ships (and the real-weights test applies, unchanged).
+SHIPPED_RECIPE = QuantRecipe()
+#: The recipe shipped before the real-weights proxy existed (kept for comparisons).
+PER_TENSOR_RECIPE = QuantRecipe(activation_granularity="per_tensor",
+                                reduce_range=True, saturation_safe_weights=False,
+                                smooth_alpha=None)
+
+
+def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None = None,
+                    calibration: np.ndarray | None = None) -> dict:
+    """Write the INT8 graph of ``fp32_path`` to ``out_path``; return the recipe as recorded.
+
+    ``calibration``: input batches (float32, the graph's input layout) for SmoothQuant;
+    required when the recipe smooths. Use images that are not in the evaluation set.
+    """
+    recipe = recipe or SHIPPED_RECIPE
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), **recipe.pre_process)
-        quantize_dynamic(
-            str(prepared),
-            str(out_path),
-            weight_type=QuantType[recipe.weight_type],
-            per_channel=recipe.per_channel,
-            reduce_range=recipe.reduce_range,
-            op_types_to_quantize=list(recipe.op_types),
-            nodes_to_exclude=list(recipe.excluded_nodes),
-        )
+        if recipe.method != "dynamic":
+            raise ValueError(f"unknown quantization method {recipe.method!r}")
+        if recipe.activation_granularity == "per_tensor":
+            record = _quantize_per_tensor(prepared, out_path, recipe)
+        elif recipe.activation_granularity == "per_row":
+            record = _quantize_per_row(prepared, out_path, recipe, calibration)
+        else:
+            raise ValueError(f"unknown activation granularity {recipe.activation_granularity!r}")
     log.info("quantized %s -> %s (%.1f MB)", fp32_path.name, out_path.name,
              out_path.stat().st_size / 1e6)
+    return record
+
+
+def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) -> dict:
+    quantize_dynamic(
+        str(prepared),
+        str(out_path),
+        weight_type=QuantType[recipe.weight_type],
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        op_types_to_quantize=list(recipe.op_types),
+        nodes_to_exclude=list(recipe.excluded_nodes),
+    )
     return recipe.to_dict()
+
+
+def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
+                      calibration: np.ndarray | None) -> dict:
+    if recipe.op_types != ("MatMul",) or recipe.weight_type != "QInt8" or recipe.reduce_range:
+        raise ValueError("per_row quantizes MatMul with QInt8 weights and no reduce_range")
+    model = onnx.load(str(prepared))
+    act_absmax = None
+    if recipe.smooth_alpha is not None:
+        if calibration is None or len(calibration) == 0:
+            raise ValueError("SmoothQuant needs calibration images")
+        act_absmax = activation_absmax(model, calibration, recipe.excluded_nodes)
+    done = rowwise.rewrite(model, act_absmax=act_absmax, alpha=recipe.smooth_alpha,
+                           pair_safe=recipe.saturation_safe_weights,
+                           excluded=recipe.excluded_nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    record = recipe.to_dict()
+    record["quantized_matmuls"] = len(done)
+    record["calibration_images"] = 0 if act_absmax is None else len(calibration)
+    return record
+
+
+def activation_absmax(model: onnx.ModelProto, calibration: np.ndarray,
+                      excluded: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of every weight MatMul's input over the calibration images."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = sorted({probe.graph.node[i].input[0]
+                    for i in rowwise.weight_matmuls(probe, excluded)})
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    absmax: dict[str, np.ndarray] = {}
+    for start in range(0, len(calibration), CALIBRATION_BATCH):
+        batch = calibration[start:start + CALIBRATION_BATCH]
+        for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):
+            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            absmax[name] = np.maximum(absmax.get(name, 0.0), channel_max)
+    return absmax
