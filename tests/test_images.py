@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import sys
 import threading
 import time
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import encode
+from hostile import png_with_size as png_bomb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
@@ -42,28 +42,6 @@ def photo(photos) -> Image.Image:
 @pytest.fixture(scope="module")
 def preprocess() -> Preprocessor:
     return Preprocessor(SPEC)
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_bomb(width: int, height: int, *, rows: int = 0) -> bytes:
-    """A PNG whose header claims width x height (8-bit RGB). With ``rows`` > 0 the IDAT
-    really holds that many zero rows (a few hundred KB for hundreds of MB decoded)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    packer = zlib.compressobj(9)
-    row = b"\x00" * (width * 3 + 1)
-    idat = b"".join(packer.compress(row) for _ in range(rows)) if rows else packer.compress(
-        b"\x00" * 64)
-    idat += packer.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
 
 
 # --------------------------------------------------------------------------- input kinds
