@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rewrites", action="store_true",
                    help="export the image tower as traced, without the exact graph rewrites "
                         "(lean attention, patch embedding as MatMul, class-token last block)")
+    p.add_argument("--openvino", action="store_true",
+                   help="also write visual.qdq.onnx, the statically quantized graph the "
+                        "OpenVINO execution provider runs best (calibrated on photographs)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_artifact(args.model, args.pretrained, args.models_dir, seed=args.seed,
                                keep_fp32=args.keep_fp32, cache_dir=args.cache_dir,
-                               rewrites=not args.no_rewrites)
+                               rewrites=not args.no_rewrites, openvino=args.openvino)
     except (WeightsError, GateError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from heimdex_clip.artifact import (
 )
 
 from . import evaluation as ev
+from . import static_qdq
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
 from .quantize import QuantRecipe, quantize_visual
 from .weights import LoadedModel, load_model
@@ -145,7 +146,7 @@ def _install(work: Path, final: Path) -> None:
 def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed: int = 0,
                     keep_fp32: bool = False, cache_dir: str | None = None,
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
-                    rewrites: bool = True) -> Path:
+                    rewrites: bool = True, openvino: bool = False) -> Path:
     """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path."""
     gates = gates or Gates()
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
@@ -158,7 +159,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
         manifest = _export_into(loaded, work, keep_fp32, recipe or QuantRecipe(), gates,
-                                rewrites)
+                                rewrites, openvino)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         _install(work, final)
     except BaseException:
@@ -169,7 +170,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
 
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
-                 gates: Gates, rewrites: bool) -> Manifest:
+                 gates: Gates, rewrites: bool, openvino: bool = False) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
     applied = export_visual(loaded.model, loaded.image_size, fp32_path, rewrites=rewrites)
 
@@ -204,6 +205,10 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
     _raise_if(failures, "INT8 accuracy")
 
     files = {"visual.int8": _file_entry(int8_path, "int8")}
+    qdq_parity = _openvino_graph(loaded, fp32_path, work, pixels, fp32_emb, gates) \
+        if openvino else {}
+    if qdq_parity:
+        files[static_qdq.QDQ_KEY] = _file_entry(work / static_qdq.QDQ_FILE, "int8")
     if keep_fp32:
         files["visual.fp32"] = _file_entry(fp32_path, "fp32")
     else:
@@ -229,12 +234,35 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
             "measured_with": {"onnxruntime": ort.__version__, "cpu": platform.processor()
                               or platform.machine()},
+            **qdq_parity,
         },
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"export": {"exporter": "torch.onnx dynamo", "opset": OPSET,
                           "rewrites": applied.to_dict()}},
     )
+
+
+# --- OpenVINO's graph (--openvino): static QDQ INT8, calibrated on real photographs -------
+
+def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np.ndarray,
+                    fp32_emb: np.ndarray, gates: Gates) -> dict:
+    """Write and gate visual.qdq.onnx (static_qdq.py); returns its manifest parity figures."""
+    recipe = static_qdq.QdqRecipe()
+    transform = open_clip.image_transform(
+        loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std,
+        resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
+        fill_color=loaded.fill_color)
+    qdq_path = work / static_qdq.QDQ_FILE
+    static_qdq.quantize_qdq(fp32_path, qdq_path, INPUT_NAME,
+                            static_qdq.calibration_pixels(transform, recipe), recipe)
+    qdq_gates = {"mean_cosine": gates.int8_mean_cosine, "min_cosine": gates.int8_min_cosine,
+                 "top5_agreement": gates.int8_top5_agreement,
+                 "batch_invariance_min_cosine": gates.batch_invariance_min_cosine}
+    report = static_qdq.evaluate_qdq(qdq_path, INPUT_NAME, OUTPUT_NAME, pixels, fp32_emb,
+                                     qdq_gates, EVAL_BATCH)
+    _raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
+    return report.parity(recipe, qdq_gates)
 
 
 def _raise_if(failures: list[str], stage: str) -> None:

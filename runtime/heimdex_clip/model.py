@@ -171,6 +171,13 @@ def _session_for(config: ClipConfig, artifact_dir: Path, manifest: Manifest, pro
         raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
 
+def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:
+    """Where CLIP_PROVIDER=auto's decision is cached, and the key it is cached under."""
+    return (config.cache_dir / AUTO_CACHE_NAME,
+            auto_cache_key(manifest.artifact_id, config.cpu_threads or physical_cores(),
+                           config.batch_size))
+
+
 def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> str:
     """CLIP_PROVIDER resolved to a provider that can run this artifact here (logged)."""
     if config.device != "cpu" or config.provider == "cpu":
@@ -198,9 +205,7 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) 
 
     candidates = {name: (lambda name=name: measure(name))
                   for name in PROVIDERS if why_not[name] is None}
-    cache_key = auto_cache_key(manifest.artifact_id, config.cpu_threads or physical_cores(),
-                               config.batch_size)
-    choice, why = resolve_auto(config.cache_dir / AUTO_CACHE_NAME, cache_key, candidates)
+    choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
     log.info("CLIP_PROVIDER=auto -> %s (%s; unavailable: %s)", choice, why,
              {k: v for k, v in why_not.items() if v} or "none")
     return choice
