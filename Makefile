@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: pip takes these exact builds and never resolves an unpinned torch.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[export,db,dev]'
+	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
+	$(PIP) install -q -e '.[export,db,dev,openvino]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,9 +29,10 @@ setup: $(VENV)/.installed
 export-model: setup
 	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained $(PRETRAINED) --models-dir $(MODELS_DIR) $(EXPORT_ARGS)
 
-# The artifact the tests use: same architecture as production, seeded random weights.
+# The artifact the tests use: same architecture as production, seeded random weights, with
+# every graph (fp32, dynamic INT8, and OpenVINO's static QDQ INT8).
 $(TEST_MODEL_DIR)/manifest.json: | setup
-	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained none --models-dir $(MODELS_DIR) --keep-fp32
+	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained none --models-dir $(MODELS_DIR) --keep-fp32 --openvino
 
 export-test-model: $(TEST_MODEL_DIR)/manifest.json
 
@@ -68,10 +70,12 @@ docker:
 bench: setup export-test-model
 	$(PY) benchmarks/run.py --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/profile_encoder.py --artifact $(TEST_MODEL_DIR)
+	$(PY) benchmarks/providers.py --artifact $(TEST_MODEL_DIR)
 
 bench-quick: setup export-test-model
 	$(PY) benchmarks/run.py --quick --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/profile_encoder.py --artifact $(TEST_MODEL_DIR)
+	$(PY) benchmarks/providers.py --quick --artifact $(TEST_MODEL_DIR)
 
 bench-micro: setup export-test-model
 	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest benchmarks/test_micro.py --benchmark-only -p no:cacheprovider

@@ -86,9 +86,9 @@ def measure_row(row: BenchRow, config: ClipConfig, artifact_dir: Path, manifest:
 def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
               batches: tuple[int, ...] | None = None, repeats: int = 3,
               update_cache: bool = True) -> dict[str, Any]:
-    """Measure every runnable provider x graph; returns the report (see :func:`format_report`)."""
-    artifact_dir = resolve_artifact_dir(model_dir or config.model_dir, config.model_name, config.pretrained,
-                                        search=DEFAULT_MODEL_DIRS)
+    """Measure every runnable provider x graph; the report :func:`format_report` prints."""
+    artifact_dir = resolve_artifact_dir(model_dir or config.model_dir, config.model_name,
+                                        config.pretrained, search=DEFAULT_MODEL_DIRS)
     manifest = load_manifest(artifact_dir)
     batches = batches or tuple(sorted({1, config.batch_size}))
     why_not = available_providers()
