@@ -121,30 +121,32 @@ def test_broken_plugin_falls_back_to_cpu(artifact_dir, tmp_path, monkeypatch, ca
 
 
 def test_auto_measures_once_then_uses_its_cache(artifact_dir, tmp_path):
-    calls: dict[str, int] = {"int8": 0, "fp32": 0}
+    # Two real sessions of different cost stand in for the two providers (this machine may
+    # run only one of them): the decision logic is the same.
+    calls = {"cpu": 0, "openvino": 0}
 
-    def measure(graph: str):
+    def measure(provider: str, graph: str):
         def run() -> float:
-            calls[graph] += 1
+            calls[provider] += 1
             session, _ = sessions.create_session(artifact_dir / f"visual.{graph}.onnx")
             return sessions.ms_per_image(session, 1, repeats=1)
         return run
 
     cache = tmp_path / "cache" / sessions.AUTO_CACHE_NAME
     key = {"artifact_id": "test", "threads": 2}
-    candidates = {"int8": measure("int8"), "fp32": measure("fp32")}
-    choice, why = sessions.resolve_auto(cache, key, candidates)
-    assert calls == {"int8": 1, "fp32": 1} and "measured now" in why
+    candidates = {"cpu": measure("cpu", "int8"), "openvino": measure("openvino", "fp32")}
+    choice, why = sessions.resolve_auto(cache, key, lambda: candidates)
+    assert calls == {"cpu": 1, "openvino": 1} and "measured now" in why
     [entry] = json.loads(cache.read_text())["entries"].values()
     figures = entry["ms_per_image"]
-    assert set(figures) == {"int8", "fp32"} and all(v > 0 for v in figures.values())
+    assert set(figures) == {"cpu", "openvino"} and all(v > 0 for v in figures.values())
     assert choice == entry["choice"] == min(figures, key=figures.__getitem__)
 
-    again, why = sessions.resolve_auto(cache, key, candidates)
-    assert again == choice and calls == {"int8": 1, "fp32": 1} and "cache" in why
+    again, why = sessions.resolve_auto(cache, key, lambda: candidates)
+    assert again == choice and calls == {"cpu": 1, "openvino": 1} and "cache" in why
     # Another CPU / artifact / library version is another decision.
-    sessions.resolve_auto(cache, {**key, "artifact_id": "other"}, candidates)
-    assert calls == {"int8": 2, "fp32": 2}
+    sessions.resolve_auto(cache, {**key, "artifact_id": "other"}, lambda: candidates)
+    assert calls == {"cpu": 2, "openvino": 2}
     assert len(json.loads(cache.read_text())["entries"]) == 2
 
 
@@ -156,7 +158,7 @@ def test_auto_with_an_unwritable_cache_uses_cpu_without_measuring(tmp_path, capl
                   "openvino": lambda: measured.append("openvino") or 0.5}
     caplog.set_level(logging.WARNING)
     choice, _ = sessions.resolve_auto(blocker / "cache" / sessions.AUTO_CACHE_NAME, {},
-                                      candidates)
+                                      lambda: candidates)
     assert choice == "cpu" and measured == []
     assert "not writable" in caplog.text and "CLIP_CACHE_DIR" in caplog.text
 
@@ -167,11 +169,21 @@ def test_auto_on_the_real_artifact(artifact_dir, tmp_path):
     runnable = [name for name, why in sessions.available_providers().items() if why is None]
     assert metadata["provider"] in runnable
     cache = cache_dir / sessions.AUTO_CACHE_NAME
-    if runnable == ["cpu"]:  # nothing to compare: no measurement, no cache file
+    if not PLUGIN_INSTALLED:  # nothing to compare and nothing to load: no cache either
         assert metadata["provider"] == "cpu" and not cache.exists()
+        return
+    [entry] = json.loads(cache.read_text())["entries"].values()
+    assert metadata["provider"] == entry["choice"]
+    if runnable == ["cpu"]:  # remembered, so later starts skip loading OpenVINO at all
+        assert entry == {**entry, "choice": "cpu", "ms_per_image": {}}
     else:
-        [entry] = json.loads(cache.read_text())["entries"].values()
-        assert metadata["provider"] == entry["choice"]
+        assert set(entry["ms_per_image"]) == set(runnable)
+    # The next start reads the decision and does not look for OpenVINO devices.
+    sessions.openvino_status.cache_clear()
+    _, again = _embed_one(artifact_dir, provider="auto", cache_dir=cache_dir)
+    assert again["provider"] == entry["choice"]
+    if entry["choice"] == "cpu":
+        assert sessions.openvino_status.cache_info().currsize == 0
 
 
 def test_each_provider_gets_the_graph_it_runs_best(artifact_dir):

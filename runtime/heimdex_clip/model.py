@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .session import (
     ms_per_image,
     openvino_precision_hint,
     physical_cores,
+    plugin_installed,
     resolve_auto,
 )
 
@@ -178,36 +180,52 @@ def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:
                            config.batch_size))
 
 
-def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> str:
-    """CLIP_PROVIDER resolved to a provider that can run this artifact here (logged)."""
-    if config.device != "cpu" or config.provider == "cpu":
-        return "cpu"
+def _unusable(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> dict[str, str | None]:
+    """Provider -> why it cannot run this artifact here (None: it can). Loads the plugin."""
     why_not = available_providers()
     for name in PROVIDERS:
         if why_not[name] is None and graph_key(name, config.precision, manifest) is None:
             why_not[name] = (f"the artifact in {artifact_dir} has no graph for it (OpenVINO "
                              "gains nothing on the dynamic INT8 graph: re-export with "
                              "--openvino for visual.qdq, or with --keep-fp32)")
+    return why_not
+
+
+def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> str:
+    """CLIP_PROVIDER resolved to a provider that can run this artifact here (logged)."""
+    if config.device != "cpu" or config.provider == "cpu":
+        return "cpu"
     if config.provider != "auto":
+        why_not = _unusable(config, artifact_dir, manifest)
         if why_not[config.provider] is None:
             return config.provider
         log.warning("CLIP_PROVIDER=%s cannot run here, using cpu: %s", config.provider,
                     why_not[config.provider])
         return "cpu"
+    if not plugin_installed():
+        return "cpu"  # nothing to compare, nothing to load
 
     def measure(provider: str) -> float:
-        key = graph_key(provider, config.precision, manifest)
-        session, info = _session_for(config, artifact_dir, manifest, provider,
-                                     key or "visual.int8")
+        key = graph_key(provider, config.precision, manifest) or "visual.int8"
+        session, info = _session_for(config, artifact_dir, manifest, provider, key)
         if info.provider != provider:
             raise RuntimeError(f"{provider} fell back to {info.provider}")
         return ms_per_image(session, config.batch_size)
 
-    candidates = {name: (lambda name=name: measure(name))
-                  for name in PROVIDERS if why_not[name] is None}
+    def candidates() -> dict[str, Callable[[], float]]:
+        why_not = _unusable(config, artifact_dir, manifest)
+        if any(why_not.values()):
+            log.info("CLIP_PROVIDER=auto: not available here: %s",
+                     {k: v for k, v in why_not.items() if v})
+        return {name: (lambda name=name: measure(name))
+                for name in PROVIDERS if why_not[name] is None}
+
     choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
-    log.info("CLIP_PROVIDER=auto -> %s (%s; unavailable: %s)", choice, why,
-             {k: v for k, v in why_not.items() if v} or "none")
+    log.info("CLIP_PROVIDER=auto -> %s (%s)", choice, why)
+    if choice == "openvino" and (why := _unusable(config, artifact_dir, manifest)["openvino"]):
+        log.warning("CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, "
+                    "using cpu: %s", why)
+        return "cpu"
     return choice
 
 

@@ -21,6 +21,7 @@ arena configurable (it keeps peak activation memory reserved).
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -140,18 +141,22 @@ class OpenVinoStatus:
 _REGISTERED: set[str] = set()
 
 
+def plugin_version() -> str | None:
+    """The installed OpenVINO EP plugin's version (None: not installed); loads nothing."""
+    try:
+        return version(OPENVINO_DIST)
+    except PackageNotFoundError:
+        return None
+
+
 @lru_cache(maxsize=1)
 def openvino_status() -> OpenVinoStatus:
     """Register the plugin once per process and find its CPU device (never raises)."""
     try:
-        plugin_version = version(OPENVINO_DIST)
-    except PackageNotFoundError:
-        plugin_version = None
-    try:
         import onnxruntime_ep_openvino as plugin  # optional extra
     except ImportError as exc:
         return OpenVinoStatus(None, "the openvino extra is not installed (pip install "
-                              f"'heimdex-clip[openvino]'): {exc}", plugin_version)
+                              f"'heimdex-clip[openvino]'): {exc}", plugin_version())
     try:
         library = plugin.get_library_path()
         if library not in _REGISTERED:  # registering twice in one process is an error
@@ -160,19 +165,19 @@ def openvino_status() -> OpenVinoStatus:
             _REGISTERED.add(library)
         devices = ort.get_ep_devices()
     except Exception as exc:  # a broken wheel or an incompatible onnxruntime
-        return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version} could not be "
+        return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version()} could not be "
                               f"loaded into onnxruntime {ort.__version__}: {exc}",
-                              plugin_version)
+                              plugin_version())
     cpus = [d for d in devices
             if d.ep_name == OPENVINO_EP and d.ep_metadata.get("ov_device") == "CPU"]
     if not cpus:
         vendors = sorted({d.device.vendor for d in devices
                           if d.device.type == ort.OrtHardwareDeviceType.CPU})
-        return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version} offers no CPU "
+        return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version()} offers no CPU "
                               f"device on this machine (the plugin claims Intel devices "
                               f"only; this CPU's vendor is {', '.join(vendors) or 'unknown'})",
-                              plugin_version)
-    return OpenVinoStatus(cpus[0], None, plugin_version)
+                              plugin_version())
+    return OpenVinoStatus(cpus[0], None, plugin_version())
 
 
 def available_providers() -> dict[str, str | None]:
@@ -260,7 +265,7 @@ def auto_cache_key(artifact_id: str, threads: int, batch: int) -> dict[str, Any]
     return {"cpu_model": cpu["cpu_model"],
             "flags": sorted(f for f, on in cpu["flags"].items() if on),
             "artifact_id": artifact_id, "onnxruntime": ort.__version__,
-            "openvino_plugin": openvino_status().plugin_version,
+            "openvino_plugin": plugin_version(),
             "threads": threads, "batch": batch}
 
 
@@ -287,7 +292,7 @@ def remember_auto_choice(path: Path, key: dict[str, Any], choice: str,
 
     entries = read_auto_cache(path)
     entries[_key_text(key)] = {"choice": choice, "ms_per_image": figures,
-                               "measured_at": dt.datetime.now(dt.timezone.utc)
+                               "decided_at": dt.datetime.now(dt.timezone.utc)
                                .isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,36 +311,46 @@ def _writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
+def plugin_installed() -> bool:
+    """Whether the openvino extra is installed (cheap: nothing is loaded)."""
+    return importlib.util.find_spec(OPENVINO_PLUGIN) is not None
+
+
 def resolve_auto(cache_path: Path, key: dict[str, Any],
-                 candidates: dict[str, Callable[[], float]]) -> tuple[str, str]:
+                 find_candidates: Callable[[], dict[str, Callable[[], float]]]
+                 ) -> tuple[str, str]:
     """(provider, why) for CLIP_PROVIDER=auto.
 
-    ``candidates`` maps each runnable provider to a function that measures it (ms/image).
-    With one candidate there is nothing to measure. Otherwise the cached decision for
-    ``key`` is used; failing that each candidate is measured once and the fastest is
-    remembered. A cache directory that cannot be written means no measurement on every
-    start: the cpu provider is used and the log says how to fix it.
+    A decision cached for ``key`` is used as it is: discovering the OpenVINO device alone
+    loads OpenVINO (hundreds of ms), which a normal start must not pay to run on cpu.
+    Otherwise ``find_candidates()`` maps each provider that can run here to a function
+    measuring it (ms/image); with several, each is measured once and the fastest wins.
+    The decision is remembered either way. A cache directory that cannot be written
+    would mean measuring on every start: then the cpu provider is used, and the log says
+    how to fix it.
     """
-    if list(candidates) == ["cpu"]:
-        return "cpu", "cpu is the only provider available"
     cached = read_auto_cache(cache_path).get(_key_text(key))
-    if cached and cached.get("choice") in candidates:
-        return cached["choice"], f"measured {cached.get('measured_at')} (cache {cache_path})"
-    if not _writable_dir(cache_path.parent):
+    if cached and cached.get("choice") in PROVIDERS:
+        return cached["choice"], f"decided {cached.get('decided_at')} (cache {cache_path})"
+    candidates = find_candidates()
+    writable = _writable_dir(cache_path.parent)
+    if len(candidates) > 1 and not writable:
         log.warning("CLIP_PROVIDER=auto: the cache directory %s is not writable, so the "
                     "providers are not measured on every start; using cpu. Set "
                     "CLIP_CACHE_DIR to a writable directory (or run `heimdex-clip bench` "
                     "where it is), or set CLIP_PROVIDER explicitly", cache_path.parent)
         return "cpu", f"cache directory {cache_path.parent} not writable"
     figures: dict[str, float] = {}
-    for name, measure in candidates.items():
-        try:
-            figures[name] = round(measure(), 2)
-        except Exception as exc:  # a provider that fails to run is not a candidate
-            log.warning("CLIP_PROVIDER=auto: measuring %s failed: %s", name, exc)
+    if len(candidates) > 1:
+        for name, measure in candidates.items():
+            try:
+                figures[name] = round(measure(), 2)
+            except Exception as exc:  # a provider that fails to run is not a candidate
+                log.warning("CLIP_PROVIDER=auto: measuring %s failed: %s", name, exc)
+    choice = min(figures, key=figures.__getitem__) if figures else "cpu"
+    if writable:
+        remember_auto_choice(cache_path, key, choice, figures)
     if not figures:
-        return "cpu", "no provider could be measured"
-    choice = min(figures, key=figures.__getitem__)
-    remember_auto_choice(cache_path, key, choice, figures)
+        return choice, "cpu is the only provider that runs here"
     log.info("CLIP_PROVIDER=auto measured %s ms/image: using %s", figures, choice)
     return choice, f"measured now: {figures} ms/image"
