@@ -20,6 +20,7 @@ import pytest
 
 from heimdex_clip import session as sessions
 from heimdex_clip.artifact import load_manifest
+from heimdex_clip.cli import main
 from heimdex_clip.config import ClipConfig
 from heimdex_clip.embedder import ClipEmbedder
 from heimdex_clip.errors import ConfigError
@@ -243,3 +244,34 @@ def test_openvino_without_a_graph_for_it_says_so(artifact_dir, tmp_path, caplog)
     assert "CLIP_PROVIDER=openvino cannot run here, using cpu" in caplog.text
     if OPENVINO_EXPECTED:  # elsewhere the plugin's own reason comes first
         assert "has no graph for it" in caplog.text
+
+
+def test_bench_command_measures_every_graph_and_updates_autos_cache(artifact_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path))
+    assert main(["--model-dir", str(artifact_dir), "bench", "--batch", "2", "--repeats", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    manifest = load_manifest(artifact_dir)
+    cpu_rows = {r["graph"]: r for r in report["rows"] if r["provider"] == "cpu"}
+    assert set(cpu_rows) == {k for k in manifest.files if k.startswith("visual.")}
+    for row in cpu_rows.values():
+        assert row["error"] is None and row["ran_on"] == "cpu"
+        assert all(float(v) > 0 for v in row["ms_per_image"].values())
+        assert set(row["ms_per_image"]) == {"1", "2"}
+    assert cpu_rows["visual.int8"]["default"] and not cpu_rows["visual.fp32"]["default"]
+    ov_rows = [r for r in report["rows"] if r["provider"] == "openvino"]
+    assert bool(ov_rows) == OPENVINO_EXPECTED
+    if not OPENVINO_EXPECTED:
+        assert "openvino" in report["unavailable"]
+    # auto's pick is the fastest of each provider's own graph, and it is now cached.
+    auto = report["auto"]
+    assert auto["choice"] == min(auto["ms_per_image"], key=auto["ms_per_image"].__getitem__)
+    cache = json.loads((tmp_path / sessions.AUTO_CACHE_NAME).read_text())
+    [entry] = cache["entries"].values()
+    assert entry["choice"] == auto["choice"] and auto["cache_updated"]
+    # The next load with CLIP_PROVIDER=auto (same batch size) takes that decision: no new
+    # entry is written.
+    _, metadata = _embed_one(artifact_dir, provider="auto", cache_dir=tmp_path, batch_size=2)
+    assert metadata["provider"] == auto["choice"]
+    assert json.loads((tmp_path / sessions.AUTO_CACHE_NAME).read_text()) == cache

@@ -112,8 +112,8 @@ def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
     figures = {r.provider: r.ms_per_image[auto_batch] for r in rows
                if r.default and not r.error and auto_batch in r.ms_per_image}
     choice = min(figures, key=figures.__getitem__) if figures else "cpu"
-    cache_path, key = auto_cache(config, manifest)
-    cached = (update_cache and len(figures) > 1
+    cache_path, key = auto_cache(config.replace(batch_size=auto_batch), manifest)
+    cached = (update_cache and bool(figures)
               and remember_auto_choice(cache_path, key, choice, figures))
     return {
         "artifact": str(artifact_dir), "artifact_id": manifest.artifact_id,

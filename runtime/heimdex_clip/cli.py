@@ -133,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = ClipConfig.from_env()
     batches = (1, args.batch) if args.batch else None
-    report = run_bench(config, args.model_dir, batches=batches,
+    report = run_bench(config, args.model_dir, batches=batches, repeats=args.repeats,
                        update_cache=not args.no_cache_update)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0 if any(not r["error"] for r in report["rows"]) else 2
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--batch", type=int, default=None,
                        help="batch size of the throughput column (default: CLIP_BATCH_SIZE)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
     bench.add_argument("--no-cache-update", action="store_true",
                        help="do not store the measured decision for CLIP_PROVIDER=auto")
     bench.set_defaults(func=cmd_bench)
