@@ -275,3 +275,23 @@ def test_bench_command_measures_every_graph_and_updates_autos_cache(artifact_dir
     _, metadata = _embed_one(artifact_dir, provider="auto", cache_dir=tmp_path, batch_size=2)
     assert metadata["provider"] == auto["choice"]
     assert json.loads((tmp_path / sessions.AUTO_CACHE_NAME).read_text()) == cache
+
+
+def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monkeypatch,
+                                                             caplog):
+    # The plugin passing discovery but refusing the session cannot be produced on demand:
+    # the resolved provider is forced to the one asked for, and the plugin state says it has no
+    # device (so session creation fails inside the runtime's OpenVINO option setup).
+    from heimdex_clip import model
+
+    monkeypatch.setattr(model, "choose_provider", lambda config, *args: config.provider)
+    monkeypatch.setattr(sessions, "openvino_status", lambda: sessions.OpenVinoStatus(
+        None, "refused for this test", None))
+    caplog.set_level(logging.WARNING)
+    frame = np.full((240, 320, 3), 90, np.uint8)
+    refused = ClipEmbedder(model_dir=artifact_dir, config=ClipConfig(provider="openvino"))
+    plain = ClipEmbedder(model_dir=artifact_dir, config=ClipConfig(provider="cpu"))
+    got, want = refused.embed_frame(frame), plain.embed_frame(frame)
+    assert got.metadata["provider"] == "cpu" and "refused for this test" in caplog.text
+    # Bit-identical to the cpu provider's own graph (the QDQ graph would differ).
+    assert np.array_equal(got.embedding, want.embedding)

@@ -248,6 +248,11 @@ def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel
     input_name, output_name = entry.inputs[0].name, _output_name(entry, config.normalize)
     path = artifact_dir / entry.path
     session, info = _session_for(config, artifact_dir, manifest, provider, key)
+    if info.provider != provider:  # the plugin refused at session creation (logged)
+        key = graph_key(info.provider, config.precision, manifest) or key
+        entry = manifest.file(key)
+        path = artifact_dir / entry.path
+        session, info = _session_for(config, artifact_dir, manifest, info.provider, key)
     _check_graph(session, manifest, input_name, output_name, path)
     identity = ModelIdentity(model_name=manifest.model.name,
                              pretrained=manifest.model.pretrained,
