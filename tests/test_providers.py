@@ -295,3 +295,12 @@ def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monke
     assert got.metadata["provider"] == "cpu" and "refused for this test" in caplog.text
     # Bit-identical to the cpu provider's own graph (the QDQ graph would differ).
     assert np.array_equal(got.embedding, want.embedding)
+
+
+def test_info_reports_the_provider_that_runs(artifact_dir, monkeypatch, capsys):
+    monkeypatch.setenv("CLIP_PROVIDER", "openvino")
+    assert main(["--model-dir", str(artifact_dir), "info", "--json"]) == 0
+    session = json.loads(capsys.readouterr().out)["session"]
+    assert session["provider"] == ("openvino" if OPENVINO_EXPECTED else "cpu")
+    assert main(["--model-dir", str(artifact_dir), "info"]) == 0
+    assert f"provider={session['provider']}" in capsys.readouterr().out
