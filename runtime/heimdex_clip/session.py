@@ -46,6 +46,8 @@ PROVIDERS = ("cpu", "openvino")
 OPENVINO_EP = "OpenVINOExecutionProvider"
 OPENVINO_PLUGIN = "onnxruntime_ep_openvino"
 OPENVINO_DIST = "onnxruntime-ep-openvino"
+#: The PCI vendor id the plugin's device discovery accepts (it offers Intel hardware only).
+INTEL_VENDOR_ID = 0x8086
 #: The decision cache of CLIP_PROVIDER=auto, inside CLIP_CACHE_DIR.
 AUTO_CACHE_NAME = "providers.json"
 
@@ -171,12 +173,13 @@ def openvino_status() -> OpenVinoStatus:
     cpus = [d for d in devices
             if d.ep_name == OPENVINO_EP and d.ep_metadata.get("ov_device") == "CPU"]
     if not cpus:
-        vendors = sorted({d.device.vendor for d in devices
-                          if d.device.type == ort.OrtHardwareDeviceType.CPU})
+        others = sorted({d.device.vendor for d in devices
+                         if d.device.type == ort.OrtHardwareDeviceType.CPU
+                         and d.device.vendor_id != INTEL_VENDOR_ID})
+        why = (f" (the plugin claims Intel devices only; this CPU's vendor is "
+               f"{', '.join(others)})" if others else "")
         return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version()} offers no CPU "
-                              f"device on this machine (the plugin claims Intel devices "
-                              f"only; this CPU's vendor is {', '.join(vendors) or 'unknown'})",
-                              plugin_version())
+                              f"device on this machine{why}", plugin_version())
     return OpenVinoStatus(cpus[0], None, plugin_version())
 
 
