@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -57,6 +58,10 @@ class QdqRecipe:
     #: INT8 kernels do not need them.
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("MatMul",)
+    #: The attention MatMuls multiply two activations (Q x K^T, softmax x V); one fixed
+    #: scale per tensor cannot hold them on trained weights, so they stay float and only
+    #: MatMuls with a weight are quantized (docs/providers.md has the measurement).
+    quantize_activation_matmuls: bool = False
     calibration_images: int = 64
     #: evaluation_images(seed) for calibration; the evaluation itself uses seed 0.
     calibration_seed: int = 1
@@ -91,6 +96,14 @@ def calibration_pixels(transform: Any, recipe: QdqRecipe) -> np.ndarray:
                      for i in picks])
 
 
+def activation_matmuls(model_path: Path) -> list[str]:
+    """Names of the MatMul nodes none of whose inputs is a weight (an initializer)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node
+            if node.op_type == "MatMul" and not weights.intersection(node.input)]
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, pixels: np.ndarray,
                  recipe: QdqRecipe) -> None:
     """Write the statically quantized QDQ graph of ``fp32_path`` to ``out_path``."""
@@ -98,6 +111,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, pixels: np.nd
         prepared = Path(tmp) / "prepared.onnx"
         # The symbolic shape pass fails on exported open_clip graphs (as for dynamic INT8).
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        excluded = [] if recipe.quantize_activation_matmuls else activation_matmuls(prepared)
         quantize_static(
             str(prepared), str(out_path),
             _PixelBatches(input_name, pixels, recipe.calibration_batch),
@@ -108,10 +122,12 @@ def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, pixels: np.nd
             activation_type=QuantType[recipe.activation_type],
             weight_type=QuantType[recipe.weight_type],
             calibrate_method=CalibrationMethod[recipe.calibrate_method],
+            nodes_to_exclude=excluded,
             calibration_providers=["CPUExecutionProvider"],
         )
-    log.info("static QDQ graph %s (%.1f MB), calibrated on %d photographs", out_path.name,
-             out_path.stat().st_size / 1e6, len(pixels))
+    log.info("static QDQ graph %s (%.1f MB), calibrated on %d photographs, %d attention "
+             "MatMuls left in float", out_path.name, out_path.stat().st_size / 1e6,
+             len(pixels), len(excluded))
 
 
 @dataclass(frozen=True)
