@@ -309,7 +309,11 @@ def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monke
 def test_info_reports_the_provider_that_runs(artifact_dir, monkeypatch, capsys):
     monkeypatch.setenv("CLIP_PROVIDER", "openvino")
     assert main(["--model-dir", str(artifact_dir), "info", "--json"]) == 0
-    session = json.loads(capsys.readouterr().out)["session"]
+    info = json.loads(capsys.readouterr().out)
+    session = info["session"]
+    assert info["clip_providers"]["cpu"] is None
+    assert (info["clip_providers"]["openvino"] is None) == OPENVINO_EXPECTED
     assert session["provider"] == ("openvino" if OPENVINO_EXPECTED else "cpu")
     assert main(["--model-dir", str(artifact_dir), "info"]) == 0
-    assert f"provider={session['provider']}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"provider={session['provider']}" in text and "CLIP_PROVIDER=cpu: runs here" in text

@@ -24,7 +24,7 @@ from . import __version__
 from .config import ClipConfig
 from .embedder import ClipEmbedder
 from .errors import ClipError
-from .session import cpu_features
+from .session import available_providers, cpu_features
 
 
 def _embedder(args: argparse.Namespace) -> ClipEmbedder:
@@ -68,7 +68,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     info: dict[str, Any] = {"heimdex_clip": __version__, "onnxruntime": ort.__version__,
                             "available_providers": ort.get_available_providers(),
-                            "cpu": cpu_features()}
+                            "cpu": cpu_features(),
+                            # CLIP_PROVIDER names -> None (runs here) or why it cannot
+                            "clip_providers": available_providers()}
     try:
         started = time.perf_counter()
         embedder.load()
@@ -107,6 +109,8 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"CPU: {cpu['cpu_model']} ({cpu['physical_cores']} physical cores, "
           f"{cpu['logical_cpus']} logical); flags: {flags}")
     print(f"available providers: {', '.join(info['available_providers'])}")
+    for name, why_not in info["clip_providers"].items():
+        print(f"CLIP_PROVIDER={name}: {'runs here' if why_not is None else why_not}")
     if "error" in info:
         print(f"model: NOT LOADED: {info['error']}")
         return
