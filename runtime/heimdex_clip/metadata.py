@@ -19,7 +19,7 @@ import numpy as np
 #: The design document's fields, in its order, plus the artifact that made the vector.
 METADATA_FIELDS = ("model_name", "pretrained", "embed_dim", "normalized", "device",
                    "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
-                   "artifact_id")
+                   "artifact_id", "provider")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class ModelIdentity:
     normalized: bool
     #: :attr:`heimdex_clip.artifact.Manifest.artifact_id`; None when nothing was loaded.
     artifact_id: str | None = None
+    #: The execution provider that ran the model (``cpu`` or ``openvino``).
+    provider: str = "cpu"
 
 
 @dataclass
@@ -42,7 +44,8 @@ class EmbeddingResult:
 
     ``metadata`` has the design document's fields (model_name, pretrained, embed_dim,
     normalized, device, frame_path, frame_quality, inference_time_ms, created_at, error)
-    plus ``artifact_id``. A failed frame has ``embedding=None`` and the reason in ``error``.
+    plus ``artifact_id`` and ``provider``. A failed frame has ``embedding=None`` and the
+    reason in ``error``.
     """
 
     embedding: np.ndarray | None
@@ -156,6 +159,7 @@ def build_metadata(identity: ModelIdentity, *, frame_path: str | None,
         "created_at": now_iso(),
         "error": error,
         "artifact_id": identity.artifact_id,
+        "provider": identity.provider,
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,19 @@ from .config import DEFAULT_MODEL_DIRS, ClipConfig
 from .errors import ArtifactError
 from .metadata import ModelIdentity
 from .preprocess import Preprocessor
-from .session import SessionInfo, create_session
+from .session import (
+    AUTO_CACHE_NAME,
+    PROVIDERS,
+    SessionInfo,
+    auto_cache_key,
+    available_providers,
+    create_session,
+    ms_per_image,
+    openvino_precision_hint,
+    physical_cores,
+    plugin_installed,
+    resolve_auto,
+)
 
 log = logging.getLogger("heimdex_clip")
 
@@ -132,6 +145,90 @@ def _check_graph(session: ort.InferenceSession, manifest: Manifest, input_name: 
                             f"{manifest.model.embed_dim}")
 
 
+def graph_key(provider: str, precision: str, manifest: Manifest) -> str | None:
+    """The artifact file ``provider`` runs best, or None when it has none worth running.
+
+    OpenVINO gains nothing on ONNX Runtime's dynamically quantized graph, so it runs the
+    statically quantized ``visual.qdq`` (or the fp32 graph); CLIP_PRECISION=fp32 means the
+    fp32 graph on any provider.
+    """
+    if precision == "fp32":
+        return "visual.fp32"
+    if provider == "openvino":
+        return next((k for k in ("visual.qdq", "visual.fp32") if k in manifest.files), None)
+    return f"visual.{precision}"
+
+
+def _session_for(config: ClipConfig, artifact_dir: Path, manifest: Manifest, provider: str,
+                 key: str) -> tuple[ort.InferenceSession, SessionInfo]:
+    entry = manifest.file(key)
+    path = artifact_dir / entry.path
+    graph = read_verified(path, entry)
+    hint = openvino_precision_hint(entry.precision or "int8", exact=config.precision == "fp32")
+    try:
+        return create_session(graph, device=config.device, threads=config.cpu_threads,
+                              memory_arena=config.memory_arena, provider=provider,
+                              precision_hint=hint)
+    except Exception as exc:  # ONNX Runtime raises its own types for graphs it rejects
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+
+
+def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:
+    """Where CLIP_PROVIDER=auto's decision is cached, and the key it is cached under."""
+    return (config.cache_dir / AUTO_CACHE_NAME,
+            auto_cache_key(manifest.artifact_id, config.cpu_threads or physical_cores(),
+                           config.batch_size))
+
+
+def _unusable(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> dict[str, str | None]:
+    """Provider -> why it cannot run this artifact here (None: it can). Loads the plugin."""
+    why_not = available_providers()
+    for name in PROVIDERS:
+        if why_not[name] is None and graph_key(name, config.precision, manifest) is None:
+            why_not[name] = (f"the artifact in {artifact_dir} has no graph for it (OpenVINO "
+                             "gains nothing on the dynamic INT8 graph: re-export with "
+                             "--openvino for visual.qdq, or with --keep-fp32)")
+    return why_not
+
+
+def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> str:
+    """CLIP_PROVIDER resolved to a provider that can run this artifact here (logged)."""
+    if config.device != "cpu" or config.provider == "cpu":
+        return "cpu"
+    if config.provider != "auto":
+        why_not = _unusable(config, artifact_dir, manifest)
+        if why_not[config.provider] is None:
+            return config.provider
+        log.warning("CLIP_PROVIDER=%s cannot run here, using cpu: %s", config.provider,
+                    why_not[config.provider])
+        return "cpu"
+    if not plugin_installed():
+        return "cpu"  # nothing to compare, nothing to load
+
+    def measure(provider: str) -> float:
+        key = graph_key(provider, config.precision, manifest) or "visual.int8"
+        session, info = _session_for(config, artifact_dir, manifest, provider, key)
+        if info.provider != provider:
+            raise RuntimeError(f"{provider} fell back to {info.provider}")
+        return ms_per_image(session, config.batch_size)
+
+    def candidates() -> dict[str, Callable[[], float]]:
+        why_not = _unusable(config, artifact_dir, manifest)
+        if any(why_not.values()):
+            log.info("CLIP_PROVIDER=auto: not available here: %s",
+                     {k: v for k, v in why_not.items() if v})
+        return {name: (lambda name=name: measure(name))
+                for name in PROVIDERS if why_not[name] is None}
+
+    choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
+    log.info("CLIP_PROVIDER=auto -> %s (%s)", choice, why)
+    if choice == "openvino" and (why := _unusable(config, artifact_dir, manifest)["openvino"]):
+        log.warning("CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, "
+                    "using cpu: %s", why)
+        return "cpu"
+    return choice
+
+
 def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel:
     """Find, verify and load the image tower for ``config``; raises ArtifactError."""
     started = time.perf_counter()
@@ -142,24 +239,26 @@ def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel
         log.warning("the artifact in %s holds %s, not CLIP_MODEL_NAME=%s; using the artifact",
                     artifact_dir, manifest.model.name, config.model_name)
     check_supported(manifest, normalize=config.normalize)
-    entry = manifest.file(f"visual.{config.precision}")
+    provider = choose_provider(config, artifact_dir, manifest)
+    key = graph_key(provider, config.precision, manifest) or "visual.int8"
+    entry = manifest.file(key)
     if len(entry.inputs) != 1:
         raise ArtifactError(f"{entry.path}: the manifest lists {len(entry.inputs)} inputs, "
                             "an image tower takes one")
     input_name, output_name = entry.inputs[0].name, _output_name(entry, config.normalize)
     path = artifact_dir / entry.path
-    graph = read_verified(path, entry)
-    try:
-        session, info = create_session(graph, device=config.device,
-                                       threads=config.cpu_threads,
-                                       memory_arena=config.memory_arena)
-    except Exception as exc:  # ONNX Runtime raises its own types for graphs it rejects
-        raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    session, info = _session_for(config, artifact_dir, manifest, provider, key)
+    if info.provider != provider:  # the plugin refused at session creation (logged)
+        key = graph_key(info.provider, config.precision, manifest) or key
+        entry = manifest.file(key)
+        path = artifact_dir / entry.path
+        session, info = _session_for(config, artifact_dir, manifest, info.provider, key)
     _check_graph(session, manifest, input_name, output_name, path)
     identity = ModelIdentity(model_name=manifest.model.name,
                              pretrained=manifest.model.pretrained,
                              embed_dim=manifest.model.embed_dim, device=info.device,
-                             normalized=config.normalize, artifact_id=manifest.artifact_id)
+                             normalized=config.normalize, artifact_id=manifest.artifact_id,
+                             provider=info.provider)
     return VisualModel(artifact_dir=artifact_dir, manifest=manifest, session=session,
                        session_info=info, preprocessor=Preprocessor(manifest.preprocess),
                        input_name=input_name, output_name=output_name, identity=identity,
