@@ -249,7 +249,10 @@ class SceneStore:
         artifact without text tower) and search the owner's scenes with it, through the
         same SQL function as image search."""
         vector = embedder.embed_texts([text])[0]
-        return self.search_by_embedding(owner_id, vector, threshold=threshold, count=count)
+        # The text tower ships with the image tower it was trained with: the query compares
+        # with the vectors that artifact's image tower made.
+        return self.search_by_embedding(owner_id, vector, artifact=embedder.artifact_id,
+                                        threshold=threshold, count=count)
 
     def search_similar(self, owner_id: uuid.UUID | str, scene_id: uuid.UUID | str, *,
                        artifact: str, threshold: float = 0.0,
