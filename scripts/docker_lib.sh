@@ -131,8 +131,10 @@ stage_build_inputs() {
         name=$(basename "$artifact")
         real=$(readlink -f "$artifact")
         mkdir -p "$stage/models/$name"
-        # Real files (a symlinked artifact is resolved); the fp32 reference graph stays out.
+        # Real files (a symlinked artifact is resolved). The fp32 reference graphs and
+        # OpenVINO's QDQ graph stay out: the image runs ONNX Runtime's CPU provider.
         tar -C "$real" --dereference --exclude='*.fp32.onnx' --exclude='*.fp32.onnx.data' \
+            --exclude='*.qdq.onnx' \
             -cf - . | tar -C "$stage/models/$name" -xf -
         chmod -R a+rX "$stage/models"
         say "staged $artifact ($real) as $stage/models/$name: $(du -sh "$stage/models/$name" \

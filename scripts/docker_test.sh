@@ -115,7 +115,8 @@ expect "no compiler in the image" "^none$" in_image --entrypoint sh "$TAG" -c \
 expect "build-only pip settings and CA bundle stay out of the image" "^clean$" \
     in_image --entrypoint sh "$TAG" -c \
     '[ ! -e /build ] && [ -z "${PIP_CONFIG_FILE:-}" ] && echo clean'
-expect "only the INT8 graph is baked (no fp32 reference graph)" "^manifest.json visual.int8.onnx$" \
+expect "only the INT8 graphs and the tokenizer are baked (no fp32 or QDQ graph)" \
+    "^manifest.json text.int8.onnx tokenizer.json visual.int8.onnx$" \
     in_image --entrypoint sh "$TAG" -c "cd $MODEL_PATH && echo \$(ls)"
 
 # ---------------------------------------------------------------- embedding a mounted JPEG
