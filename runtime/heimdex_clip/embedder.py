@@ -21,15 +21,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from numbers import Real
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .artifact import Manifest
 from .config import ClipConfig
-from .errors import ArtifactError, ClipError, ConfigError, ImageError
+from .errors import ArtifactError, ClipError, ConfigError
 from .frames import EmbeddingCache, Frame, FramePipeline
 from .images import ImageSource
 from .jobs import DeadlineRunner, JobTimeout
@@ -43,6 +41,7 @@ from .metadata import (
     success,
 )
 from .model import VisualModel, load_visual_model
+from .scenes import as_sequence, best_frames, pool_scene
 from .session import SessionInfo
 from .text import TextTower, has_text_tower
 
@@ -200,12 +199,12 @@ class ClipEmbedder:
 
     def preprocess(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Exactly what the model sees: float32 [N, 3, S, S] (raises ImageError)."""
-        return self._pipeline.pixels(self._current(), _sequence(images, "preprocess"))
+        return self._pipeline.pixels(self._current(), as_sequence(images, "preprocess"))
 
     def embed_images(self, images: Sequence[ImageSource],
                      batch_size: int | None = None) -> np.ndarray:
         """Embed every image; float32 [N, D]. Raises ClipError for bad input or a bad model."""
-        images = _sequence(images, "embed_images")
+        images = as_sequence(images, "embed_images")
         batch = self.config.batch_size if batch_size is None else batch_size
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch!r}")
@@ -279,7 +278,7 @@ class ClipEmbedder:
                 frame_qualities: Sequence[float | dict | None] | None
                 ) -> list[Frame | EmbeddingResult]:
         """Validate the call; a frame with a bad argument becomes its failure result."""
-        images = _sequence(images, "embed_frames", error=InvalidArgument)
+        images = as_sequence(images, "embed_frames", error=InvalidArgument)
         n = len(images)
         paths = [None] * n if frame_paths is None else list(frame_paths)
         qualities = [None] * n if frame_qualities is None else list(frame_qualities)
@@ -324,7 +323,7 @@ class ClipEmbedder:
         each frame keeps its own deadline and each scene its own result. Never raises.
         """
         try:
-            scene_list = _sequence(scenes, "embed_scenes", error=InvalidArgument)
+            scene_list = as_sequence(scenes, "embed_scenes", error=InvalidArgument)
             paths = [None] * len(scene_list) if frame_paths is None else list(frame_paths)
             if len(paths) != len(scene_list):
                 raise InvalidArgument(f"{len(scene_list)} scenes with {len(paths)} frame_paths")
@@ -333,33 +332,16 @@ class ClipEmbedder:
         plans: list[tuple[str | None, list | None, str | None]] = []
         for frames, path in zip(scene_list, paths, strict=True):
             try:
-                plans.append((storable_path(path), _best_frames(frames, top_k), None))
+                plans.append((storable_path(path), best_frames(frames, top_k), None))
             except InvalidArgument as exc:
                 plans.append((None, None, f"Invalid argument: {exc}"))
         images = [img for _, chosen, _ in plans for img, _ in (chosen or [])]
         results = iter(self.embed_frames(images))
-        return [self._pool(path, chosen, [next(results) for _ in chosen])
+        return [pool_scene(self._identity(), path, chosen, [next(results) for _ in chosen],
+                           normalize=self.config.normalize)
                 if chosen is not None else failure(self._identity(), frame_path=None,
                                                    error=error or "")
                 for path, chosen, error in plans]
-
-    def _pool(self, path: str | None, chosen: list,
-              results: list[EmbeddingResult]) -> EmbeddingResult:
-        """One scene's pooled result from its frames' results; its time is theirs summed."""
-        good = [(r.embedding, q) for r, (_, q) in zip(results, chosen, strict=True) if r.ok]
-        if not good:
-            errors = "; ".join(sorted({r.error or "" for r in results})) or "no frames"
-            return failure(self._identity(), frame_path=path,
-                           error=f"all {len(chosen)} frames failed: {errors}")
-        pooled = np.mean([e for e, _ in good], axis=0)
-        if self.config.normalize:
-            pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
-        scores = [q for _, q in good if q is not None]
-        quality = {"quality_score": float(np.mean(scores)) if scores else None,
-                   "frames_pooled": len(good)}
-        time_ms = sum(r.metadata["inference_time_ms"] or 0.0 for r in results if r.ok)
-        return success(self._identity(), pooled.astype(np.float32), frame_path=path,
-                       frame_quality=quality, time_ms=time_ms)
 
     # ------------------------------------------------------------------ text (text tower)
     # Thin delegations to heimdex_clip.text.TextTower, loaded on first text call from the
@@ -431,32 +413,6 @@ class ClipEmbedder:
     def has_text_tower(self) -> bool:
         """Whether the loaded artifact ships a text tower (loads the model if needed)."""
         return has_text_tower(self.manifest)
-
-
-def _sequence(images: Any, caller: str, error: type[Exception] = ImageError) -> list:
-    """``images`` as a list; a lone path, bytes or image is a mistake, not N characters."""
-    if isinstance(images, (str, Path, bytes, bytearray, memoryview, np.ndarray)) or \
-            not isinstance(images, Sequence):
-        raise error(f"{caller} takes a sequence of images, got {type(images).__name__}")
-    return list(images)
-
-
-def _best_frames(frames: Any, top_k: Any) -> list[tuple[ImageSource, float | None]]:
-    """The ``top_k`` frames to pool, best first, with their scores (validated)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InvalidArgument(f"top_k must be an integer >= 1, got {top_k!r}")
-    scored = [f if isinstance(f, tuple) else (f, None)
-              for f in _sequence(frames, "embed_scene", error=InvalidArgument)]
-    for item in scored:
-        if len(item) != 2:
-            raise InvalidArgument("embed_scene takes images or (image, quality_score) pairs")
-        score = item[1]
-        if score is not None and (isinstance(score, bool) or not isinstance(score, Real)
-                                  or not np.isfinite(float(score))):
-            raise InvalidArgument(f"a quality_score must be a finite number, got {score!r}")
-    if scored and all(q is not None for _, q in scored):
-        scored.sort(key=lambda f: f[1], reverse=True)
-    return scored[:top_k]
 
 
 _instance: ClipEmbedder | None = None
