@@ -68,8 +68,9 @@ def test_install_switches_the_symlink_and_removes_the_old_version(tmp_path):
     assert not first.exists()
     assert sorted(p.name for p in models.iterdir()) == sorted(
         [NAME, second.name, f".{NAME}.lock"])
-    # The artifact directory itself, through the symlink (CLIP_MODEL_DIR pointing at it).
-    assert resolve_artifact_dir(models / NAME, "ViT-B-32", "none") == models / NAME
+    # The artifact directory itself, through the symlink (CLIP_MODEL_DIR pointing at it):
+    # resolved to the version it points at, so one load never reads from two versions.
+    assert resolve_artifact_dir(models / NAME, "ViT-B-32", "none") == second.resolve()
     # Make's file target `$(TEST_MODEL_DIR)/manifest.json` stats through the symlink.
     assert (models / NAME / "manifest.json").is_file()
 

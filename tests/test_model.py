@@ -90,3 +90,22 @@ def test_a_graph_swapped_with_its_manifest_updated_still_loads_only_if_consisten
     edit_manifest(artifact_copy, lambda m: m["preprocess"].update(image_size=256))
     with pytest.raises(ArtifactError, match="does not belong to this graph"):
         load_visual_model(config(), artifact_copy)
+
+
+def test_an_install_switching_the_symlink_mid_load_is_not_seen(artifact_dir, tmp_path):
+    """The artifact directory is resolved once, so what a load reads stays one version even
+    when `models/<name>` is switched to another export meanwhile."""
+    first = tmp_path / ".v1"
+    shutil.copytree(artifact_dir, first, ignore=shutil.ignore_patterns("*.fp32.onnx"))
+    link = tmp_path / "ViT-B-32__none"
+    link.symlink_to(first.name)
+    from heimdex_clip.artifact import resolve_artifact_dir
+
+    found = resolve_artifact_dir(tmp_path, "ViT-B-32", "none")
+    assert found == first.resolve()
+    second = tmp_path / ".v2"
+    second.mkdir()
+    (second / "manifest.json").write_text("{}")
+    link.unlink()
+    link.symlink_to(second.name)  # a new install lands between two reads of one load
+    assert load_visual_model(config(), found).artifact_dir == first.resolve()

@@ -228,6 +228,8 @@ def resolve_artifact_dir(model_dir: Path | None, model_name: str, pretrained: st
 
     ``model_dir`` may be the artifact itself (it holds ``manifest.json``) or a models root
     holding ``<MODEL>__<PRETRAINED>/``. With no ``model_dir``, each of ``search`` is tried.
+    The symlink an install switches is resolved here, once: a load that spans a new install
+    reads the manifest and its files from one version, never from two.
     """
     roots = [model_dir] if model_dir is not None else list(search)
     name = artifact_dir_name(model_name, pretrained)
@@ -236,7 +238,7 @@ def resolve_artifact_dir(model_dir: Path | None, model_name: str, pretrained: st
         for candidate in (root, root / name):
             tried.append(str(candidate))
             if (candidate / MANIFEST_NAME).is_file():
-                return candidate
+                return candidate.resolve()
     raise ArtifactError(
         f"no model artifact for {model_name} (pretrained={pretrained}): no {MANIFEST_NAME} in "
         f"{', '.join(tried) or '(no directory given)'}. Build one with "
