@@ -19,7 +19,7 @@ import pytest
 
 from heimdex_clip.artifact import load_manifest, resolve_artifact_dir
 from heimdex_clip_export import install as install_mod
-from heimdex_clip_export.install import current_version, install, versions
+from heimdex_clip_export.install import current_version, install, versions, working_directory
 
 NAME = "ViT-B-32__none"
 REPO = Path(__file__).resolve().parents[1]
@@ -190,3 +190,52 @@ def test_a_process_killed_at_any_step_leaves_a_complete_artifact(tmp_path, step)
     assert proc.returncode == 9, proc.stderr
     assert _installed_generation(models) == ("old" if step <= STEPS.index("replace")
                                              else "new")
+
+
+HOLD_WORK_SCRIPT = """
+import sys, time
+from pathlib import Path
+from heimdex_clip_export.install import working_directory
+with working_directory(Path(sys.argv[1])) as work:
+    (work / "partial.onnx").write_bytes(b"half an export")
+    print(work, flush=True)
+    time.sleep(600)  # an export in progress, until the test kills it
+"""
+
+
+def _start_export_holding_work(models: Path) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "runtime"), str(REPO / "export"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_WORK_SCRIPT, str(models / NAME)],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    work = Path(proc.stdout.readline().strip())
+    assert work.is_dir() and (work / "partial.onnx").is_file()
+    return proc, work
+
+
+def test_a_killed_exports_working_directory_is_removed_by_the_next_one(tmp_path):
+    models = tmp_path / "models"
+    install(_finished_work_dir(models, "old"), models / NAME)
+    killed, abandoned = _start_export_holding_work(models)
+    running, live = _start_export_holding_work(models)
+    try:
+        killed.kill()  # SIGKILL: its own cleanup never runs
+        killed.wait(timeout=30)
+        assert abandoned.is_dir()
+        with working_directory(models / NAME) as work:
+            assert work.is_dir() and work != live
+            assert not abandoned.exists()  # its owner is dead
+            assert (live / "partial.onnx").is_file()  # a running export's is kept
+        assert work.is_dir()  # a block that succeeds leaves the directory for install()
+    finally:
+        running.kill()
+        running.wait(timeout=30)
+    assert _installed_generation(models) == "old"
+
+
+def test_a_failed_export_deletes_its_own_working_directory(tmp_path):
+    models = tmp_path / "models"
+    with pytest.raises(RuntimeError, match="gate"), working_directory(models / NAME) as work:
+        (work / "visual.int8.onnx").write_bytes(b"x")
+        raise RuntimeError("gate failed")
+    assert not work.exists() and not list(models.glob(f".{NAME}.tmp-*"))

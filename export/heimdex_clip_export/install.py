@@ -20,6 +20,12 @@ before this layout (a real directory at ``<name>``) is moved to a version direct
 that one-time migration is two renames, with a moment between them when ``<name>`` does
 not exist. Installs of the same name are serialised by a lock file.
 
+An export builds its artifact in a working directory ``.<name>.tmp-*`` made by
+:func:`working_directory`, which holds an ``flock`` on the directory for as long as the
+export runs. A process killed outright (SIGKILL, the OOM killer) cannot clean up, so every
+new working directory first deletes the ones whose lock nobody holds any more: their
+owner is dead. Exports running side by side keep their locks and are left alone.
+
 The runtime needs nothing for this: it opens ``<name>/manifest.json`` through the symlink.
 """
 
@@ -31,6 +37,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +77,48 @@ def _new_version_name(work: Path, final: Path) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     digest = hashlib.sha256((work / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
     return f"{version_prefix(final)}{stamp}-{digest}"
+
+
+@contextlib.contextmanager
+def working_directory(final: Path) -> Iterator[Path]:
+    """A new, locked working directory beside ``final`` for building its next version.
+
+    Stale working directories of ``final`` (left by killed exports) are deleted first. The
+    directory is deleted when the block raises; on success the caller has installed it.
+    """
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_work(final)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.tmp-"))
+    work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
+    # The lock is on the directory's inode, so it follows the directory through install's
+    # rename and ends with this process, however it ends.
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _remove_abandoned_work(final: Path) -> None:
+    """Delete ``final``'s working directories whose owner no longer holds their lock."""
+    for work in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            fd = os.open(work, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not a directory we can open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live export's
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

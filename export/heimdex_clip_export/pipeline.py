@@ -14,8 +14,6 @@ import contextlib
 import datetime as dt
 import logging
 import platform
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,7 +42,7 @@ from heimdex_clip.session import cpu_features, create_session
 
 from . import evaluation as ev
 from . import static_qdq
-from .install import install
+from .install import install, working_directory
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
 from .quantize import SHIPPED_RECIPE, QuantRecipe, quantize_visual
 from .text_export import TextGateError, export_text_tower
@@ -209,16 +207,11 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
                     "embeddings carry no meaning", seed)
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / artifact_dir_name(model_name, pretrained)
-    work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{final.name}.tmp-"))
-    work.chmod(0o755)  # mkdtemp makes 0700; the runtime may run as another user
-    try:
+    with working_directory(final) as work:
         manifest = _export_into(loaded, work, keep_fp32, recipe or SHIPPED_RECIPE, gates,
                                 rewrites, text, openvino)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         install(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     log.info("artifact written to %s", final)
     return final
 
