@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from heimdex_clip import ClipConfig, ClipEmbedder
-from heimdex_clip.db.backfill import Policy, Scope, run_backfill
+from heimdex_clip.db.backfill import Policy, Scope, eligible_where, run_backfill
 from heimdex_clip.db.connection import DatabaseError
 from heimdex_clip.db.stats import clip_stats
 from heimdex_clip.db.store import SceneStore
@@ -98,3 +98,49 @@ def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(pool, artifact_d
     # The frame's own vector (INT8 results depend slightly on the batch it ran in).
     assert float(row["embedding_visual_clip"].to_numpy() @ new.embed_images([paths[0]])[0]) \
         > 0.99
+
+
+def _plan_nodes(plan: dict) -> list[str]:
+    """Every node type of an EXPLAIN (FORMAT JSON) plan, with its relation."""
+    node = f"{plan['Node Type']} {plan.get('Relation Name', '')}".strip()
+    return [node, *(n for child in plan.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_claiming_stale_rows_reads_indexes_not_the_whole_table(pool):
+    """`backfill --reembed-stale` near the end of an upgrade from artifact A to B: most scenes
+    hold B's vector in the second slot, new scenes hold it in the first, a few still have
+    only A's. Claims find those few through indexes, never by reading the whole table."""
+    owners = [uuid.uuid4() for _ in range(20)]
+    rows = """INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact,
+                                  embedding_visual_clip_alt, visual_clip_alt_artifact)
+              SELECT (%(owners)s::uuid[])[1 + g %% 20], %(tag)s || g, %(vec)s::vector,
+                     %(first)s, CASE WHEN %(alt)s::text IS NULL THEN NULL ELSE %(vec)s::vector
+                     END, %(alt)s
+              FROM generate_series(1, %(n)s) g RETURNING id, owner_id"""
+    vec = "[" + ",".join(["0.01"] * 512) + "]"
+    with pool.connection() as conn:
+        conn.execute("SET statement_timeout = 0")
+        # Throwaway database: without the vector indexes the rows go in 10x faster, and the
+        # claim does not read them. The table must be large for the planner to prefer any
+        # index to reading it: at 20,000 rows a scan is estimated cheaper and chosen.
+        conn.execute("DROP INDEX scenes_embedding_visual_clip_hnsw, "
+                     "scenes_embedding_visual_clip_alt_hnsw")
+        for tag, first, alt, n in (("done-", "A", "B", 199000), ("new-", "B", None, 1000)):
+            conn.execute(rows, {"owners": owners, "tag": tag, "vec": vec, "first": first,
+                                "alt": alt, "n": n})
+        stale = conn.execute(rows, {"owners": owners, "tag": "stale-", "vec": vec,
+                                    "first": "A", "alt": None, "n": 6}).fetchall()
+        conn.execute("ANALYZE scenes")
+        conn.commit()
+    params = {"owner": owners[1], "artifact": "B", "max_attempts": 3}
+    for scope in (Scope(all_owners=True), Scope(owner_id=owners[1])):
+        where = eligible_where(scope, reembed_stale=True)
+        with pool.connection() as conn:
+            (plan,), = conn.execute(f"EXPLAIN (FORMAT JSON) SELECT id FROM scenes WHERE {where}"
+                                    " LIMIT 16", params).fetchone()
+            found = {r[0] for r in conn.execute(f"SELECT id FROM scenes WHERE {where}",
+                                                params).fetchall()}
+        nodes = _plan_nodes(plan["Plan"])
+        assert "Seq Scan scenes" not in nodes, nodes
+        expected = {i for i, owner in stale if scope.all_owners or owner == owners[1]}
+        assert found == expected and found  # exactly the stale rows (of that owner)

@@ -100,13 +100,22 @@ def _fault(result: EmbeddingResult, batch_raised: bool) -> str | None:
     return "worker" if batch_raised else classify_fault(result.error)
 
 
+#: The artifact whose vector the second slot holds; migration 006 indexes this expression.
+_ALT_VECTOR_ARTIFACT = """(CASE WHEN embedding_visual_clip_alt IS NOT NULL
+                     THEN visual_clip_alt_artifact END)"""
+
+
 def _work(reembed_stale: bool) -> str:
     """The scenes that still need a vector of %(artifact)s."""
+    # "Neither slot holds this artifact's vector", spelt as ranges rather than IS DISTINCT
+    # FROM so that the planner can combine index scans (the artifact indexes of both slots,
+    # the pending index) instead of reading the table: re-embedding the last few stale rows
+    # among millions must not cost a table scan per claim.
     return f"""frame_path IS NOT NULL
-        AND NOT (visual_clip_artifact IS NOT DISTINCT FROM %(artifact)s
-                 AND embedding_visual_clip IS NOT NULL)
-        AND NOT (visual_clip_alt_artifact IS NOT DISTINCT FROM %(artifact)s
-                 AND embedding_visual_clip_alt IS NOT NULL)
+        AND (visual_clip_artifact < %(artifact)s OR visual_clip_artifact > %(artifact)s
+             OR visual_clip_artifact IS NULL OR embedding_visual_clip IS NULL)
+        AND ({_ALT_VECTOR_ARTIFACT} < %(artifact)s OR {_ALT_VECTOR_ARTIFACT} > %(artifact)s
+             OR {_ALT_VECTOR_ARTIFACT} IS NULL)
         {"" if reembed_stale else "AND embedding_visual_clip IS NULL"}"""
 
 
@@ -145,6 +154,12 @@ def release_expired(pool: ConnectionPool, scope: Scope, policy: Policy) -> int:
              "retry_max": policy.retry_max_s}).rowcount
 
 
+def eligible_where(scope: Scope, reembed_stale: bool = False) -> str:
+    """The ``WHERE`` condition of the scenes a claim may lease now (parameters: ``owner``,
+    ``artifact``, ``max_attempts``)."""
+    return f"{scope.sql()} AND {_work(reembed_stale)} AND {_NOT_GIVEN_UP} AND {_READY}"
+
+
 def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, size: int, *,
           reembed_stale: bool = False, token: uuid.UUID | None = None
           ) -> tuple[uuid.UUID, list[tuple[uuid.UUID, uuid.UUID, str, int]]]:
@@ -155,7 +170,7 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
     token = token or uuid.uuid4()
     params = {"owner": scope.owner_id, "artifact": artifact, "max_attempts": policy.max_attempts,
               "size": size, "token": token, "lease": policy.lease_s, "by": worker_name()}
-    eligible = f"{scope.sql()} AND {_work(reembed_stale)} AND {_NOT_GIVEN_UP} AND {_READY}"
+    eligible = eligible_where(scope, reembed_stale)
     with pool.connection() as conn:
         # Crash suspects first, alone: what killed a worker must not kill the batch again.
         suspect = f"{eligible} AND visual_clip_fault = 'worker'"
