@@ -47,8 +47,14 @@ def profile(artifact: Path, batch: int, threads: int, runs: int) -> dict:
     """
     manifest = load_manifest(artifact)
     int8 = manifest.files["visual.int8"]
-    graph, input_name = artifact / int8.path, int8.inputs[0].name
-    shape = (batch, 3, manifest.preprocess.image_size, manifest.preprocess.image_size)
+    return profile_graph(artifact / int8.path, int8.inputs[0].name,
+                         manifest.preprocess.image_size, batch, threads, runs)
+
+
+def profile_graph(graph: Path, input_name: str, image_size: int, batch: int, threads: int,
+                  runs: int) -> dict:
+    """:func:`profile` for any image graph: ``input_name`` takes [batch, 3, size, size]."""
+    shape = (batch, 3, image_size, image_size)
     pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads=threads)
