@@ -9,6 +9,8 @@ per row, and a rounding-level change can move a value across a quantization step
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -148,3 +150,43 @@ def test_graph_without_int8_projections_is_left_untouched():
     before = model.SerializeToString()
     assert fusions.fuse(model).attention == 0
     assert model.SerializeToString() == before
+
+
+def test_onnx_runtime_scales_the_gemm_bias_by_a_per_row_activation_scale():
+    """Why the projection biases stay separate Adds: with a per-row ``a_scale``,
+    MatMulIntegerToFloat's optional bias comes out multiplied by each row's scale. If a
+    new ONNX Runtime fixes this, folding the biases into the GEMM becomes possible."""
+    rng = np.random.default_rng(0)
+    rows, depth, columns = 4, 16, 8
+    a = rng.integers(0, 256, (rows, depth)).astype(np.uint8)
+    b = rng.integers(-127, 128, (depth, columns)).astype(np.int8)
+    a_scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
+    b_scale = rng.uniform(0.01, 0.1, columns).astype(np.float32)
+    bias = rng.standard_normal(columns).astype(np.float32)
+    node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "a_scale", "b_scale", "zp", "",
+                                                     "bias"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [rows, depth]),
+         helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, [rows, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(b_scale, "b_scale"),
+         numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+         numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"a": a, "a_scale": a_scale})[0]
+    product = (a.astype(np.int64) - 128) @ b.astype(np.int64) * a_scale * b_scale
+    np.testing.assert_allclose(y, product + bias * a_scale, rtol=1e-5, atol=1e-5)
+    assert np.abs(y - (product + bias)).max() > 0.1
+
+
+def test_the_clip_export_ships_its_attention_fused(artifact_dir):
+    """The open_clip ViT-B-32 export matches: every block's attention core is fused."""
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    assert manifest["quantization"]["fused"] == {"attention": 12,
+                                                 "attention_output_smoothing_folded": 12}
+    ops = _ops(onnx.load(str(artifact_dir / "visual.int8.onnx")))
+    assert ops.count("MultiHeadAttention") == 12
+    assert {"Softmax", "MatMul"}.isdisjoint(ops)  # no float attention MatMul is left

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Flatten"}
 PROBE_BATCH = 2
+#: Element indices are run through the layout ops as float32, exact below 2**24.
+EXACT_FLOAT_INTS = 2 ** 24
 
 
 @dataclass
@@ -217,16 +219,22 @@ def fuse_attention(model: onnx.ModelProto, fold_smoothing: bool = True) -> tuple
     names = [c.source for core in cores for c in (core.q, core.k, core.v)]
     shapes = probe_shapes(model, names + [core.context for core in cores], PROBE_BATCH)
     if shapes is None:
+        log.info("attention: the graph input has dynamic dimensions besides the batch; "
+                 "left as is")
         return 0, 0
     fused = folded = 0
     for index, core in enumerate(cores):
+        sources = [shapes[c.source] for c in (core.q, core.k, core.v)]
+        if max(np.prod(s) for s in sources) >= EXACT_FLOAT_INTS or min(map(len, sources)) != 3:
+            log.info("attention core %s: sources not [B, S, D], left as is", core.score.name)
+            continue
         values = _index_run(g, core, shapes)
         q = _head_slice(values[core.score.input[0]], values[core.q.source], key=False)
         k = _head_slice(values[core.score.input[1]], values[core.k.source], key=True)
         v = _head_slice(values[core.mix.input[1]], values[core.v.source], key=False)
         projections = [_projection(g, c.source) for c in (core.q, core.k, core.v)]
         heads = values[core.score.input[0]].shape[1]
-        if None in (q, k, v) or None in projections or q[1] != k[1] \
+        if None in (q, k, v) or None in projections or q[1] != k[1] or core.v.scale != 1.0 \
                 or shapes[core.context] != (PROBE_BATCH, shapes[core.q.source][1], v[1]):
             log.info("attention core %s: layout not recognised, left as is", core.score.name)
             continue
