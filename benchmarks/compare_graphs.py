@@ -5,8 +5,9 @@
 
 Graphs are measured in alternation (A, B, A, B, ...) so that load from other processes on
 a shared machine falls on all of them alike; each figure is the median over the repeats.
-ms/image comes from plain timed runs; the per-operator split from separate runs under
-ONNX Runtime's profiler (benchmarks/profile_encoder.py), whose own overhead it includes.
+ms/image comes from plain timed runs (median, and the fastest repeat: on a shared machine
+the least disturbed one); the per-operator split from separate runs under ONNX Runtime's
+profiler (benchmarks/profile_encoder.py), whose own overhead it includes.
 Writes ``<out>/compare_graphs.json`` and ``.md`` when ``--out`` is given.
 """
 
@@ -43,7 +44,7 @@ def compare(graphs: list[Path], input_name: str, size: int, batches: list[int], 
     result: dict = {}
     for batch in batches:
         pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-        runs = max(2, 64 // batch)
+        runs = max(4, 128 // batch)  # >= 128 images per timed sample
         walls: list[list[float]] = [[] for _ in graphs]
         ops: list[list[dict]] = [[] for _ in graphs]
         for _ in range(repeats):
@@ -53,6 +54,7 @@ def compare(graphs: list[Path], input_name: str, size: int, batches: list[int], 
                                             runs)["by_operator"])
         result[str(batch)] = [
             {"ms_per_image": round(statistics.median(walls[i]), 3),
+             "ms_per_image_min": round(min(walls[i]), 3),
              "ms_per_image_all": [round(w, 3) for w in walls[i]],
              "by_operator": _median_ops(ops[i])}
             for i in range(len(graphs))]
@@ -72,8 +74,13 @@ def markdown(result: dict, labels: list[str]) -> str:
         lines += [f"Batch {batch}:", "",
                   "| ms/image | " + " | ".join(labels) + " |",
                   "|---|" + "---|" * len(labels),
-                  "| **wall (timed runs)** | "
-                  + " | ".join(f"**{g['ms_per_image']}**" for g in per_graph) + " |"]
+                  "| **wall, median (timed runs)** | "
+                  + " | ".join(f"**{g['ms_per_image']}**" for g in per_graph) + " |",
+                  "| wall, fastest repeat | "
+                  + " | ".join(f"{g['ms_per_image_min']}" for g in per_graph) + " |",
+                  "| kernels, sum (profiled runs) | "
+                  + " | ".join(f"{sum(g['by_operator'].values()):.2f}" for g in per_graph)
+                  + " |"]
         ops = dict.fromkeys(op for g in per_graph for op in g["by_operator"])
         for op in ops:
             values = [g["by_operator"].get(op, 0.0) for g in per_graph]

@@ -186,7 +186,43 @@ def test_the_clip_export_ships_its_attention_fused(artifact_dir):
     """The open_clip ViT-B-32 export matches: every block's attention core is fused."""
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
     assert manifest["quantization"]["fused"] == {"attention": 12,
-                                                 "attention_output_smoothing_folded": 12}
+                                                 "attention_output_smoothing_folded": 12,
+                                                 "transpose_pairs_cancelled": 1}
     ops = _ops(onnx.load(str(artifact_dir / "visual.int8.onnx")))
     assert ops.count("MultiHeadAttention") == 12
+    assert ops.count("Transpose") == 1  # the patch cut; its way back from the conv layout went
     assert {"Softmax", "MatMul"}.isdisjoint(ops)  # no float attention MatMul is left
+
+
+def _transpose_round_trip(reshape_to: list[int], back: list[int]) -> onnx.ModelProto:
+    """x [B, S, D] -> Transpose(0, 2, 1) -> Reshape(reshape_to) -> Transpose(back) -> + 1."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1], name="t"),
+             helper.make_node("Reshape", ["t", "shape"], ["r"], name="r"),
+             helper.make_node("Transpose", ["r"], ["back"], perm=back, name="back"),
+             helper.make_node("Add", ["back", "one"], ["y"], name="y")]
+    graph = helper.make_graph(
+        nodes, "round_trip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", TOKENS, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(reshape_to, np.int64), "shape"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_transpose_round_trip_through_a_shape_keeping_reshape_is_removed():
+    model = _transpose_round_trip([-1, WIDTH, TOKENS], [0, 2, 1])
+    x = _inputs(3)
+    want = _run(model, ["y"], x)[0]
+    assert fusions.cancel_transpose_pairs(model) == 1
+    assert _ops(model) == ["Add"]
+    np.testing.assert_array_equal(_run(model, ["y"], x)[0], want)  # pure data movement
+
+
+def test_transpose_pairs_that_move_data_are_kept():
+    """A Reshape that regroups the elements, or a second Transpose that does not undo the
+    first: removing either would change the result."""
+    for model in (_transpose_round_trip([-1, TOKENS, WIDTH], [0, 2, 1]),
+                  _transpose_round_trip([-1, WIDTH, TOKENS], [1, 0, 2])):
+        before = model.SerializeToString()
+        assert fusions.cancel_transpose_pairs(model) == 0
+        assert model.SerializeToString() == before

@@ -160,7 +160,8 @@ def _with_output(path, name: str):
 def test_attention_fusion_matches_the_proxy_and_costs_no_accuracy(real, shipped, unfused):
     _, _, pixels, reference, _ = real
     fused, record = shipped
-    assert record["fused"] == {"attention": 12, "attention_output_smoothing_folded": 12}
+    assert record["fused"] == {"attention": 12, "attention_output_smoothing_folded": 12,
+                               "transpose_pairs_cancelled": 0}  # no such pair in this graph
     fused_ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
     unfused_ops = [n.op_type for n in onnx.load(str(unfused)).graph.node]
     assert fused_ops.count("MultiHeadAttention") == 12 and "Softmax" not in fused_ops
