@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -103,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [g.stem for g in args.graphs]
     batches = [int(b) for b in args.batches.split(",")]
+    load_before = os.getloadavg()[0]
     result = compare(args.graphs, args.input, args.size, batches, args.repeats, args.threads)
     table = markdown(result, labels)
     features = cpu_features()
     header = (f"{', '.join(labels)}: {args.threads} threads, median of {args.repeats} "
               f"alternating repeats on {features['cpu_model']}, "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n")
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after.\n\n")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare_graphs.json").write_text(json.dumps(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -99,7 +100,10 @@ def markdown(result: dict) -> str:
         f"INT8 visual encoder profile, batch {result['batch']}, {result['threads']} threads, "
         f"{result['timed_runs']} runs on {result['machine']['cpu_model']} "
         f"(flags: {', '.join(result['machine']['flags']) or 'none of interest'}), "
-        f"{result['machine']['date']}.",
+        f"{result['machine']['date']}"
+        + (f", load average {result['machine']['load_average_after'][0]} (other processes "
+           "share the machine: compare runs made under the same load)"
+           if "load_average_after" in result["machine"] else "") + ".",
         "",
         f"Wall {result['wall_ms_per_image']} ms/image; kernels {result['kernel_ms_per_image']} "
         "ms/image.",
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     features = cpu_features()
     present = [flag for flag, on in features["flags"].items() if on]
     result["machine"] = {"cpu_model": features["cpu_model"], "flags": present,
-                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                         "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
