@@ -210,7 +210,7 @@ def _output_smoothing(g: Graph, context: str, width: int) -> onnx.NodeProto | No
     return mul if value is not None and value.shape == (width,) else None
 
 
-def fuse_attention(model: onnx.ModelProto, fold_smoothing: bool = True) -> tuple[int, int]:
+def fuse_attention(model: onnx.ModelProto) -> tuple[int, int]:
     """Replace every matching attention core; returns (cores fused, output Muls folded)."""
     g = Graph(model)
     cores = _find_cores(g)
@@ -239,7 +239,7 @@ def fuse_attention(model: onnx.ModelProto, fold_smoothing: bool = True) -> tuple
             log.info("attention core %s: layout not recognised, left as is", core.score.name)
             continue
         prefix = f"mha/{index}"
-        smoothing = _output_smoothing(g, core.context, v[1]) if fold_smoothing else None
+        smoothing = _output_smoothing(g, core.context, v[1])
         v_scale = g.const(next(i for i in smoothing.input if i != core.context)) \
             if smoothing is not None else None
         parts = [_part(g, proj, offset, width, shapes[chain.source][1], f"{prefix}/{tag}",
