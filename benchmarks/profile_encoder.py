@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -47,8 +48,14 @@ def profile(artifact: Path, batch: int, threads: int, runs: int) -> dict:
     """
     manifest = load_manifest(artifact)
     int8 = manifest.files["visual.int8"]
-    graph, input_name = artifact / int8.path, int8.inputs[0].name
-    shape = (batch, 3, manifest.preprocess.image_size, manifest.preprocess.image_size)
+    return profile_graph(artifact / int8.path, int8.inputs[0].name,
+                         manifest.preprocess.image_size, batch, threads, runs)
+
+
+def profile_graph(graph: Path, input_name: str, image_size: int, batch: int, threads: int,
+                  runs: int) -> dict:
+    """:func:`profile` for any image graph: ``input_name`` takes [batch, 3, size, size]."""
+    shape = (batch, 3, image_size, image_size)
     pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads=threads)
@@ -93,7 +100,10 @@ def markdown(result: dict) -> str:
         f"INT8 visual encoder profile, batch {result['batch']}, {result['threads']} threads, "
         f"{result['timed_runs']} runs on {result['machine']['cpu_model']} "
         f"(flags: {', '.join(result['machine']['flags']) or 'none of interest'}), "
-        f"{result['machine']['date']}.",
+        f"{result['machine']['date']}"
+        + (f", load average {result['machine']['load_average_after'][0]} (other processes "
+           "share the machine: compare runs made under the same load)"
+           if "load_average_after" in result["machine"] else "") + ".",
         "",
         f"Wall {result['wall_ms_per_image']} ms/image; kernels {result['kernel_ms_per_image']} "
         "ms/image.",
@@ -124,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     features = cpu_features()
     present = [flag for flag, on in features["flags"].items() if on]
     result["machine"] = {"cpu_model": features["cpu_model"], "flags": present,
-                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                         "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)

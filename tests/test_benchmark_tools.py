@@ -54,3 +54,19 @@ def test_interleaved_medians_let_the_cases_take_turns():
 
     assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
     assert set(medians) == {"a", "b"}
+
+
+def test_compare_graphs_reports_every_graph_by_operator(artifact_dir):
+    load_benchmark_module("profile_encoder")  # compare_graphs imports it as a sibling
+    compare_graphs = load_benchmark_module("compare_graphs")
+    manifest = load_manifest(artifact_dir)
+    graph = artifact_dir / manifest.files["visual.int8"].path
+    result = compare_graphs.compare([graph, graph], manifest.files["visual.int8"].inputs[0].name,
+                                    manifest.preprocess.image_size, [1], repeats=1, threads=1)
+
+    assert list(result) == ["1"] and len(result["1"]) == 2
+    for measured in result["1"]:
+        assert measured["ms_per_image"] > 0
+        assert "MatMulIntegerToFloat" in measured["by_operator"]
+    table = compare_graphs.markdown(result, ["a", "b"])
+    assert "| ms/image | a | b |" in table and "| MatMulIntegerToFloat |" in table

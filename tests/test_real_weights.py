@@ -8,12 +8,13 @@ and the figures are computed here with plain numpy on real photographs and crops
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from heimdex_clip.session import create_session
 from heimdex_clip_export import proxy
@@ -83,6 +84,16 @@ def shipped(real):
     return int8, record
 
 
+@pytest.fixture(scope="module")
+def unfused(real):
+    """The shipped recipe without the ONNX Runtime fusions (fusions.py)."""
+    work, fp32, _, _, calibration = real
+    int8 = work / "proxy.unfused.onnx"
+    quantize_visual(fp32, int8, replace(SHIPPED_RECIPE, ort_fusions=False),
+                    calibration=calibration)
+    return int8
+
+
 def test_proxy_is_a_trained_vit_embedding_real_photographs(real):
     _, fp32, pixels, reference, _ = real
     assert len(pixels) >= 160 and pixels.shape[1:] == (3, 224, 224)
@@ -137,3 +148,37 @@ def test_previous_per_tensor_recipe_fails_batch_invariance_on_real_weights(real)
     int8 = work / "proxy.per_tensor.onnx"
     quantize_visual(fp32, int8, PER_TENSOR_RECIPE)
     assert _alone_vs_batch(_embedder(int8), pixels) < BATCH_INVARIANCE
+
+
+def _with_output(path, name: str):
+    model = onnx.load(str(path))
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session, _ = create_session(model.SerializeToString(), threads=None)
+    return session
+
+
+def test_attention_fusion_matches_the_proxy_and_costs_no_accuracy(real, shipped, unfused):
+    _, _, pixels, reference, _ = real
+    fused, record = shipped
+    assert record["fused"] == {"attention": 12, "attention_output_smoothing_folded": 12,
+                               "transpose_pairs_cancelled": 0}  # no such pair in this graph
+    fused_ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    unfused_ops = [n.op_type for n in onnx.load(str(unfused)).graph.node]
+    assert fused_ops.count("MultiHeadAttention") == 12 and "Softmax" not in fused_ops
+    assert unfused_ops.count("Softmax") == 12 and "MultiHeadAttention" not in unfused_ops
+
+    # The first block sees identical inputs in both graphs: its attention output (same
+    # tensor name in both) differs only by float summation order.
+    first = next(n for n in onnx.load(str(fused)).graph.node
+                 if n.op_type == "MultiHeadAttention").output[0]
+    batch = pixels[:8]
+    got = _with_output(fused, first).run([first], {proxy.INPUT_NAME: batch})[0]
+    want = _with_output(unfused, first).run([first], {proxy.INPUT_NAME: batch})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    # End to end, later blocks re-quantize slightly different floats (a value may cross a
+    # quantization step), so the embeddings move within the INT8 error, not beyond it.
+    fused_cos = _cosines(reference, _embedder(fused)(pixels))
+    unfused_cos = _cosines(reference, _embedder(unfused)(pixels))
+    assert abs(fused_cos.mean() - unfused_cos.mean()) < 1e-4
+    assert fused_cos.min() >= MIN_COSINE

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 DESCRIPTION = """Export an open_clip model's image and text towers to a verified INT8 ONNX
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rewrites", action="store_true",
                    help="export the image tower as traced, without the exact graph rewrites "
                         "(lean attention, patch embedding as MatMul, class-token last block)")
+    p.add_argument("--no-ort-fusions", action="store_true",
+                   help="leave the INT8 graph's attention unfused (to compare; the shipped "
+                        "graph runs it in ONNX Runtime's MultiHeadAttention)")
     p.add_argument("--no-text", action="store_true",
                    help="leave the text tower (text search) out of the artifact")
     p.add_argument("--openvino", action="store_true",
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("heimdex_clip_export").setLevel(logging.INFO)
     # Imported here so that --help answers without loading torch.
     from .pipeline import GateError, export_artifact
+    from .quantize import SHIPPED_RECIPE
     from .weights import WeightsError
 
     started = time.perf_counter()
@@ -56,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         path = export_artifact(args.model, args.pretrained, args.models_dir, seed=args.seed,
                                keep_fp32=args.keep_fp32, cache_dir=args.cache_dir,
                                rewrites=not args.no_rewrites, text=not args.no_text,
-                               openvino=args.openvino)
+                               openvino=args.openvino,
+                               recipe=replace(SHIPPED_RECIPE, ort_fusions=False)
+                               if args.no_ort_fusions else None)
     except (WeightsError, GateError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@ measurements behind it): after ``quant_pre_process`` (ONNX shape inference and
 optimisation; the symbolic shape pass is skipped because it fails on exported open_clip
 graphs), every weight MatMul gets per-row symmetric uint8 activations, per-channel int8
 weights that cannot saturate the non-VNNI integer kernels, and SmoothQuant factors
-calibrated on images that are not in the evaluation set. The patch Conv (left only by
+calibrated on images that are not in the evaluation set; then ``fusions.py`` hands the
+attention cores to ONNX Runtime's MultiHeadAttention kernel. The patch Conv (left only by
 ``--no-rewrites``), the embedding Gathers and the attention's activation x activation
 MatMuls stay float.
 
@@ -28,7 +29,7 @@ from onnx import TensorProto, helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from . import rowwise
+from . import fusions, rowwise
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class QuantRecipe:
     smooth_alpha: float | None = 0.6
     op_types: tuple[str, ...] = ("MatMul",)
     excluded_nodes: tuple[str, ...] = ()
+    #: per_row: attention cores as ONNX Runtime's MultiHeadAttention (``fusions.py``).
+    ort_fusions: bool = True
     pre_process: dict = field(default_factory=lambda: {"skip_symbolic_shape": True})
 
     def to_dict(self) -> dict:
@@ -69,7 +72,7 @@ SHIPPED_RECIPE = QuantRecipe()
 #: The recipe shipped before the real-weights proxy existed (kept for comparisons).
 PER_TENSOR_RECIPE = QuantRecipe(activation_granularity="per_tensor",
                                 reduce_range=True, saturation_safe_weights=False,
-                                smooth_alpha=None)
+                                smooth_alpha=None, ort_fusions=False)
 
 
 def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None = None,
@@ -122,11 +125,14 @@ def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
     done = rowwise.rewrite(model, act_absmax=act_absmax, alpha=recipe.smooth_alpha,
                            pair_safe=recipe.saturation_safe_weights,
                            excluded=recipe.excluded_nodes)
+    fused = fusions.fuse(model) if recipe.ort_fusions else None
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     record = recipe.to_dict()
     record["quantized_matmuls"] = len(done)
     record["calibration_images"] = 0 if act_absmax is None else len(calibration)
+    if fused is not None:
+        record["fused"] = fused.to_dict()
     return record
 
 
