@@ -1,7 +1,8 @@
 """Execution providers side by side: every graph of the artifact on every engine, one run.
 
     python benchmarks/providers.py [--quick] [--artifact models/ViT-B-32__none]
-                                   [--out benchmarks/results]
+                                   [--out benchmarks/results] [--only ENGINE ...]
+                                   [--graph LABEL=PATH ...]
 
 Rows, each at batch 1 and batch 32 (ms/image, same threads everywhere, engines taking
 turns so a slow spell of a shared machine hits all alike):
@@ -14,6 +15,10 @@ turns so a slow spell of a shared machine hits all alike):
 * ``openvino-native``: OpenVINO's own runtime (the ``openvino`` package, when installed) on
   the same graphs. The runtime never uses it; it shows what the OpenVINO EP would do on a
   CPU the plugin does not offer (the plugin claims Intel CPUs only).
+
+``--graph LABEL=PATH`` adds another graph of the same model (for example a QDQ graph from
+another recipe) as rows ``ort-cpu LABEL`` and ``openvino-native LABEL``; ``--only`` keeps the
+rows whose name starts with one of the given prefixes (``pytorch``, ``ort-cpu int8``...).
 
 Each row also records its cosine against the fp32 graph on ONNX Runtime (real
 photographs), so a faster row that drifts shows it. Results: ``<out>/providers.json`` and
@@ -85,7 +90,18 @@ def ort_runners(artifact: Path, threads: int) -> tuple[dict[str, Runner], dict[s
     return runners, skipped
 
 
-def openvino_native_runners(artifact: Path, threads: int) -> dict[str, Runner]:
+def extra_ort_runners(graphs: dict[str, Path], threads: int) -> dict[str, Runner]:
+    """``--graph`` rows on ONNX Runtime's CPU provider, with the runtime's session options."""
+    runners: dict[str, Runner] = {}
+    for label, path in graphs.items():
+        session, _ = create_session(path, threads=threads, provider="cpu")
+        runners[f"ort-cpu {label}"] = lambda x, s=session: s.run([OUTPUT],
+                                                                 {"pixel_values": x})[0]
+    return runners
+
+
+def openvino_native_runners(artifact: Path, threads: int,
+                            graphs: dict[str, Path] | None = None) -> dict[str, Runner]:
     """OpenVINO's own runtime on the same graphs (a reference, not a runtime path)."""
     if importlib.util.find_spec("openvino") is None:
         return {}
@@ -93,13 +109,15 @@ def openvino_native_runners(artifact: Path, threads: int) -> dict[str, Runner]:
 
     core = ov.Core()
     manifest = load_manifest(artifact)
+    plans = [(key.split(".")[1] + (f" {hint}" if key == "visual.fp32" else ""),
+              artifact / manifest.files[key].path, hint)
+             for key, hint in [("visual.qdq", "f32"), ("visual.fp32", "f32"),
+                               ("visual.fp32", "bf16"), ("visual.int8", "f32")]
+             if key in manifest.files]
+    plans += [(label, path, "f32") for label, path in (graphs or {}).items()]
     runners: dict[str, Runner] = {}
-    plans = [("visual.qdq", "f32"), ("visual.fp32", "f32"), ("visual.fp32", "bf16"),
-             ("visual.int8", "f32")]
-    for key, hint in plans:
-        if key not in manifest.files:
-            continue
-        compiled = core.compile_model(str(artifact / manifest.files[key].path), "CPU", {
+    for label, path, hint in plans:
+        compiled = core.compile_model(str(path), "CPU", {
             "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
         request, port = compiled.create_infer_request(), compiled.output(OUTPUT)
@@ -108,8 +126,7 @@ def openvino_native_runners(artifact: Path, threads: int) -> dict[str, Runner]:
             r.infer({0: x})
             return np.array(r.get_tensor(p).data)
 
-        suffix = f" {hint}" if key == "visual.fp32" else ""
-        runners[f"openvino-native {key.split('.')[1]}{suffix}"] = run
+        runners[f"openvino-native {label}"] = run
     return runners
 
 
@@ -127,14 +144,19 @@ def torch_runner(threads: int) -> Runner:
     return run
 
 
-def bench_providers(artifact: Path, quick: bool) -> dict:
+def bench_providers(artifact: Path, quick: bool, graphs: dict[str, Path] | None = None,
+                    only: tuple[str, ...] = ()) -> dict:
     threads = physical_cores()
     inputs = photo_batches(artifact)
     runners, skipped = ort_runners(artifact, threads)
-    runners.update(openvino_native_runners(artifact, threads))
+    runners.update(extra_ort_runners(graphs or {}, threads))
+    runners.update(openvino_native_runners(artifact, threads, graphs))
     reference = runners.get("ort-cpu fp32")
-    rows: dict[str, dict] = {name: {} for name in ["pytorch fp32", *runners]}
-    runners = {"pytorch fp32": torch_runner(threads), **runners}
+    if not only or "pytorch fp32".startswith(only):
+        runners = {"pytorch fp32": torch_runner(threads), **runners}
+    if only:
+        runners = {n: f for n, f in runners.items() if n.startswith(only)}
+    rows: dict[str, dict] = {name: {} for name in runners}
     for batch in BATCHES:
         x = inputs[batch]
         cases = {name: (lambda f=fn, x=x: f(x)) for name, fn in runners.items()}
@@ -184,9 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, default=REPO / "models" / "ViT-B-32__none")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--graph", action="append", default=[], metavar="LABEL=PATH",
+                        help="another graph of the artifact's model to run as extra rows")
+    parser.add_argument("--only", nargs="+", default=(), metavar="PREFIX",
+                        help="keep only the rows whose name starts with one of these")
     args = parser.parse_args(argv)
+    graphs = {}
+    for item in args.graph:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"--graph wants LABEL=PATH of an existing file, got {item!r}")
+        graphs[label] = Path(path)
     os.environ.setdefault("OMP_NUM_THREADS", str(physical_cores()))
-    result = bench_providers(args.artifact, args.quick)
+    result = bench_providers(args.artifact, args.quick, graphs, tuple(args.only))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "providers.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

