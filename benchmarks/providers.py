@@ -156,6 +156,13 @@ def bench_providers(artifact: Path, quick: bool, graphs: dict[str, Path] | None 
         runners = {"pytorch fp32": torch_runner(threads), **runners}
     if only:
         runners = {n: f for n, f in runners.items() if n.startswith(only)}
+    for name, fn in list(runners.items()):
+        try:  # an engine that cannot run a graph is a row saying why, not a failed bench
+            for batch in BATCHES:
+                fn(inputs[batch])
+        except Exception as exc:  # any engine error becomes the row's reason
+            skipped[name] = " ".join(str(exc).split())[:300]
+            del runners[name]
     rows: dict[str, dict] = {name: {} for name in runners}
     for batch in BATCHES:
         x = inputs[batch]

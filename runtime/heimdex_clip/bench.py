@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .artifact import Manifest, load_manifest, resolve_artifact_dir
 from .config import DEFAULT_MODEL_DIRS, ClipConfig
-from .model import auto_cache, graph_key, read_verified
+from .model import auto_cache, graph_key
 from .session import (
     PROVIDERS,
     available_providers,
@@ -31,6 +31,7 @@ from .session import (
     openvino_status,
     remember_auto_choice,
 )
+from .verified import verified_source
 
 #: Graphs worth measuring on each provider (OpenVINO on the dynamic INT8 graph is left out:
 #: it cannot fuse run-time activation quantization and runs it slower than fp32).
@@ -65,13 +66,13 @@ def measure_row(row: BenchRow, config: ClipConfig, artifact_dir: Path, manifest:
     """Load the row's graph on its provider and time it at each batch size."""
     entry = manifest.file(row.graph)
     try:
-        graph = read_verified(artifact_dir / entry.path, entry)
-        started = time.perf_counter()
-        session, info = create_session(graph, threads=config.cpu_threads,
-                                       memory_arena=config.memory_arena,
-                                       provider=row.provider,
-                                       precision_hint=row.precision_hint or "f32")
-        row.load_ms = round((time.perf_counter() - started) * 1000, 1)
+        with verified_source(artifact_dir / entry.path, entry) as graph:
+            started = time.perf_counter()
+            session, info = create_session(graph, threads=config.cpu_threads,
+                                           memory_arena=config.memory_arena,
+                                           provider=row.provider,
+                                           precision_hint=row.precision_hint or "f32")
+            row.load_ms = round((time.perf_counter() - started) * 1000, 1)
         row.ran_on = info.provider
         if info.provider != row.provider:
             row.error = f"{row.provider} fell back to {info.provider}"

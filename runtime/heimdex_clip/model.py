@@ -6,15 +6,15 @@ holds it in a single attribute, so swapping or dropping a model is one assignmen
 call in flight keeps the model it started with.
 
 The order of checks is the point: the manifest is validated against what this runtime can
-do, the graph file is read once, its size and sha256 are checked against the manifest,
-and only verified bytes reach ONNX Runtime's parser. The session's real input and output
-tensors are then checked against the manifest, so a manifest that lies (``image_size:
-100000``) is refused at load instead of failing every frame.
+do, the graph file's size and sha256 are checked against the manifest, and only those
+verified bytes reach ONNX Runtime's parser (see :mod:`heimdex_clip.verified`). The
+session's real input and output tensors are then checked against the manifest, so a
+manifest that lies (``image_size: 100000``) is refused at load instead of failing every
+frame.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +42,7 @@ from .session import (
     plugin_installed,
     resolve_auto,
 )
+from .verified import verified_source
 
 log = logging.getLogger("heimdex_clip")
 
@@ -102,23 +103,6 @@ def _output_name(entry: FileEntry, normalize: bool) -> str:
     return entry.outputs[wanted].name
 
 
-def read_verified(path: Path, entry: FileEntry) -> bytes:
-    """The file's bytes, read once, after checking size and sha256 against the manifest."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ArtifactError(f"artifact file {path} is missing; re-export the model") from None
-    if size != entry.bytes:
-        raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry.bytes}: "
-                            "truncated or replaced; re-export the model")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != entry.bytes or digest != entry.sha256:
-        raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
-                            f"{digest}; the file was modified or corrupted; re-export")
-    return data
-
-
 def _check_graph(session: ort.InferenceSession, manifest: Manifest, input_name: str,
                  output_name: str, path: Path) -> None:
     """The graph's real tensors must be the ones the manifest describes."""
@@ -163,14 +147,14 @@ def _session_for(config: ClipConfig, artifact_dir: Path, manifest: Manifest, pro
                  key: str) -> tuple[ort.InferenceSession, SessionInfo]:
     entry = manifest.file(key)
     path = artifact_dir / entry.path
-    graph = read_verified(path, entry)
     hint = openvino_precision_hint(entry.precision or "int8", exact=config.precision == "fp32")
-    try:
-        return create_session(graph, device=config.device, threads=config.cpu_threads,
-                              memory_arena=config.memory_arena, provider=provider,
-                              precision_hint=hint)
-    except Exception as exc:  # ONNX Runtime raises its own types for graphs it rejects
-        raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    with verified_source(path, entry) as graph:
+        try:
+            return create_session(graph, device=config.device, threads=config.cpu_threads,
+                                  memory_arena=config.memory_arena, provider=provider,
+                                  precision_hint=hint)
+        except Exception as exc:  # ONNX Runtime raises its own types for graphs it rejects
+            raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
 
 def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:

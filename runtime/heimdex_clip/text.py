@@ -25,9 +25,9 @@ from .artifact import Manifest
 from .config import ClipConfig
 from .errors import ArtifactError, TextError
 from .frames import EmbeddingCache
-from .model import read_verified
 from .session import create_session
 from .tokenizer import ClipTokenizer, check_texts
+from .verified import read_verified, verified_source
 
 log = logging.getLogger("heimdex_clip")
 
@@ -109,14 +109,14 @@ class TextTower:
         self.entry = manifest.file(self.spec.graph_key)
         tokenizer_entry = manifest.file("tokenizer")
         tokenizer_json = read_verified(artifact_dir / tokenizer_entry.path, tokenizer_entry)
-        graph = read_verified(artifact_dir / self.entry.path, self.entry)
         try:
             self.tokenizer = ClipTokenizer(tokenizer_json.decode("utf-8"),
                                            self.spec.context_length, self.spec.special_tokens)
-            self.session, self.session_info = create_session(
-                graph, device=config.device, threads=config.cpu_threads,
-                memory_arena=config.memory_arena)
-        except TextError:
+            with verified_source(artifact_dir / self.entry.path, self.entry) as graph:
+                self.session, self.session_info = create_session(
+                    graph, device=config.device, threads=config.cpu_threads,
+                    memory_arena=config.memory_arena)
+        except (TextError, ArtifactError):
             raise
         except Exception as exc:  # tokenizers / ONNX Runtime raise their own types
             raise ArtifactError(f"cannot load the text tower: {exc}") from exc
