@@ -272,3 +272,31 @@ def test_cli_embed_text(artifact_dir, tmp_path, capsys, monkeypatch):
     assert "FAILED" in capsys.readouterr().out
     assert main(["--model-dir", str(bare), "embed"]) == 2
     assert "--text" in capsys.readouterr().err
+
+
+def test_the_text_tower_loads_from_its_version_after_a_new_install_deleted_it(artifact_dir,
+                                                                             tmp_path):
+    """A search service loads the image tower, a new export is installed (deleting the old
+    version), then the first text query arrives: the text tower still comes from the
+    version the image tower was loaded from."""
+    from heimdex_clip_export.install import install, versions
+
+    models, name = tmp_path / "models", artifact_dir.name
+    skip = shutil.ignore_patterns("*.fp32.onnx", "*.qdq.onnx")
+    shutil.copytree(artifact_dir, models / ".work-old", ignore=skip)
+    old_version = install(models / ".work-old", models / name)
+    embedder = ClipEmbedder(model_dir=models / name,
+                            config=ClipConfig(pretrained="none", provider="cpu"))
+    assert embedder.embed_frame(np.full((64, 64, 3), 90, np.uint8)).ok  # image tower only
+    assert embedder._text is None
+    new_work = models / ".work-new"
+    shutil.copytree(artifact_dir, new_work, ignore=skip)
+    manifest = json.loads((new_work / "manifest.json").read_text())
+    manifest["created_at"] = "a later export"  # another version directory
+    (new_work / "manifest.json").write_text(json.dumps(manifest))
+    install(new_work, models / name)
+    assert not old_version.exists() and versions(models / name) != [old_version]
+    vectors = embedder.embed_texts(QUERIES)  # the first text call, after the deletion
+    reference = make_tower(artifact_dir, precision="int8").embed(QUERIES)
+    assert np.allclose(vectors, reference, atol=1e-6)
+    embedder.close()

@@ -115,3 +115,20 @@ def test_loading_through_the_descriptor_does_not_hold_the_graph_twice(artifact_d
                               env=env, capture_output=True, text=True, timeout=120, check=True)
         peaks[way] = int(proc.stdout.split()[-1]) * 1024
     assert peaks["bytes"] - peaks["descriptor"] > 0.75 * graph_bytes, peaks
+
+
+def test_pinned_files_stay_readable_after_deletion_until_closed(graph_copy):
+    path, entry = graph_copy
+    pinned = verified_module.PinnedFiles(path.parent, [path.name, "not-there.onnx"])
+    assert pinned.fd("not-there.onnx") is None  # missing now: reported when used
+    path.unlink()  # an install removed the version
+    with verified_source(path, entry, pinned.fd(path.name)) as source:
+        assert hashlib.sha256(source.read_bytes()).hexdigest() == entry.sha256
+    data = read_verified(path, entry, pinned.fd(path.name))
+    assert hashlib.sha256(data).hexdigest() == entry.sha256
+    fd = pinned.fd(path.name)
+    pinned.close()
+    pinned.close()  # idempotent
+    assert pinned.fd(path.name) is None
+    with pytest.raises(OSError):
+        os.fstat(fd)

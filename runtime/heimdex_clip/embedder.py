@@ -358,7 +358,7 @@ class ClipEmbedder:
                     try:
                         tower: TextTower | ClipError = TextTower(
                             model.artifact_dir, model.manifest, self.config,
-                            cache_size=self.config.embed_cache_size)
+                            cache_size=self.config.embed_cache_size, pinned=model.pinned)
                     except ClipError as exc:
                         tower = exc
                     self._text = (model, tower)

@@ -42,7 +42,7 @@ from .session import (
     plugin_installed,
     resolve_auto,
 )
-from .verified import verified_source
+from .verified import PinnedFiles, verified_source
 
 log = logging.getLogger("heimdex_clip")
 
@@ -64,6 +64,8 @@ class VisualModel:
     output_name: str
     identity: ModelIdentity
     load_time_ms: float
+    #: Descriptors on the text tower's files of this version, for its lazy load.
+    pinned: PinnedFiles | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -243,7 +245,11 @@ def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel
                              embed_dim=manifest.model.embed_dim, device=info.device,
                              normalized=config.normalize, artifact_id=manifest.artifact_id,
                              provider=info.provider)
+    # The text tower loads on its first query, perhaps after a new install has deleted this
+    # version: descriptors opened now keep its files readable (see verified.PinnedFiles).
+    pinned = PinnedFiles(artifact_dir, [e.path for k, e in manifest.files.items()
+                                        if k.startswith("text.") or k == "tokenizer"])
     return VisualModel(artifact_dir=artifact_dir, manifest=manifest, session=session,
                        session_info=info, preprocessor=Preprocessor(manifest.preprocess),
                        input_name=input_name, output_name=output_name, identity=identity,
-                       load_time_ms=(time.perf_counter() - started) * 1000)
+                       load_time_ms=(time.perf_counter() - started) * 1000, pinned=pinned)

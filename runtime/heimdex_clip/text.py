@@ -27,7 +27,7 @@ from .errors import ArtifactError, TextError
 from .frames import EmbeddingCache
 from .session import create_session
 from .tokenizer import ClipTokenizer, check_texts
-from .verified import read_verified, verified_source
+from .verified import PinnedFiles, read_verified, verified_source
 
 log = logging.getLogger("heimdex_clip")
 
@@ -96,23 +96,30 @@ class TextTower:
         manifest: its parsed manifest.
         config: runtime settings (precision, threads, device, arena, normalize, batch size).
         cache_size: repeated texts (the exact string) are embedded once; 0 = off.
+        pinned: descriptors opened when the image tower was loaded; the files are read
+            through them, so the text tower is of the same version even if it was deleted.
 
     Raises TextError if the artifact has no text tower, ArtifactError if a file is missing,
     altered or unloadable.
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, config: ClipConfig,
-                 cache_size: int = 256) -> None:
+                 cache_size: int = 256, pinned: PinnedFiles | None = None) -> None:
         self.spec = TextSpec.from_manifest(manifest, config.precision)
         self.config = config
         self.embed_dim = manifest.model.embed_dim
         self.entry = manifest.file(self.spec.graph_key)
         tokenizer_entry = manifest.file("tokenizer")
-        tokenizer_json = read_verified(artifact_dir / tokenizer_entry.path, tokenizer_entry)
+        def fd(path: str) -> int | None:
+            return pinned.fd(path) if pinned is not None else None
+
+        tokenizer_json = read_verified(artifact_dir / tokenizer_entry.path, tokenizer_entry,
+                                       fd(tokenizer_entry.path))
         try:
             self.tokenizer = ClipTokenizer(tokenizer_json.decode("utf-8"),
                                            self.spec.context_length, self.spec.special_tokens)
-            with verified_source(artifact_dir / self.entry.path, self.entry) as graph:
+            with verified_source(artifact_dir / self.entry.path, self.entry,
+                                 fd(self.entry.path)) as graph:
                 self.session, self.session_info = create_session(
                     graph, device=config.device, threads=config.cpu_threads,
                     memory_arena=config.memory_arena)
