@@ -35,7 +35,8 @@ export-model: setup
 
 # The artifact the tests use: same architecture as production, seeded random weights, with
 # every graph (fp32, dynamic INT8, and OpenVINO's static QDQ INT8).
-$(TEST_MODEL_DIR)/manifest.json: | setup
+# Re-exported when the export's code changes (a fresh clone has no artifact: always built).
+$(TEST_MODEL_DIR)/manifest.json: $(wildcard export/heimdex_clip_export/*.py) | setup
 	$(PY) -m heimdex_clip_export --model $(MODEL) --pretrained none --models-dir $(MODELS_DIR) --keep-fp32 --openvino
 
 export-test-model: $(TEST_MODEL_DIR)/manifest.json
