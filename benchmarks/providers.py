@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from run import REPO, interleaved_medians, machine_info, ms
+from run import REPO, interleaved_medians, machine_info, ms, write_results
 
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.preprocess import Preprocessor
@@ -226,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         graphs[label] = Path(path)
     os.environ.setdefault("OMP_NUM_THREADS", str(physical_cores()))
     result = bench_providers(args.artifact, args.quick, graphs, tuple(args.only))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "providers.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (args.out / "providers.md").write_text(text)
-    print(text)
+    write_results(args.out, "providers", result, markdown(result))
     return 0
 
 

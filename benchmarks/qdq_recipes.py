@@ -18,7 +18,6 @@ Results: ``<out>/qdq_recipes.json`` and ``<out>/qdq_recipes.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from run import machine_info
+from run import machine_info, write_results
 
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.preprocess import Preprocessor
@@ -138,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     result[name + "_error"] = f"{type(exc).__name__}: {exc}"
             results["recipes"][label] = result
             print(_row(label, result), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qdq_recipes.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "qdq_recipes.md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(args.out, "qdq_recipes", results, markdown(results))
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from run import interleaved_medians, machine_info, ms
+from run import interleaved_medians, machine_info, ms, write_results
 
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.preprocess import Preprocessor
@@ -154,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         print(json.dumps(results["clip_speed"], indent=2))
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quant_recipes.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "quant_recipes.md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(args.out, "quant_recipes", results, markdown(results))
     return 0
 
 

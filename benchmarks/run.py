@@ -63,6 +63,14 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
+def write_results(out: Path, name: str, result: dict, table: str) -> None:
+    """``<out>/<name>.json`` and ``<out>/<name>.md``, then the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print("\n" + table)
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -507,12 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.db_rows or (20_000 if args.quick else 100_000)
     results["database"] = bench_database(rows, args.quick)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "latest.md").write_text(table)
+    write_results(args.out, "latest", results, markdown(results))
     chart(results, args.out / "latency_vs_batch.png")
-    print("\n" + table)
     return 0
 
 
