@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from artifact_copies import copy_artifact
 from hostile import BlockingImage
 from PIL import Image
 
@@ -119,8 +119,7 @@ class TestClipEmbedderModelLoading:
 
     @pytest.mark.parametrize("damage", ["flip_byte", "corrupt_header", "truncate", "delete"])
     def test_tampered_model_file_is_refused(self, artifact_dir, tmp_path, photos, damage):
-        copy = tmp_path / "artifact"
-        shutil.copytree(artifact_dir, copy, ignore=shutil.ignore_patterns("visual.fp32.onnx"))
+        copy = copy_artifact(artifact_dir, tmp_path / "artifact")
         model = copy / "visual.int8.onnx"
         data = bytearray(model.read_bytes())
         if damage == "flip_byte":
@@ -144,13 +143,8 @@ class TestClipEmbedderModelLoading:
         assert emb.embed_frame(photos[1][1]).error == result.error
 
     def test_fp32_precision_needs_the_fp32_file(self, artifact_dir, tmp_path):
-        copy = tmp_path / "artifact"
-        shutil.copytree(artifact_dir, copy, ignore=shutil.ignore_patterns("visual.fp32.onnx"))
-        manifest = (copy / "manifest.json").read_text()
-        import json
-        data = json.loads(manifest)
-        del data["files"]["visual.fp32"]
-        (copy / "manifest.json").write_text(json.dumps(data))
+        # An artifact exported without --keep-fp32: its manifest lists no fp32 graph.
+        copy = copy_artifact(artifact_dir, tmp_path / "artifact")
         with pytest.raises(ArtifactError, match=r"no 'visual\.fp32' file"):
             ClipEmbedder(config=make_config(copy, precision="fp32")).load()
 

@@ -4,10 +4,10 @@ against the graph itself, and only verified bytes are parsed."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from artifact_copies import copy_artifact
 
 import heimdex_clip.model as model_module
 from heimdex_clip import ArtifactError, ClipConfig
@@ -20,9 +20,7 @@ def config(**changes) -> ClipConfig:
 
 @pytest.fixture()
 def artifact_copy(artifact_dir, tmp_path) -> Path:
-    copy = tmp_path / "artifact"
-    shutil.copytree(artifact_dir, copy, ignore=shutil.ignore_patterns("visual.fp32.onnx"))
-    return copy
+    return copy_artifact(artifact_dir, tmp_path / "artifact")
 
 
 def edit_manifest(artifact: Path, edit) -> None:
@@ -96,7 +94,7 @@ def test_an_install_switching_the_symlink_mid_load_is_not_seen(artifact_dir, tmp
     """The artifact directory is resolved once, so what a load reads stays one version even
     when `models/<name>` is switched to another export meanwhile."""
     first = tmp_path / ".v1"
-    shutil.copytree(artifact_dir, first, ignore=shutil.ignore_patterns("*.fp32.onnx"))
+    copy_artifact(artifact_dir, first)
     link = tmp_path / "ViT-B-32__none"
     link.symlink_to(first.name)
     from heimdex_clip.artifact import resolve_artifact_dir

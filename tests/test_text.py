@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from artifact_copies import copy_artifact
 
 from heimdex_clip import ArtifactError, ClipConfig, ClipEmbedder
 from heimdex_clip.artifact import load_manifest
@@ -106,18 +107,8 @@ def test_manifest_records_the_text_gates_and_they_hold(artifact_dir):
         assert manifest["text"]["int8"].startswith("rejected")
 
 
-def _copy_artifact(artifact_dir: Path, dest: Path, keep: set[str]) -> Path:
-    dest.mkdir()
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if k in keep}
-    for entry in manifest["files"].values():
-        shutil.copy(artifact_dir / entry["path"], dest / entry["path"])
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
-
-
 def test_artifact_without_text_tower_says_so(artifact_dir, tmp_path):
-    bare = _copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
+    bare = copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
     manifest = load_manifest(bare)
     assert not has_text_tower(manifest)
     with pytest.raises(TextError, match="this artifact has no text tower"):
@@ -125,7 +116,7 @@ def test_artifact_without_text_tower_says_so(artifact_dir, tmp_path):
 
 
 def test_tampered_tokenizer_or_graph_is_refused(artifact_dir, tmp_path):
-    art = _copy_artifact(artifact_dir, tmp_path / "art", {"visual.int8", "text.int8",
+    art = copy_artifact(artifact_dir, tmp_path / "art", {"visual.int8", "text.int8",
                                                           "tokenizer"})
     tok = art / "tokenizer.json"
     tok.write_text(tok.read_text(encoding="utf-8").replace('"cat</w>"', '"cet</w>"'),
@@ -210,7 +201,7 @@ class TestClipEmbedderText:
         assert not result.ok and result.error == "Timeout after 1e-06s"
 
     def test_artifact_without_text_tower(self, artifact_dir, tmp_path):
-        bare = _copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
+        bare = copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
         embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=bare))
         assert embedder.embed_images([np.zeros((32, 32, 3), np.uint8)]).shape == (1, 512)
         assert not embedder.has_text_tower
@@ -267,7 +258,7 @@ def test_cli_embed_text(artifact_dir, tmp_path, capsys, monkeypatch):
     assert all(r["ok"] and r["dim"] == 512 and abs(r["norm"] - 1) < 1e-3 for r in rows)
     np.testing.assert_allclose(rows[0]["embedding"], make_tower(artifact_dir).embed(
         ["a red car"])[0], atol=1e-5)
-    bare = _copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
+    bare = copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
     assert main(["--model-dir", str(bare), "embed", "--text", "a red car"]) == 1
     assert "FAILED" in capsys.readouterr().out
     assert main(["--model-dir", str(bare), "embed"]) == 2
@@ -282,15 +273,14 @@ def test_the_text_tower_loads_from_its_version_after_a_new_install_deleted_it(ar
     from heimdex_clip_export.install import install, versions
 
     models, name = tmp_path / "models", artifact_dir.name
-    skip = shutil.ignore_patterns("*.fp32.onnx", "*.qdq.onnx")
-    shutil.copytree(artifact_dir, models / ".work-old", ignore=skip)
+    copy_artifact(artifact_dir, models / ".work-old")
     old_version = install(models / ".work-old", models / name)
     embedder = ClipEmbedder(model_dir=models / name,
                             config=ClipConfig(pretrained="none", provider="cpu"))
     assert embedder.embed_frame(np.full((64, 64, 3), 90, np.uint8)).ok  # image tower only
     assert embedder._text is None
     new_work = models / ".work-new"
-    shutil.copytree(artifact_dir, new_work, ignore=skip)
+    copy_artifact(artifact_dir, new_work)
     manifest = json.loads((new_work / "manifest.json").read_text())
     manifest["created_at"] = "a later export"  # another version directory
     (new_work / "manifest.json").write_text(json.dumps(manifest))

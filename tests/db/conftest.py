@@ -34,10 +34,20 @@ def _create_database(server_url: str) -> str:
     return psycopg.conninfo.make_conninfo(server_url, dbname=name)
 
 
+def _drop_database(server_url: str, url: str) -> None:
+    """Drop a test's database (~8 MB each; hundreds of them filled small disks)."""
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        # FORCE: a test's worker process may still hold a connection.
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture()
-def db_url(pg_server_url) -> str:
-    """A fresh, empty database (not migrated)."""
-    return _create_database(pg_server_url)
+def db_url(pg_server_url):
+    """A fresh, empty database (not migrated), dropped after the test."""
+    url = _create_database(pg_server_url)
+    yield url
+    _drop_database(pg_server_url, url)
 
 
 @pytest.fixture()
@@ -52,7 +62,9 @@ def pool(db_url):
 @pytest.fixture(scope="module")
 def module_pool(pg_server_url):
     """A migrated database shared by one module (for expensive fixtures)."""
-    p = open_pool(_create_database(pg_server_url), max_size=8)
+    url = _create_database(pg_server_url)
+    p = open_pool(url, max_size=8)
     migrate(p)
     yield p
     p.close()
+    _drop_database(pg_server_url, url)
