@@ -15,6 +15,7 @@ from .errors import (
     ImageError,
     TextError,
 )
+from .query import QueryPart, combine
 
 __version__ = "0.1.0"
 
@@ -30,8 +31,10 @@ __all__ = [
     "ImageError",
     "Manifest",
     "PreprocessSpec",
+    "QueryPart",
     "TextError",
     "__version__",
+    "combine",
     "get_embedder",
     "load_manifest",
     "reset_embedder",

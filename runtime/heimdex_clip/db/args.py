@@ -59,6 +59,26 @@ def _owner_args(parser: argparse.ArgumentParser, *, all_owners: bool) -> None:
                             help="every owner's scenes (must be said explicitly)")
 
 
+class _AddPart(argparse.Action):
+    """--image/--text/--scene: each adds a part ``[kind, value, weight]`` to ``parts``."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.parts = [*namespace.parts, [self.const, values, None]]
+
+
+class _Weight(argparse.Action):
+    """--weight W: the weight of the part given just before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if not namespace.parts:
+            parser.error("--weight follows the --image, --text or --scene it weighs")
+        if namespace.parts[-1][2] is not None:
+            parser.error("one --weight per --image, --text or --scene")
+        if values == 0:
+            parser.error("--weight must not be 0 (drop the part instead)")
+        namespace.parts[-1][2] = values
+
+
 def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
     """Add the database commands (``commands`` by name) to the main parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -98,11 +118,17 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     _owner_args(index, all_owners=False)
     index.add_argument("--batch", type=integer(1, 4096), default=16)
 
-    search = command(sub, "search", help="owner-scoped search by image, text or scene")
-    query = search.add_mutually_exclusive_group(required=True)
-    query.add_argument("--image", help="query image file")
-    query.add_argument("--text", help="query text (needs an artifact with a text tower)")
-    query.add_argument("--scene", type=uuid.UUID, help="query scene id (similar scenes)")
+    search = command(sub, "search", help="owner-scoped search by image, text or scene, or "
+                     "by several of them combined")
+    search.set_defaults(parts=[])
+    search.add_argument("--image", action=_AddPart, const="image", help="query image file")
+    search.add_argument("--text", action=_AddPart, const="text",
+                        help="query text (needs an artifact with a text tower)")
+    search.add_argument("--scene", action=_AddPart, const="scene", type=uuid.UUID,
+                        help="query scene id (similar scenes)")
+    search.add_argument("--weight", action=_Weight, type=number(-100, 100),
+                        help="weight of the --image/--text/--scene just before it (default "
+                        "1; negative: away from it). Several parts make one composed query")
     _owner_args(search, all_owners=False)
     search.add_argument("--threshold", type=number(-1, 1), default=0.0,
                         help="minimum cosine similarity in [-1, 1] (default 0)")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..config import ClipConfig
 from ..embedder import ClipEmbedder
+from ..query import QueryPart
 from . import args as cli_args
 from .backfill import Policy, Scope, count_pending, run_backfill
 from .connection import DatabaseError, database, describe, resolve_url
@@ -163,26 +164,48 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == summary["skipped"] == 0 else 1
 
 
+def _query_frame(store: SceneStore, owner: uuid.UUID, part: QueryPart | None) -> str | None:
+    """The frame to show beside the results: an image part's file, a scene part's frame."""
+    if part is None:
+        return None
+    if part.kind == "image":
+        return str(part.value)
+    return (store.get_scene(owner, part.value) or {}).get("frame_path")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    if not args.parts:
+        print("heimdex-clip search: error: a query needs --image, --text or --scene "
+              "(see --help)", file=sys.stderr)
+        return 2
+    parts = [QueryPart(kind, value, 1.0 if weight is None else weight)
+             for kind, value, weight in args.parts]
     embedder = _embedder(args)
     with _db(args) as pool:
         store = SceneStore(pool)
-        if args.text is not None:
-            hits = store.search_by_text(args.owner, embedder, args.text,
-                                        threshold=args.threshold, count=args.count)
-            query_label, query_frame = f"text: {args.text}", None
-            if embedder.manifest.model.random_init:
-                print("note: random-initialisation model: this text ranking is meaningless",
-                      file=sys.stderr)
-        elif args.image:
-            hits = store.search_by_image(args.owner, embedder, args.image,
+        only = parts[0] if len(parts) == 1 and parts[0].weight == 1 else None
+        if only is None:  # a composed query
+            hits = store.search_composed(args.owner, embedder, parts,
                                          threshold=args.threshold, count=args.count)
-            query_label, query_frame = f"image {args.image}", args.image
-        else:
-            hits = store.search_similar(args.owner, args.scene, artifact=embedder.artifact_id,
+            query_label = "composed: " + " + ".join(p.describe() for p in parts)
+            first = next((p for p in parts if p.kind != "text"), None)
+            query_frame = _query_frame(store, args.owner, first)
+        elif only.kind == "text":
+            hits = store.search_by_text(args.owner, embedder, only.value,
                                         threshold=args.threshold, count=args.count)
-            scene = store.get_scene(args.owner, args.scene) or {}
-            query_label, query_frame = f"scene {args.scene}", scene.get("frame_path")
+            query_label, query_frame = f"text: {only.value}", None
+        elif only.kind == "image":
+            hits = store.search_by_image(args.owner, embedder, only.value,
+                                         threshold=args.threshold, count=args.count)
+            query_label, query_frame = f"image {only.value}", only.value
+        else:
+            hits = store.search_similar(args.owner, only.value, artifact=embedder.artifact_id,
+                                        threshold=args.threshold, count=args.count)
+            query_label = f"scene {only.value}"
+            query_frame = _query_frame(store, args.owner, only)
+        if any(p.kind == "text" for p in parts) and embedder.manifest.model.random_init:
+            print("note: random-initialisation model: this text ranking is meaningless",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps([{"id": str(h.id), "similarity": h.similarity,
                            "frame_path": h.frame_path} for h in hits], indent=2))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from psycopg_pool import ConnectionPool
 from ..embedder import ClipEmbedder
 from ..errors import DimensionError
 from ..images import ImageSource
+from ..query import QueryPart, combine
 from .connection import DatabaseError
 
 SEARCH_COLUMNS = "id, owner_id, video_id, scene_index, frame_path, visual_clip_metadata, similarity"
@@ -265,6 +267,57 @@ class SceneStore:
             f"SELECT {SEARCH_COLUMNS} FROM search_similar_scenes_by_visual_clip"
             "(%s, %s, %s, %s, %s)",
             (uuid.UUID(str(scene_id)), threshold, count, owner, _artifact(artifact)))
+
+    def search_composed(self, owner_id: uuid.UUID | str, embedder: ClipEmbedder,
+                        parts: Sequence[QueryPart], *, threshold: float = 0.0,
+                        count: int = 20) -> list[SearchHit]:
+        """Search with the unit-length weighted sum of several parts (``heimdex_clip.query``):
+        texts through the text tower, images through the image tower, and the owner's own
+        scenes by their stored vector of the embedder's artifact. The scenes named in the
+        query are left out of the hits, as :meth:`search_similar` leaves out its scene.
+
+        Strict like the single-part searches: a bad image or text raises, and so does a
+        scene that is not the owner's or has no vector of this artifact yet.
+        """
+        owner = owner_uuid(owner_id)
+        _check_search_args(threshold, count)
+        parts = list(parts)
+        if not parts or not all(isinstance(p, QueryPart) for p in parts):
+            raise ValueError("search_composed needs one or more QueryPart")
+        artifact = embedder.artifact_id
+        vectors: list[np.ndarray | None] = [None] * len(parts)
+        for kind, embed in (("text", embedder.embed_texts), ("image", embedder.embed_images)):
+            chosen = [i for i, p in enumerate(parts) if p.kind == kind]
+            if chosen:  # one batch per tower
+                for i, vector in zip(chosen, embed([parts[i].value for i in chosen]), strict=True):
+                    vectors[i] = vector
+        scene_ids = {p.value for p in parts if p.kind == "scene"}
+        for i, part in enumerate(parts):
+            if part.kind == "scene":
+                vectors[i] = self.scene_vector(owner, part.value, artifact=artifact)
+        query = combine(np.stack(vectors), [p.weight for p in parts])
+        hits = self.search_by_embedding(owner, query, artifact=artifact,
+                                        threshold=threshold, count=count + len(scene_ids))
+        return [h for h in hits if h.id not in scene_ids][:count]
+
+    def scene_vector(self, owner_id: uuid.UUID | str, scene_id: uuid.UUID | str, *,
+                     artifact: str) -> np.ndarray:
+        """One of the owner's scenes' vector made by ``artifact`` (float32). Raises
+        DatabaseError, with the SQL search's words, when there is none."""
+        owner, scene = owner_uuid(owner_id), uuid.UUID(str(scene_id))
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT CASE WHEN visual_clip_artifact = %(a)s THEN embedding_visual_clip "
+                "            WHEN visual_clip_alt_artifact = %(a)s "
+                "                THEN embedding_visual_clip_alt END "
+                "FROM scenes WHERE id = %(id)s AND owner_id = %(owner)s",
+                {"a": _artifact(artifact), "id": scene, "owner": owner}).fetchone()
+        if row is None:
+            raise DatabaseError(f"scene {scene} not found for this owner")
+        if row[0] is None:
+            raise DatabaseError(f"scene {scene} has no CLIP embedding of artifact "
+                                f"{_artifact(artifact)} yet")
+        return row[0].to_numpy().astype(np.float32)  # pgvector's Vector
 
     def _hits(self, sql: str, params: tuple) -> list[SearchHit]:
         try:
