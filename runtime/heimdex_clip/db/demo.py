@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import ClipConfig
 from ..embedder import ClipEmbedder
 from ..errors import TextError
+from ..query import QueryPart
 from .backfill import Scope
 from .cli import index_folder, print_hits
 from .connection import database
@@ -28,6 +29,7 @@ OWNER_A = uuid.UUID("00000000-0000-4000-a000-00000000000a")
 OWNER_B = uuid.UUID("00000000-0000-4000-a000-00000000000b")
 BANNER = "=" * 78
 QUERY_TEXT = "a photo of a cat"
+COMPOSED_TEXT = "at night"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print_hits(similar)
 
         text_hits = _text_search(store, embedder, model.random_init)
+        if text_hits is not None:
+            parts = [QueryPart("scene", scene_id), QueryPart("text", COMPOSED_TEXT, 0.5)]
+            print(f"\nComposed query {' + '.join(p.describe() for p in parts)} "
+                  f"(owner {OWNER_A}, top 5):")
+            print_hits(store.search_composed(OWNER_A, embedder, parts, count=5))
 
         print("\nMonitoring (all owners):")
         print(format_stats(clip_stats(pool, Scope(all_owners=True))))
