@@ -13,6 +13,7 @@ from .errors import (
     ConfigError,
     DimensionError,
     ImageError,
+    QueryError,
     TextError,
 )
 from .query import QueryPart, combine
@@ -31,6 +32,7 @@ __all__ = [
     "ImageError",
     "Manifest",
     "PreprocessSpec",
+    "QueryError",
     "QueryPart",
     "TextError",
     "__version__",

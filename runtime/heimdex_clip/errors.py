@@ -35,3 +35,8 @@ class DimensionError(ClipError, ValueError):
 class TextError(ClipError, ValueError):
     """A query text cannot be embedded (not a string, too long), or the artifact has no text
     tower."""
+
+
+class QueryError(ClipError, ValueError):
+    """A composed query cannot be searched: no parts, a bad part or weight, or parts whose
+    weighted sum has no direction (they cancel out)."""

@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from .errors import QueryError
 from .images import ImageSource
 
 PartKind = Literal["text", "image", "scene"]
@@ -39,18 +40,18 @@ class QueryPart:
 
     def __post_init__(self) -> None:
         if self.kind not in PART_KINDS:
-            raise ValueError(f"a query part is one of {PART_KINDS}, got {self.kind!r}")
+            raise QueryError(f"a query part is one of {PART_KINDS}, got {self.kind!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not math.isfinite(self.weight) or self.weight == 0:
-            raise ValueError(f"a query part's weight must be a finite non-zero number, "
+            raise QueryError(f"a query part's weight must be a finite non-zero number, "
                              f"got {self.weight!r}")
         if self.kind == "text" and not isinstance(self.value, str):
-            raise ValueError(f"a text part's value is a str, got {type(self.value).__name__}")
+            raise QueryError(f"a text part's value is a str, got {type(self.value).__name__}")
         if self.kind == "scene":
             try:  # frozen: the parsed id replaces the text once, here
                 object.__setattr__(self, "value", uuid.UUID(str(self.value)))
             except ValueError:
-                raise ValueError(f"a scene part's value is a scene id (UUID), "
+                raise QueryError(f"a scene part's value is a scene id (UUID), "
                                  f"got {self.value!r}") from None
 
     def describe(self) -> str:
@@ -69,26 +70,26 @@ def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     """The unit-length weighted sum of ``vectors`` [N, D], each scaled to unit length
     first (float32 [D]).
 
-    Raises ValueError for no vectors, a count or value that does not fit, or parts that
-    cancel out (a sum too close to zero has no direction to search in).
+    Raises QueryError (a ValueError) for no vectors, a count or value that does not fit,
+    or parts that cancel out (a sum too close to zero has no direction to search in).
     """
     vectors = np.asarray(vectors, dtype=np.float64)
     weights_array = np.asarray(weights, dtype=np.float64)
     if vectors.ndim != 2 or len(vectors) == 0:
-        raise ValueError(f"combine needs vectors of shape [N, D] with N >= 1, "
+        raise QueryError(f"combine needs vectors of shape [N, D] with N >= 1, "
                          f"got {vectors.shape}")
     if weights_array.shape != (len(vectors),):
-        raise ValueError(f"{len(vectors)} vectors need {len(vectors)} weights, "
+        raise QueryError(f"{len(vectors)} vectors need {len(vectors)} weights, "
                          f"got {weights_array.shape}")
     if not (np.isfinite(vectors).all() and np.isfinite(weights_array).all()):
-        raise ValueError("combine got a non-finite vector or weight")
+        raise QueryError("combine got a non-finite vector or weight")
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if (norms < _MIN_NORM).any():
-        raise ValueError("combine got a zero vector: it has no direction")
+        raise QueryError("combine got a zero vector: it has no direction")
     # Each part at unit length first, so that a weight means the same for every part.
     total = weights_array @ (vectors / norms)
     norm = float(np.linalg.norm(total))
     if norm < _MIN_NORM:
-        raise ValueError("the query's parts cancel out (their weighted sum is ~0): "
+        raise QueryError("the query's parts cancel out (their weighted sum is ~0): "
                          "change a weight or drop a part")
     return (total / norm).astype(np.float32)

@@ -121,7 +121,8 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     search = command(sub, "search", help="owner-scoped search by image, text or scene, or "
                      "by several of them combined")
     search.set_defaults(parts=[])
-    search.add_argument("--image", action=_AddPart, const="image", help="query image file")
+    search.add_argument("--image", action=_AddPart, const="image",
+                        help="query image file (each of --image/--text/--scene may repeat)")
     search.add_argument("--text", action=_AddPart, const="text",
                         help="query text (needs an artifact with a text tower)")
     search.add_argument("--scene", action=_AddPart, const="scene", type=uuid.UUID,

@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder
-from ..errors import DimensionError
+from ..errors import DimensionError, QueryError
 from ..images import ImageSource
 from ..query import QueryPart, combine
 from .connection import DatabaseError
@@ -283,7 +283,7 @@ class SceneStore:
         _check_search_args(threshold, count)
         parts = list(parts)
         if not parts or not all(isinstance(p, QueryPart) for p in parts):
-            raise ValueError("search_composed needs one or more QueryPart")
+            raise QueryError("search_composed needs one or more QueryPart")
         artifact = embedder.artifact_id
         vectors: list[np.ndarray | None] = [None] * len(parts)
         for kind, embed in (("text", embedder.embed_texts), ("image", embedder.embed_images)):
