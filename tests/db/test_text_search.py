@@ -10,18 +10,12 @@ import uuid
 import numpy as np
 import pytest
 
-from heimdex_clip import ClipConfig, ClipEmbedder
 from heimdex_clip.db.store import SceneStore
 from heimdex_clip.errors import TextError
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
 QUERY = "a photo of a cat"
-
-
-@pytest.fixture(scope="module")
-def embedder(artifact_dir) -> ClipEmbedder:
-    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir)).load()
 
 
 @pytest.fixture(scope="module")
