@@ -285,16 +285,15 @@ class SceneStore:
         if not parts or not all(isinstance(p, QueryPart) for p in parts):
             raise QueryError("search_composed needs one or more QueryPart")
         artifact = embedder.artifact_id
-        vectors: list[np.ndarray | None] = [None] * len(parts)
+        # Scenes first: a foreign or pending scene fails before any model runs.
+        vectors = [self.scene_vector(owner, p.value, artifact=artifact)
+                   if p.kind == "scene" else None for p in parts]
         for kind, embed in (("text", embedder.embed_texts), ("image", embedder.embed_images)):
             chosen = [i for i, p in enumerate(parts) if p.kind == kind]
             if chosen:  # one batch per tower
                 for i, vector in zip(chosen, embed([parts[i].value for i in chosen]), strict=True):
                     vectors[i] = vector
         scene_ids = {p.value for p in parts if p.kind == "scene"}
-        for i, part in enumerate(parts):
-            if part.kind == "scene":
-                vectors[i] = self.scene_vector(owner, part.value, artifact=artifact)
         query = combine(np.stack(vectors), [p.weight for p in parts])
         hits = self.search_by_embedding(owner, query, artifact=artifact,
                                         threshold=threshold, count=count + len(scene_ids))
