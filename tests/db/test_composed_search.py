@@ -93,6 +93,11 @@ def test_scenes_of_other_owners_or_without_a_vector_are_refused(indexed, embedde
                                                 QueryPart("scene", other)])
     with pytest.raises(DatabaseError, match="no CLIP embedding of artifact"):
         store.search_composed(owner, embedder, [QueryPart("scene", pending)])
+    # Scene parts are read before any model runs: an unreadable image after a foreign scene
+    # is never decoded, the scene's error is the one raised.
+    with pytest.raises(DatabaseError, match="not found for this owner"):
+        store.search_composed(owner, embedder, [QueryPart("image", b"not an image"),
+                                                QueryPart("scene", other)])
     with pytest.raises(DatabaseError, match="not found for this owner"):
         store.scene_vector(uuid.uuid4(), mine, artifact=embedder.artifact_id)
 
