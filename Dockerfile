@@ -27,7 +27,6 @@ ENV PIP_CONFIG_FILE=/build/pip/pip.conf \
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY migrations migrations
 COPY runtime runtime
 COPY export export
 # The runtime and its db extra as wheels only: nothing is compiled, so no compiler is needed.

@@ -52,7 +52,7 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     leftovers = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
-    for name in ("runtime", "migrations", "export"):
+    for name in ("runtime", "export"):
         shutil.copytree(REPO / name, src / name, symlinks=True, ignore=leftovers)
     out = tmp_path_factory.mktemp("wheels")
     for project in (src, src / "export"):
@@ -89,7 +89,7 @@ def test_runtime_wheel_has_the_migrations_and_no_build_time_code(wheels):
     assert _top_level_packages(files) == {"heimdex_clip"}
     shipped = {Path(name).name: data for name, data in files.items()
                if name.startswith("heimdex_clip/db/migrations/")}
-    sources = sorted((REPO / "migrations").glob("*.sql"))
+    sources = sorted((REPO / "runtime/heimdex_clip/db/migrations").glob("*.sql"))
     assert len(sources) >= 3
     assert shipped == {path.name: path.read_bytes() for path in sources}
     assert "heimdex_clip/py.typed" in files

@@ -1,7 +1,7 @@
 """Apply the numbered SQL migrations once each, tracked in ``heimdex_clip_migrations``.
 
-The SQL lives in the repository's top-level ``migrations/`` (shipped inside the package as
-``heimdex_clip/db/migrations``). A migrator takes a session advisory lock (waiting at most
+The SQL files live in this package's ``migrations/`` folder (package data, so every wheel and
+checkout carries them; no symlink). A migrator takes a session advisory lock (waiting at most
 ``lock_timeout_s``), creates the ``vector`` extension and checks its version under that
 lock, then applies each pending file, so concurrent migrators (several workers starting at
 once) apply each file exactly once and never race on ``CREATE EXTENSION``. Running

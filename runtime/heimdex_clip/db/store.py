@@ -2,7 +2,7 @@
 never comparing vectors of different artifacts.
 
 Every vector is stored with the artifact id of the model that made it. A scene has two
-vector slots (see migrations/004): a vector goes to the slot that already holds its
+vector slots (see db/migrations/004): a vector goes to the slot that already holds its
 artifact, else to an empty first slot, else beside the first slot's vector in the second
 one. Search passes the querying model's artifact and reads whichever slot holds it.
 
@@ -131,7 +131,7 @@ def write_vector(conn: psycopg.Connection, scene_id: uuid.UUID, owner: uuid.UUID
 
 
 class SceneStore:
-    """Scenes and their CLIP embeddings in the ``scenes`` table (see migrations/)."""
+    """Scenes and their CLIP embeddings in the ``scenes`` table (see db/migrations/)."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
