@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from run import REPO, interleaved_medians, machine_info, ms, write_results
+from bench_utils import REPO, interleaved_medians, machine_info, ms, write_results
 
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.preprocess import Preprocessor

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from run import machine_info, write_results
+from bench_utils import machine_info, write_results
 
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.preprocess import Preprocessor

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from run import interleaved_medians, machine_info, ms, write_results
+from bench_utils import interleaved_medians, machine_info, ms, write_results
 
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.preprocess import Preprocessor

