@@ -1,6 +1,7 @@
 # heimdex-clip: a torch-free CLIP embedding worker with the model baked in.
 #
-#   stage "build":   a venv with the heimdex-clip wheel and its db extra (build-only pip settings)
+#   stage "build":   a venv with the heimdex-clip wheel and its db extra, the database client
+#                    only (no embedded server; build-only pip settings)
 #   stage "model":   the artifact: exported here with PyTorch's CPU build + open_clip (the build
 #                    fails when an export gate fails), or taken from MODELS_DIR (air-gapped)
 #   stage "runtime": that venv + the artifact on a slim base, non-root, no torch, no compilers
@@ -29,7 +30,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY runtime runtime
 COPY export export
-# The runtime and its db extra as wheels only: nothing is compiled, so no compiler is needed.
+# The runtime and its db extra (client only: the embedded server is the demo's `embedded`
+# extra, never the image's) as wheels only: nothing is compiled, so no compiler is needed.
 RUN pip wheel --no-deps -w /wheels . \
  && pip install --only-binary=:all: "$(ls /wheels/heimdex_clip-*.whl)[db,metrics]" \
  && python -c "import sys, heimdex_clip.cli, heimdex_clip.db.cli; assert 'torch' not in sys.modules"
@@ -41,8 +43,6 @@ ARG PRETRAINED=openai
 # Empty: export here (needs PyTorch's CPU wheels and, for real weights, a model hub).
 ARG MODELS_DIR=
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 # With MODELS_DIR empty this copies a placeholder (the classic builder cannot skip a COPY).
 COPY ${MODELS_DIR:-models/README.md} /prebuilt/
 RUN set -eu; \
@@ -50,10 +50,8 @@ RUN set -eu; \
         echo "using the artifacts exported beforehand in ${MODELS_DIR}"; \
         mkdir -p /artifacts && cp -a /prebuilt/. /artifacts/; \
     else \
-        pip install --index-url "${TORCH_INDEX_URL}" \
-            "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"; \
-        if [ -f export/pyproject.toml ]; then pip install ./export; \
-        else pip install ".[export]"; fi; \
+        pip install --index-url "${TORCH_INDEX_URL}" -r export/requirements-torch.txt; \
+        pip install ./export; \
         python -m heimdex_clip_export --model "${MODEL}" --pretrained "${PRETRAINED}" \
             --models-dir /artifacts; \
     fi; \
@@ -69,8 +67,8 @@ RUN pip uninstall -q -y pip setuptools
 FROM ${BASE_IMAGE} AS runtime
 ARG MODEL=ViT-B-32
 ARG PRETRAINED=openai
-# One writable place (HOME, the embedded PostgreSQL's data) plus TMPDIR: with --read-only,
-# mount a volume or tmpfs on each; nothing else is written.
+# One writable place (HOME) plus TMPDIR: with --read-only, mount a volume or tmpfs on each;
+# nothing else is written. The database is DATABASE_URL (no embedded server in the image).
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/heimdex-clip \
         --shell /usr/sbin/nologin heimdex \
  && install -d -o heimdex -g heimdex -m 0750 /var/lib/heimdex-clip
@@ -84,7 +82,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/cache \
     XDG_RUNTIME_DIR=/tmp \
     TMPDIR=/tmp \
-    HEIMDEX_PG_DATA=/var/lib/heimdex-clip/pgdata \
     CLIP_ENABLED=true \
     CLIP_MODEL_DIR=/opt/heimdex-clip/models \
     CLIP_MODEL_NAME=${MODEL} \

