@@ -12,6 +12,7 @@ Speed only: the accuracy of each graph is gated at export time (the manifest's f
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class BenchRow:
     default: bool = False
 
 
-def _hints(provider: str, graph_precision: str) -> list[str | None]:
+def _hints(provider: str, graph_precision: str) -> Sequence[str | None]:
     if provider != "openvino":
         return [None]
     best = openvino_precision_hint(graph_precision, exact=False)
@@ -113,13 +114,13 @@ def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
     figures = {r.provider: r.ms_per_image[auto_batch] for r in rows
                if r.default and not r.error and auto_batch in r.ms_per_image}
     choice = min(figures, key=figures.__getitem__) if figures else "cpu"
-    cache_path, key = auto_cache(config.replace(batch_size=auto_batch), manifest)
+    cache_path, cache_key = auto_cache(config.replace(batch_size=auto_batch), manifest)
     cached = (update_cache and bool(figures)
-              and remember_auto_choice(cache_path, key, choice, figures))
+              and remember_auto_choice(cache_path, cache_key, choice, figures))
     return {
         "artifact": str(artifact_dir), "artifact_id": manifest.artifact_id,
         "onnxruntime": ort.__version__, "openvino_plugin": openvino_status().plugin_version,
-        "cpu": cpu_features(), "threads": key["threads"], "batches": list(batches),
+        "cpu": cpu_features(), "threads": cache_key["threads"], "batches": list(batches),
         "unavailable": {k: v for k, v in why_not.items() if v},
         "rows": [asdict(r) for r in rows],
         "auto": {"choice": choice, "batch": auto_batch, "ms_per_image": figures,

@@ -280,7 +280,7 @@ class ClipEmbedder:
         """Validate the call; a frame with a bad argument becomes its failure result."""
         images = as_sequence(images, "embed_frames", error=InvalidArgument)
         n = len(images)
-        paths = [None] * n if frame_paths is None else list(frame_paths)
+        paths: list[str | Path | None] = [None] * n if frame_paths is None else list(frame_paths)
         qualities = [None] * n if frame_qualities is None else list(frame_qualities)
         if len(paths) != n or len(qualities) != n:
             raise InvalidArgument(f"{n} images with {len(paths)} frame_paths and "

@@ -15,6 +15,7 @@ frame.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -203,14 +204,15 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) 
         if any(why_not.values()):
             log.info("CLIP_PROVIDER=auto: not available here: %s",
                      {k: v for k, v in why_not.items() if v})
-        return {name: (lambda name=name: measure(name))
+        return {name: functools.partial(measure, name)
                 for name in PROVIDERS if why_not[name] is None}
 
     choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
     log.info("CLIP_PROVIDER=auto -> %s (%s)", choice, why)
-    if choice == "openvino" and (why := _unusable(config, artifact_dir, manifest)["openvino"]):
+    if choice == "openvino" and (
+            unusable := _unusable(config, artifact_dir, manifest)["openvino"]):
         log.warning("CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, "
-                    "using cpu: %s", why)
+                    "using cpu: %s", unusable)
         return "cpu"
     return choice
 

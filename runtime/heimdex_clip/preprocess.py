@@ -78,9 +78,10 @@ def _parse_fill(image: Image.Image, fill: int) -> int | float | tuple[int | floa
 
 def pad(image: Image.Image, ltrb: tuple[int, int, int, int], fill: int = 0) -> Image.Image:
     """torchvision's PIL constant padding: ``ImageOps.expand``, palette put back for P."""
-    expanded = ImageOps.expand(image, border=ltrb, fill=_parse_fill(image, fill))
-    if image.mode == "P":
-        expanded.putpalette(image.getpalette())
+    # Pillow's stubs type fill as int/tuple[int]; torchvision passes floats for mode F.
+    expanded = ImageOps.expand(image, border=ltrb, fill=_parse_fill(image, fill))  # type: ignore[arg-type]
+    if image.mode == "P" and (palette := image.getpalette()) is not None:
+        expanded.putpalette(palette)
     return expanded
 
 

@@ -15,12 +15,11 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from .errors import QueryError
-from .images import ImageSource
 
 PartKind = Literal["text", "image", "scene"]
 PART_KINDS: tuple[PartKind, ...] = ("text", "image", "scene")
@@ -35,7 +34,9 @@ class QueryPart:
     the id of one of the owner's scenes, with its weight (negative: away from it)."""
 
     kind: PartKind
-    value: str | ImageSource | uuid.UUID
+    #: ``str`` for a text, an ImageSource for an image, ``uuid.UUID`` for a scene (checked and
+    #: parsed in __post_init__). Typed Any: a type checker cannot narrow it on ``kind``.
+    value: Any
     weight: float = 1.0
 
     def __post_init__(self) -> None:

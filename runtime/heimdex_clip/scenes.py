@@ -53,7 +53,8 @@ def pool_scene(identity: ModelIdentity, path: str | None,
                chosen: list[tuple[ImageSource, float | None]],
                results: list[EmbeddingResult], *, normalize: bool) -> EmbeddingResult:
     """One scene's result from its chosen frames' results; its time is theirs summed."""
-    good = [(r.embedding, q) for r, (_, q) in zip(results, chosen, strict=True) if r.ok]
+    good = [(r.embedding, q) for r, (_, q) in zip(results, chosen, strict=True)
+            if r.embedding is not None]  # r.ok, spelled so the type checker sees it
     if not good:
         errors = "; ".join(sorted({r.error or "" for r in results})) or "no frames"
         return failure(identity, frame_path=path,

@@ -37,6 +37,7 @@ from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder, EmbeddingResult
 from ..errors import DimensionError
+from .connection import one_value
 from .store import SceneStore, classify_fault, write_vector
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,10 @@ def count_pending(pool: ConnectionPool, artifact: str, scope: Scope, *,
                   reembed_stale: bool = False, max_attempts: int = 3) -> int:
     """Scenes still needing a vector of ``artifact`` (and not given up on)."""
     with pool.connection() as conn:
-        return conn.execute(
+        return one_value(conn.execute(
             f"SELECT count(*) FROM scenes WHERE {scope.sql()} AND {_work(reembed_stale)} "
             f"AND {_NOT_GIVEN_UP}",
-            {"owner": scope.owner_id, "artifact": artifact, "max_attempts": max_attempts}
-        ).fetchone()[0]
+            {"owner": scope.owner_id, "artifact": artifact, "max_attempts": max_attempts}))
 
 
 def release_expired(pool: ConnectionPool, scope: Scope, policy: Policy) -> int:

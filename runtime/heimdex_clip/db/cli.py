@@ -105,8 +105,8 @@ def index_folder(store: SceneStore, embedder: ClipEmbedder, folder: Path,
                           "(rename it to index it)", file=sys.stderr)
                 else:
                     chunk.append(text)
-            for path, result in zip(chunk, embedder.embed_frames(chunk), strict=True):
-                store.upsert_scene(owner, path, result.embedding, result.metadata,
+            for stored, result in zip(chunk, embedder.embed_frames(chunk), strict=True):
+                store.upsert_scene(owner, stored, result.embedding, result.metadata,
                                    artifact=embedder.artifact_id)
                 summary["embedded" if result.ok else "failed"] += 1
             bar.update(len(files[start:start + batch]))

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -132,10 +133,18 @@ def one_line(exc: BaseException) -> str:
         type(exc).__name__
 
 
+def one_value(cursor: psycopg.Cursor) -> Any:
+    """The first column of a query's one row (a count, a function call, RETURNING)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise DatabaseError("the database returned no row where one was expected")
+    return row[0]
+
+
 def _configure(conn: psycopg.Connection) -> None:
     # numpy arrays <-> vector through pgvector's adapter, once the extension exists (a
     # fresh database gets it from `db migrate`, which then renews the pool's connections).
-    if conn.execute("SELECT to_regtype('vector') IS NOT NULL").fetchone()[0]:
+    if one_value(conn.execute("SELECT to_regtype('vector') IS NOT NULL")):
         register_vector(conn)
     conn.commit()  # leave the connection idle, not inside a transaction
 
@@ -148,7 +157,8 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4,
     attempt and the pool's own wait is bounded too.
     """
     settings = settings or DbSettings.from_env()
-    kwargs = {"connect_timeout": CONNECT_TIMEOUT_S, "options": settings.options()}
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S,
+                              "options": settings.options()}
     try:
         with psycopg.connect(url, **kwargs) as conn:
             conn.execute("SELECT 1")

@@ -22,11 +22,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from .connection import DatabaseError
+from .connection import DatabaseError, one_value
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 def _lock(conn: psycopg.Connection, timeout_s: float) -> None:
     """The migrators' advisory lock, or DatabaseError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()[0]:
+    while not one_value(conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,))):
         if time.monotonic() > deadline:
             raise DatabaseError(f"another migrator has held the migration lock for over "
                                 f"{timeout_s:g}s; try again when it has finished")
@@ -85,14 +86,14 @@ def _lock(conn: psycopg.Connection, timeout_s: float) -> None:
 
 def _ensure_pgvector(conn: psycopg.Connection) -> bool:
     """Create the extension if missing (True if created now); refuse pgvector < 0.8."""
-    created = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension "
-                           "WHERE extname = 'vector')").fetchone()[0]
+    created = one_value(conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension "
+                                     "WHERE extname = 'vector')"))
     try:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     except psycopg.errors.FeatureNotSupported as exc:  # extension files not installed
         raise DatabaseError(f"pgvector is not available on this server: {exc}") from None
-    version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-                           ).fetchone()[0]
+    version = one_value(conn.execute(
+        "SELECT extversion FROM pg_extension WHERE extname = 'vector'"))
     numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
     if numbers < MIN_PGVECTOR:
         raise DatabaseError(f"pgvector {version} is installed; heimdex-clip needs >= 0.8 "
@@ -115,7 +116,9 @@ def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *,
     """Apply pending migrations; returns the names of those applied now."""
     applied_now: list[str] = []
     # A dedicated connection: migrations may run longer than the pool's statement_timeout.
-    with psycopg.connect(pool.conninfo, **{**pool.kwargs, "autocommit": True}) as conn:
+    # open_pool makes every pool from a URL and a dict (psycopg_pool also allows callables).
+    conninfo, kwargs = cast(str, pool.conninfo), cast(dict[str, Any], pool.kwargs)
+    with psycopg.connect(conninfo, **{**kwargs, "autocommit": True}) as conn:
         # No statement limit (index builds), and table locks waited for as long as the
         # migrators' lock: a busy table delays a migration, it does not fail it at once.
         conn.execute("SET statement_timeout = 0")
@@ -166,8 +169,8 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> None:
 def pending_migrations(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Names of the migrations not yet applied to this database."""
     with pool.connection() as conn:
-        exists = conn.execute("SELECT to_regclass('heimdex_clip_migrations') IS NOT NULL"
-                              ).fetchone()[0]
+        exists = one_value(conn.execute(
+            "SELECT to_regclass('heimdex_clip_migrations') IS NOT NULL"))
         done = {r[0] for r in conn.execute("SELECT version FROM heimdex_clip_migrations")
                 } if exists else set()
     return [m.name for m in discover(directory) if m.version not in done]

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from psycopg_pool import ConnectionPool
 
 from .backfill import Scope
+from .connection import DatabaseError
 
 STATS_SQL = """
 SELECT
@@ -91,7 +92,10 @@ def clip_stats(pool: ConnectionPool, scope: Scope) -> ClipStats:
         row = conn.execute(STATS_SQL.format(scope=scope.sql()), params).fetchone()
         artifacts = {a: {"main": m, "alt": n} for a, m, n in conn.execute(
             ARTIFACTS_SQL.format(scope=scope.sql()), params).fetchall()}
-    return ClipStats(*row, artifacts=artifacts)
+    if row is None:  # an aggregate query always returns one row
+        raise DatabaseError("the statistics query returned no row")
+    # STATS_SQL's columns are ClipStats' fields before ``artifacts``, in order.
+    return ClipStats(*row, artifacts=artifacts)  # type: ignore[misc]
 
 
 def format_stats(stats: ClipStats) -> str:

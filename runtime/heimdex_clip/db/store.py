@@ -28,7 +28,7 @@ from ..embedder import ClipEmbedder
 from ..errors import DimensionError, QueryError
 from ..images import ImageSource
 from ..query import QueryPart, combine
-from .connection import DatabaseError
+from .connection import DatabaseError, one_value
 
 SEARCH_COLUMNS = "id, owner_id, video_id, scene_index, frame_path, visual_clip_metadata, similarity"
 SERVING_KEY = "serving_visual_clip_artifact"
@@ -174,14 +174,14 @@ class SceneStore:
     @staticmethod
     def _add(conn: psycopg.Connection, owner: uuid.UUID, frame_path: str | None,
              video_id: uuid.UUID | None, scene_index: int | None) -> uuid.UUID:
-        return conn.execute(
+        return one_value(conn.execute(
             """INSERT INTO scenes (owner_id, frame_path, video_id, scene_index)
                VALUES (%s, %s, %s, %s)
                ON CONFLICT (owner_id, frame_path) WHERE frame_path IS NOT NULL
                DO UPDATE SET video_id = COALESCE(EXCLUDED.video_id, scenes.video_id),
                              scene_index = COALESCE(EXCLUDED.scene_index, scenes.scene_index)
                RETURNING id""",
-            (owner, frame_path, video_id, scene_index)).fetchone()[0]
+            (owner, frame_path, video_id, scene_index)))
 
     def save_embedding(self, scene_id: uuid.UUID, owner_id: uuid.UUID | str,
                        embedding: np.ndarray | None, metadata: dict[str, Any], *,
@@ -294,7 +294,8 @@ class SceneStore:
                 for i, vector in zip(chosen, embed([parts[i].value for i in chosen]), strict=True):
                     vectors[i] = vector
         scene_ids = {p.value for p in parts if p.kind == "scene"}
-        query = combine(np.stack(vectors), [p.weight for p in parts])
+        # Every slot is filled by now: scene parts above, then one batch per tower.
+        query = combine(np.stack(vectors), [p.weight for p in parts])  # type: ignore[arg-type]
         hits = self.search_by_embedding(owner, query, artifact=artifact,
                                         threshold=threshold, count=count + len(scene_ids))
         return [h for h in hits if h.id not in scene_ids][:count]

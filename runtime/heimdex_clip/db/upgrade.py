@@ -121,7 +121,8 @@ def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
     results = embedder.embed_frames([resolve_frame(frame_root, path) for path, _ in rows],
                                     frame_paths=[path for path, _ in rows])
     cosines = [float(np.dot(stored.to_numpy(), result.embedding))
-               for (_, stored), result in zip(rows, results, strict=True) if result.ok]
+               for (_, stored), result in zip(rows, results, strict=True)
+               if result.embedding is not None]  # result.ok
     if not cosines or min(cosines) < min_cosine:
         lowest = f"lowest cosine {min(cosines):.4f}" if cosines else "no frame readable"
         raise DatabaseError(f"the sampled vectors were not made by {embedder.artifact_id} "
