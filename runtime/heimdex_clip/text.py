@@ -28,6 +28,7 @@ from .frames import EmbeddingCache
 from .manifest_schema import require_bool, require_dict, require_int, require_str
 from .session import create_session
 from .tokenizer import ClipTokenizer, check_texts
+from .vectors import check_vectors
 from .verified import PinnedFiles, read_verified, verified_source
 
 log = logging.getLogger("heimdex_clip")
@@ -179,7 +180,7 @@ class TextTower:
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
             out[rows] = self.embed_ids(ids[rows], run_options)
-        return out
+        return check_vectors(out, "text")
 
     def embed_one(self, text: str, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """One query's vector, from the LRU when the same text was embedded before."""
