@@ -59,7 +59,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_exiting_during_a_timed_out_run_keeps_the_exit_status(tmp_path):
     script = tmp_path / "slow_exit.py"
     script.write_text(SLOW_GRAPH_EXIT)
-    for run in range(6):
+    for run in range(4):
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                               env=_env(), timeout=120)
         assert "terminate called" not in proc.stderr, (run, proc.stderr)
@@ -80,7 +80,7 @@ def test_the_cli_exits_with_its_documented_status_when_work_times_out(artifact_d
     statuses = []
     for run in range(RUNS):
         proc = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=300, cwd=tmp_path)
+                              timeout=300)
         assert "terminate called" not in proc.stderr, (run, proc.stderr)
         rows = json.loads(proc.stdout)
         assert len(rows) == 3
