@@ -28,6 +28,10 @@ MAX_MANIFEST_BYTES = 1 << 20
 #: Bytes a listed file may claim (the largest graphs are a few GB).
 MAX_FILE_BYTES = 1 << 40
 MAX_NAME_CHARS = 4096
+#: The runtime's bounds on the model (model.check_supported says the same): a larger input
+#: would allocate absurd tensors per frame.
+MAX_IMAGE_SIZE = 1024
+MAX_EMBED_DIM = 16384
 _FILE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -138,7 +142,7 @@ def _check_model(model: Any) -> None:
                   ("seed", "quick_gelu", "normalized_in_graph"))
     require_str(model["name"], "model.name")
     require_str(model["pretrained"], "model.pretrained")
-    require_int(model["embed_dim"], "model.embed_dim", 1, 1 << 20)
+    require_int(model["embed_dim"], "model.embed_dim", 1, MAX_EMBED_DIM)
     require_bool(model["random_init"], "model.random_init")
     if model.get("seed") is not None:
         require_int(model["seed"], "model.seed", -(1 << 63), (1 << 64) - 1)
@@ -150,7 +154,7 @@ def _check_model(model: Any) -> None:
 def _check_preprocess(spec: Any) -> None:
     spec = require_dict(spec, "preprocess")
     _require_keys(spec, "preprocess", ("image_size", "mean", "std"))
-    require_int(spec["image_size"], "preprocess.image_size", 1, 1 << 16)
+    require_int(spec["image_size"], "preprocess.image_size", 1, MAX_IMAGE_SIZE)
     for key in ("mean", "std"):
         values = spec[key]
         if not isinstance(values, list) or len(values) != 3:

@@ -159,6 +159,12 @@ def read_verified(path: Path, entry: FileEntry, fd: int | None = None) -> bytes:
     return data
 
 
+def fd_path(fd: int) -> Path | None:
+    """A path that opens the file of ``fd`` (Linux's /proc/self/fd/N), None without /proc."""
+    path = Path(f"/proc/self/fd/{fd}")
+    return path if path.exists() else None
+
+
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -175,8 +181,8 @@ def verified_source(path: Path, entry: FileEntry,
     owned = fd is None
     fd = open_entry(path, entry) if fd is None else fd
     try:
-        proc_path = Path(f"/proc/self/fd/{fd}")
-        if not proc_path.exists():  # no /proc: hand over the checked bytes instead
+        proc_path = fd_path(fd)
+        if proc_path is None:  # no /proc: hand over the checked bytes instead
             yield read_verified(path, entry, fd)
             return
         before = os.fstat(fd)
