@@ -6,14 +6,16 @@ contract (docs/reliability.md), and the last test keeps that page's table equal 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 import pytest
 
-from heimdex_clip import ClipConfig, ConfigError
+from heimdex_clip import ClipConfig, ClipEmbedder, ConfigError
 from heimdex_clip.cli import main
+from heimdex_clip.jobs import DeadlineRunner
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = len(os.sched_getaffinity(0))
@@ -131,3 +133,23 @@ def test_the_reference_page_lists_every_range():
         row = re.search(rf"^\| `{name}` \|[^\n]*", page, re.M)
         assert row is not None, f"{name} has no row in docs/reliability.md"
         assert f"{low_text}..{high_text}" in row.group(0).replace(",", ""), row.group(0)
+
+
+@pytest.mark.parametrize("timeout", [1e10, math.inf, math.nan, -1.0])
+def test_a_deadline_no_wait_can_take_is_a_config_error_not_a_job_failure(timeout):
+    runner = DeadlineRunner()
+    with pytest.raises(ConfigError, match="cannot be waited for"):
+        runner.run(lambda job: 1, timeout)
+    assert runner.live_jobs == 0  # refused before any thread started
+
+
+def test_a_config_fault_that_surfaces_during_a_run_is_labelled_as_such(artifact_dir, photos):
+    """Defence in depth: were a bad value to get past the checks (here forced into a frozen
+    config after it was built), the worker path names it ConfigError, which backfill must
+    not count against the frame (docs/reliability.md)."""
+    config = ClipConfig(pretrained="none", model_dir=artifact_dir)
+    embedder = ClipEmbedder(config=config).load()
+    object.__setattr__(config, "timeout_s", 1e10)
+    for result in (embedder.embed_frame(photos[0][1]), embedder.embed_text("a dog")):
+        assert result.embedding is None
+        assert result.error.startswith("ConfigError: "), result.error
