@@ -19,7 +19,7 @@ import pytest
 from artifact_copies import copy_artifact
 from onnx import TensorProto, helper
 
-from heimdex_clip import ClipConfig, ClipEmbedder, QueryError
+from heimdex_clip import ArtifactError, ClipConfig, ClipEmbedder, QueryError
 from heimdex_clip.errors import InvalidVectorError
 from heimdex_clip.metadata import EmbeddingResult, ModelIdentity, success
 from heimdex_clip.query import combine
@@ -196,3 +196,20 @@ def test_the_strict_path_raises(broken, photos):
         broken.embed_images([photos[0][1]])
     with pytest.raises(InvalidVectorError, match="text #0"):
         broken.embed_texts(["a dog"])
+
+
+@pytest.mark.parametrize(("key", "index", "value"), [
+    ("std", 0, 1e-45), ("std", 1, 0.0), ("std", 2, -0.27), ("std", 0, math.nan),
+    ("std", 1, math.inf), ("mean", 0, math.nan), ("mean", 2, -math.inf), ("mean", 1, 1e38),
+])
+def test_preprocessing_that_would_give_non_finite_inputs_is_refused_at_load(
+        artifact_dir, tmp_path, key, index, value):
+    art = copy_artifact(artifact_dir, tmp_path / "art", {"visual.int8"})
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["preprocess"][key][index] = value
+    (art / "manifest.json").write_text(json.dumps(manifest))  # NaN/Infinity: Python's JSON
+    embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art))
+    with pytest.raises(ArtifactError, match=f"preprocess.{key}|out of range"):
+        embedder.load()
+    result = embedder.embed_frame(np.zeros((8, 8, 3), np.uint8))
+    assert result.embedding is None and result.error.startswith("Model load failed")
