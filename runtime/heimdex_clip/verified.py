@@ -1,5 +1,11 @@
 """Artifact files checked against the manifest (size and sha256) before anything parses them.
 
+Every file is opened through :func:`open_inside`: links resolved, the real file inside the
+artifact directory, a regular file (never a FIFO, a device or a directory), of the listed
+size, then read at most ``bytes + 1`` bytes, so a manifest cannot make the runtime read
+outside its artifact, block, or read without bound (:func:`check_files` applies the same
+rules to every listed file when the manifest is loaded).
+
 Two ways to hand a checked file on:
 
 * :func:`read_verified`: the bytes themselves, read once. For small files (the tokenizer)
