@@ -16,6 +16,7 @@ import pytest
 from heimdex_clip import ClipConfig, ClipEmbedder, ConfigError
 from heimdex_clip.cli import main
 from heimdex_clip.jobs import DeadlineRunner
+from heimdex_clip.metadata import is_config_fault
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = len(os.sched_getaffinity(0))
@@ -153,3 +154,5 @@ def test_a_config_fault_that_surfaces_during_a_run_is_labelled_as_such(artifact_
     for result in (embedder.embed_frame(photos[0][1]), embedder.embed_text("a dog")):
         assert result.embedding is None
         assert result.error.startswith("ConfigError: "), result.error
+        assert is_config_fault(result.error)
+    assert not is_config_fault("Timeout after 2.0s") and not is_config_fault(None)

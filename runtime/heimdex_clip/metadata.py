@@ -62,6 +62,16 @@ class EmbeddingResult:
         return self.metadata.get("error")
 
 
+#: The error prefix of a worker-path failure caused by the configuration, not the frame: a
+#: worker must not count it against the frame or give the scene up (docs/reliability.md).
+CONFIG_FAULT_PREFIX = "ConfigError:"
+
+
+def is_config_fault(error: str | None) -> bool:
+    """Whether a failed result's ``error`` is a fault of the configuration."""
+    return error is not None and error.startswith(CONFIG_FAULT_PREFIX)
+
+
 class InvalidArgument(ValueError):
     """A worker-path argument that cannot be turned into storable metadata."""
 
