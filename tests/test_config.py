@@ -29,7 +29,7 @@ def test_every_variable_is_read():
     cfg = ClipConfig.from_env({
         "CLIP_ENABLED": "true", "CLIP_MODEL_NAME": "ViT-B-16", "CLIP_PRETRAINED": "none",
         "CLIP_DEVICE": "CUDA", "CLIP_NORMALIZE": "false", "CLIP_TIMEOUT_S": "0.5",
-        "CLIP_MAX_IMAGE_SIZE": "448", "CLIP_CPU_THREADS": "3", "CLIP_CACHE_DIR": "/var/cache/c",
+        "CLIP_MAX_IMAGE_SIZE": "448", "CLIP_CPU_THREADS": "1", "CLIP_CACHE_DIR": "/var/cache/c",
         "CLIP_DEBUG_LOG": "1", "CLIP_MODEL_DIR": "/models", "CLIP_BATCH_SIZE": "8",
         "CLIP_FAST_DECODE": "yes", "CLIP_MAX_IMAGE_PIXELS": "1000", "CLIP_PRECISION": "fp32",
         "CLIP_MEMORY_ARENA": "off", "CLIP_EMBED_CACHE_SIZE": "0",
@@ -37,7 +37,7 @@ def test_every_variable_is_read():
     assert (cfg.enabled, cfg.model_name, cfg.pretrained, cfg.device) == (
         True, "ViT-B-16", "none", "cuda")
     assert (cfg.normalize, cfg.timeout_s, cfg.max_image_size, cfg.cpu_threads) == (
-        False, 0.5, 448, 3)
+        False, 0.5, 448, 1)
     assert (cfg.cache_dir, cfg.debug_log, cfg.model_dir) == (
         Path("/var/cache/c"), True, Path("/models"))
     assert (cfg.batch_size, cfg.fast_decode, cfg.max_image_pixels) == (8, True, 1000)
@@ -53,21 +53,21 @@ def test_cpu_threads_null_means_physical_cores(value):
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("CLIP_ENABLED", "maybe", "not a boolean"),
     ("CLIP_DEVICE", "tpu", "'cpu' or 'cuda'"),
-    ("CLIP_TIMEOUT_S", "0", "> 0"),
-    ("CLIP_TIMEOUT_S", "-1", "> 0"),
-    ("CLIP_TIMEOUT_S", "nan", "finite"),
+    ("CLIP_TIMEOUT_S", "0", "outside its valid range 1e-06..3600"),
+    ("CLIP_TIMEOUT_S", "-1", "outside its valid range"),
+    ("CLIP_TIMEOUT_S", "nan", "outside its valid range"),
     ("CLIP_TIMEOUT_S", "soon", "not a number"),
-    ("CLIP_MAX_IMAGE_SIZE", "0", ">= 1"),
+    ("CLIP_MAX_IMAGE_SIZE", "0", "outside its valid range 1..8192"),
     ("CLIP_MAX_IMAGE_SIZE", "big", "not an integer"),
-    ("CLIP_CPU_THREADS", "0", ">= 1"),
-    ("CLIP_BATCH_SIZE", "-4", ">= 1"),
+    ("CLIP_CPU_THREADS", "0", "outside its valid range 1.."),
+    ("CLIP_BATCH_SIZE", "-4", "outside its valid range 1..256"),
     ("CLIP_PRECISION", "int4", "'int8' or 'fp32'"),
-    ("CLIP_MODEL_NAME", "  ", "must not be empty"),
+    ("CLIP_MODEL_NAME", "  ", "must be a non-empty string"),
 ])
 def test_invalid_values_are_clear_errors_naming_the_variable(name, value, message):
     with pytest.raises(ConfigError, match=message) as info:
         ClipConfig.from_env({name: value})
-    assert name in str(info.value) or "must not be empty" in message
+    assert name in str(info.value)
 
 
 def test_unknown_clip_variables_are_reported_not_silently_dropped():
@@ -99,7 +99,7 @@ def test_the_input_limits_are_settings(name, value, expected):
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("CLIP_MAX_IMAGE_BYTES", "0", ">= 1"),
+    ("CLIP_MAX_IMAGE_BYTES", "0", "outside its valid range 1..2147483648"),
     ("CLIP_MAX_RESIZE_PIXELS", "lots", "not an integer"),
     ("CLIP_IMAGE_FORMATS", " , ", "at least one"),
 ])

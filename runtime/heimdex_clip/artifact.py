@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
+from .manifest_schema import check_manifest, read_manifest_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RESIZE_MODES = ("shortest", "longest", "squash")
+#: Bounds of the normalisation (pixels are scaled to 0..1 first): a std of 1e-45 or a mean
+#: of 1e38 would make every input infinite, and every vector NaN.
+MIN_STD, MAX_STD, MAX_ABS_MEAN = 1e-3, 1e3, 1e3
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
@@ -48,8 +52,15 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ArtifactError(f"image_size must be positive, got {self.image_size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ArtifactError(f"mean/std must be 3 values with std > 0: {self.mean} {self.std}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ArtifactError(f"mean/std must be 3 values each: {self.mean} {self.std}")
+        # `not a <= x <= b` is also true for NaN.
+        if not all(MIN_STD <= s <= MAX_STD for s in self.std) or \
+                not all(-MAX_ABS_MEAN <= m <= MAX_ABS_MEAN for m in self.mean):
+            raise ArtifactError(
+                f"preprocess mean {self.mean} / std {self.std} out of range: each std must be "
+                f"within {MIN_STD:g}..{MAX_STD:g} and each mean within +-{MAX_ABS_MEAN:g} "
+                "(finite); the artifact is corrupt or hostile")
         if self.interpolation not in INTERPOLATIONS:
             raise ArtifactError(f"unsupported interpolation {self.interpolation!r}")
         if self.resize_mode not in RESIZE_MODES:
@@ -166,13 +177,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """Parse a manifest's JSON object; ArtifactError naming the first field that breaks
+        the schema (checked type-exactly: see :mod:`heimdex_clip.manifest_schema`)."""
+        check_manifest(d, SCHEMA_VERSION)
         try:
-            version = int(d["schema_version"])
-            if version > SCHEMA_VERSION:
-                raise ArtifactError(
-                    f"manifest schema {version} is newer than this runtime understands "
-                    f"({SCHEMA_VERSION}); upgrade heimdex-clip"
-                )
+            version = d["schema_version"]
             known = {"schema_version", "model", "preprocess", "files", "quantization",
                      "parity", "versions", "created_at"}
             return cls(
@@ -256,17 +265,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def load_manifest(artifact_dir: Path) -> Manifest:
-    """Parse ``artifact_dir/manifest.json``; ArtifactError if missing or malformed."""
+    """Parse and check ``artifact_dir/manifest.json``; ArtifactError if missing or malformed.
+
+    The schema is checked type-exactly, and every file it lists that exists must be a
+    regular file inside ``artifact_dir`` of the listed size (no file is read here).
+    """
+    from .verified import check_files  # verified parses FileEntry: imported here, not above
+
     path = Path(artifact_dir) / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+        data = json.loads(read_manifest_bytes(path).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} is not a JSON object")
-    return Manifest.from_dict(data)
+    manifest = Manifest.from_dict(data)
+    check_files(artifact_dir, manifest)
+    return manifest
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ from .model import VisualModel, load_visual_model
 from .scenes import as_sequence, best_frames, pool_scene
 from .session import SessionInfo
 from .text import TextTower, has_text_tower
+from .vectors import check_vectors
 
 log = logging.getLogger("heimdex_clip")
 
@@ -213,7 +214,7 @@ class ClipEmbedder:
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
             out[start:start + len(chunk)] = model.run(self._pipeline.pixels(model, chunk))
-        return out
+        return check_vectors(out, "image")
 
     # ------------------------------------------------------------------ worker path
 

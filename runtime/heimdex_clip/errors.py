@@ -40,3 +40,8 @@ class TextError(ClipError, ValueError):
 class QueryError(ClipError, ValueError):
     """A composed query cannot be searched: no parts, a bad part or weight, or parts whose
     weighted sum has no direction (they cancel out)."""
+
+
+class InvalidVectorError(ClipError, ValueError):
+    """A vector that must never be returned, stored or searched: it holds NaN or infinity,
+    or its norm is zero or denormal (it has no direction, so every similarity is NaN)."""

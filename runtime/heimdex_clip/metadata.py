@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .vectors import vector_problem
+
 #: The design document's fields, in its order, plus the artifact that made the vector.
 METADATA_FIELDS = ("model_name", "pretrained", "embed_dim", "normalized", "device",
                    "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
@@ -58,6 +60,16 @@ class EmbeddingResult:
     @property
     def error(self) -> str | None:
         return self.metadata.get("error")
+
+
+#: The error prefix of a worker-path failure caused by the configuration, not the frame: a
+#: worker must not count it against the frame or give the scene up (docs/reliability.md).
+CONFIG_FAULT_PREFIX = "ConfigError:"
+
+
+def is_config_fault(error: str | None) -> bool:
+    """Whether a failed result's ``error`` is a fault of the configuration."""
+    return error is not None and error.startswith(CONFIG_FAULT_PREFIX)
 
 
 class InvalidArgument(ValueError):
@@ -165,6 +177,11 @@ def build_metadata(identity: ModelIdentity, *, frame_path: str | None,
 
 def success(identity: ModelIdentity, vector: np.ndarray, *, frame_path: str | None,
             frame_quality: dict[str, Any] | None, time_ms: float) -> EmbeddingResult:
+    """A successful result, or a failed one when ``vector`` is not finite or has no
+    direction: every worker-path success passes here, so none can carry a NaN vector."""
+    if problem := vector_problem(vector):
+        return failure(identity, frame_path=frame_path,
+                       error=f"InvalidVectorError: the model's vector {problem}")
     return EmbeddingResult(vector, build_metadata(identity, frame_path=frame_path,
                                                   frame_quality=frame_quality,
                                                   time_ms=time_ms, error=None))

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .artifact import PreprocessSpec
-from .errors import ImageError
+from .errors import ArtifactError, ImageError
 
 #: torchvision's ``pil_modes_mapping`` for the interpolations a spec may name.
 _RESAMPLE = {
@@ -135,7 +135,12 @@ class Preprocessor:
         mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1)
         std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1)
         scaled = np.arange(256, dtype=np.float32) / np.float32(255)
-        self._lut = np.ascontiguousarray((scaled - mean) / std, dtype=np.float32)  # [3, 256]
+        with np.errstate(all="ignore"):
+            lut = np.ascontiguousarray((scaled - mean) / std, dtype=np.float32)  # [3, 256]
+        if not np.isfinite(lut).all():  # PreprocessSpec bounds mean/std; never trust alone
+            raise ArtifactError(f"preprocess mean {spec.mean} / std {spec.std} give "
+                                "non-finite model inputs; the artifact is corrupt or hostile")
+        self._lut = lut
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) of the resized image before the crop or pad: what the resize allocates."""

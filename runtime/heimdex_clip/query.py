@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import QueryError
+from .vectors import vector_problem
 
 PartKind = Literal["text", "image", "scene"]
 PART_KINDS: tuple[PartKind, ...] = ("text", "image", "scene")
@@ -88,9 +89,19 @@ def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     if (norms < _MIN_NORM).any():
         raise QueryError("combine got a zero vector: it has no direction")
     # Each part at unit length first, so that a weight means the same for every part.
-    total = weights_array @ (vectors / norms)
-    norm = float(np.linalg.norm(total))
-    if norm < _MIN_NORM:
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = weights_array @ (vectors / norms)
+    if not np.isfinite(total).all():  # weights so large that the sum overflows
+        raise QueryError("the query's weighted sum overflows: use smaller weights")
+    # Scaled to a largest component of 1 first, so that the norm of a huge (finite) sum
+    # cannot overflow to infinity and turn the result into zeros.
+    scale = float(np.abs(total).max())
+    norm = scale * float(np.linalg.norm(total / scale)) if scale > 0 else 0.0
+    if not norm >= _MIN_NORM:
         raise QueryError("the query's parts cancel out (their weighted sum is ~0): "
                          "change a weight or drop a part")
-    return (total / norm).astype(np.float32)
+    unit = total / scale
+    result = (unit / np.linalg.norm(unit)).astype(np.float32)
+    if problem := vector_problem(result):
+        raise QueryError(f"the composed query vector {problem}")
+    return result

@@ -17,6 +17,7 @@ import numpy as np
 from .errors import ImageError
 from .images import ImageSource
 from .metadata import EmbeddingResult, InvalidArgument, ModelIdentity, failure, success
+from .vectors import vector_problem
 
 
 def as_sequence(images: Any, caller: str, error: type[Exception] = ImageError) -> list:
@@ -60,8 +61,11 @@ def pool_scene(identity: ModelIdentity, path: str | None,
         return failure(identity, frame_path=path,
                        error=f"all {len(chosen)} frames failed: {errors}")
     pooled = np.mean([e for e, _ in good], axis=0)
+    if problem := vector_problem(pooled):  # e.g. frames whose vectors cancel out
+        return failure(identity, frame_path=path,
+                       error=f"InvalidVectorError: the mean of {len(good)} frames {problem}")
     if normalize:
-        pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+        pooled = pooled / float(np.linalg.norm(pooled))
     scores = [q for _, q in good if q is not None]
     quality = {"quality_score": float(np.mean(scores)) if scores else None,
                "frames_pooled": len(good)}

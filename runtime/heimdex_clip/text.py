@@ -25,8 +25,10 @@ from .artifact import Manifest
 from .config import ClipConfig
 from .errors import ArtifactError, TextError
 from .frames import EmbeddingCache
+from .manifest_schema import require_bool, require_dict, require_int, require_str
 from .session import create_session
 from .tokenizer import ClipTokenizer, check_texts
+from .vectors import check_vectors
 from .verified import PinnedFiles, read_verified, verified_source
 
 log = logging.getLogger("heimdex_clip")
@@ -65,13 +67,22 @@ class TextSpec:
         if not isinstance(section, dict) or not graphs or "tokenizer" not in manifest.files:
             raise TextError(NO_TEXT_TOWER)
         key = f"text.{precision}" if f"text.{precision}" in graphs else graphs[0]
-        try:
-            tok = section["tokenizer"]
-            spec = cls(graph_key=key, context_length=int(tok["context_length"]),
-                       special_tokens=tuple(tok["special_tokens"]),
-                       token_dtype=str(section.get("token_dtype", "int64")),
-                       cut_to_longest=bool(section.get("cut_to_longest", False)))
-        except (KeyError, TypeError, ValueError) as exc:
+        try:  # type-exact, like the rest of the manifest (manifest_schema)
+            tok = require_dict(section["tokenizer"], "text.tokenizer")
+            specials = tok["special_tokens"]
+            if not isinstance(specials, list):
+                raise ArtifactError("malformed manifest: text.tokenizer.special_tokens must "
+                                    "be a list")
+            spec = cls(graph_key=key,
+                       context_length=require_int(tok["context_length"],
+                                                  "text.tokenizer.context_length", 2, 4096),
+                       special_tokens=tuple(require_str(t, "text.tokenizer.special_tokens")
+                                            for t in specials),
+                       token_dtype=require_str(section.get("token_dtype", "int64"),
+                                               "text.token_dtype"),
+                       cut_to_longest=require_bool(section.get("cut_to_longest", False),
+                                                   "text.cut_to_longest"))
+        except KeyError as exc:
             raise ArtifactError(f"malformed text section in the manifest: {exc}") from exc
         if spec.token_dtype not in ("int32", "int64") or not 2 <= spec.context_length <= 4096:
             raise ArtifactError(f"the manifest's text section asks for {spec.token_dtype} ids "
@@ -169,7 +180,7 @@ class TextTower:
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
             out[rows] = self.embed_ids(ids[rows], run_options)
-        return out
+        return check_vectors(out, "text")
 
     def embed_one(self, text: str, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """One query's vector, from the LRU when the same text was embedded before."""
