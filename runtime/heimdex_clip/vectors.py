@@ -20,9 +20,9 @@ MIN_NORM = 1e-6
 
 def _problems(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     as64 = vectors.astype(np.float64)
-    finite = np.isfinite(as64).all(axis=-1)
+    finite = np.asarray(np.isfinite(as64).all(axis=-1))
     with np.errstate(over="ignore", invalid="ignore"):
-        norms = np.linalg.norm(np.where(np.isfinite(as64), as64, 0.0), axis=-1)
+        norms = np.asarray(np.linalg.norm(np.where(np.isfinite(as64), as64, 0.0), axis=-1))
     return finite, norms
 
 
