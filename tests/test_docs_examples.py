@@ -142,6 +142,25 @@ def test_the_readme_has_examples_to_run():
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
 def test_example_runs(block: Block, docs_workdir: Path, artifact_dir, photos, request):
+    run_block(block, docs_workdir, artifact_dir, photos, request)
+
+
+def test_a_broken_example_fails(docs_workdir: Path, artifact_dir, photos, request):
+    # The runner can fail: an undefined name, and an exception inside the block.
+    page = REPO / "README.md"
+    with pytest.raises(AssertionError, match="without defining"):
+        run_block(Block(page, 0, "print(search_results)\n"), docs_workdir, artifact_dir,
+                  photos, request)
+    with pytest.raises(FileNotFoundError):
+        run_block(Block(page, 0, "open('notes.txt').read()\n"), docs_workdir, artifact_dir,
+                  photos, request)
+    run_block(Block(page, 0, "from PIL import Image\nImage.open('x/y.png').load()\n"),
+              docs_workdir, artifact_dir, photos, request)  # image literals exist
+
+
+def run_block(block: Block, docs_workdir: Path, artifact_dir: Path, photos,
+              request: pytest.FixtureRequest) -> None:
+    """Run one block under the conventions of this module's docstring."""
     tree = ast.parse(block.code, filename=block.name)
     for text in string_literals(tree):
         for model_path in MODEL_PATH.findall(text):
