@@ -77,7 +77,7 @@ def _hints(provider: str, graph_precision: str) -> list[str | None]:
     if provider != "openvino":
         return [None]
     best = openvino_precision_hint(graph_precision, exact=False)
-    return sorted({"f32", best})  # bf16 where the CPU has it, and f32 beside it
+    return list(sorted({"f32", best}))  # bf16 where the CPU has it, and f32 beside it
 
 
 def measure_row(row: BenchRow, config: ClipConfig, artifact_dir: Path, manifest: Manifest,
@@ -130,12 +130,12 @@ def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
     figures = {r.provider: r.ms_per_image[auto_batch] for r in rows
                if r.default and not r.error and auto_batch in r.ms_per_image}
     # The measurement replaces auto's remembered decision (unless asked not to).
-    choice, cache_path, key, cached = remember_measured(config.replace(batch_size=auto_batch),
+    choice, cache_path, cache_key, cached = remember_measured(config.replace(batch_size=auto_batch),
                                                         manifest, figures, write=update_cache)
     return {
         "artifact": str(artifact_dir), "artifact_id": manifest.artifact_id,
         "onnxruntime": ort.__version__, "openvino_plugin": openvino_status().plugin_version,
-        "cpu": cpu_features(), "threads": key["threads"], "batches": list(batches),
+        "cpu": cpu_features(), "threads": cache_key["threads"], "batches": list(batches),
         "unavailable": {k: v for k, v in why_not.items() if v},
         "rows": [asdict(r) for r in rows],
         "auto": {"choice": choice, "batch": auto_batch, "ms_per_image": figures,

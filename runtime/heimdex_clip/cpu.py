@@ -45,7 +45,7 @@ def physical_cores() -> int:
 
 def cpu_features() -> dict[str, Any]:
     """CPU model and the SIMD flags relevant to INT8 inference (AVX-512 VNNI, AMX...)."""
-    model, vendor, flags = "unknown", "unknown", set()
+    model, vendor, flags = "unknown", "unknown", set[str]()
     for line in _cpuinfo().splitlines():
         if line.startswith("model name") and model == "unknown":
             model = line.split(":", 1)[1].strip()

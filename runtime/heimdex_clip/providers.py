@@ -23,6 +23,7 @@ function that measures a provider (the model loader passes one that builds a ses
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.util
 import json
 import logging
@@ -254,14 +255,14 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest,
         if any(why_not.values()):
             log.info("CLIP_PROVIDER=auto: not available here: %s",
                      {k: v for k, v in why_not.items() if v})
-        return {name: (lambda name=name: measure(name))
+        return {name: functools.partial(measure, name)
                 for name in PROVIDERS if why_not[name] is None}
 
     choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
     log.info("CLIP_PROVIDER=auto -> %s (%s)", choice, why)
-    if choice == "openvino" and (why := unusable(config, artifact_dir, manifest)["openvino"]):
+    if choice == "openvino" and (gone := unusable(config, artifact_dir, manifest)["openvino"]):
         log.warning("CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, "
-                    "using cpu: %s", why)
+                    "using cpu: %s", gone)
         return "cpu"
     return choice
 

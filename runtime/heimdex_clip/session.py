@@ -83,9 +83,9 @@ def build_session(model: Path | bytes,
                                             provider="openvino",
                                             openvino_config=setup.provider_options)
             log.warning("the OpenVINO EP took no part of the graph; using the cpu provider")
-        setup = setup.on_cpu()
+    setup = setup.on_cpu()  # ONNX Runtime's own providers (CPU, or CUDA for CLIP_DEVICE=cuda)
     providers, actual_device = resolve_providers(setup.device)
-    options = setup.on_cpu().session_options()
+    options = setup.session_options()
     session = ort.InferenceSession(source, options, providers=providers)
     log.debug("ONNX Runtime session: %s", setup.describe())
     info = SessionInfo(providers=session.get_providers(), device=actual_device,

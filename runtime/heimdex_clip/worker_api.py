@@ -119,9 +119,8 @@ class WorkerEmbedder:
             raise InvalidArgument(f"{n} images with {len(paths)} frame_paths and "
                                   f"{len(qualities)} frame_qualities")
         items: list[Frame | EmbeddingResult] = []
-        for image, path, quality in zip(images, paths, qualities, strict=True):
-            if path is None and isinstance(image, (str, Path)):
-                path = image
+        for image, given, quality in zip(images, paths, qualities, strict=True):
+            path = image if given is None and isinstance(image, (str, Path)) else given
             try:
                 stored_path = storable_path(path)
             except InvalidArgument as exc:
