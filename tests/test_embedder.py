@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from heimdex_clip import (
     reset_embedder,
 )
 from heimdex_clip.jobs import DeadlineRunner, JobTimeout
+from heimdex_clip.worker_api import WorkerEmbedder
 
 # The design document's ten fields, plus the artifact that made the vector (provenance).
 METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
@@ -74,6 +77,40 @@ class TestClipEmbedderSingleton:
         assert not lazy.is_loaded and lazy.load_time_ms is None
         lazy.embed_frame(Image.new("RGB", (64, 64)))
         assert lazy.is_loaded and lazy.load_time_ms > 0
+
+    def test_model_properties_before_load_warn_and_name_load(self, artifact_dir):
+        manifest = json.loads((artifact_dir / "manifest.json").read_text())
+        lazy = ClipEmbedder(config=make_config(artifact_dir))
+        # Cheap values never load.
+        assert (lazy.is_loaded, lazy.load_time_ms, lazy.active_jobs) == (False, None, 0)
+        # The deprecation path: the property still loads, and says to call load() first.
+        with pytest.warns(DeprecationWarning, match=r"embed_dim was read before load\(\)"):
+            assert lazy.embed_dim == manifest["model"]["embed_dim"]
+        assert lazy.is_loaded
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # loaded: no property warns any more
+            assert lazy.manifest.model.name == manifest["model"]["name"]
+            assert lazy.artifact_dir.resolve() == artifact_dir.resolve()
+            assert lazy.artifact_id == lazy.manifest.artifact_id and lazy.has_text_tower
+            assert lazy.session_info.provider == "cpu"
+        for name in ("manifest", "artifact_id", "session_info", "artifact_dir",
+                     "has_text_tower"):
+            with pytest.warns(DeprecationWarning, match=f"{name} was read before load"):
+                getattr(ClipEmbedder(config=make_config(artifact_dir)), name)
+
+    def test_the_two_api_styles_are_two_objects(self, artifact_dir):
+        emb = ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=0)).load()
+        assert isinstance(emb.worker, WorkerEmbedder)
+        gray = Image.new("RGB", (64, 64), (120, 120, 120))
+        # Strict raises on bad input; the worker answers with the reason, on the same model.
+        with pytest.raises(ImageError):
+            emb.embed_images([b"not an image"])
+        bad = emb.worker.embed_frame(b"not an image")
+        assert bad.embedding is None and "ImageError" in bad.metadata["error"]
+        strict = emb.embed_images([gray])[0]
+        assert np.allclose(emb.worker.embed_frame(gray).embedding, strict, atol=1e-6)
+        assert np.array_equal(emb.embed_frame(gray).embedding,
+                              emb.worker.embed_frame(gray).embedding)
 
     def test_a_different_config_is_refused_not_silently_ignored(self, artifact_dir):
         reset_embedder()
@@ -285,7 +322,7 @@ class TestGracefulDegradation:
     def test_an_onnx_runtime_run_is_terminated_at_its_deadline(self, embedder):
         """The deadline runner stops a model run in progress (RunOptions.terminate): a
         256-frame run needs seconds on any CPU, its 50 ms deadline stops it within moments."""
-        model = embedder._current()
+        model = embedder._slot.load()
         pixels = np.zeros((256, 3, 224, 224), np.float32)
         runner = DeadlineRunner()
         started = time.perf_counter()
@@ -427,7 +464,7 @@ class TestBatchingAcrossScenes:
     def test_frames_of_many_scenes_share_model_runs(self, artifact_dir, jpeg_files):
         emb = ClipEmbedder(config=make_config(artifact_dir, batch_size=8, embed_cache_size=0))
         runs = []
-        model = emb._current()
+        model = emb._slot.load()
         original = model.session.run
 
         class CountingSession:  # counts the real session's runs, changes nothing

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from artifact_copies import copy_artifact
 
-import heimdex_clip.model as model_module
+import heimdex_clip.session as session_module
 from heimdex_clip import ArtifactError, ClipConfig
 from heimdex_clip.model import load_visual_model
 
@@ -64,7 +64,7 @@ def test_tampered_bytes_never_reach_the_parser(artifact_copy, monkeypatch):
     data[len(data) // 3] ^= 0x01
     graph.write_bytes(bytes(data))
     parsed = []
-    monkeypatch.setattr(model_module, "create_session",
+    monkeypatch.setattr(session_module, "build_session",
                         lambda *a, **k: parsed.append(a) or pytest.fail("parsed"))
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         load_visual_model(config(), artifact_copy)

@@ -19,14 +19,15 @@ import numpy as np
 import onnx
 import pytest
 
+from heimdex_clip import bench, cpu, providers
 from heimdex_clip import session as sessions
 from heimdex_clip.artifact import load_manifest
 from heimdex_clip.cli import main
 from heimdex_clip.config import ClipConfig
 from heimdex_clip.embedder import ClipEmbedder
 from heimdex_clip.errors import ConfigError
-from heimdex_clip.model import graph_key
 from heimdex_clip.preprocess import Preprocessor
+from heimdex_clip.providers import ProviderSetup, graph_key
 
 PLUGIN_INSTALLED = importlib.util.find_spec("onnxruntime_ep_openvino") is not None
 
@@ -45,9 +46,9 @@ OPENVINO_EXPECTED = PLUGIN_INSTALLED and _cpu_vendor() == "GenuineIntel"
 @pytest.fixture
 def fresh_plugin_state():
     """Provider discovery is cached per process; tests that fake a fault start afresh."""
-    sessions.openvino_status.cache_clear()
+    providers.openvino_status.cache_clear()
     yield
-    sessions.openvino_status.cache_clear()
+    providers.openvino_status.cache_clear()
 
 
 def _embed_one(artifact_dir: Path, **settings: object) -> tuple[ClipEmbedder, dict]:
@@ -80,7 +81,7 @@ def test_openvino_runs_exactly_where_the_plugin_claims_this_cpu(artifact_dir, ca
     embedder, metadata = _embed_one(artifact_dir, provider="openvino")
     if OPENVINO_EXPECTED:
         assert metadata["provider"] == "openvino"
-        assert sessions.OPENVINO_EP in embedder.session_info.providers
+        assert providers.OPENVINO_EP in embedder.session_info.providers
         # Same frame on ONNX Runtime's CPU provider, fp32 graph: the OpenVINO graph agrees.
         ours = embedder.embed_images([np.full((240, 320, 3), 128, np.uint8)])[0]
         ref_embedder = ClipEmbedder(model_dir=artifact_dir,
@@ -131,23 +132,23 @@ def test_auto_measures_once_then_uses_its_cache(artifact_dir, tmp_path):
         def run() -> float:
             calls[provider] += 1
             session, _ = sessions.create_session(artifact_dir / f"visual.{graph}.onnx")
-            return sessions.ms_per_image(session, 1, repeats=1)
+            return bench.ms_per_image(session, 1, repeats=1)
         return run
 
-    cache = tmp_path / "cache" / sessions.AUTO_CACHE_NAME
+    cache = tmp_path / "cache" / providers.AUTO_CACHE_NAME
     key = {"artifact_id": "test", "threads": 2}
     candidates = {"cpu": measure("cpu", "int8"), "openvino": measure("openvino", "fp32")}
-    choice, why = sessions.resolve_auto(cache, key, lambda: candidates)
+    choice, why = providers.resolve_auto(cache, key, lambda: candidates)
     assert calls == {"cpu": 1, "openvino": 1} and "measured now" in why
     [entry] = json.loads(cache.read_text())["entries"].values()
     figures = entry["ms_per_image"]
     assert set(figures) == {"cpu", "openvino"} and all(v > 0 for v in figures.values())
     assert choice == entry["choice"] == min(figures, key=figures.__getitem__)
 
-    again, why = sessions.resolve_auto(cache, key, lambda: candidates)
+    again, why = providers.resolve_auto(cache, key, lambda: candidates)
     assert again == choice and calls == {"cpu": 1, "openvino": 1} and "cache" in why
     # Another CPU / artifact / library version is another decision.
-    sessions.resolve_auto(cache, {**key, "artifact_id": "other"}, lambda: candidates)
+    providers.resolve_auto(cache, {**key, "artifact_id": "other"}, lambda: candidates)
     assert calls == {"cpu": 2, "openvino": 2}
     assert len(json.loads(cache.read_text())["entries"]) == 2
 
@@ -159,7 +160,7 @@ def test_auto_with_an_unwritable_cache_uses_cpu_without_measuring(tmp_path, capl
     candidates = {"cpu": lambda: measured.append("cpu") or 1.0,
                   "openvino": lambda: measured.append("openvino") or 0.5}
     caplog.set_level(logging.WARNING)
-    choice, _ = sessions.resolve_auto(blocker / "cache" / sessions.AUTO_CACHE_NAME, {},
+    choice, _ = providers.resolve_auto(blocker / "cache" / providers.AUTO_CACHE_NAME, {},
                                       lambda: candidates)
     assert choice == "cpu" and measured == []
     assert "not writable" in caplog.text and "CLIP_CACHE_DIR" in caplog.text
@@ -168,9 +169,9 @@ def test_auto_with_an_unwritable_cache_uses_cpu_without_measuring(tmp_path, capl
 def test_auto_on_the_real_artifact(artifact_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     _, metadata = _embed_one(artifact_dir, provider="auto", cache_dir=cache_dir)
-    runnable = [name for name, why in sessions.available_providers().items() if why is None]
+    runnable = [name for name, why in providers.available_providers().items() if why is None]
     assert metadata["provider"] in runnable
-    cache = cache_dir / sessions.AUTO_CACHE_NAME
+    cache = cache_dir / providers.AUTO_CACHE_NAME
     if not PLUGIN_INSTALLED:  # nothing to compare and nothing to load: no cache either
         assert metadata["provider"] == "cpu" and not cache.exists()
         return
@@ -181,11 +182,11 @@ def test_auto_on_the_real_artifact(artifact_dir, tmp_path):
     else:
         assert set(entry["ms_per_image"]) == set(runnable)
     # The next start reads the decision and does not look for OpenVINO devices.
-    sessions.openvino_status.cache_clear()
+    providers.openvino_status.cache_clear()
     _, again = _embed_one(artifact_dir, provider="auto", cache_dir=cache_dir)
     assert again["provider"] == entry["choice"]
     if entry["choice"] == "cpu":
-        assert sessions.openvino_status.cache_info().currsize == 0
+        assert providers.openvino_status.cache_info().currsize == 0
 
 
 def test_each_provider_gets_the_graph_it_runs_best(artifact_dir):
@@ -308,14 +309,14 @@ def test_bench_command_measures_every_graph_and_updates_autos_cache(artifact_dir
     # auto's pick is the fastest of each provider's own graph, and it is now cached.
     auto = report["auto"]
     assert auto["choice"] == min(auto["ms_per_image"], key=auto["ms_per_image"].__getitem__)
-    cache = json.loads((tmp_path / sessions.AUTO_CACHE_NAME).read_text())
+    cache = json.loads((tmp_path / providers.AUTO_CACHE_NAME).read_text())
     [entry] = cache["entries"].values()
     assert entry["choice"] == auto["choice"] and auto["cache_updated"]
     # The next load with CLIP_PROVIDER=auto (same batch size) takes that decision: no new
     # entry is written.
     _, metadata = _embed_one(artifact_dir, provider="auto", cache_dir=tmp_path, batch_size=2)
     assert metadata["provider"] == auto["choice"]
-    assert json.loads((tmp_path / sessions.AUTO_CACHE_NAME).read_text()) == cache
+    assert json.loads((tmp_path / providers.AUTO_CACHE_NAME).read_text()) == cache
 
 
 def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monkeypatch,
@@ -326,7 +327,7 @@ def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monke
     from heimdex_clip import model
 
     monkeypatch.setattr(model, "choose_provider", lambda config, *args: config.provider)
-    monkeypatch.setattr(sessions, "openvino_status", lambda: sessions.OpenVinoStatus(
+    monkeypatch.setattr(providers, "openvino_status", lambda: providers.OpenVinoStatus(
         None, "refused for this test", None))
     caplog.set_level(logging.WARNING)
     frame = np.full((240, 320, 3), 90, np.uint8)
@@ -349,3 +350,31 @@ def test_info_reports_the_provider_that_runs(artifact_dir, monkeypatch, capsys):
     assert main(["--model-dir", str(artifact_dir), "info"]) == 0
     text = capsys.readouterr().out
     assert f"provider={session['provider']}" in text and "CLIP_PROVIDER=cpu: runs here" in text
+
+
+def test_a_provider_setup_is_what_the_session_runs_with(artifact_dir, caplog):
+    setup = ProviderSetup(threads=1, memory_arena=False)
+    caplog.set_level(logging.DEBUG, logger="heimdex_clip.session")
+    session, info = sessions.build_session(artifact_dir / "visual.int8.onnx", setup)
+    assert (info.provider, info.intra_op_threads, info.memory_arena) == ("cpu", 1, False)
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert "intra_op_threads=1" in caplog.text and "memory_arena=False" in caplog.text
+    # Unset, the thread count is this process's physical cores.
+    assert ProviderSetup().intra_op_threads == cpu.physical_cores()
+    openvino = ProviderSetup(provider="openvino", threads=3, precision_hint="bf16")
+    assert openvino.provider_options == {"CPU": {"INFERENCE_NUM_THREADS": "3",
+                                                 "INFERENCE_PRECISION_HINT": "bf16",
+                                                 "PERFORMANCE_HINT": "LATENCY"}}
+    assert openvino.on_cpu().provider_options is None
+
+
+def test_names_that_moved_out_of_session_and_model_still_import():
+    # Code written before heimdex_clip.providers / heimdex_clip.cpu imported these from here.
+    from heimdex_clip import model
+
+    assert sessions.cpu_features is cpu.cpu_features
+    assert sessions.physical_cores is cpu.physical_cores
+    assert sessions.session_options is providers.session_options
+    assert sessions.available_providers is providers.available_providers
+    assert sessions.openvino_status is providers.openvino_status
+    assert model.graph_key is providers.graph_key and model.auto_cache is providers.auto_cache

@@ -177,7 +177,7 @@ class TestClipEmbedderText:
         assert cosines(strict[1:2], result.embedding[None])[0] >= 0.999
 
     def test_repeated_query_is_served_from_the_lru(self, embedder):
-        tower = embedder._text_tower()
+        tower = embedder._slot.text_tower()
         first = embedder.embed_text("a red car at night")
         hits = tower.cache.hits
         second = embedder.embed_text("a red car at night")
@@ -196,7 +196,7 @@ class TestClipEmbedderText:
     def test_timeout_gives_a_timeout_error(self, artifact_dir):
         slow = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
                                               timeout_s=1e-6, embed_cache_size=0)).load()
-        slow._text_tower()  # the one-off load is not part of the budget
+        slow._slot.text_tower()  # the one-off load is not part of the budget
         result = slow.embed_text("a photo of a cat " * 10)
         assert not result.ok and result.error == "Timeout after 1e-06s"
 
@@ -278,7 +278,7 @@ def test_the_text_tower_loads_from_its_version_after_a_new_install_deleted_it(ar
     embedder = ClipEmbedder(model_dir=models / name,
                             config=ClipConfig(pretrained="none", provider="cpu"))
     assert embedder.embed_frame(np.full((64, 64, 3), 90, np.uint8)).ok  # image tower only
-    assert embedder._text is None
+    assert embedder._slot._text is None
     new_work = models / ".work-new"
     copy_artifact(artifact_dir, new_work)
     manifest = json.loads((new_work / "manifest.json").read_text())

@@ -17,6 +17,7 @@ from .errors import (
     TextError,
 )
 from .query import QueryPart, combine
+from .worker_api import WorkerEmbedder
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "QueryError",
     "QueryPart",
     "TextError",
+    "WorkerEmbedder",
     "__version__",
     "combine",
     "get_embedder",

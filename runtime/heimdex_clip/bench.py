@@ -12,32 +12,50 @@ Speed only: the accuracy of each graph is gated at export time (the manifest's f
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from .artifact import Manifest, load_manifest, resolve_artifact_dir
 from .config import DEFAULT_MODEL_DIRS, ClipConfig
-from .model import auto_cache, graph_key
-from .session import (
+from .cpu import cpu_features
+from .providers import (
     PROVIDERS,
+    ProviderSetup,
     available_providers,
-    cpu_features,
-    create_session,
-    ms_per_image,
+    graph_key,
     openvino_precision_hint,
     openvino_status,
-    remember_auto_choice,
+    remember_measured,
 )
-from .verified import verified_source
+from .session import open_graph
 
 #: Graphs worth measuring on each provider (OpenVINO on the dynamic INT8 graph is left out:
 #: it cannot fuse run-time activation quantization and runs it slower than fp32).
 GRAPHS = {"cpu": ("visual.int8", "visual.qdq", "visual.fp32"),
           "openvino": ("visual.qdq", "visual.fp32")}
+
+
+def ms_per_image(session: ort.InferenceSession, batch: int, *, repeats: int = 3,
+                 image_size: int | None = None) -> float:
+    """Median wall time per image of ``repeats`` runs at ``batch`` (after one warm-up run).
+
+    The input is seeded noise: speed does not depend on pixel values (accuracy is gated
+    at export time on real photographs, not here).
+    """
+    inp = session.get_inputs()[0]
+    size = image_size or next((d for d in inp.shape[2:] if isinstance(d, int)), 224)
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size), np.float32)
+    session.run(None, {inp.name: pixels})
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {inp.name: pixels})
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1000 / batch
 
 
 @dataclass
@@ -55,25 +73,23 @@ class BenchRow:
     default: bool = False
 
 
-def _hints(provider: str, graph_precision: str) -> Sequence[str | None]:
+def _hints(provider: str, graph_precision: str) -> list[str | None]:
     if provider != "openvino":
         return [None]
     best = openvino_precision_hint(graph_precision, exact=False)
-    return sorted({"f32", best})  # bf16 where the CPU has it, and f32 beside it
+    return list(sorted({"f32", best}))  # bf16 where the CPU has it, and f32 beside it
 
 
 def measure_row(row: BenchRow, config: ClipConfig, artifact_dir: Path, manifest: Manifest,
                 batches: tuple[int, ...], repeats: int) -> BenchRow:
     """Load the row's graph on its provider and time it at each batch size."""
-    entry = manifest.file(row.graph)
+    setup = ProviderSetup(provider=row.provider, threads=config.cpu_threads,
+                          memory_arena=config.memory_arena,
+                          precision_hint=row.precision_hint or "f32")
     try:
-        with verified_source(artifact_dir / entry.path, entry) as graph:
-            started = time.perf_counter()
-            session, info = create_session(graph, threads=config.cpu_threads,
-                                           memory_arena=config.memory_arena,
-                                           provider=row.provider,
-                                           precision_hint=row.precision_hint or "f32")
-            row.load_ms = round((time.perf_counter() - started) * 1000, 1)
+        started = time.perf_counter()
+        session, info = open_graph(artifact_dir, manifest.file(row.graph), setup)
+        row.load_ms = round((time.perf_counter() - started) * 1000, 1)
         row.ran_on = info.provider
         if info.provider != row.provider:
             row.error = f"{row.provider} fell back to {info.provider}"
@@ -113,10 +129,9 @@ def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
     auto_batch = max(batches)
     figures = {r.provider: r.ms_per_image[auto_batch] for r in rows
                if r.default and not r.error and auto_batch in r.ms_per_image}
-    choice = min(figures, key=figures.__getitem__) if figures else "cpu"
-    cache_path, cache_key = auto_cache(config.replace(batch_size=auto_batch), manifest)
-    cached = (update_cache and bool(figures)
-              and remember_auto_choice(cache_path, cache_key, choice, figures))
+    # The measurement replaces auto's remembered decision (unless asked not to).
+    choice, cache_path, cache_key, cached = remember_measured(config.replace(batch_size=auto_batch),
+                                                        manifest, figures, write=update_cache)
     return {
         "artifact": str(artifact_dir), "artifact_id": manifest.artifact_id,
         "onnxruntime": ort.__version__, "openvino_plugin": openvino_status().plugin_version,

@@ -22,9 +22,10 @@ import onnxruntime as ort
 
 from . import __version__
 from .config import ClipConfig
+from .cpu import cpu_features
 from .embedder import ClipEmbedder
 from .errors import ClipError
-from .session import available_providers, cpu_features
+from .providers import available_providers
 
 
 def _embedder(args: argparse.Namespace) -> ClipEmbedder:

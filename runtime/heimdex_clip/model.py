@@ -15,7 +15,6 @@ frame.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -25,27 +24,22 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import providers
 from .artifact import FileEntry, Manifest, load_manifest, resolve_artifact_dir
+from .bench import ms_per_image
 from .config import DEFAULT_MODEL_DIRS, ClipConfig
 from .errors import ArtifactError
 from .metadata import ModelIdentity
 from .preprocess import Preprocessor
-from .session import (
-    AUTO_CACHE_NAME,
-    PROVIDERS,
-    SessionInfo,
-    auto_cache_key,
-    available_providers,
-    create_session,
-    ms_per_image,
-    openvino_precision_hint,
-    physical_cores,
-    plugin_installed,
-    resolve_auto,
-)
-from .verified import PinnedFiles, verified_source
+from .providers import ProviderSetup, auto_cache, graph_key, openvino_precision_hint
+from .session import SessionInfo, open_graph
+from .verified import PinnedFiles
 
 log = logging.getLogger("heimdex_clip")
+
+# auto_cache and graph_key are imported from here by code written before heimdex_clip.providers.
+__all__ = ["VisualModel", "auto_cache", "check_supported", "choose_provider", "graph_key",
+           "load_visual_model"]
 
 #: Bounds a manifest must respect: a larger input would allocate absurd tensors per frame.
 MAX_INPUT_SIDE = 1024
@@ -132,65 +126,19 @@ def _check_graph(session: ort.InferenceSession, manifest: Manifest, input_name: 
                             f"{manifest.model.embed_dim}")
 
 
-def graph_key(provider: str, precision: str, manifest: Manifest) -> str | None:
-    """The artifact file ``provider`` runs best, or None when it has none worth running.
-
-    OpenVINO gains nothing on ONNX Runtime's dynamically quantized graph, so it runs the
-    statically quantized ``visual.qdq`` (or the fp32 graph); CLIP_PRECISION=fp32 means the
-    fp32 graph on any provider.
-    """
-    if precision == "fp32":
-        return "visual.fp32"
-    if provider == "openvino":
-        return next((k for k in ("visual.qdq", "visual.fp32") if k in manifest.files), None)
-    return f"visual.{precision}"
-
-
 def _session_for(config: ClipConfig, artifact_dir: Path, manifest: Manifest, provider: str,
                  key: str) -> tuple[ort.InferenceSession, SessionInfo]:
+    """A session running artifact file ``key`` on ``provider`` with ``config``'s options."""
     entry = manifest.file(key)
-    path = artifact_dir / entry.path
     hint = openvino_precision_hint(entry.precision or "int8", exact=config.precision == "fp32")
-    with verified_source(path, entry) as graph:
-        try:
-            return create_session(graph, device=config.device, threads=config.cpu_threads,
-                                  memory_arena=config.memory_arena, provider=provider,
-                                  precision_hint=hint)
-        except Exception as exc:  # ONNX Runtime raises its own types for graphs it rejects
-            raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    setup = ProviderSetup(provider=provider, device=config.device, threads=config.cpu_threads,
+                          memory_arena=config.memory_arena, precision_hint=hint)
+    return open_graph(artifact_dir, entry, setup)
 
 
-def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:
-    """Where CLIP_PROVIDER=auto's decision is cached, and the key it is cached under."""
-    return (config.cache_dir / AUTO_CACHE_NAME,
-            auto_cache_key(manifest.artifact_id, config.cpu_threads or physical_cores(),
-                           config.batch_size))
-
-
-def _unusable(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> dict[str, str | None]:
-    """Provider -> why it cannot run this artifact here (None: it can). Loads the plugin."""
-    why_not = available_providers()
-    for name in PROVIDERS:
-        if why_not[name] is None and graph_key(name, config.precision, manifest) is None:
-            why_not[name] = (f"the artifact in {artifact_dir} has no graph for it (OpenVINO "
-                             "gains nothing on the dynamic INT8 graph: re-export with "
-                             "--openvino for visual.qdq, or with --keep-fp32)")
-    return why_not
-
-
-def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> str:
-    """CLIP_PROVIDER resolved to a provider that can run this artifact here (logged)."""
-    if config.device != "cpu" or config.provider == "cpu":
-        return "cpu"
-    if config.provider != "auto":
-        why_not = _unusable(config, artifact_dir, manifest)
-        if why_not[config.provider] is None:
-            return config.provider
-        log.warning("CLIP_PROVIDER=%s cannot run here, using cpu: %s", config.provider,
-                    why_not[config.provider])
-        return "cpu"
-    if not plugin_installed():
-        return "cpu"  # nothing to compare, nothing to load
+def _measurer(config: ClipConfig, artifact_dir: Path,
+              manifest: Manifest) -> Callable[[str], float]:
+    """What CLIP_PROVIDER=auto measures a provider with: its own graph, ms/image."""
 
     def measure(provider: str) -> float:
         key = graph_key(provider, config.precision, manifest) or "visual.int8"
@@ -199,22 +147,14 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) 
             raise RuntimeError(f"{provider} fell back to {info.provider}")
         return ms_per_image(session, config.batch_size)
 
-    def candidates() -> dict[str, Callable[[], float]]:
-        why_not = _unusable(config, artifact_dir, manifest)
-        if any(why_not.values()):
-            log.info("CLIP_PROVIDER=auto: not available here: %s",
-                     {k: v for k, v in why_not.items() if v})
-        return {name: functools.partial(measure, name)
-                for name in PROVIDERS if why_not[name] is None}
+    return measure
 
-    choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
-    log.info("CLIP_PROVIDER=auto -> %s (%s)", choice, why)
-    if choice == "openvino" and (
-            unusable := _unusable(config, artifact_dir, manifest)["openvino"]):
-        log.warning("CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, "
-                    "using cpu: %s", unusable)
-        return "cpu"
-    return choice
+
+def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> str:
+    """CLIP_PROVIDER resolved for this artifact: :func:`heimdex_clip.providers.choose_provider`,
+    measuring (only when auto has nothing remembered) with this artifact's own graphs."""
+    return providers.choose_provider(config, artifact_dir, manifest,
+                                     _measurer(config, artifact_dir, manifest))
 
 
 def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel:

@@ -213,6 +213,7 @@ def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     column_dim = SceneStore(pool).dimension
+    embedder.load()  # explicit: the artifact is read and verified here, or ClipError
     if embedder.embed_dim != column_dim:
         raise DimensionError(f"the model embeds {embedder.embed_dim} dimensions, the "
                              f"embedding_visual_clip column holds vector({column_dim})")

@@ -284,7 +284,7 @@ class SceneStore:
         parts = list(parts)
         if not parts or not all(isinstance(p, QueryPart) for p in parts):
             raise QueryError("search_composed needs one or more QueryPart")
-        artifact = embedder.artifact_id
+        artifact = embedder.load().artifact_id
         # Scenes first: a foreign or pending scene fails before any model runs.
         vectors = [self.scene_vector(owner, p.value, artifact=artifact)
                    if p.kind == "scene" else None for p in parts]

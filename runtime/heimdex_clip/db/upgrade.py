@@ -108,7 +108,7 @@ def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
     >= ``min_cosine`` with the stored one (INT8 results vary slightly with the batch), else
     DatabaseError and nothing changes. Returns (frames compared, rows attributed).
     """
-    model = embedder.manifest.model
+    model = embedder.load().manifest.model
     params = {"owner": scope.owner_id, "model": model.name, "pretrained": model.pretrained,
               "artifact": embedder.artifact_id, "batch": batch, "sample": sample}
     where = _LEGACY.format(scope=scope.sql())

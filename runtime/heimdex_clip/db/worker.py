@@ -96,7 +96,7 @@ def follow(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, stop: thr
     total = BackfillReport()
     idle = options.idle_min_s
     next_stats = 0.0
-    log.info("worker started: artifact %s, %s", embedder.artifact_id,
+    log.info("worker started: artifact %s, %s", embedder.load().artifact_id,
                 "all owners" if scope.all_owners else f"owner {scope.owner_id}")
     while not stop.is_set():
         # One batch per pass, so the figures are logged on time while busy.
