@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import ArtifactError
 from .manifest_schema import check_manifest, read_manifest_bytes
+from .verified import check_files
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -270,8 +271,6 @@ def load_manifest(artifact_dir: Path) -> Manifest:
     The schema is checked type-exactly, and every file it lists that exists must be a
     regular file inside ``artifact_dir`` of the listed size (no file is read here).
     """
-    from .verified import check_files  # verified parses FileEntry: imported here, not above
-
     path = Path(artifact_dir) / MANIFEST_NAME
     try:
         data = json.loads(read_manifest_bytes(path).decode("utf-8"))
@@ -280,7 +279,7 @@ def load_manifest(artifact_dir: Path) -> Manifest:
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} is not a JSON object")
     manifest = Manifest.from_dict(data)
-    check_files(artifact_dir, manifest)
+    check_files(artifact_dir, manifest.files.values())
     return manifest
 
 

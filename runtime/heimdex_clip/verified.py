@@ -32,13 +32,22 @@ import stat
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import ArtifactError
 from .manifest_schema import safe_relative_path
 
-if TYPE_CHECKING:
-    from .artifact import FileEntry, Manifest
+
+class ListedFile(Protocol):
+    """What this module needs of a manifest's file entry (artifact.FileEntry is one): kept
+    structural so that the manifest module can use this one without an import cycle."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
 
 _CHUNK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -91,7 +100,7 @@ def open_inside(artifact_dir: Path, relative: str) -> int:
     return fd
 
 
-def _root_of(path: Path, entry: FileEntry) -> Path:
+def _root_of(path: Path, entry: ListedFile) -> Path:
     """The artifact directory of ``path`` = ``<artifact dir>/<entry.path>``."""
     parts = PurePosixPath(safe_relative_path(entry.path, "a file entry's path")).parts
     if Path(path).parts[-len(parts):] != parts:
@@ -99,7 +108,7 @@ def _root_of(path: Path, entry: FileEntry) -> Path:
     return Path(*Path(path).parts[:-len(parts)])  # Path() is "." for a bare file name
 
 
-def open_entry(path: Path, entry: FileEntry) -> int:
+def open_entry(path: Path, entry: ListedFile) -> int:
     """:func:`open_inside` for ``path`` (= artifact dir / ``entry.path``), size checked."""
     try:
         fd = open_inside(_root_of(path, entry), entry.path)
@@ -113,22 +122,22 @@ def open_entry(path: Path, entry: FileEntry) -> int:
     return fd
 
 
-def check_files(artifact_dir: Path, manifest: Manifest) -> None:
+def check_files(artifact_dir: Path, entries: Iterable[ListedFile]) -> None:
     """Every file the manifest lists that exists must be a regular file inside the artifact
     directory, of the size the manifest says (a missing one is reported when it is used).
     Cheap (no file is read): run at manifest load, before any hashing or pinning."""
-    for entry in manifest.files.values():
+    for entry in entries:
         with contextlib.suppress(FileNotFoundError):
             os.close(open_entry(Path(artifact_dir) / entry.path, entry))
 
 
-def _check_size(path: Path, size: int, entry: FileEntry) -> None:
+def _check_size(path: Path, size: int, entry: ListedFile) -> None:
     if size != entry.bytes:
         raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry.bytes}: "
                             "truncated or replaced; re-export the model")
 
 
-def _check_digest(path: Path, digest: str, size: int, entry: FileEntry) -> None:
+def _check_digest(path: Path, digest: str, size: int, entry: ListedFile) -> None:
     if size != entry.bytes or digest != entry.sha256:
         raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
                             f"{digest}; the file was modified or corrupted; re-export")
@@ -147,7 +156,7 @@ def _pread_all(fd: int, limit: int) -> bytes:
     return b"".join(_chunks(fd, limit))
 
 
-def read_verified(path: Path, entry: FileEntry, fd: int | None = None) -> bytes:
+def read_verified(path: Path, entry: ListedFile, fd: int | None = None) -> bytes:
     """The file's bytes, read once, after checking size and sha256 against the manifest.
 
     ``fd``: an open descriptor of the file (see :class:`PinnedFiles`) to read instead of
@@ -176,7 +185,7 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def verified_source(path: Path, entry: FileEntry,
+def verified_source(path: Path, entry: ListedFile,
                     fd: int | None = None) -> Iterator[Path | bytes]:
     """Something ONNX Runtime can load that holds exactly the checked bytes of ``path``.
 
