@@ -462,20 +462,21 @@ def markdown(r: dict) -> str:
         f"the INT8 encoder at batch 1: {e['ours_fast_decode'] - enc['onnx_int8']['1']:.2f} ms "
         "(issue 25's target: <= 4 ms).",
     ]
-    pr = r["processes"]
-    ours, ref = pr["ours_runtime"], pr["open_clip_pytorch"]
-    fp = r["footprint"]
-    lines += [
-        "",
-        "| process | ours (runtime only) | PyTorch reference | ratio |",
-        "|---|---|---|---|",
-        f"| cold start: import + load + first embedding, s | {ours['cold_start_s']} | "
-        f"{ref['cold_start_s']} | {ratio(ours['cold_start_s'], ref['cold_start_s'])} |",
-        f"| peak RSS after 100 frames, MB | {ours['peak_rss_mb']} | {ref['peak_rss_mb']} | "
-        f"{ratio(ours['peak_rss_mb'], ref['peak_rss_mb'])} |",
-        f"| installed packages, MB | {fp['runtime_mb']} | {fp['pytorch_reference_mb']} | "
-        f"{ratio(fp['runtime_mb'], fp['pytorch_reference_mb'])} |",
-    ]
+    if "processes" in r:  # not in a --speed-only run
+        pr = r["processes"]
+        ours, ref = pr["ours_runtime"], pr["open_clip_pytorch"]
+        fp = r["footprint"]
+        lines += [
+            "",
+            "| process | ours (runtime only) | PyTorch reference | ratio |",
+            "|---|---|---|---|",
+            f"| cold start: import + load + first embedding, s | {ours['cold_start_s']} | "
+            f"{ref['cold_start_s']} | {ratio(ours['cold_start_s'], ref['cold_start_s'])} |",
+            f"| peak RSS after 100 frames, MB | {ours['peak_rss_mb']} | {ref['peak_rss_mb']} | "
+            f"{ratio(ours['peak_rss_mb'], ref['peak_rss_mb'])} |",
+            f"| installed packages, MB | {fp['runtime_mb']} | {fp['pytorch_reference_mb']} | "
+            f"{ratio(fp['runtime_mb'], fp['pytorch_reference_mb'])} |",
+        ]
     lines += text_markdown(r.get("text", {}))
     if "database" in r:
         d = r["database"]
@@ -520,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--db-rows", type=int, default=None)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the timings against the floor: encoder, JPEG, text")
     parser.add_argument("--previous", type=Path, default=None,
                         help="another artifact whose INT8 graph runs beside ours (before/after)")
     args = parser.parse_args(argv)
@@ -537,18 +540,21 @@ def main(argv: list[str] | None = None) -> int:
     results["preprocess"] = bench_preprocess(args.artifact, jpegs[0], args.quick)
     print("end to end ...", flush=True)
     results["end_to_end"] = bench_end_to_end(args.artifact, jpegs, args.threads, args.quick)
-    print("processes (cold start, peak RSS) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        frame = Path(tmp) / "frame.jpg"
-        frame.write_bytes(jpegs[0])
-        results["processes"] = bench_processes(args.artifact, frame, args.threads, Path(tmp))
+        if not args.speed_only:
+            print("processes (cold start, peak RSS) ...", flush=True)
+            frame = Path(tmp) / "frame.jpg"
+            frame.write_bytes(jpegs[0])
+            results["processes"] = bench_processes(args.artifact, frame, args.threads,
+                                                   Path(tmp))
         print("text tower ...", flush=True)
         results["text"] = bench_text(args.artifact, args.threads, args.quick, Path(tmp),
                                      interleaved_medians, ms)
-    results["footprint"] = bench_footprint()
-    print("database ...", flush=True)
-    rows = args.db_rows or (20_000 if args.quick else 100_000)
-    results["database"] = bench_database(rows, args.quick)
+    if not args.speed_only:
+        results["footprint"] = bench_footprint()
+        print("database ...", flush=True)
+        rows = args.db_rows or (20_000 if args.quick else 100_000)
+        results["database"] = bench_database(rows, args.quick)
 
     write_results(args.out, "latest", results, markdown(results))
     chart(results, args.out / "latency_vs_batch.png")
