@@ -19,7 +19,7 @@ from PIL import Image
 pytest.importorskip("fastapi")  # the serve extra (a failure under CI=true)
 uvicorn = pytest.importorskip("uvicorn")
 
-from heimdex_clip import ClipEmbedder  # noqa: E402
+from heimdex_clip import ClipConfig, ClipEmbedder  # noqa: E402
 from heimdex_clip.db.api_keys import create_key  # noqa: E402
 from heimdex_clip.db.store import SceneStore  # noqa: E402
 from heimdex_clip.serve.app import create_app  # noqa: E402
@@ -27,6 +27,15 @@ from heimdex_clip.serve.settings import ServeSettings  # noqa: E402
 
 JWT_SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 TRANSCRIPTS = {0: "a zebra crossing at dusk", 3: "the quarterly sales meeting"}
+
+
+def patient_embedder(artifact_dir: Path) -> ClipEmbedder:
+    """The test artifact's embedder with a patient deadline (CLIP_TIMEOUT_S=30): on a busy
+    machine the default 2 s would make admission control refuse the functional tests'
+    concurrent requests (503), which the overload test checks on purpose instead. Each
+    serve module overrides the ``embedder`` fixture with it."""
+    config = ClipConfig(pretrained="none", model_dir=artifact_dir, timeout_s=30.0)
+    return ClipEmbedder(config=config).load()
 
 
 def free_port() -> int:

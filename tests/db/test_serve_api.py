@@ -21,9 +21,14 @@ from heimdex_clip.db.api_keys import create_key, list_keys, revoke_key
 from heimdex_clip.db.store import SceneStore
 from heimdex_clip.query import QueryPart
 
-from .serve_helpers import TRANSCRIPTS, add_owner, client, png, serve
+from .serve_helpers import TRANSCRIPTS, add_owner, client, patient_embedder, png, serve
 
 pytestmark = pytest.mark.db
+
+
+@pytest.fixture(scope="module")
+def embedder(artifact_dir):
+    return patient_embedder(artifact_dir)
 KINDS = ("key", "jwt")
 
 

@@ -14,10 +14,15 @@ import pytest
 
 from heimdex_clip.db.store import SceneStore
 
-from .serve_helpers import add_owner, png, serve
+from .serve_helpers import add_owner, patient_embedder, png, serve
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.db, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def embedder(artifact_dir):
+    return patient_embedder(artifact_dir)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from .serve_helpers import add_owner, serve
+from .serve_helpers import add_owner, patient_embedder, serve
 
 pytest.importorskip("schemathesis")
 pytestmark = [pytest.mark.db, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def embedder(artifact_dir):
+    return patient_embedder(artifact_dir)
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance")
 

@@ -21,9 +21,14 @@ import pytest
 
 from heimdex_clip.db.store import SceneStore
 
-from .serve_helpers import add_owner, client, png, serve
+from .serve_helpers import add_owner, client, patient_embedder, png, serve
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def embedder(artifact_dir):
+    return patient_embedder(artifact_dir)
 CLIENT = Path(__file__).resolve().parents[2] / "clients" / "typescript"
 
 

@@ -55,7 +55,8 @@ def create_app(settings: ServeSettings, embedder: ClipEmbedder,
     app = FastAPI(title="heimdex-clip search service", version=__version__,
                   description="Owner-scoped CLIP scene search (image, scene, text, hybrid, "
                               "composed) and OpenAI-compatible embeddings.",
-                  lifespan=lifespan)
+                  # No Swagger/ReDoc pages: they load scripts from a CDN.
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = svc
     errors.install(app)
     app.include_router(search_routes.router)
