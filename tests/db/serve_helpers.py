@@ -68,6 +68,11 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+def distinct(photos, count: int) -> list:
+    """``count`` of the sample photos, all different ("chelsea" is "cat" again: a tie)."""
+    return [p for p in photos if p[0] != "chelsea"][:count]
+
+
 def png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")

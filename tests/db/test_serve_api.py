@@ -21,7 +21,7 @@ from heimdex_clip.db.api_keys import create_key, list_keys, revoke_key
 from heimdex_clip.db.store import SceneStore
 from heimdex_clip.query import QueryPart
 
-from .serve_helpers import TRANSCRIPTS, add_owner, client, patient_embedder, png, serve
+from .serve_helpers import TRANSCRIPTS, add_owner, client, distinct, patient_embedder, png, serve
 
 pytestmark = pytest.mark.db
 
@@ -35,7 +35,7 @@ KINDS = ("key", "jwt")
 @pytest.fixture(scope="module")
 def world(module_pool, embedder, photos):
     media = Path(tempfile.mkdtemp(prefix="heimdex-serve-media-"))
-    few = photos[:6]
+    few = distinct(photos, 6)
     a = add_owner(module_pool, embedder, few, media, uuid.uuid4(), transcripts=TRANSCRIPTS)
     b = add_owner(module_pool, embedder, few, media, uuid.uuid4())
     with serve(module_pool, embedder, media) as server, client(server) as http:

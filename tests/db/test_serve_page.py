@@ -14,7 +14,7 @@ import pytest
 
 from heimdex_clip.db.store import SceneStore
 
-from .serve_helpers import add_owner, patient_embedder, png, serve
+from .serve_helpers import add_owner, distinct, patient_embedder, png, serve
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.db, pytest.mark.slow]
@@ -33,7 +33,7 @@ def site(module_pool, embedder, photos):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)")
     media = Path(tempfile.mkdtemp(prefix="heimdex-page-media-"))
-    few = photos[:6]
+    few = distinct(photos, 6)
     owner = add_owner(module_pool, embedder, few, media, uuid.uuid4())
     shots = Path(os.environ.get("HEIMDEX_SCREENSHOT_DIR") or
                  tempfile.mkdtemp(prefix="heimdex-page-shots-"))

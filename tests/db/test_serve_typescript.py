@@ -21,7 +21,7 @@ import pytest
 
 from heimdex_clip.db.store import SceneStore
 
-from .serve_helpers import add_owner, client, patient_embedder, png, serve
+from .serve_helpers import add_owner, client, distinct, patient_embedder, png, serve
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
@@ -55,11 +55,11 @@ def toolchain():
 def test_the_typescript_client_gives_the_python_results(module_pool, embedder, photos,
                                                         toolchain, tmp_path):
     media = Path(tempfile.mkdtemp(prefix="heimdex-ts-media-"))
-    a = add_owner(module_pool, embedder, photos[:5], media, uuid.uuid4())
-    b = add_owner(module_pool, embedder, photos[:2], media, uuid.uuid4())
+    a = add_owner(module_pool, embedder, distinct(photos, 5), media, uuid.uuid4())
+    b = add_owner(module_pool, embedder, distinct(photos, 2), media, uuid.uuid4())
     store = SceneStore(module_pool)
     image = tmp_path / "query.png"
-    image.write_bytes(png(photos[1][1]))
+    image.write_bytes(png(distinct(photos, 2)[1][1]))
     with serve(module_pool, embedder, media) as server:
         with client(server) as http:
             live = http.get("/openapi.json").json()

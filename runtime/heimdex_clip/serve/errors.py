@@ -40,8 +40,9 @@ def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, {"WWW-Authenticate": "Bearer"})
 
 
-#: The error answers every route documents (OpenAPI), besides its own.
-COMMON_ERRORS = {code: {"model": ErrorBody} for code in (401, 422, 500, 503, 504)}
+#: The error answers every route documents (OpenAPI), besides its own: 400 for a body that
+#: cannot be parsed, 413 for one over its limit.
+COMMON_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 422, 500, 503, 504)}
 
 
 def _validation_message(exc: RequestValidationError) -> str:

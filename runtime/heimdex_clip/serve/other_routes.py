@@ -50,7 +50,7 @@ async def embed_texts(request: Request, _owner: Owner,
 
 
 @router.post("/v1/embeddings/images", response_model=EmbeddingsResponse, tags=["embeddings"],
-             responses={**COMMON_ERRORS, 413: {"model": ErrorBody}})
+             responses=COMMON_ERRORS)
 async def embed_images(request: Request, _owner: Owner,
                        image: Annotated[list[UploadFile], File(description="one or more "
                                                                "images")]) -> EmbeddingsResponse:

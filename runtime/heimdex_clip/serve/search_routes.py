@@ -64,7 +64,7 @@ async def require_scenes(svc: Service, owner: uuid.UUID, scene_ids: set[uuid.UUI
 
 
 @router.post("/search/image", response_model=SearchResponse,
-             responses={**COMMON_ERRORS, 413: {"model": ErrorBody}})
+             responses=COMMON_ERRORS)
 async def search_image(
         request: Request, owner: Owner,
         image: Annotated[UploadFile, File(description="the query image")],
