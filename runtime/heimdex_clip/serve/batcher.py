@@ -119,18 +119,24 @@ class Batcher:
                 job.future.cancel()  # no-op once done; skipped by the model thread if queued
         return np.stack(vectors)
 
+    def refusal(self, kind: Kind, deadline: float, count: int = 1) -> int | None:
+        """None if ``count`` inputs of ``kind`` would be admitted now, else the seconds
+        to retry after (the queue is full, or its work would not be done in time)."""
+        budget = (deadline - time.monotonic()) * _ADMIT_SHARE
+        if self._queued + count > self.max_queue or \
+                (self._queued and self._queued_cost + self._cost[kind] * count > budget):
+            return max(1, math.ceil(self._queued_cost))
+        return None
+
     def submit(self, kind: Kind, payloads: Sequence[Any], deadline: float) -> list[_Job]:
         """Queue one job per payload, all or none (Overloaded)."""
-        cost = self._cost[kind] * len(payloads)
-        budget = (deadline - time.monotonic()) * _ADMIT_SHARE
         with self._lock:
-            if self._queued + len(payloads) > self.max_queue or \
-                    (self._queued and self._queued_cost + cost > budget):
+            if (retry_after := self.refusal(kind, deadline, len(payloads))) is not None:
                 self.metrics.rejected.inc()
-                raise Overloaded(max(1, math.ceil(self._queued_cost)))
+                raise Overloaded(retry_after)
             jobs = [_Job(kind, p, deadline, self._cost[kind]) for p in payloads]
             self._queued += len(jobs)
-            self._queued_cost += cost
+            self._queued_cost += self._cost[kind] * len(jobs)
         for job in jobs:
             self._queue.put(job)
         self.metrics.queue_depth.set(self._queued)

@@ -30,9 +30,14 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def error_type(status: int) -> str:
+    """The ``type`` of an error body (OpenAI's names where they exist)."""
+    return _TYPES.get(status, "error")
+
+
 def error_response(status: int, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "error"), "code": status}}
+    body = {"error": {"message": message, "type": error_type(status), "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

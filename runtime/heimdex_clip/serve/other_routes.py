@@ -44,7 +44,7 @@ async def embed_texts(request: Request, _owner: Owner,
     if not 1 <= len(texts) <= svc.settings.max_inputs:
         raise ApiError(422, f"input must hold 1 to {svc.settings.max_inputs} texts "
                             "(CLIP_SERVE_MAX_INPUTS)")
-    vectors = await svc.batcher.embed("text", texts, svc.deadline())
+    vectors = await svc.batcher.embed("text", texts, svc.deadline(request))
     tokens = int(np.count_nonzero(svc.embedder.tokenize(texts)))  # SOT/EOT included
     return _embeddings(svc, vectors, body.encoding_format, tokens)
 
@@ -60,7 +60,7 @@ async def embed_images(request: Request, _owner: Owner,
         raise ApiError(422, f"send 1 to {svc.settings.max_inputs} image files "
                             "(CLIP_SERVE_MAX_INPUTS)")
     data = [await read_upload(svc, upload) for upload in image]
-    vectors = await svc.batcher.embed("image", data, svc.deadline())
+    vectors = await svc.batcher.embed("image", data, svc.deadline(request))
     return _embeddings(svc, vectors, "float", 0)
 
 
@@ -70,7 +70,7 @@ async def embed_images(request: Request, _owner: Owner,
 async def scene_frame(request: Request, owner: Owner, scene_id: uuid.UUID) -> FileResponse:
     """One of the caller's scenes' frame, if it lies under CLIP_SERVE_MEDIA_ROOT."""
     svc = service(request)
-    scene = await svc.db(svc.store.get_scene, owner, scene_id, deadline=svc.deadline())
+    scene = await svc.db(svc.store.get_scene, owner, scene_id, deadline=svc.deadline(request))
     path = frame_file(svc.settings.media_root, (scene or {}).get("frame_path"))
     if scene is None or path is None:
         raise ApiError(404, f"scene {scene_id} has no frame here")
@@ -104,7 +104,7 @@ async def readyz(request: Request) -> Response:
     svc = service(request)
     checks = {"model": "ok" if svc.embedder.is_loaded else "not loaded"}
     try:
-        missing = await svc.db(pending_migrations, svc.pool, deadline=svc.deadline())
+        missing = await svc.db(pending_migrations, svc.pool, deadline=svc.deadline(request))
         checks["database"] = "ok" if not missing else f"missing migrations {', '.join(missing)}"
     except Exception as exc:  # unreachable, timed out: not ready, and say why
         checks["database"] = f"unreachable: {type(exc).__name__}"

@@ -74,7 +74,7 @@ async def search_image(
     svc, started = service(request), time.perf_counter()
     check_count(svc, match_count)
     data = await read_upload(svc, image)
-    deadline = svc.deadline()
+    deadline = svc.deadline(request)
     vector = (await svc.batcher.embed("image", [data], deadline))[0]
     hits = await svc.db(svc.store.search_by_embedding, owner, vector,
                         artifact=svc.embedder.artifact_id, threshold=match_threshold,
@@ -100,7 +100,7 @@ async def search_scene(request: Request, owner: Owner, body: SceneSearch) -> Sea
     """The caller's scenes most similar to one of the caller's scenes (itself excluded)."""
     svc, started = service(request), time.perf_counter()
     check_count(svc, body.match_count)
-    deadline = svc.deadline()
+    deadline = svc.deadline(request)
     await require_scenes(svc, owner, {body.scene_id}, deadline)
     try:
         hits = await svc.db(svc.store.search_similar, owner, body.scene_id,
@@ -117,7 +117,7 @@ async def search_text(request: Request, owner: Owner, body: TextSearch) -> Searc
     full-text search of their transcripts (hybrid)."""
     svc, started = service(request), time.perf_counter()
     check_count(svc, body.match_count)
-    deadline = svc.deadline()
+    deadline = svc.deadline(request)
     vector = (await svc.batcher.embed("text", [body.query], deadline))[0]
     if body.mode == "hybrid":
         hits = await svc.db(search_hybrid, svc.store, owner, vector, body.query,
@@ -152,7 +152,7 @@ async def search_composed(request: Request, owner: Owner,
     ``heimdex-clip search --text ... --scene ... --weight ...``)."""
     svc, started = service(request), time.perf_counter()
     check_count(svc, body.match_count)
-    deadline = svc.deadline()
+    deadline = svc.deadline(request)
     parts = [QueryPart("text", p.text, p.weight) if p.text is not None
              else QueryPart("scene", p.scene_id, p.weight) for p in body.parts]
     await require_scenes(svc, owner, {p.value for p in parts if p.kind == "scene"}, deadline)

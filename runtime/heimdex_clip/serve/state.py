@@ -39,9 +39,10 @@ class Service:
     def timeout_s(self) -> float:
         return self.embedder.config.timeout_s
 
-    def deadline(self) -> float:
-        """A new request's deadline (time.monotonic()): CLIP_TIMEOUT_S from now."""
-        return time.monotonic() + self.timeout_s
+    def deadline(self, request: Request) -> float:
+        """The request's deadline (time.monotonic()): CLIP_TIMEOUT_S after it arrived
+        (time spent waiting for the event loop, reading the body and authenticating counts)."""
+        return getattr(request.state, "arrived", time.monotonic()) + self.timeout_s
 
     async def db(self, fn: Callable[..., T], *args: Any, deadline: float | None = None,
                  **kwargs: Any) -> T:
@@ -49,9 +50,13 @@ class Service:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed (CLIP_TIMEOUT_S)")
-        with anyio.fail_after(remaining):
-            return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs),
-                                                  abandon_on_cancel=True)
+        try:
+            with anyio.fail_after(remaining):
+                return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs),
+                                                      abandon_on_cancel=True)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed in the database "
+                                   "(CLIP_TIMEOUT_S)") from None
 
 
 def service(request: Request) -> Service:
