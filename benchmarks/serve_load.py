@@ -14,7 +14,8 @@
   the server's RSS is sampled throughout.
 
 The service runs with CLIP_BATCH_SIZE=32 on a fresh database of the embedded PostgreSQL
-(--scenes random unit vectors for one owner). Results go to benchmarks/results/serve_load.json.
+(--scenes random unit vectors for one owner) with CLIP_TIMEOUT_S=--timeout. Results go to
+benchmarks/results/serve_load.json.
 The load generator (httpx, asyncio) shares the machine's cores with the service.
 """
 
@@ -53,13 +54,13 @@ RETRY_CAP_S = 1.0  # closed-loop clients wait Retry-After (at most this) after a
 
 
 def query_image() -> bytes:
-    """A 640x480 photo-like PNG (smooth gradients and noise), as uploads would be."""
+    """A 640x480 photo-like JPEG (smooth gradients and noise), as uploads would be."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:480, 0:640]
     base = np.stack([x / 640 * 255, y / 480 * 255, (x + y) / 1120 * 255], axis=-1)
     pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 
@@ -101,7 +102,7 @@ class Load:
                                      json={"query": QUERIES[i % len(QUERIES)]})
             else:
                 r = await http.post("/v1/search/image", headers=self.headers,
-                                    files={"image": ("q.png", self.image, "image/png")})
+                                    files={"image": ("q.jpg", self.image, "image/jpeg")})
             status, retry = r.status_code, r.headers.get("retry-after")
         except httpx.HTTPError:
             status, retry = 0, None
@@ -195,6 +196,8 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=600, help="per level")
     parser.add_argument("--overload-seconds", type=float, default=10.0)
     parser.add_argument("--scenes", type=int, default=2000)
+    parser.add_argument("--timeout", type=float, default=2.0,
+                        help="the service's CLIP_TIMEOUT_S (the runtime's default: 2)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     args = parser.parse_args()
 
@@ -211,6 +214,7 @@ def main() -> int:
 
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "CLIP_BATCH_SIZE": "32", "CLIP_MODEL_DIR": str(args.artifact),
+           "CLIP_TIMEOUT_S": str(args.timeout),
            "PYTHONPATH": f"{REPO / 'runtime'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     server = subprocess.Popen([sys.executable, "-m", "heimdex_clip.cli", "serve",
                                "--database-url", url, "--port", str(port)], env=env)
@@ -245,7 +249,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    timeout_s = ClipConfig.from_env().timeout_s
+    timeout_s = args.timeout
     statuses = set(overload["statuses"])
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),

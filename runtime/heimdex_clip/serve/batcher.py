@@ -74,6 +74,7 @@ class Batcher:
         self._lock = threading.Lock()  # admission: queued count and cost change together
         self._queued = 0
         self._queued_cost = 0.0
+        self._running_cost = 0.0  # the estimated cost of the batch being run
         self._cost = {"text": 0.01, "image": 0.05}  # seconds per item, measured at start
         self._thread: threading.Thread | None = None
 
@@ -123,9 +124,10 @@ class Batcher:
         """None if ``count`` inputs of ``kind`` would be admitted now, else the seconds
         to retry after (the queue is full, or its work would not be done in time)."""
         budget = (deadline - time.monotonic()) * _ADMIT_SHARE
+        ahead = self._queued_cost + self._running_cost  # work to be done before this
         if self._queued + count > self.max_queue or \
-                (self._queued and self._queued_cost + self._cost[kind] * count > budget):
-            return max(1, math.ceil(self._queued_cost))
+                (ahead > 0 and ahead + self._cost[kind] * count > budget):
+            return max(1, math.ceil(ahead))
         return None
 
     def submit(self, kind: Kind, payloads: Sequence[Any], deadline: float) -> list[_Job]:
@@ -178,10 +180,12 @@ class Batcher:
                     job.future.set_exception(DeadlineExceeded("deadline passed in the queue"))
                 else:
                     live.append(job)
+            self._running_cost = sum(j.cost for j in live)
             for kind in ("text", "image"):
                 jobs = [j for j in live if j.kind == kind]
                 if jobs:
                     self._run_batch(kind, jobs)
+            self._running_cost = 0.0
         while not self._queue.empty():  # stopping: nothing left waits for ever
             job = self._queue.get_nowait()
             if job is not None:

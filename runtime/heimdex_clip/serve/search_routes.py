@@ -34,10 +34,10 @@ router = APIRouter(prefix="/v1", tags=["search"])
 _NOT_FOUND = {404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 
 
-async def answer(svc: Service, owner: uuid.UUID, hits: Sequence[SearchHit],
-                 started: float) -> SearchResponse:
+async def answer(svc: Service, owner: uuid.UUID, hits: Sequence[SearchHit], started: float,
+                 deadline: float) -> SearchResponse:
     """The response body: the hits with their scene's time range, best first."""
-    spans = await svc.db(scene_spans, svc.pool, owner, [h.id for h in hits])
+    spans = await svc.db(scene_spans, svc.pool, owner, [h.id for h in hits], deadline=deadline)
     results = [SceneHit(scene_id=h.id, video_id=h.video_id, scene_index=h.scene_index,
                         start_s=spans.get(h.id, (None, None))[0],
                         end_s=spans.get(h.id, (None, None))[1], frame_path=h.frame_path,
@@ -79,7 +79,7 @@ async def search_image(
     hits = await svc.db(svc.store.search_by_embedding, owner, vector,
                         artifact=svc.embedder.artifact_id, threshold=match_threshold,
                         count=match_count, deadline=deadline)
-    return await answer(svc, owner, hits, started)
+    return await answer(svc, owner, hits, started, deadline)
 
 
 async def read_upload(svc: Service, upload: UploadFile) -> bytes:
@@ -108,7 +108,7 @@ async def search_scene(request: Request, owner: Owner, body: SceneSearch) -> Sea
                             count=body.match_count, deadline=deadline)
     except DatabaseError as exc:  # the scene is the caller's: it has no vector yet
         raise ApiError(409, str(exc)) from None
-    return await answer(svc, owner, hits, started)
+    return await answer(svc, owner, hits, started, deadline)
 
 
 @router.post("/search/text", response_model=SearchResponse, responses=COMMON_ERRORS)
@@ -127,7 +127,7 @@ async def search_text(request: Request, owner: Owner, body: TextSearch) -> Searc
         hits = await svc.db(svc.store.search_by_embedding, owner, vector,
                             artifact=svc.embedder.artifact_id, threshold=body.match_threshold,
                             count=body.match_count, deadline=deadline)
-    return await answer(svc, owner, hits, started)
+    return await answer(svc, owner, hits, started, deadline)
 
 
 class _Prepared:
@@ -165,4 +165,4 @@ async def search_composed(request: Request, owner: Owner,
                             deadline=deadline)
     except DatabaseError as exc:  # the scenes are the caller's: one has no vector yet
         raise ApiError(409, str(exc)) from None
-    return await answer(svc, owner, hits, started)
+    return await answer(svc, owner, hits, started, deadline)

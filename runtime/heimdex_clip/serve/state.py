@@ -72,7 +72,8 @@ async def current_owner(
     scheme, _sep, credential = (header or "").partition(" ")
     if header and scheme.lower() == "bearer" and not looks_like_key(credential.strip()):
         return owner_from_jwt(credential.strip(), svc.settings.jwt_secret)  # no database
-    return await svc.db(authenticate, header, svc.pool, svc.settings.jwt_secret)
+    return await svc.db(authenticate, header, svc.pool, svc.settings.jwt_secret,
+                        deadline=svc.deadline(request))
 
 
 #: A route parameter: the authenticated caller's owner id.
