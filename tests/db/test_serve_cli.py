@@ -77,8 +77,9 @@ def test_serve_starts_answers_and_stops_on_sigterm(db_url, artifact_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert f"on http://127.0.0.1:{port}" in err
+    # uvicorn shuts down gracefully, then re-raises the signal (status 143 in a shell).
+    assert proc.returncode == -signal.SIGTERM, err
+    assert f"on http://127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 def test_serve_refuses_bad_settings_in_one_line(db_url, artifact_dir):
