@@ -201,6 +201,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     config = ClipConfig.from_env().replace(model_dir=args.artifact, batch_size=32)
     embedder = ClipEmbedder(config=config).load()
     image = query_image()
@@ -256,6 +257,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpu": cpu_features()["cpu_model"], "logical_cpus": os.cpu_count(),
                     "python": platform.python_version(),
+                    "load_average_1m_before_after": [round(load_before[0], 1),
+                                                     round(os.getloadavg()[0], 1)],
                     "note": "shared with other jobs during the run: figures are noisy"},
         "artifact": embedder.artifact_id, "clip_batch_size": 32, "clip_timeout_s": timeout_s,
         "levels": levels,
