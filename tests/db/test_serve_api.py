@@ -7,6 +7,7 @@ same database, never from the service under test.
 from __future__ import annotations
 
 import base64
+import shutil
 import socket
 import tempfile
 import time
@@ -42,6 +43,7 @@ def world(module_pool, embedder, photos):
         yield {"http": http, "a": a, "b": b, "store": SceneStore(module_pool),
                "embedder": embedder, "photos": few, "pool": module_pool, "media": media,
                "server": server}
+    shutil.rmtree(media, ignore_errors=True)
 
 
 def ids(body) -> list[str]:

@@ -47,6 +47,7 @@ def site(module_pool, embedder, photos):
                    "embedder": embedder}
         finally:
             browser.close()
+    shutil.rmtree(media, ignore_errors=True)  # the screenshots are kept
 
 
 def open_page(site, key: str):

@@ -38,7 +38,8 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_schema(module_pool,
              "-H", f"Authorization: Bearer {owner.key}", "--max-examples", "10",
              "--max-time", "60", "--seed", "26", "--workers", "1",
              "--phases", "examples,coverage,fuzzing", "--no-color"],
-            capture_output=True, text=True, timeout=600)
+            capture_output=True, text=True, timeout=600, cwd=media)  # its .schemathesis/ too
+    shutil.rmtree(media, ignore_errors=True)
     print(run.stdout[-6000:])
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout.lower()

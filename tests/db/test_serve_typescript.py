@@ -80,6 +80,7 @@ def test_the_typescript_client_gives_the_python_results(module_pool, embedder, p
         run = subprocess.run(["node", str(CLIENT / "test" / "run.mjs"),
                               str(compiled / "index.js")], env=env, capture_output=True,
                              text=True, timeout=120)
+    shutil.rmtree(media, ignore_errors=True)
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout)
     artifact = embedder.artifact_id
