@@ -48,6 +48,7 @@ class LiveServer:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> until stopped."""
 
     def __init__(self, app) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,

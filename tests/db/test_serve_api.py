@@ -333,6 +333,24 @@ def test_overload_and_deadline(world, embedder):
         assert int(refused.headers["retry-after"]) >= 1
         assert http.post("/v1/embeddings/images", headers=a.headers(),
                          files=images[:2]).status_code == 200
+        # A full queue refuses a search at once, before its body is read: the request
+        # below announces a body it never sends.
+        batcher = server.app.state.service.batcher
+        batcher._queued = batcher.max_queue  # as if two inputs were waiting
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall((f"POST /v1/search/image HTTP/1.1\r\nHost: x\r\n"
+                              f"Authorization: Bearer {a.key}\r\n"
+                              f"Content-Type: multipart/form-data; boundary=b\r\n"
+                              f"Content-Length: 100000\r\n\r\n").encode())
+                answer = b""
+                while b"}}" not in answer and (chunk := sock.recv(65536)):
+                    answer += chunk
+        finally:
+            batcher._queued = 0
+        head, _, body = answer.decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 503") and "retry-after: 1" in head.lower()
+        assert '"code": 503' in body or '"code":503' in body
     hurried = ClipEmbedder(config=embedder.config.replace(timeout_s=0.001)).load()
     with serve(pool, hurried, world["media"]) as server, client(server) as http:
         late = http.post("/v1/search/image", headers=a.headers(),
