@@ -174,6 +174,21 @@ def test_text_embeddings_are_openai_shaped_and_equal_the_runtime(world):
     np.testing.assert_allclose(decoded, embedder.embed_texts(["a dog"])[0], atol=1e-6)
 
 
+def test_openais_own_client_works_unchanged(world):
+    openai = pytest.importorskip("openai")  # dev extra
+    a, embedder = world["a"], world["embedder"]
+    client = openai.OpenAI(base_url=world["server"].url + "/v1", api_key=a.key)
+    # Its default asks for base64 and decodes it; floats on request.
+    for fmt in ({}, {"encoding_format": "float"}):
+        got = client.embeddings.create(input=["a dog", "a cat"], model="clip", **fmt)
+        np.testing.assert_allclose([d.embedding for d in got.data],
+                                   embedder.embed_texts(["a dog", "a cat"]), atol=1e-6)
+        assert got.model == embedder.artifact_id
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=world["server"].url + "/v1", api_key="hck_wrong",
+                      max_retries=0).embeddings.create(input="x", model="clip")
+
+
 def test_image_embeddings(world):
     http, a, embedder = world["http"], world["a"], world["embedder"]
     images = [png(p) for _, p in world["photos"][:3]]
