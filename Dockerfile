@@ -30,11 +30,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY runtime runtime
 COPY export export
-# The runtime and its db extra (client only: the embedded server is the demo's `embedded`
-# extra, never the image's) as wheels only: nothing is compiled, so no compiler is needed.
+# The runtime, its db extra (client only: the embedded server is the demo's `embedded`
+# extra, never the image's) and the search service's (serve) as wheels only: nothing is
+# compiled, so no compiler is needed.
 RUN pip wheel --no-deps -w /wheels . \
- && pip install --only-binary=:all: "$(ls /wheels/heimdex_clip-*.whl)[db,metrics]" \
- && python -c "import sys, heimdex_clip.cli, heimdex_clip.db.cli; assert 'torch' not in sys.modules"
+ && pip install --only-binary=:all: "$(ls /wheels/heimdex_clip-*.whl)[db,metrics,serve]" \
+ && python -c "import sys, heimdex_clip.cli, heimdex_clip.db.cli, heimdex_clip.serve.app; \
+assert 'torch' not in sys.modules"
 
 FROM build AS model
 ARG MODEL=ViT-B-32
@@ -95,5 +97,7 @@ WORKDIR /var/lib/heimdex-clip
 HEALTHCHECK --interval=5m --timeout=60s --start-period=60s --retries=3 \
     CMD ["heimdex-clip", "info", "--json"]
 ENTRYPOINT ["heimdex-clip"]
+# `docker run -p 8080:8080 -e CLIP_SERVE_HOST=0.0.0.0 ... serve` runs the search service.
+EXPOSE 8080
 # The embedding worker: pending scenes from DATABASE_URL, SIGTERM finishes the batch and exits.
 CMD ["backfill", "--follow", "--all-owners"]

@@ -21,7 +21,8 @@ TORCH_ENV=${TORCH_ENV:-.venv}
 MODEL_PATH=/opt/heimdex-clip/models/$(basename "$ARTIFACT")
 PASSED=0 FAILED=0 SKIPPED=0
 WORK=$(mktemp -d /tmp/heimdex-clip-docker-test.XXXXXX)
-CONTAINERS=(heimdex-clip-test-health heimdex-clip-test-unhealthy heimdex-clip-test-worker)
+CONTAINERS=(heimdex-clip-test-health heimdex-clip-test-unhealthy heimdex-clip-test-worker
+            heimdex-clip-test-serve)
 
 cleanup() {
     local rc=$?
@@ -197,6 +198,13 @@ PASSED=$((PASSED + $(grep -c '^PASS ' "$WORK/worker.log" || true)))
 FAILED=$((FAILED + $(grep -c '^FAIL ' "$WORK/worker.log" || true)))
 SKIPPED=$((SKIPPED + $(grep -c '^SKIP ' "$WORK/worker.log" || true)))
 grep -q '^worker checks finished ' "$WORK/worker.log" || fail "the worker checks did not complete"
+
+# ---------------------------------------------------------------- the search service
+"$PYTHON" scripts/docker_serve_check.py --image "$TAG" --work "$WORK" \
+    | tee "$WORK/serve.log" || true
+PASSED=$((PASSED + $(grep -c '^PASS ' "$WORK/serve.log" || true)))
+FAILED=$((FAILED + $(grep -c '^FAIL ' "$WORK/serve.log" || true)))
+grep -q '^serve checks finished: ' "$WORK/serve.log" || fail "the serve checks did not complete"
 
 say "image $TAG: $image_mb MB (base $base_mb MB), built in ${build_s} s;" \
     "PyTorch venv $TORCH_ENV: $torch_mb MB; total $((SECONDS - started)) s"

@@ -95,6 +95,7 @@ def test_runtime_wheel_has_the_migrations_and_no_build_time_code(wheels):
     assert len(sources) >= 3
     assert shipped == {path.name: path.read_bytes() for path in sources}
     assert "heimdex_clip/py.typed" in files
+    assert "heimdex_clip/serve/page.html" in files  # the search service's page
     requirements = _requirement_names(metadata)
     assert {"onnxruntime", "numpy", "pillow", "psycopg"} <= requirements
     assert not requirements & BUILD_TIME

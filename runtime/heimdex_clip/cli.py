@@ -4,6 +4,7 @@
     heimdex-clip info [--json]
     heimdex-clip bench [--json] [--batch N]   (every provider x graph, and auto's pick)
     heimdex-clip db migrate | index | search | backfill | stats   (needs the db extra)
+    heimdex-clip serve   (the search service; needs the db and serve extras)
 """
 
 from __future__ import annotations
@@ -185,11 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         from .db import cli as db_cli  # a real import error in db/ must surface, not hide
 
         db_cli.register(sub)
+        from .serve import cli as serve_cli  # FastAPI itself is imported only when serving
+
+        serve_cli.register(sub)
     return parser
 
 
 #: The database commands; without the db extra each one says how to get it.
-DB_COMMANDS = ("db", "index", "search", "backfill", "stats")
+DB_COMMANDS = ("db", "index", "search", "backfill", "stats", "serve")
 #: The db extra (the client); the embedded server is its own extra, checked when it is needed.
 _DB_MODULES = ("psycopg", "psycopg_pool", "pgvector")
 

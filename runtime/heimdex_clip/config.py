@@ -161,7 +161,9 @@ class ClipConfig:
             for name, (field_name, parse) in SETTINGS.items() if name in env
         }
         values["unknown_keys"] = tuple(sorted(
-            k for k in env if k.startswith("CLIP_") and k not in SETTINGS))
+            k for k in env if k.startswith("CLIP_") and k not in SETTINGS
+            # The search service's own settings (heimdex_clip.serve.settings).
+            and not k.startswith("CLIP_SERVE_")))
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:

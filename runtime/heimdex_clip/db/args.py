@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from . import key_cli
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -109,6 +111,7 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     attribute.add_argument("--sample", type=integer(1, 1000), default=16,
                            help="frames to embed again as evidence (default 16)")
     _owner_args(attribute, all_owners=True)
+    key_cli.register(db_sub, common, commands["api-key"])
     prune = command(db_sub, "prune", help="delete a retired artifact's second-slot vectors")
     prune.add_argument("--artifact", required=True)
     _owner_args(prune, all_owners=True)

@@ -28,6 +28,7 @@ from ..config import ClipConfig
 from ..embedder import ClipEmbedder
 from ..query import QueryPart
 from . import args as cli_args
+from . import key_cli
 from .backfill import Policy, Scope, count_pending, run_backfill
 from .connection import DatabaseError, database, describe, resolve_url
 from .errors import database_errors
@@ -261,6 +262,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api_key(args: argparse.Namespace) -> int:
+    return key_cli.run(args, _db)
+
+
 def _guarded(command: Callable[[argparse.Namespace], int], name: str):
     """``command`` with database failures turned into one-line DatabaseErrors."""
     @functools.wraps(command)
@@ -275,7 +280,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     commands = {"migrate": cmd_migrate, "promote": cmd_promote, "prune": cmd_prune,
                 "attribute": cmd_attribute,
                 "index": cmd_index, "search": cmd_search, "backfill": cmd_backfill,
-                "stats": cmd_stats}
+                "stats": cmd_stats, "api-key": cmd_api_key}
     cli_args.register(sub, {k: _guarded(v, k) for k, v in commands.items()})
     # The pool's reconnect chatter is not actionable for an operator; its errors surface
     # as the command's one-line error.
