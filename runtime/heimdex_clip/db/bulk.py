@@ -56,6 +56,8 @@ class BulkOptions:
     max_attempts: int = 3
     reembed_stale: bool = False
     frame_root: Path | None = None
+    #: ClipConfig fields for every actor (e.g. ``{"timeout_s": 5.0}``), over its CLIP_* env.
+    settings: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.actors < 1 or self.batch_size < 1 or self.chunk < 1 or self.write_batch < 1:
@@ -106,7 +108,7 @@ def bulk_embed(pool: ConnectionPool, model_dir: Path, scope: Scope,
         results = embed_dataset(ray.data.from_items(items), model_dir, actors=options.actors,
                                 batch_size=options.batch_size,
                                 cpus_per_actor=options.cpus_per_actor,
-                                frame_root=options.frame_root)
+                                settings=options.settings, frame_root=options.frame_root)
         written: set[str] = set()
         for batch in results.iter_batches(batch_size=options.write_batch, batch_format="numpy"):
             written.update(write_results(pool, artifact, column_dim, token, batch, policy,
