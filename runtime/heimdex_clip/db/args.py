@@ -162,6 +162,30 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     backfill.add_argument("--metrics-port", type=integer(1, 65535), default=None,
                           help="--follow: serve Prometheus metrics (extra: metrics)")
 
+    bulk = command(sub, "bulk-embed", help="embed a back catalogue on Ray Data (extra: ray; "
+                   "a local Ray, or the cluster at $RAY_ADDRESS)")
+    _owner_args(bulk, all_owners=True)
+    bulk.add_argument("--input", type=Path, default=None,
+                      help="a .parquet or .csv list of frames (columns owner_id, frame_path) "
+                      "to add as scenes first")
+    bulk.add_argument("--actors", type=integer(1, 4096), default=1,
+                      help="Ray actors, one model each (default 1)")
+    bulk.add_argument("--cpus-per-actor", type=integer(1, 256), default=1,
+                      help="ONNX Runtime threads per actor (default 1)")
+    bulk.add_argument("--batch", type=integer(1, 4096), default=32,
+                      help="frames per model call (default 32)")
+    bulk.add_argument("--chunk", type=integer(1, 1_000_000), default=2048,
+                      help="scenes leased per Ray run (default 2048)")
+    bulk.add_argument("--write-batch", type=integer(1, 100_000), default=256,
+                      help="rows per COPY + UPDATE (default 256)")
+    bulk.add_argument("--lease", type=number(0, 7 * 86400, low_open=True), default=3600.0,
+                      help="seconds a chunk stays ours (default 3600)")
+    bulk.add_argument("--max-attempts", type=integer(1, 100), default=3)
+    bulk.add_argument("--reembed-stale", action="store_true",
+                      help="also re-embed scenes whose vectors another artifact made")
+    bulk.add_argument("--frame-root", type=Path, default=None,
+                      help="where relative frame paths are (as seen by every actor)")
+
     stats = command(sub, "stats", help="the four monitoring figures and vectors per artifact")
     _owner_args(stats, all_owners=True)
     stats.add_argument("--json", action="store_true")

@@ -255,6 +255,29 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bulk_embed(args: argparse.Namespace) -> int:
+    try:
+        from .bulk import BulkOptions, bulk_embed, register_frames
+    except ImportError as exc:
+        raise DatabaseError(str(exc)) from None
+    if args.input is not None and args.owner is None and not args.all_owners:
+        args.all_owners = True  # the list names its owners; its scenes are the work
+    scope = _scope(args)
+    model_dir = _embedder(args).artifact_dir  # loads once here: a bad artifact fails fast
+    options = BulkOptions(actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                          batch_size=args.batch, chunk=args.chunk, write_batch=args.write_batch,
+                          lease_s=args.lease, max_attempts=args.max_attempts,
+                          reembed_stale=args.reembed_stale, frame_root=args.frame_root)
+    with _db(args) as pool:
+        if args.input is not None:
+            added, owners = register_frames(pool, args.input)
+            print(f"bulk-embed: {added} new scenes from {args.input} ({len(owners)} owners)")
+        report = bulk_embed(pool, model_dir, scope, options)
+    print(f"bulk-embed: {report.embedded} embedded, {report.failed} failed, "
+          f"{report.lost_leases} lost leases, {report.chunks} chunks in {report.seconds:.1f} s")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _db(args) as pool:
         stats = clip_stats(pool, _scope(args))
@@ -280,7 +303,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     commands = {"migrate": cmd_migrate, "promote": cmd_promote, "prune": cmd_prune,
                 "attribute": cmd_attribute,
                 "index": cmd_index, "search": cmd_search, "backfill": cmd_backfill,
-                "stats": cmd_stats, "api-key": cmd_api_key}
+                "stats": cmd_stats, "api-key": cmd_api_key, "bulk-embed": cmd_bulk_embed}
     cli_args.register(sub, {k: _guarded(v, k) for k, v in commands.items()})
     # The pool's reconnect chatter is not actionable for an operator; its errors surface
     # as the command's one-line error.
