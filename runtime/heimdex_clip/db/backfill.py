@@ -37,7 +37,9 @@ from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder, EmbeddingResult
 from ..errors import DimensionError
+from .errors import InvalidInputError
 from .store import SceneStore, classify_fault, write_vector
+from .validate import check_metadata, check_vector
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +250,21 @@ def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str
     else:
         batch_raised = False
     with pool.connection() as conn, conn.transaction():
-        for (scene_id, owner, _, attempt), result in zip(rows, results, strict=True):
+        for (scene_id, owner, path, attempt), result in zip(rows, results, strict=True):
             report.scenes.add(scene_id)
             fault = _fault(result, batch_raised)
-            written = write_vector(conn, scene_id, owner, artifact, result.embedding,
-                                   {**result.metadata, "attempts": attempt}, lease=token,
-                                   fault=fault, retry_after_s=policy.retry_after(attempt))
+            vector, metadata = result.embedding, {**result.metadata, "attempts": attempt}
+            try:
+                check_vector(vector) if vector is not None else None
+                check_metadata(metadata)
+            except InvalidInputError as exc:  # e.g. a zero vector: never stored, recorded
+                vector, fault = None, "frame"
+                metadata = {"frame_path": path, "attempts": attempt,
+                            "error": f"{type(exc).__name__}: {exc}"}
+                result = EmbeddingResult(None, metadata)
+            written = write_vector(conn, scene_id, owner, artifact, vector, metadata,
+                                   lease=token, fault=fault,
+                                   retry_after_s=policy.retry_after(attempt))
             if not written:
                 report.lost_leases += 1
                 log.warning("scene %s: lease taken over, result discarded", scene_id)

@@ -30,12 +30,13 @@ from ..query import QueryPart
 from . import args as cli_args
 from .backfill import Policy, Scope, count_pending, run_backfill
 from .connection import DatabaseError, database, describe, resolve_url
-from .errors import database_errors
+from .errors import InvalidInputError, database_errors
 from .migrate import migrate, require_schema
 from .report import render_results
 from .stats import clip_stats, format_stats
 from .store import SceneStore, SearchHit
 from .upgrade import attribute_legacy, promote, prune
+from .validate import check_metadata, check_vector
 from .worker import FollowOptions, follow
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
@@ -106,9 +107,16 @@ def index_folder(store: SceneStore, embedder: ClipEmbedder, folder: Path,
                 else:
                     chunk.append(text)
             for path, result in zip(chunk, embedder.embed_frames(chunk), strict=True):
-                store.upsert_scene(owner, path, result.embedding, result.metadata,
+                embedding, metadata = result.embedding, result.metadata
+                try:
+                    check_vector(embedding) if embedding is not None else None
+                    check_metadata(metadata)
+                except InvalidInputError as exc:  # stored as a failure, never as a vector
+                    embedding, metadata = None, {"frame_path": path,
+                                                 "error": f"{type(exc).__name__}: {exc}"}
+                store.upsert_scene(owner, path, embedding, metadata,
                                    artifact=embedder.artifact_id)
-                summary["embedded" if result.ok else "failed"] += 1
+                summary["embedded" if embedding is not None else "failed"] += 1
             bar.update(len(files[start:start + batch]))
     return summary
 
@@ -132,7 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     artifact = args.artifact or _embedder(args).artifact_id
     with _db(args) as pool:
-        swapped = promote(pool, artifact, _scope(args), force=args.force)
+        swapped = promote(pool, artifact, _scope(args))
     print(f"promoted {artifact}: {swapped} scenes now hold it in their first slot")
     return 0
 
