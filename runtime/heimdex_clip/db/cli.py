@@ -32,7 +32,7 @@ from .backfill import Policy, Scope, count_pending, run_backfill
 from .connection import DatabaseError, database, describe, resolve_url
 from .errors import InvalidInputError, database_errors
 from .migrate import migrate, require_schema
-from .report import render_results
+from .report import check_page_target, render_results, write_page
 from .stats import clip_stats, format_stats
 from .store import SceneStore, SearchHit
 from .upgrade import attribute_legacy, promote, prune
@@ -188,6 +188,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
     parts = [QueryPart(kind, value, 1.0 if weight is None else weight)
              for kind, value, weight in args.parts]
+    if args.html:
+        check_page_target(args.html)
     embedder = _embedder(args)
     with _db(args) as pool:
         store = SceneStore(pool)
@@ -215,8 +217,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("note: random-initialisation model: this text ranking is meaningless",
                   file=sys.stderr)
     if args.json:
+        # allow_nan=False: never "NaN" (invalid JSON); the SQL search never returns one.
         print(json.dumps([{"id": str(h.id), "similarity": h.similarity,
-                           "frame_path": h.frame_path} for h in hits], indent=2))
+                           "frame_path": h.frame_path} for h in hits], indent=2,
+                         allow_nan=False))
     else:
         print_hits(hits)
     if args.html:
@@ -224,7 +228,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    if embedder.manifest.model.random_init else None)
         page = render_results(query_label, query_frame, hits, warning=warning,
                               max_pixels=embedder.config.max_image_pixels)
-        Path(args.html).write_text(page, encoding="utf-8")
+        write_page(args.html, page)
         print(f"wrote {args.html}")
     return 0
 
@@ -265,7 +269,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _db(args) as pool:
         stats = clip_stats(pool, _scope(args))
-    print(json.dumps(stats.to_dict(), indent=2) if args.json else format_stats(stats))
+    print(json.dumps(stats.to_dict(), indent=2, allow_nan=False) if args.json
+          else format_stats(stats))
     return 0
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import psycopg
 import psycopg_pool
 
-from ..errors import DimensionError
+from ..errors import ClipError, DimensionError
 from .connection import DatabaseError, one_line
 
 
@@ -20,6 +20,10 @@ class InvalidInputError(DatabaseError, ValueError):
 class InvalidVectorError(InvalidInputError, DimensionError):
     """A vector of the wrong shape, with NaN/infinite elements, or whose norm is outside
     [MIN_NORM, MAX_NORM] (zero, denormal or huge: no cosine similarity)."""
+
+
+class OutputError(ClipError, OSError):
+    """A result file (``search --html``) cannot be written where asked; nothing was left."""
 
 
 class LockedRowsError(DatabaseError):
