@@ -240,3 +240,13 @@ def test_html_page_is_written_whole_even_for_a_non_utf8_query(tmp_path):
     write_page(page, "<p>caf\udce9</p>")  # a lone surrogate, as argv decodes bad bytes
     assert page.read_bytes() == b"<p>caf\\udce9</p>"
     assert [p.name for p in tmp_path.iterdir()] == ["page.html"]  # no temporary file left
+
+
+@pytest.mark.parametrize("argv", [
+    ["db", "promote", "--all-owners", "--artifact", "x" * 2**20],
+    ["db", "prune", "--all-owners", "--artifact", "x" * 2**20],
+    ["db", "prune", "--all-owners", "--artifact", "a\udcffb"],
+])
+def test_cli_artifact_ids_sql_cannot_hold_are_one_line(pool, db_url, capsys, monkeypatch, argv):
+    line = one_line_error(capsys, argv, monkeypatch, db_url)
+    assert "artifact" in line and "unexpected" not in line and len(line) < 300
