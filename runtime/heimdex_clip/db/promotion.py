@@ -59,8 +59,8 @@ WHERE {scope} AND visual_clip_alt_artifact = %(artifact)s AND embedding_visual_c
 """
 
 
-def _locked(pool: ConnectionPool, work: Callable[[psycopg.Connection], T], what: str,
-            retries: int, backoff_s: float) -> T:
+def locked_transaction(pool: ConnectionPool, work: Callable[[psycopg.Connection], T],
+                       what: str, retries: int = 5, backoff_s: float = 0.5) -> T:
     """``work(conn)`` in one transaction under the upgrade lock; retried whole when a row
     lock was not granted within lock_timeout (or a deadlock was broken)."""
     for attempt in range(1, retries + 1):
@@ -103,8 +103,9 @@ def promote(pool: ConnectionPool, artifact: str, scope: Scope, *, lock_retries: 
                 "%(artifact)s AND embedding_visual_clip_alt IS NOT NULL", params).fetchall()]
         for owner in owners:
             one = Scope(owner_id=owner)
-            swapped += _locked(pool, lambda c, o=one: _swap(c, artifact, o),
-                               f"promote {artifact} for owner {owner}", lock_retries, backoff_s)
+            swapped += locked_transaction(pool, lambda c, o=one: _swap(c, artifact, o),
+                                          f"promote {artifact} for owner {owner}",
+                                          lock_retries, backoff_s)
 
     def finish(conn: psycopg.Connection) -> int:
         n = _swap(conn, artifact, scope)
@@ -121,7 +122,8 @@ def promote(pool: ConnectionPool, artifact: str, scope: Scope, *, lock_retries: 
                          (SERVING_KEY, artifact))
         return n
 
-    return swapped + _locked(pool, finish, f"promote {artifact}", lock_retries, backoff_s)
+    return swapped + locked_transaction(pool, finish, f"promote {artifact}", lock_retries,
+                                        backoff_s)
 
 
 def _swap(conn: psycopg.Connection, artifact: str, scope: Scope) -> int:
@@ -167,6 +169,7 @@ def prune(pool: ConnectionPool, artifact: str, scope: Scope, *, batch: int = 100
                              LIMIT %(batch)s FOR UPDATE)""", params).rowcount
 
     pruned = 0
-    while n := _locked(pool, one_batch, f"prune {artifact}", lock_retries, backoff_s):
+    while n := locked_transaction(pool, one_batch, f"prune {artifact}", lock_retries,
+                                  backoff_s):
         pruned += n
     return pruned

@@ -21,13 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder
 from .backfill import Scope, resolve_frame
 from .connection import DatabaseError
-from .promotion import promote, prune
+from .promotion import locked_transaction, promote, prune
 from .store import SERVING_KEY
 
 __all__ = ["attribute_legacy", "promote", "prune"]
@@ -40,16 +41,17 @@ _LEGACY = """{scope} AND visual_clip_artifact IS NULL AND embedding_visual_clip 
 
 def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
                      sample: int = 16, min_cosine: float = 0.99,
-                     frame_root: Path | None = None, batch: int = 1000) -> tuple[int, int]:
+                     frame_root: Path | None = None) -> tuple[int, int]:
     """Attribute pre-provenance vectors of this model's name and weights tag to its artifact.
 
     Embeds up to ``sample`` of their frames again; every reproduced vector must have cosine
     >= ``min_cosine`` with the stored one (INT8 results vary slightly with the batch), else
-    DatabaseError and nothing changes. Returns (frames compared, rows attributed).
+    DatabaseError and nothing changes. The attribution is one transaction that waits for
+    locked rows (never skips one). Returns (frames compared, rows attributed).
     """
     model = embedder.manifest.model
     params = {"owner": scope.owner_id, "model": model.name, "pretrained": model.pretrained,
-              "artifact": embedder.artifact_id, "batch": batch, "sample": sample}
+              "artifact": embedder.artifact_id, "sample": sample}
     where = _LEGACY.format(scope=scope.sql())
     with pool.connection() as conn:
         rows = conn.execute(f"SELECT frame_path, embedding_visual_clip FROM scenes WHERE "
@@ -68,18 +70,18 @@ def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
                             "--reembed-stale` instead")
     evidence = Jsonb({"artifact_id": embedder.artifact_id,
                       "attributed": {"frames": len(cosines), "min_cosine": min(cosines)}})
-    attributed = 0
-    while True:
-        with pool.connection() as conn:
-            n = conn.execute(
-                f"""UPDATE scenes SET visual_clip_artifact = %(artifact)s,
-                        visual_clip_metadata = visual_clip_metadata || %(evidence)s
-                    WHERE id IN (SELECT id FROM scenes WHERE {where}
-                                 LIMIT %(batch)s FOR UPDATE SKIP LOCKED)""",
-                {**params, "evidence": evidence}).rowcount
-            conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
-                         "ON CONFLICT (key) DO NOTHING", (SERVING_KEY, embedder.artifact_id))
-            conn.commit()
-        attributed += n
-        if n == 0:
-            return len(cosines), attributed
+
+    def attribute(conn: psycopg.Connection) -> int:
+        # One transaction, waiting for locked rows: a row skipped here would be hidden from
+        # the four-argument search (which serves unattributed rows only until a serving
+        # artifact is recorded, and records it in this same transaction).
+        n = conn.execute(
+            f"""UPDATE scenes SET visual_clip_artifact = %(artifact)s,
+                    visual_clip_metadata = visual_clip_metadata || %(evidence)s
+                WHERE {where}""", {**params, "evidence": evidence}).rowcount
+        conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+                     "ON CONFLICT (key) DO NOTHING", (SERVING_KEY, embedder.artifact_id))
+        return n
+
+    attributed = locked_transaction(pool, attribute, f"attribute {embedder.artifact_id}")
+    return len(cosines), attributed
