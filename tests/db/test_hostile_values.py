@@ -18,7 +18,7 @@ from heimdex_clip.db.errors import InvalidInputError, InvalidVectorError, Output
 from heimdex_clip.db.migrate import MIGRATIONS_DIR, migrate
 from heimdex_clip.db.report import write_page
 from heimdex_clip.db.stats import clip_stats
-from heimdex_clip.db.store import SceneStore
+from heimdex_clip.db.store import SceneStore, write_vector
 
 from .test_cli_errors import one_line_error
 
@@ -250,3 +250,18 @@ def test_html_page_is_written_whole_even_for_a_non_utf8_query(tmp_path):
 def test_cli_artifact_ids_sql_cannot_hold_are_one_line(pool, db_url, capsys, monkeypatch, argv):
     line = one_line_error(capsys, argv, monkeypatch, db_url)
     assert "artifact" in line and "unexpected" not in line and len(line) < 300
+
+
+def test_write_vector_refuses_before_any_sql_so_the_batch_goes_on(pool):
+    """The backfill writes a batch in one transaction: a refused vector (e.g. a zero vector
+    from a broken model) must not abort it, so it is checked before any statement."""
+    store, owner = SceneStore(pool), uuid.uuid4()
+    bad, good = store.add_scene(owner, "bad.jpg"), store.add_scene(owner, "good.jpg")
+    with pool.connection() as conn, conn.transaction():
+        with pytest.raises(InvalidVectorError):
+            write_vector(conn, bad, owner, A, NO_COSINE["zero"], {})
+        with pytest.raises(InvalidInputError):
+            write_vector(conn, bad, owner, A, None, {"error": float("nan")})
+        assert write_vector(conn, good, owner, A, _unit(6), {"inference_time_ms": 1.5})
+    assert store.get_scene(owner, good)["embedding_visual_clip"] is not None
+    assert store.get_scene(owner, bad)["visual_clip_metadata"] is None
