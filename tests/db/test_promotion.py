@@ -11,7 +11,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from heimdex_clip.db.backfill import Scope
+from heimdex_clip.db.backfill import Policy, Scope, claim, count_pending
 from heimdex_clip.db.connection import DatabaseError
 from heimdex_clip.db.errors import LockedRowsError
 from heimdex_clip.db.store import SERVING_KEY, SceneStore, write_vector
@@ -166,3 +166,20 @@ def test_prune_refuses_the_serving_artifact_and_waits_for_locks(pool, db_url):
     assert prune(pool, B, ALL) == 4  # the locked row waited for, not skipped
     locker.join()
     assert all(s == (A, True, None, False) for s in _slots(pool).values())
+
+
+def test_a_scene_whose_vector_was_replaced_is_re_embedded_not_given_up(pool):
+    """Embedded by C, replaced by another artifact's vector, claimed again by C, many times:
+    attempts count failures in a row, so C never gives the scene up (it could never be
+    promoted otherwise)."""
+    store, owner = SceneStore(pool), uuid.uuid4()
+    scene = store.upsert_scene(owner, "f.jpg", _unit(0), {}, artifact=A)  # A serves
+    policy = Policy(max_attempts=3, retry_base_s=0)
+    for round_ in range(5):
+        token, rows = claim(pool, C, ALL, policy, 4, reembed_stale=True)
+        assert [(r[0], r[3]) for r in rows] == [(scene, 1)], round_
+        with pool.connection() as conn, conn.transaction():
+            assert write_vector(conn, scene, owner, C, _unit(1), {}, lease=token)
+            assert write_vector(conn, scene, owner, B, _unit(2), {})  # replaces C, keeps A
+        assert _slots(pool)[scene] == (A, True, B, True)
+    assert count_pending(pool, C, ALL, reembed_stale=True, max_attempts=3) == 1

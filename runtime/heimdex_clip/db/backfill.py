@@ -167,6 +167,10 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
           ) -> tuple[uuid.UUID, list[tuple[uuid.UUID, uuid.UUID, str, int]]]:
     """Lease up to ``size`` scenes (one at a time if the next is a crash suspect).
 
+    Attempts count only failures in a row: a scene whose last attempt succeeded (its vector
+    was later replaced by a third artifact's) starts again at 1, so it is never given up
+    for having been embedded several times.
+
     Returns the lease token and ``(scene id, owner id, frame path, attempt number)`` rows.
     """
     token = token or uuid.uuid4()
@@ -181,7 +185,8 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
             rows = conn.execute(
                 f"""UPDATE scenes s SET
                         visual_clip_attempts = CASE WHEN s.visual_clip_job_artifact
-                            = %(artifact)s THEN s.visual_clip_attempts + 1 ELSE 1 END,
+                            = %(artifact)s AND s.visual_clip_fault IS NOT NULL
+                            THEN s.visual_clip_attempts + 1 ELSE 1 END,
                         visual_clip_job_artifact = %(artifact)s,
                         visual_clip_lease_token = %(token)s,
                         visual_clip_lease_until = now() + %(lease)s * interval '1 second',
