@@ -173,7 +173,10 @@ def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embe
         for step in range(STEPS):
             if time.monotonic() - start > BUDGET_S:
                 break
-            log.append(_step(rng, pool, store, embedders, owners, unused, done))
+            if step % 12 == 11:  # a whole upgrade now and then: B, then C, then A, ...
+                log.append(_upgrade(pool, embedders, "BCA"[(step // 12) % 3], done))
+            else:
+                log.append(_step(rng, pool, store, embedders, owners, unused, done))
             serving, found = _findable(pool, store)
             lost = ever_findable - found
             assert not lost, f"step {step}: {len(lost)} scenes no longer findable by " \
@@ -194,6 +197,21 @@ def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embe
     assert len(done["promoted"]) >= 2 and done["pruned"] > 0 and evictions > 0, (done, log)
     assert done["refused"] > 0 and held[0] > 0, (done, log)
     assert len(ever_findable) > 8
+
+
+def _upgrade(pool, embedders, name: str, done: dict) -> str:
+    """The whole protocol for one artifact: re-embed until nothing is ready, then promote
+    every owner (refused if the worker thread held a lease on a scene meanwhile: again)."""
+    for attempt in range(3):
+        run_backfill(pool, embedders[name], ALL, policy=POLICY, reembed_stale=True)
+        try:
+            n = promote(pool, embedders[name].artifact_id, ALL, backoff_s=0.1)
+        except DatabaseError:
+            done["refused"] += 1
+            continue
+        done["promoted"].add(name)
+        return f"upgrade to {name}: {n} swapped (attempt {attempt + 1})"
+    return f"upgrade to {name}: refused 3 times"
 
 
 def _step(rng: random.Random, pool, store: SceneStore, embedders, owners, unused: list,
