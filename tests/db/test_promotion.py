@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from heimdex_clip.db.backfill import Policy, Scope, claim, count_pending
-from heimdex_clip.db.connection import DatabaseError
+from heimdex_clip.db.connection import DatabaseError, DbSettings, open_pool
 from heimdex_clip.db.errors import LockedRowsError
 from heimdex_clip.db.store import SERVING_KEY, SceneStore, write_vector
 from heimdex_clip.db.upgrade import promote, prune
@@ -82,13 +82,13 @@ def test_promote_waits_for_a_locked_row_instead_of_skipping_it(pool, db_url):
 
 def test_a_lock_held_past_every_retry_changes_nothing(pool, db_url):
     _, scenes = _two_artifacts(pool, owners=1)
-    with pool.connection() as conn:  # waits of 0.2 s instead of 5 s keep the test short
-        conn.execute("ALTER DATABASE " + conn.info.dbname + " SET lock_timeout = 200")
-    pool.drain()  # new connections take the database's setting
+    # Lock waits of 0.2 s instead of the default 5 s keep the test short.
+    impatient = open_pool(db_url, settings=DbSettings(lock_timeout_ms=200))
     with psycopg.connect(db_url) as holder:
         holder.execute("SELECT 1 FROM scenes WHERE id = %s FOR UPDATE", (scenes[3][0],))
         with pytest.raises(LockedRowsError, match="through 3 attempts; this step changed"):
-            promote(pool, B, ALL, lock_retries=3, backoff_s=0.05)
+            promote(impatient, B, ALL, lock_retries=3, backoff_s=0.05)
+    impatient.close()
     assert all(s[:1] == (A,) and s[2:3] == (B,) for s in _slots(pool).values())
     assert _serving(pool) == A
 
