@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")  # the ray extra; a skip fails the run under CI
 from heimdex_clip import ClipConfig, ClipEmbedder  # noqa: E402
 from heimdex_clip.db.backfill import Policy, Scope, count_pending, run_backfill  # noqa: E402
 from heimdex_clip.db.bulk import BulkOptions, bulk_embed, register_frames  # noqa: E402
-from heimdex_clip.db.store import SceneStore, write_vector  # noqa: E402
+from heimdex_clip.db.store import SERVING_KEY, SceneStore, write_vector  # noqa: E402
 from heimdex_clip.ray import init_ray  # noqa: E402
 
 from .test_backfill import COUNT_WRITES  # noqa: E402
@@ -118,7 +118,8 @@ def test_slots_and_failures_follow_write_vector(pool, embedder, artifact_dir):
     # (main artifact, main has vector, alt artifact, alt has vector)
     states = [(None, False, None, False), (other, True, None, False),
               (artifact, True, other, True), (other, True, artifact, False),
-              (other, True, third, True), (other, False, None, False)]
+              (other, True, third, True), (third, True, other, True),
+              (other, False, None, False)]
     store = SceneStore(pool)
     owner = uuid.uuid4()
     pairs = []
@@ -140,6 +141,10 @@ def test_slots_and_failures_follow_write_vector(pool, embedder, artifact_dir):
     with pool.connection() as conn:
         conn.execute("UPDATE scenes SET visual_clip_lease_token = %s WHERE owner_id = %s",
                      (token, owner))
+        # Search serves `third`: where both slots are full, its vector must survive.
+        conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+                     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                     (SERVING_KEY, third))
     metadata = {"error": None, "frame_path": "x.jpg"}
     batch = {"scene_id": np.array([str(t[0]) for t, _ in pairs], dtype=object),
              "owner_id": np.array([str(owner)] * len(pairs), dtype=object),

@@ -88,3 +88,18 @@ def test_cli_search_text_table_and_html(indexed, module_pool, artifact_dir, tmp_
     assert "sunset &amp; sea &lt;b&gt;" in page  # the query text, escaped
     assert page.count("data:image/jpeg;base64,") == 3  # three result thumbnails
     assert "not semantic" in page
+
+
+def test_cli_search_with_a_non_utf8_query_writes_a_whole_page(indexed, module_pool,
+                                                               artifact_dir, tmp_path):
+    """Bytes that are not UTF-8 in argv (a Latin-1 terminal) reach Python as lone
+    surrogates: the page is still written whole, valid UTF-8, with the bytes escaped."""
+    _, owner_a, *_ = indexed
+    html = tmp_path / "latin1.html"
+    env = {**os.environ, "DATABASE_URL": module_pool.conninfo, "CLIP_PRETRAINED": "none",
+           "CLIP_MODEL_DIR": str(artifact_dir)}
+    proc = subprocess.run([sys.executable, "-m", "heimdex_clip.cli", "search", "--text",
+                           b"caf\xe9 au lait", "--owner", str(owner_a), "--count", "2",
+                           "--html", str(html)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "caf\\udce9 au lait" in html.read_bytes().decode("utf-8")

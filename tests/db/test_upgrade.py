@@ -75,7 +75,7 @@ def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(pool, artifact_d
     assert half.embedded == 5
     assert ids_seen_by(old) == everything_a  # the old model still sees everything
     assert len(ids_seen_by(new)) == 5  # the new one sees only its own vectors
-    with pytest.raises(DatabaseError, match="still wait for a vector"):
+    with pytest.raises(DatabaseError, match="6 scenes with a vector have none of"):
         promote(pool, new.artifact_id, scope)
 
     rest = run_backfill(pool, new, scope, policy=policy, reembed_stale=True)

@@ -104,7 +104,6 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     promote = command(db_sub, "promote", help="make an artifact's vectors the first slot's "
                       "once it covers every scene (model upgrade)")
     promote.add_argument("--artifact", help="artifact id (default: the loaded model's)")
-    promote.add_argument("--force", action="store_true", help="even if scenes are pending")
     _owner_args(promote, all_owners=True)
     attribute = command(db_sub, "attribute", help="attribute vectors embedded before "
                         "provenance to the loaded model, if a sample reproduces them")

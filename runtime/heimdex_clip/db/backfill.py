@@ -38,7 +38,9 @@ from psycopg_pool import ConnectionPool
 from ..embedder import ClipEmbedder, EmbeddingResult
 from ..errors import DimensionError
 from .connection import one_value
+from .errors import InvalidInputError
 from .store import SceneStore, classify_fault, write_vector
+from .validate import check_metadata, check_vector
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,10 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
           ) -> tuple[uuid.UUID, list[tuple[uuid.UUID, uuid.UUID, str, int]]]:
     """Lease up to ``size`` scenes (one at a time if the next is a crash suspect).
 
+    Attempts count only failures in a row: a scene whose last attempt succeeded (its vector
+    was later replaced by a third artifact's) starts again at 1, so it is never given up
+    for having been embedded several times.
+
     Returns the lease token and ``(scene id, owner id, frame path, attempt number)`` rows.
     """
     token = token or uuid.uuid4()
@@ -179,7 +185,8 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
             rows = conn.execute(
                 f"""UPDATE scenes s SET
                         visual_clip_attempts = CASE WHEN s.visual_clip_job_artifact
-                            = %(artifact)s THEN s.visual_clip_attempts + 1 ELSE 1 END,
+                            = %(artifact)s AND s.visual_clip_fault IS NOT NULL
+                            THEN s.visual_clip_attempts + 1 ELSE 1 END,
                         visual_clip_job_artifact = %(artifact)s,
                         visual_clip_lease_token = %(token)s,
                         visual_clip_lease_until = now() + %(lease)s * interval '1 second',
@@ -249,12 +256,21 @@ def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str
     else:
         batch_raised = False
     with pool.connection() as conn, conn.transaction():
-        for (scene_id, owner, _, attempt), result in zip(rows, results, strict=True):
+        for (scene_id, owner, path, attempt), result in zip(rows, results, strict=True):
             report.scenes.add(scene_id)
             fault = _fault(result, batch_raised)
-            written = write_vector(conn, scene_id, owner, artifact, result.embedding,
-                                   {**result.metadata, "attempts": attempt}, lease=token,
-                                   fault=fault, retry_after_s=policy.retry_after(attempt))
+            vector, metadata = result.embedding, {**result.metadata, "attempts": attempt}
+            try:
+                check_vector(vector) if vector is not None else None
+                check_metadata(metadata)
+            except InvalidInputError as exc:  # e.g. a zero vector: never stored, recorded
+                vector, fault = None, "frame"
+                metadata = {"frame_path": path, "attempts": attempt,
+                            "error": f"{type(exc).__name__}: {exc}"}
+                result = EmbeddingResult(None, metadata)
+            written = write_vector(conn, scene_id, owner, artifact, vector, metadata,
+                                   lease=token, fault=fault,
+                                   retry_after_s=policy.retry_after(attempt))
             if not written:
                 report.lost_leases += 1
                 log.warning("scene %s: lease taken over, result discarded", scene_id)

@@ -38,7 +38,9 @@ from ..artifact import load_manifest
 from ..errors import DimensionError
 from .backfill import Policy, Scope, claim, release_expired
 from .connection import DatabaseError
+from .errors import InvalidInputError
 from .store import WORKER_FAULTS, SceneStore, owner_uuid
+from .validate import check_metadata, check_vector
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +139,22 @@ _STAGING = """CREATE TEMP TABLE IF NOT EXISTS heimdex_clip_bulk_results (
     id uuid, owner_id uuid, embedding vector({dim}), metadata jsonb, error text,
     fault text, retry_s float8) ON COMMIT DELETE ROWS"""
 
-# The rules of store.write_vector, as one statement over the staged rows. A vector goes to
-# the slot that holds its artifact, else to an empty first slot, else to the second slot; a
-# failure never erases a vector (it marks the slot only when the slot is empty). Every
-# expression in SET reads the row as it was before the UPDATE.
+# The rules of slots.write_vector, as one statement over the staged rows. A vector goes to
+# the slot that holds its artifact, else to an empty slot (the first one first), else over
+# the slot that does not hold the serving artifact's vector; a failure never erases a vector
+# (it marks the slot only when the slot is empty). Every expression in SET reads the row as
+# it was before the UPDATE; the row locks are taken before the serving artifact is read.
 _APPLY = """
-WITH staged AS (
+WITH serving AS (
+    SELECT (SELECT value FROM heimdex_clip_settings
+            WHERE key = 'serving_visual_clip_artifact') AS artifact
+), staged AS (
     SELECT t.*, (s.visual_clip_artifact IS NOT DISTINCT FROM %(artifact)s
                  OR (s.visual_clip_alt_artifact IS DISTINCT FROM %(artifact)s
-                     AND s.embedding_visual_clip IS NULL)) AS main
-    FROM heimdex_clip_bulk_results t
+                     AND (s.embedding_visual_clip IS NULL
+                          OR (s.embedding_visual_clip_alt IS NOT NULL
+                              AND s.visual_clip_alt_artifact = serving.artifact)))) AS main
+    FROM heimdex_clip_bulk_results t CROSS JOIN serving
     JOIN scenes s ON s.id = t.id AND s.owner_id = t.owner_id
     WHERE s.visual_clip_lease_token = %(token)s
     FOR UPDATE OF s
@@ -207,15 +215,21 @@ def write_results(pool: ConnectionPool, artifact: str, dim: int, token: uuid.UUI
 def _staged_rows(batch: dict[str, np.ndarray], artifact: str,
                  policy: Policy) -> Iterable[Sequence[Any]]:
     for i, scene_id in enumerate(batch["scene_id"]):
-        ok = bool(batch["ok"][i])
-        error = str(batch["error"][i]) or None
         attempt = int(batch["attempt"][i])
+        vector = batch["embedding"][i] if bool(batch["ok"][i]) else None
+        error = None if vector is not None else str(batch["error"][i]) or "embedding failed"
         metadata = {**json.loads(str(batch["metadata"][i])), "artifact_id": artifact,
                     "attempts": attempt}
-        yield (scene_id, batch["owner_id"][i],
-               batch["embedding"][i] if ok else None, json.dumps(metadata),
-               None if ok else error, None if ok else _fault(error or ""),
-               None if ok else policy.retry_after(attempt))
+        try:  # what the store refuses is stored as a failure, never as a vector
+            vector = check_vector(vector) if vector is not None else None
+            metadata = check_metadata(metadata)
+        except InvalidInputError as exc:
+            vector, error = None, f"{type(exc).__name__}: {exc}"
+            metadata = {"frame_path": metadata.get("frame_path"), "artifact_id": artifact,
+                        "attempts": attempt, "error": error}
+        yield (scene_id, batch["owner_id"][i], vector, json.dumps(metadata, allow_nan=False),
+               error, None if error is None else _fault(error),
+               None if error is None else policy.retry_after(attempt))
 
 
 def register_frames(pool: ConnectionPool, listing: Path) -> tuple[int, set[uuid.UUID]]:

@@ -31,12 +31,13 @@ from . import args as cli_args
 from . import key_cli
 from .backfill import Policy, Scope, count_pending, run_backfill
 from .connection import DatabaseError, database, describe, resolve_url
-from .errors import database_errors
+from .errors import InvalidInputError, database_errors
 from .migrate import migrate, require_schema
-from .report import render_results
+from .report import check_page_target, render_results, write_page
 from .stats import clip_stats, format_stats
 from .store import SceneStore, SearchHit
 from .upgrade import attribute_legacy, promote, prune
+from .validate import check_metadata, check_vector
 from .worker import FollowOptions, follow
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
@@ -107,9 +108,16 @@ def index_folder(store: SceneStore, embedder: ClipEmbedder, folder: Path,
                 else:
                     chunk.append(text)
             for stored, result in zip(chunk, embedder.embed_frames(chunk), strict=True):
-                store.upsert_scene(owner, stored, result.embedding, result.metadata,
+                embedding, metadata = result.embedding, result.metadata
+                try:
+                    check_vector(embedding) if embedding is not None else None
+                    check_metadata(metadata)
+                except InvalidInputError as exc:  # stored as a failure, never as a vector
+                    embedding, metadata = None, {"frame_path": stored,
+                                                 "error": f"{type(exc).__name__}: {exc}"}
+                store.upsert_scene(owner, stored, embedding, metadata,
                                    artifact=embedder.artifact_id)
-                summary["embedded" if result.ok else "failed"] += 1
+                summary["embedded" if embedding is not None else "failed"] += 1
             bar.update(len(files[start:start + batch]))
     return summary
 
@@ -133,7 +141,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     artifact = args.artifact or _embedder(args).artifact_id
     with _db(args) as pool:
-        swapped = promote(pool, artifact, _scope(args), force=args.force)
+        swapped = promote(pool, artifact, _scope(args))
     print(f"promoted {artifact}: {swapped} scenes now hold it in their first slot")
     return 0
 
@@ -181,6 +189,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
     parts = [QueryPart(kind, value, 1.0 if weight is None else weight)
              for kind, value, weight in args.parts]
+    if args.html:
+        check_page_target(args.html)
     embedder = _embedder(args)
     with _db(args) as pool:
         store = SceneStore(pool)
@@ -208,8 +218,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("note: random-initialisation model: this text ranking is meaningless",
                   file=sys.stderr)
     if args.json:
+        # allow_nan=False: never "NaN" (invalid JSON); the SQL search never returns one.
         print(json.dumps([{"id": str(h.id), "similarity": h.similarity,
-                           "frame_path": h.frame_path} for h in hits], indent=2))
+                           "frame_path": h.frame_path} for h in hits], indent=2,
+                         allow_nan=False))
     else:
         print_hits(hits)
     if args.html:
@@ -217,7 +229,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                    if embedder.manifest.model.random_init else None)
         page = render_results(query_label, query_frame, hits, warning=warning,
                               max_pixels=embedder.config.max_image_pixels)
-        Path(args.html).write_text(page, encoding="utf-8")
+        write_page(args.html, page)
         print(f"wrote {args.html}")
     return 0
 
@@ -281,7 +293,8 @@ def cmd_bulk_embed(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _db(args) as pool:
         stats = clip_stats(pool, _scope(args))
-    print(json.dumps(stats.to_dict(), indent=2) if args.json else format_stats(stats))
+    print(json.dumps(stats.to_dict(), indent=2, allow_nan=False) if args.json
+          else format_stats(stats))
     return 0
 
 

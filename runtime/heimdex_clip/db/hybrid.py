@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from psycopg_pool import ConnectionPool
 
-from .store import SceneStore, SearchHit, _check_search_args, owner_uuid
+from .store import SceneStore, SearchHit, owner_uuid
+from .validate import check_artifact, check_search_args, check_text
 
 #: The usual reciprocal rank fusion constant (Cormack et al. 2009).
 RRF_K = 60
@@ -36,9 +37,9 @@ def search_hybrid(store: SceneStore, owner_id: uuid.UUID | str, embedding: np.nd
     """The owner's scenes by the fused ranking of ``embedding`` (the CLIP vector of
     ``text``, made by ``artifact``) and of ``text`` against their transcripts."""
     owner, vector = owner_uuid(owner_id), store.check_vector(embedding)
-    _check_search_args(threshold, count)
-    if not artifact:
-        raise ValueError("artifact is required: vectors of different models are not comparable")
+    threshold, count = check_search_args(threshold, count)
+    artifact = check_artifact(artifact)
+    check_text(text, "text")  # NUL or lone surrogates: a one-line error, not psycopg's
     with store.pool.connection() as conn:
         rows = conn.execute(
             "SELECT id, owner_id, video_id, scene_index, frame_path, visual_clip_metadata, "

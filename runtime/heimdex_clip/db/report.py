@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import ClipConfig
 from ..errors import ClipError
 from ..images import load_image
+from .errors import OutputError
 from .store import SearchHit
 
 THUMBNAIL = 224
@@ -78,3 +81,40 @@ img {{ max-width: {THUMBNAIL}px; max-height: {THUMBNAIL}px; border-radius: 4px; 
 <h2>{len(hits)} result{'s' if len(hits) != 1 else ''}</h2><div class="grid">{body}</div>
 </body></html>
 """
+
+
+def check_page_target(path: str | Path) -> Path:
+    """``path`` as a Path if :func:`write_page` may write there, else OutputError (checked
+    before a search runs, so a bad target fails fast)."""
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        raise OutputError(f"cannot write the HTML page to {target}: not a regular file")
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write the HTML page to {target}: folder {target.parent} "
+                          "does not exist")
+    return target
+
+
+def write_page(path: str | Path, page: str) -> None:
+    """Write ``page`` to ``path`` whole or not at all: a temporary file beside it, renamed
+    over it once fully written, so a full disk or a bad target never leaves a 0-byte or
+    half page. The target must be a regular file or not exist yet (a directory, a device
+    such as /dev/full, or a FIFO is refused: renaming over it would replace it)."""
+    target = check_page_target(path)
+    # A query text from a non-UTF-8 terminal carries lone surrogates: shown escaped.
+    data = page.encode("utf-8", errors="backslashreplace")
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
+                                         suffix=".tmp", delete=False) as out:
+            tmp = out.name
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write the HTML page to {target}: "
+                          f"{exc.strerror or exc}") from None

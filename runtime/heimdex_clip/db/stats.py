@@ -18,20 +18,26 @@ from psycopg_pool import ConnectionPool
 from .backfill import Scope
 from .connection import DatabaseError
 
-STATS_SQL = """
+# inference_time_ms as a number, or NULL when a writer stored something else there (a
+# string, an object, a huge number): a stray value must not make the figures, or the worker,
+# fail
+# (jsonb numbers are arbitrary-precision: 1e400 would overflow float8, hence the bound).
+_LATENCY = """(CASE WHEN jsonb_typeof(visual_clip_metadata->'inference_time_ms') = 'number'
+               AND abs((visual_clip_metadata->'inference_time_ms')::numeric) < 1e15
+               THEN (visual_clip_metadata->'inference_time_ms')::numeric::float8 END)"""
+
+STATS_SQL = f"""
 SELECT
     count(*)                                                       AS scenes,
     count(*) FILTER (WHERE embedding_visual_clip IS NOT NULL)      AS embedded,
     count(*) FILTER (WHERE visual_clip_metadata IS NOT NULL)       AS attempted,
-    avg((visual_clip_metadata->>'inference_time_ms')::float8)      AS latency_mean_ms,
-    percentile_cont(0.5) WITHIN GROUP
-        (ORDER BY (visual_clip_metadata->>'inference_time_ms')::float8) AS latency_p50_ms,
-    percentile_cont(0.95) WITHIN GROUP
-        (ORDER BY (visual_clip_metadata->>'inference_time_ms')::float8) AS latency_p95_ms,
+    avg({_LATENCY})                                                AS latency_mean_ms,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY {_LATENCY})        AS latency_p50_ms,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY {_LATENCY})       AS latency_p95_ms,
     count(*) FILTER (WHERE visual_clip_metadata->>'error' IS NOT NULL) AS failures,
     count(*) FILTER (WHERE visual_clip_metadata->>'error' LIKE '%%Timeout%%') AS timeouts,
     count(*) FILTER (WHERE visual_clip_lease_until IS NOT NULL)    AS leased
-FROM scenes WHERE {scope}
+FROM scenes WHERE {{scope}}
 """
 
 ARTIFACTS_SQL = """

@@ -2,18 +2,17 @@
 never comparing vectors of different artifacts.
 
 Every vector is stored with the artifact id of the model that made it. A scene has two
-vector slots (see db/migrations/004): a vector goes to the slot that already holds its
-artifact, else to an empty first slot, else beside the first slot's vector in the second
-one. Search passes the querying model's artifact and reads whichever slot holds it.
+vector slots (see db/migrations/004 and :mod:`.slots`, which decides where a vector goes).
+Search passes the querying model's artifact and reads whichever slot holds it.
 
 Vectors travel through pgvector's psycopg adapter (numpy <-> ``vector``), never through
-formatted strings. A vector whose dimension differs from the column's is refused before
-it reaches SQL.
+formatted strings. Every value is checked before it reaches SQL (:mod:`.validate`): a
+vector of the wrong dimension, non-finite or without a usable norm, a text PostgreSQL
+cannot hold, an out-of-range count, all raise a one-line InvalidInputError.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,31 +20,29 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder
-from ..errors import DimensionError, QueryError
+from ..errors import QueryError
 from ..images import ImageSource
 from ..query import QueryPart, combine
 from .connection import DatabaseError, one_value
+from .errors import InvalidInputError, refused_values
+from .slots import SERVING_KEY, WORKER_FAULTS, choose_slot, classify_fault, write_vector
+from .validate import (
+    MAX_COUNT,
+    check_artifact,
+    check_int4,
+    check_metadata,
+    check_search_args,
+    check_text,
+    check_vector,
+)
+
+__all__ = ["SERVING_KEY", "WORKER_FAULTS", "SceneStore", "SearchHit", "choose_slot",
+           "classify_fault", "owner_uuid", "write_vector"]
 
 SEARCH_COLUMNS = "id, owner_id, video_id, scene_index, frame_path, visual_clip_metadata, similarity"
-SERVING_KEY = "serving_visual_clip_artifact"
-# The two vector slots: (vector, artifact, metadata) columns.
-_SLOTS = {
-    "main": ("embedding_visual_clip", "visual_clip_artifact", "visual_clip_metadata"),
-    "alt": ("embedding_visual_clip_alt", "visual_clip_alt_artifact", "visual_clip_alt_metadata"),
-}
-
-
-#: Error prefixes that blame the worker (its state or load), not the frame.
-WORKER_FAULTS = ("Timeout", "Model load failed", "MemoryError", "ClipTimeoutError")
-
-
-def classify_fault(error: str | None) -> str:
-    """``worker`` or ``frame``: who is to blame for a failed embedding."""
-    return "worker" if error and error.startswith(WORKER_FAULTS) else "frame"
 
 
 @dataclass(frozen=True)
@@ -64,70 +61,22 @@ class SearchHit:
 def owner_uuid(owner_id: uuid.UUID | str | None) -> uuid.UUID:
     """``owner_id`` as a UUID; ValueError for None (nothing is ever done for "any owner")."""
     if owner_id is None:
-        raise ValueError("owner_id is required: every scene read, write and search is "
-                         "owner-scoped")
-    return owner_id if isinstance(owner_id, uuid.UUID) else uuid.UUID(str(owner_id))
+        raise InvalidInputError("owner_id is required: every scene read, write and search "
+                                "is owner-scoped")
+    return as_uuid(owner_id, "owner_id")
 
 
-def _artifact(artifact: str | None) -> str:
-    if not artifact:
-        raise ValueError("artifact is required: vectors of different models are not "
-                         "comparable (use ClipEmbedder.artifact_id)")
-    return artifact
+def as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
+    """``value`` as a UUID, or InvalidInputError naming ``what``."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidInputError(f"{what} is not a UUID: {value!r:.60}") from None
 
 
-def choose_slot(main_artifact: str | None, main_has_vector: bool,
-                alt_artifact: str | None, artifact: str) -> str:
-    """Which slot a vector of ``artifact`` goes to (see the module docstring)."""
-    if main_artifact == artifact:
-        return "main"
-    if alt_artifact == artifact:
-        return "alt"
-    return "main" if not main_has_vector else "alt"
-
-
-def write_vector(conn: psycopg.Connection, scene_id: uuid.UUID, owner: uuid.UUID,
-                 artifact: str, vector: np.ndarray | None, metadata: dict[str, Any], *,
-                 lease: uuid.UUID | None = None, fault: str | None = None,
-                 retry_after_s: float | None = None) -> bool:
-    """Store one embedding result in the caller's transaction; False if nothing was written.
-
-    Nothing is written if the scene does not belong to ``owner`` or (with ``lease``) if the
-    lease is no longer the caller's. Any lease on the row ends here. A failure (``vector``
-    None) never erases a stored vector: it is recorded in the job columns (with ``fault``,
-    and a retry time ``retry_after_s`` from now) and, if the slot is empty, in its metadata.
-    """
-    row = conn.execute(
-        """SELECT visual_clip_artifact, embedding_visual_clip IS NOT NULL,
-                  visual_clip_alt_artifact, embedding_visual_clip_alt IS NOT NULL,
-                  visual_clip_lease_token
-           FROM scenes WHERE id = %s AND owner_id = %s FOR UPDATE""",
-        (scene_id, owner)).fetchone()
-    if row is None or (lease is not None and row[4] != lease):
-        return False
-    slot = choose_slot(row[0], row[1], row[2], artifact)
-    vector_col, artifact_col, meta_col = _SLOTS[slot]
-    has_vector = row[1] if slot == "main" else row[3]
-    metadata = {**metadata, "artifact_id": artifact}
-    sets = ["visual_clip_lease_token = NULL", "visual_clip_lease_until = NULL",
-            "visual_clip_leased_by = NULL"]
-    params: list[Any] = []
-    if vector is not None:
-        sets += [f"{vector_col} = %s", f"{artifact_col} = %s", f"{meta_col} = %s",
-                 "visual_clip_last_error = NULL", "visual_clip_fault = NULL",
-                 "visual_clip_retry_at = NULL"]
-        params += [vector, artifact, Jsonb(metadata)]
-    else:
-        if not has_vector:
-            sets += [f"{artifact_col} = %s", f"{meta_col} = %s"]
-            params += [artifact, Jsonb(metadata)]
-        sets += ["visual_clip_last_error = %s", "visual_clip_fault = %s",
-                 "visual_clip_retry_at = now() + %s * interval '1 second'"]
-        params += [metadata.get("error"), fault or classify_fault(metadata.get("error")),
-                   retry_after_s or 0.0]
-    conn.execute(f"UPDATE scenes SET {', '.join(sets)} WHERE id = %s AND owner_id = %s",
-                 (*params, scene_id, owner))
-    return True
+_artifact = check_artifact
 
 
 class SceneStore:
@@ -153,14 +102,9 @@ class SceneStore:
         return self._dimension
 
     def check_vector(self, vector: np.ndarray | list[float]) -> np.ndarray:
-        """``vector`` as float32 1-D of the column's dimension and finite, or DimensionError."""
-        arr = np.asarray(vector, dtype=np.float32)
-        if arr.ndim != 1 or arr.shape[0] != self.dimension:
-            raise DimensionError(f"vector has shape {arr.shape}; the embedding_visual_clip "
-                                 f"column holds vector({self.dimension})")
-        if not np.all(np.isfinite(arr)):
-            raise DimensionError("vector contains NaN or infinity")
-        return arr
+        """``vector`` as float32 1-D of the column's dimension, finite, with a norm in
+        [MIN_NORM, MAX_NORM]; else InvalidVectorError (a DimensionError)."""
+        return check_vector(vector, self.dimension)
 
     # ------------------------------------------------------------------ writes
 
@@ -168,12 +112,15 @@ class SceneStore:
                   video_id: uuid.UUID | None = None, scene_index: int | None = None) -> uuid.UUID:
         """Insert a scene (or find the owner's scene with that frame path); returns its id."""
         owner = owner_uuid(owner_id)
-        with self.pool.connection() as conn:
+        with refused_values(), self.pool.connection() as conn:
             return self._add(conn, owner, frame_path, video_id, scene_index)
 
     @staticmethod
     def _add(conn: psycopg.Connection, owner: uuid.UUID, frame_path: str | None,
              video_id: uuid.UUID | None, scene_index: int | None) -> uuid.UUID:
+        frame_path = check_text(frame_path, "frame_path")
+        scene_index = check_int4(scene_index, "scene_index")
+        video_id = as_uuid(video_id, "video_id") if video_id is not None else None
         return one_value(conn.execute(
             """INSERT INTO scenes (owner_id, frame_path, video_id, scene_index)
                VALUES (%s, %s, %s, %s)
@@ -192,8 +139,9 @@ class SceneStore:
         """
         owner, artifact = owner_uuid(owner_id), _artifact(artifact)
         vector = self.check_vector(embedding) if embedding is not None else None
-        with self.pool.connection() as conn, conn.transaction():
-            if not write_vector(conn, uuid.UUID(str(scene_id)), owner, artifact, vector,
+        metadata = check_metadata(metadata)
+        with refused_values(), self.pool.connection() as conn, conn.transaction():
+            if not write_vector(conn, as_uuid(scene_id, "scene_id"), owner, artifact, vector,
                                 metadata):
                 raise DatabaseError(f"scene {scene_id} does not exist for owner {owner}")
             self._record_serving(conn, artifact, vector)
@@ -206,7 +154,8 @@ class SceneStore:
         transaction (no scene row without its embedding and metadata)."""
         owner, artifact = owner_uuid(owner_id), _artifact(artifact)
         vector = self.check_vector(embedding) if embedding is not None else None
-        with self.pool.connection() as conn, conn.transaction():
+        metadata = check_metadata(metadata)
+        with refused_values(), self.pool.connection() as conn, conn.transaction():
             scene_id = self._add(conn, owner, frame_path, video_id, scene_index)
             write_vector(conn, scene_id, owner, artifact, vector, metadata)
             self._record_serving(conn, artifact, vector)
@@ -232,7 +181,7 @@ class SceneStore:
         Every search goes through here (and the SQL function it calls).
         """
         owner, vector = owner_uuid(owner_id), self.check_vector(embedding)
-        _check_search_args(threshold, count)
+        threshold, count = check_search_args(threshold, count)
         return self._hits(
             f"SELECT {SEARCH_COLUMNS} FROM search_scenes_by_visual_clip_embedding"
             "(%s, %s, %s, %s, %s)", (vector, threshold, count, owner, _artifact(artifact)))
@@ -262,11 +211,11 @@ class SceneStore:
         """Scenes of the owner similar to one of the owner's scenes (itself excluded), using
         the scene's vector of ``artifact``."""
         owner = owner_uuid(owner_id)
-        _check_search_args(threshold, count)
+        threshold, count = check_search_args(threshold, count)
         return self._hits(
             f"SELECT {SEARCH_COLUMNS} FROM search_similar_scenes_by_visual_clip"
             "(%s, %s, %s, %s, %s)",
-            (uuid.UUID(str(scene_id)), threshold, count, owner, _artifact(artifact)))
+            (as_uuid(scene_id, "scene_id"), threshold, count, owner, _artifact(artifact)))
 
     def search_composed(self, owner_id: uuid.UUID | str, embedder: ClipEmbedder,
                         parts: Sequence[QueryPart], *, threshold: float = 0.0,
@@ -280,7 +229,7 @@ class SceneStore:
         scene that is not the owner's or has no vector of this artifact yet.
         """
         owner = owner_uuid(owner_id)
-        _check_search_args(threshold, count)
+        threshold, count = check_search_args(threshold, count)
         parts = list(parts)
         if not parts or not all(isinstance(p, QueryPart) for p in parts):
             raise QueryError("search_composed needs one or more QueryPart")
@@ -296,15 +245,15 @@ class SceneStore:
         scene_ids = {p.value for p in parts if p.kind == "scene"}
         # Every slot is filled by now: scene parts above, then one batch per tower.
         query = combine(np.stack(vectors), [p.weight for p in parts])  # type: ignore[arg-type]
-        hits = self.search_by_embedding(owner, query, artifact=artifact,
-                                        threshold=threshold, count=count + len(scene_ids))
+        hits = self.search_by_embedding(owner, query, artifact=artifact, threshold=threshold,
+                                        count=min(count + len(scene_ids), MAX_COUNT))
         return [h for h in hits if h.id not in scene_ids][:count]
 
     def scene_vector(self, owner_id: uuid.UUID | str, scene_id: uuid.UUID | str, *,
                      artifact: str) -> np.ndarray:
         """One of the owner's scenes' vector made by ``artifact`` (float32). Raises
         DatabaseError, with the SQL search's words, when there is none."""
-        owner, scene = owner_uuid(owner_id), uuid.UUID(str(scene_id))
+        owner, scene = owner_uuid(owner_id), as_uuid(scene_id, "scene_id")
         with self.pool.connection() as conn:
             row = conn.execute(
                 "SELECT CASE WHEN visual_clip_artifact = %(a)s THEN embedding_visual_clip "
@@ -321,7 +270,7 @@ class SceneStore:
 
     def _hits(self, sql: str, params: tuple) -> list[SearchHit]:
         try:
-            with self.pool.connection() as conn:
+            with refused_values(), self.pool.connection() as conn:
                 rows = conn.execute(sql, params).fetchall()
         except psycopg.errors.NoDataFound as exc:
             raise DatabaseError(str(exc.diag.message_primary)) from None
@@ -334,12 +283,5 @@ class SceneStore:
         with self.pool.connection() as conn, conn.cursor(
                 row_factory=psycopg.rows.dict_row) as cur:
             return cur.execute("SELECT * FROM scenes WHERE id = %s AND owner_id = %s",
-                               (uuid.UUID(str(scene_id)), owner)).fetchone()
+                               (as_uuid(scene_id, "scene_id"), owner)).fetchone()
 
-
-def _check_search_args(threshold: float, count: int) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an integer >= 1, got {count!r}")
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold) \
-            or not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a number in [-1, 1], got {threshold!r}")

@@ -2,9 +2,10 @@
 
 1. ``backfill --reembed-stale`` with the new model writes its vectors beside the old ones
    (the scene's second slot); searches by the old model keep reading the old vectors.
-2. :func:`promote` (``heimdex-clip db promote``), once the new artifact covers every scene
-   not given up, swaps the slots so the new vectors are first and records the new artifact
-   as the serving one. Both models keep finding all of their own vectors throughout.
+2. :func:`promote` (``heimdex-clip db promote``), only once the new artifact covers every
+   scene that holds any vector, swaps the slots so the new vectors are first and records
+   the new artifact as the serving one, all or nothing (see :mod:`.promotion`). Both
+   models keep finding all of their own vectors throughout.
 3. Search services switch to the new model whenever convenient.
 4. :func:`prune` (``heimdex-clip db prune``) frees the old vectors once nothing queries
    with the old model any more.
@@ -20,78 +21,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ..embedder import ClipEmbedder
-from .backfill import Scope, count_pending, resolve_frame
+from .backfill import Scope, resolve_frame
 from .connection import DatabaseError
+from .promotion import locked_transaction, promote, prune
 from .store import SERVING_KEY
 
-_SWAP = """
-UPDATE scenes SET
-    embedding_visual_clip = embedding_visual_clip_alt,
-    visual_clip_artifact = visual_clip_alt_artifact,
-    visual_clip_metadata = visual_clip_alt_metadata,
-    embedding_visual_clip_alt = embedding_visual_clip,
-    visual_clip_alt_artifact = visual_clip_artifact,
-    visual_clip_alt_metadata = visual_clip_metadata
-WHERE id IN (SELECT id FROM scenes WHERE {scope} AND visual_clip_alt_artifact = %(artifact)s
-             AND embedding_visual_clip_alt IS NOT NULL LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
-"""
-
-
-def promote(pool: ConnectionPool, artifact: str, scope: Scope, *, force: bool = False,
-            max_attempts: int = 3, batch: int = 1000) -> int:
-    """Make ``artifact``'s vectors the first slot's; returns how many rows were swapped.
-
-    Refuses while scenes still wait for a vector of ``artifact`` (``force`` overrides). The
-    swap runs in batches: a row holds both vectors throughout, so no search sees a gap.
-    """
-    pending = count_pending(pool, artifact, scope, reembed_stale=True,
-                            max_attempts=max_attempts)
-    if pending and not force:
-        raise DatabaseError(f"{pending} scenes still wait for a vector of {artifact}: run "
-                            "`heimdex-clip backfill --reembed-stale` until none is left")
-    params = {"owner": scope.owner_id, "artifact": artifact, "batch": batch}
-    swapped = 0
-    while True:
-        with pool.connection() as conn:
-            n = conn.execute(_SWAP.format(scope=scope.sql()), params).rowcount
-            conn.commit()
-        swapped += n
-        if n == 0:
-            break
-    if scope.all_owners:
-        with pool.connection() as conn:
-            conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
-                         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                         (SERVING_KEY, artifact))
-    return swapped
-
-
-def prune(pool: ConnectionPool, artifact: str, scope: Scope, *, batch: int = 1000) -> int:
-    """Delete the second-slot vectors of a retired ``artifact``; returns how many."""
-    with pool.connection() as conn:
-        serving = conn.execute("SELECT value FROM heimdex_clip_settings WHERE key = %s",
-                               (SERVING_KEY,)).fetchone()
-    if serving and serving[0] == artifact:
-        raise DatabaseError(f"{artifact} is the serving artifact: promote another first")
-    params = {"owner": scope.owner_id, "artifact": artifact, "batch": batch}
-    pruned = 0
-    while True:
-        with pool.connection() as conn:
-            n = conn.execute(
-                f"""UPDATE scenes SET embedding_visual_clip_alt = NULL,
-                        visual_clip_alt_artifact = NULL, visual_clip_alt_metadata = NULL
-                    WHERE id IN (SELECT id FROM scenes WHERE {scope.sql()}
-                                 AND visual_clip_alt_artifact = %(artifact)s
-                                 LIMIT %(batch)s FOR UPDATE SKIP LOCKED)""", params).rowcount
-            conn.commit()
-        pruned += n
-        if n == 0:
-            return pruned
-
+__all__ = ["attribute_legacy", "promote", "prune"]
 
 _LEGACY = """{scope} AND visual_clip_artifact IS NULL AND embedding_visual_clip IS NOT NULL
     AND visual_clip_metadata->>'model_name' = %(model)s
@@ -101,16 +41,17 @@ _LEGACY = """{scope} AND visual_clip_artifact IS NULL AND embedding_visual_clip 
 
 def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
                      sample: int = 16, min_cosine: float = 0.99,
-                     frame_root: Path | None = None, batch: int = 1000) -> tuple[int, int]:
+                     frame_root: Path | None = None) -> tuple[int, int]:
     """Attribute pre-provenance vectors of this model's name and weights tag to its artifact.
 
     Embeds up to ``sample`` of their frames again; every reproduced vector must have cosine
     >= ``min_cosine`` with the stored one (INT8 results vary slightly with the batch), else
-    DatabaseError and nothing changes. Returns (frames compared, rows attributed).
+    DatabaseError and nothing changes. The attribution is one transaction that waits for
+    locked rows (never skips one). Returns (frames compared, rows attributed).
     """
     model = embedder.load().manifest.model
     params = {"owner": scope.owner_id, "model": model.name, "pretrained": model.pretrained,
-              "artifact": embedder.artifact_id, "batch": batch, "sample": sample}
+              "artifact": embedder.artifact_id, "sample": sample}
     where = _LEGACY.format(scope=scope.sql())
     with pool.connection() as conn:
         rows = conn.execute(f"SELECT frame_path, embedding_visual_clip FROM scenes WHERE "
@@ -130,18 +71,18 @@ def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
                             "--reembed-stale` instead")
     evidence = Jsonb({"artifact_id": embedder.artifact_id,
                       "attributed": {"frames": len(cosines), "min_cosine": min(cosines)}})
-    attributed = 0
-    while True:
-        with pool.connection() as conn:
-            n = conn.execute(
-                f"""UPDATE scenes SET visual_clip_artifact = %(artifact)s,
-                        visual_clip_metadata = visual_clip_metadata || %(evidence)s
-                    WHERE id IN (SELECT id FROM scenes WHERE {where}
-                                 LIMIT %(batch)s FOR UPDATE SKIP LOCKED)""",
-                {**params, "evidence": evidence}).rowcount
-            conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
-                         "ON CONFLICT (key) DO NOTHING", (SERVING_KEY, embedder.artifact_id))
-            conn.commit()
-        attributed += n
-        if n == 0:
-            return len(cosines), attributed
+
+    def attribute(conn: psycopg.Connection) -> int:
+        # One transaction, waiting for locked rows: a row skipped here would be hidden from
+        # the four-argument search (which serves unattributed rows only until a serving
+        # artifact is recorded, and records it in this same transaction).
+        n = conn.execute(
+            f"""UPDATE scenes SET visual_clip_artifact = %(artifact)s,
+                    visual_clip_metadata = visual_clip_metadata || %(evidence)s
+                WHERE {where}""", {**params, "evidence": evidence}).rowcount
+        conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+                     "ON CONFLICT (key) DO NOTHING", (SERVING_KEY, embedder.artifact_id))
+        return n
+
+    attributed = locked_transaction(pool, attribute, f"attribute {embedder.artifact_id}")
+    return len(cosines), attributed

@@ -2,8 +2,10 @@
 
 It backs off while there is nothing to do (``idle_min_s`` doubling up to ``idle_max_s``),
 stops after its current batch when ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), and
-every ``stats_interval_s`` logs the four monitoring figures; with the optional
-``prometheus-client`` package (extra ``metrics``) it also serves them on ``metrics_port``.
+every ``stats_interval_s`` logs the four monitoring figures (a failing stats query, e.g.
+one past the statement timeout on a large table, is logged and the worker goes on); with
+the optional ``prometheus-client`` package (extra ``metrics``) it also serves them on
+``metrics_port``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..embedder import ClipEmbedder
 from .backfill import BackfillReport, Policy, Scope, run_backfill
-from .connection import DatabaseError
+from .connection import DatabaseError, one_line
 from .stats import ClipStats, clip_stats
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,20 @@ def log_figures(stats: ClipStats) -> None:
                 pct(stats.failure_rate), pct(stats.timeout_rate), stats.scenes)
 
 
+def report_figures(pool: ConnectionPool, scope: Scope, metrics: Metrics) -> bool:
+    """Log (and export) the figures; False if the query failed. Never raises for the
+    database: monitoring is bookkeeping, and must never end the worker it watches."""
+    try:
+        stats = clip_stats(pool, scope)
+    except (psycopg.Error, PoolTimeout, DatabaseError) as exc:
+        log.warning("monitoring query failed, the worker goes on: %s: %s",
+                    type(exc).__name__, one_line(exc))
+        return False
+    log_figures(stats)
+    metrics.update(stats)
+    return True
+
+
 def follow(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, stop: threading.Event,
            *, policy: Policy | None = None, reembed_stale: bool = False,
            options: FollowOptions | None = None) -> BackfillReport:
@@ -114,9 +130,7 @@ def follow(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, stop: thr
         total.scenes |= report.scenes
         metrics.count(report)
         if time.monotonic() >= next_stats:
-            stats = clip_stats(pool, scope)
-            log_figures(stats)
-            metrics.update(stats)
+            report_figures(pool, scope, metrics)
             next_stats = time.monotonic() + options.stats_interval_s
         if report.batches:
             idle = options.idle_min_s
