@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from run import machine_info, write_results
+from bench_utils import machine_info, write_results
 
 from heimdex_clip import ClipConfig, ClipEmbedder
 from heimdex_clip.db.backfill import Policy, Scope, run_backfill
