@@ -159,7 +159,10 @@ def test_onnx_runtime_scales_the_gemm_bias_by_a_per_row_activation_scale():
     rng = np.random.default_rng(0)
     rows, depth, columns = 4, 16, 8
     a = rng.integers(0, 256, (rows, depth)).astype(np.uint8)
-    b = rng.integers(-127, 128, (depth, columns)).astype(np.int8)
+    # |b| <= 64, as the export bounds its weights: AVX2's u8 x s8 kernel adds pairs of
+    # products in saturating int16, which full-range weights would overflow (a CPU effect
+    # this test is not about).
+    b = rng.integers(-64, 65, (depth, columns)).astype(np.int8)
     a_scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
     b_scale = rng.uniform(0.01, 0.1, columns).astype(np.float32)
     bias = rng.standard_normal(columns).astype(np.float32)
