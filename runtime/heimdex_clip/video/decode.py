@@ -55,8 +55,9 @@ class DecodeStats:
     oversized_frames: int = 0
     #: (start_s, end_s) of the stretches lost to corrupt packets (merged, at most 100).
     skipped_ranges: list[list[float]] = field(default_factory=list)
-    decode_s: float = 0.0
-    scale_s: float = 0.0
+    decode_s: float = 0.0  # demuxing and decoding
+    scale_s: float = 0.0  # the small frames for detection
+    picture_s: float = 0.0  # the candidate pictures
 
     def note_skip(self, at_s: float | None) -> None:
         if at_s is None:
@@ -95,7 +96,7 @@ class DecodedFrame:
                              interpolation="AREA").to_ndarray()
         if rotation:  # PyAV's rotation is counter-clockwise degrees, as np.rot90's k
             rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation))
-        self._stats.scale_s += time.perf_counter() - started
+        self._stats.picture_s += time.perf_counter() - started
         return rgb
 
     def release(self) -> None:

@@ -91,7 +91,14 @@ class VideoAnalysis:
                 "skipped_ranges_s": d.skipped_ranges, "scenes": len(self.scenes),
                 "scenes_without_usable_frame": self.unusable_scenes,
                 "failed_embeddings": sum(s.embedding is None for s in self.scenes),
-                "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
+                "timings_s": {k: round(v, 4) for k, v in self.stage_seconds().items()}}
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Where the time went: decode, scaling, detection, quality, embedding, saving."""
+        t, d = self.timings, self.decode
+        return {"decode": d.decode_s, "scaling": d.scale_s + d.picture_s,
+                "detection": t["detect"], "quality": t["quality"] - d.picture_s,
+                "embedding": t["embed"], "saving": t["save"], "total": t["total"]}
 
 
 def content_hash(path: Path, chunk: int = 1 << 20) -> str:
