@@ -95,6 +95,8 @@ def write_video(path: str | Path, shots: list[Shot], *, size: tuple[int, int] = 
         stream.bit_rate = bit_rate
     if codec == "libx264":
         stream.options = {"preset": "ultrafast" if size[0] >= 1280 else "veryfast"}
+    elif codec.startswith("libvpx"):
+        stream.options = {"deadline": "realtime", "cpu-used": "8"}
     time_base = Fraction(1, fps * 2)
     stream.time_base = time_base
     if rotation is not None:

@@ -30,6 +30,7 @@ import numpy as np
 
 _BINS = 16
 _LUMA_EPS = 0.01  # luma jitter tolerated on a fade's ramp
+_RAMP_STEP = 0.002  # the least a fade in brightens a frame
 
 
 @dataclass(frozen=True)
@@ -143,16 +144,18 @@ class CutDetector:
         if f.black:
             self._ramp = (f.time_s, f.luma)
         elif self._ramp is not None:
-            rising = f.luma >= self._ramp[1] - _LUMA_EPS and f.time_s - self._ramp[0] < 2.0
+            # A fade in brightens every frame; a steady shot ends the ramp.
+            rising = f.luma > self._ramp[1] + _RAMP_STEP and f.time_s - self._ramp[0] < 2.0
             self._ramp = (self._ramp[0], f.luma) if rising else None
         return Decision(f.index, f.time_s, f.black, cut, f.luma)
 
     def _fading_out(self, position: int) -> bool:
         """Whether the frames from ``position`` on darken steadily into a black frame."""
-        luma = self._frames[position].luma
+        first = self._frames[position]
+        start = luma = first.luma
         for g in itertools.islice(self._frames, position + 1, None):
-            if g.black:
-                return True
+            if g.black:  # a ramp (it halved on the way), or too short to be a scene
+                return luma < 0.5 * start or g.time_s - first.time_s < self.settings.min_scene_s
             if g.luma > luma + _LUMA_EPS:
                 return False
             luma = g.luma
@@ -160,7 +163,7 @@ class CutDetector:
 
     def _fading_in(self, f: _Features) -> bool:
         """Whether ``f`` is still on the steady brightening that followed a black frame."""
-        return self._ramp is not None and f.luma >= self._ramp[1] - _LUMA_EPS
+        return self._ramp is not None and f.luma > self._ramp[1] + _RAMP_STEP
 
     def _hard_cut(self, position: int) -> bool:
         frames, s = self._frames, self.settings
