@@ -3,8 +3,9 @@
 :func:`analyze_video` streams the file once. Frames go through the cut detector; a frame
 is kept only while the detector's look-ahead needs it. Each closed scene keeps at most
 ``top_k`` small pictures until its vector is made, and scenes are embedded in batches of
-``embed_batch`` through :meth:`ClipEmbedder.embed_scenes`, so memory does not grow with
-the video's length. Only the vectors and a few numbers per scene are kept to the end.
+``embed_batch`` through :meth:`ClipEmbedder.embed_scenes` on a model thread, one batch in
+flight while decoding goes on, so memory does not grow with the video's length. Only the
+vectors and a few numbers per scene are kept to the end.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,8 +166,20 @@ class _Run:
         self.scenes: list[SceneResult] = []
         self.unusable = 0
         self._queue: list[tuple[Segment, list]] = []
+        self._saved = 0
+        self._in_flight: Future | None = None
+        self._model_thread: ThreadPoolExecutor
 
     def stream(self, container) -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="heimdex-video-embed") as pool:
+            self._model_thread = pool
+            try:
+                self._stream(container)
+                self._flush()
+            finally:
+                self._collect()
+
+    def _stream(self, container) -> None:
         s = self.settings
         fps = min(self.info.fps or s.max_analysis_fps, s.max_analysis_fps)
         detector = CutDetector(s.cuts, fps)
@@ -188,7 +202,6 @@ class _Run:
             self._segment(segmenter, decision, waiting.pop(decision.index))
         for seg in segmenter.finish():
             self._closed(seg)
-        self._flush()
 
     def _segment(self, segmenter: Segmenter, decision, frame: DecodedFrame) -> None:
         started = time.perf_counter()
@@ -212,29 +225,44 @@ class _Run:
             self._flush()
 
     def _flush(self) -> None:
+        """Save the queued scenes' best frames, and hand their embedding to the model thread
+        (one batch in flight: the decoder goes on while the model runs)."""
         if not self._queue:
             return
         started = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        batch, self._queue = self._queue, []
         paths = []
-        for _, chosen in self._queue:
-            index = len(self.scenes) + len(paths)
-            path = self.out_dir / f"scene_{index:05d}.jpg"
+        for _, chosen in batch:
+            path = self.out_dir / f"scene_{self._saved:05d}.jpg"
             Image.fromarray(chosen[0].rgb).save(path, quality=self.settings.jpeg_quality)
             paths.append(str(path))
+            self._saved += 1
         self.timings["save"] += time.perf_counter() - started
+        self._collect()
+        self._in_flight = self._model_thread.submit(self._embed, batch, paths)
+
+    def _embed(self, batch: list[tuple[Segment, list]], paths: list[str]) -> list:
         started = time.perf_counter()
         results = self.embedder.embed_scenes(
-            [[(c.rgb, c.score) for c in chosen] for _, chosen in self._queue],
+            [[(c.rgb, c.score) for c in chosen] for _, chosen in batch],
             top_k=self.settings.top_k, frame_paths=paths)
         self.timings["embed"] += time.perf_counter() - started
-        for (seg, chosen), path, result in zip(self._queue, paths, results, strict=True):
+        return list(zip(batch, paths, results, strict=True))
+
+    def _collect(self) -> None:
+        """Wait for the batch in flight and keep its scenes (never raises: embed_scenes
+        turns every failure into a result)."""
+        if self._in_flight is None:
+            return
+        done, self._in_flight = self._in_flight.result(), None
+        for (seg, chosen), path, result in done:
             metadata = dict(result.metadata)
             metadata["video"] = {
                 "scene_index": len(self.scenes), "shot": seg.shot, "window": seg.window,
                 "start_s": round(seg.start_s, 4), "end_s": round(seg.end_s, 4),
                 "starts_at": seg.starts_at, "ends_at": seg.ends_at,
-                "frames": seg.frames, "candidates_usable": len(chosen),
+                "frames": seg.frames, "frames_chosen": len(chosen),
                 "chosen": [{"time_s": round(c.time_s, 4), **c.quality.as_dict()}
                            for c in chosen],
                 "settings": self.settings.as_dict(), "settings_key": self.settings.key}
@@ -242,7 +270,6 @@ class _Run:
                 scene_index=len(self.scenes), shot=seg.shot, window=seg.window,
                 start_s=seg.start_s, end_s=seg.end_s, frame_path=path,
                 embedding=result.embedding, metadata=metadata))
-        self._queue = []
 
 
 def _remove_tree(directory: Path) -> None:

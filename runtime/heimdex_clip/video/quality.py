@@ -47,8 +47,9 @@ class FrameQuality:
 
 def frame_quality(rgb: np.ndarray, *, black_luma: float = 0.08,
                   blank_std: float = 0.02) -> FrameQuality:
-    """Score a uint8 RGB [H, W, 3] picture."""
-    luma = (rgb.astype(np.float32) @ _LUMA) / 255.0
+    """Score a uint8 RGB [H, W, 3] picture (every other pixel of each axis: a candidate of
+    640x360 is scored on 320x180, a quarter of the work)."""
+    luma = (rgb[::2, ::2].astype(np.float32) @ _LUMA) / 255.0
     mean, std = float(luma.mean()), float(luma.std())
     # A 4-neighbour Laplacian on the interior: edges and texture, not noise-free flats.
     lap = (4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1]
