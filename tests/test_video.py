@@ -321,3 +321,18 @@ def test_a_corrupt_middle_keeps_the_readable_scenes_and_says_what_it_skipped(mad
     report = result.report()
     assert report["corrupt_packets"] > 0 and report["skipped_ranges_s"]
     assert len(result.scenes) >= len(SHOTS) // 2
+
+
+@pytest.mark.parametrize(("size", "pix_fmt"), [((320, 180), "yuv420p"), ((161, 91), "yuv444p")])
+def test_detection_planes_match_ffmpegs_area_scaler(tmp_path, size, pix_fmt):
+    from heimdex_clip.video.decode import ANALYSIS_SIZE, small_planes
+
+    path = tmp_path / "planes.mp4"
+    write_video(path, [Shot("astronaut", 0.2, "pan")], size=size, pix_fmt=pix_fmt)
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        ours = small_planes(frame).astype(np.float32)
+        scaled = frame.reformat(width=ANALYSIS_SIZE[0], height=ANALYSIS_SIZE[1],
+                                format="yuv444p", interpolation="AREA").to_ndarray()
+    assert ours.shape == (3, ANALYSIS_SIZE[1], ANALYSIS_SIZE[0])
+    assert np.abs(ours - scaled).mean() < 4.0  # of 255: the same picture, other sampling

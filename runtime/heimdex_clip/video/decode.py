@@ -116,11 +116,14 @@ def small_planes(frame: av.VideoFrame) -> np.ndarray:
     Other pixel formats go through FFmpeg's scaler.
     """
     width, height = ANALYSIS_SIZE
-    if frame.format.name not in _PLANAR_YUV:
+    planes = frame.planes[:3]
+    if frame.format.name not in _PLANAR_YUV or any(
+            p.line_size < p.width or p.buffer_size < p.line_size * p.height for p in planes):
         return frame.reformat(width=width, height=height, format="yuv444p").to_ndarray()
     out = np.empty((3, height, width), np.uint8)
-    for i, plane in enumerate(frame.planes[:3]):
-        samples = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    for i, plane in enumerate(planes):
+        samples = np.frombuffer(plane, np.uint8)[:plane.line_size * plane.height]
+        samples = samples.reshape(plane.height, plane.line_size)
         rows = _grid(plane.height, height)
         cols = _grid(plane.width, width)
         points = samples[np.ix_(rows, cols)].astype(np.uint16)
