@@ -94,8 +94,10 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
     from heimdex_clip.db.videos import index_video
     from heimdex_clip.video import VideoSettings, content_hash
 
+    # No embedding cache: the long file repeats the short one, and cached repeats would
+    # skip the model.
     embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact,
-                                              cpu_threads=threads)).load()
+                                              cpu_threads=threads, embed_cache_size=0)).load()
     url = start_embedded(Path(tempfile.mkdtemp(prefix="video-bench-pg-")) / "pgdata")
     pool = open_pool(url)
     migrate(pool)
