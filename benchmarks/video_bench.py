@@ -117,20 +117,22 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
 
 
 def peak_rss(path: Path, artifact: Path, threads: int, media: Path) -> dict:
-    """The pipeline in a child process; its peak RSS (ru_maxrss of the child)."""
+    """The pipeline in a child process; its peak RSS (the child's own ru_maxrss)."""
     code = ("import sys, json, resource; sys.path.insert(0, sys.argv[5]); "
             "from video_bench import pipeline; from pathlib import Path; "
             "r = pipeline(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "
             "Path(sys.argv[4])); print(json.dumps({'wall_s': r['wall_s'], "
-            "'scenes': r['scenes']}))")
+            "'scenes': r['scenes'], 'breakdown_s': r['breakdown_s'], 'own_peak_rss_mb': "
+            "round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = subprocess.run([sys.executable, "-c", code, str(path), str(artifact), str(threads),
                           str(media), str(Path(__file__).parent)],
                          check=True, capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # ru_maxrss of children is the largest child so far: runs go shortest file first.
-    return {**result, "peak_rss_mb": round(after / 1024, 1), "max_so_far_grew": after > before}
+    # RUSAGE_CHILDREN's peak is the largest child so far; the child reports its own.
+    return {**result, "peak_rss_mb": result.pop("own_peak_rss_mb"),
+            "largest_child_so_far_mb": round(max(before, after) / 1024, 1)}
 
 
 def f1(detected: list[float], cuts: list[float], dissolves: list, tol: float) -> dict:
