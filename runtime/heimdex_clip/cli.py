@@ -3,7 +3,8 @@
     heimdex-clip embed PATH... [--text TEXT]... [--json]
     heimdex-clip info [--json]
     heimdex-clip bench [--json] [--batch N]   (every provider x graph, and auto's pick)
-    heimdex-clip db migrate | index | search | backfill | stats   (needs the db extra)
+    heimdex-clip db migrate | index | index-video | search | backfill | bulk-embed | stats
+                                                               (needs the db extra)
     heimdex-clip serve   (the search service; needs the db and serve extras)
 """
 
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: The database commands; without the db extra each one says how to get it.
-DB_COMMANDS = ("db", "index", "search", "backfill", "stats", "serve")
+DB_COMMANDS = ("db", "index", "index-video", "search", "backfill", "bulk-embed",
+               "stats", "serve")
 #: The db extra (the client); the embedded server is its own extra, checked when it is needed.
 _DB_MODULES = ("psycopg", "psycopg_pool", "pgvector")
 

@@ -120,6 +120,26 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     _owner_args(index, all_owners=False)
     index.add_argument("--batch", type=integer(1, 4096), default=16)
 
+    video = command(sub, "index-video", help="cut videos into scenes, embed each scene's "
+                    "best frames and store them (needs the video extra)")
+    video.add_argument("paths", nargs="+", metavar="PATH", help="video files")
+    _owner_args(video, all_owners=False)
+    video.add_argument("--media-dir", type=Path, default=None,
+                       help="where the scenes' best frames go (default: $HEIMDEX_MEDIA_DIR, "
+                       "else ./heimdex-media)")
+    video.add_argument("--video-id", type=uuid.UUID, default=None,
+                       help="the video's id (one PATH only; default: from its content)")
+    video.add_argument("--window", type=number(1, 3600), default=10.0,
+                       help="longest scene in seconds: longer shots are split (default 10)")
+    video.add_argument("--top-k", type=integer(1, 16), default=3,
+                       help="best frames pooled into a scene's vector (default 3)")
+    video.add_argument("--threads", type=integer(1, 64), default=2,
+                       help="decoder threads (default 2)")
+    video.add_argument("--json", action="store_true", help="one JSON line per video")
+    delete_video = command(db_sub, "delete-video", help="delete a video's scenes and frames")
+    delete_video.add_argument("--video-id", type=uuid.UUID, required=True)
+    _owner_args(delete_video, all_owners=False)
+
     search = command(sub, "search", help="owner-scoped search by image, text or scene, or "
                      "by several of them combined")
     search.set_defaults(parts=[])

@@ -128,7 +128,10 @@ def print_hits(hits: Sequence[SearchHit], out=sys.stdout) -> None:
         return
     print(f"{'rank':>4}  {'similarity':>10}  {'scene id':36}  frame", file=out)
     for rank, hit in enumerate(hits, 1):
-        print(f"{rank:>4}  {hit.similarity:>10.4f}  {hit.id!s:36}  {hit.frame_path}", file=out)
+        where = (f"  (video {hit.video_id} {hit.start_s:.2f}-{hit.end_s:.2f} s)"
+                 if hit.video_id and hit.start_s is not None and hit.end_s is not None else "")
+        print(f"{rank:>4}  {hit.similarity:>10.4f}  {hit.id!s:36}  {hit.frame_path}{where}",
+              file=out)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -171,6 +174,69 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"indexed {summary['embedded']} of {summary['frames']} frames "
           f"({summary['failed']} failed, {summary['skipped']} skipped) for owner {args.owner}")
     return 0 if summary["failed"] == summary["skipped"] == 0 else 1
+
+
+def _video_module():
+    """heimdex_clip.db.videos, or a one-line error naming the missing extra."""
+    try:
+        from . import videos
+    except ModuleNotFoundError as exc:
+        if exc.name != "av":
+            raise
+        raise DatabaseError("`heimdex-clip index-video` needs the video extra (PyAV): "
+                            "pip install 'heimdex-clip[video]'") from None
+    return videos
+
+
+def cmd_index_video(args: argparse.Namespace) -> int:
+    videos = _video_module()
+    from ..video import VideoError, VideoSettings
+    from ..video.segments import SegmentSettings
+
+    if args.video_id is not None and len(args.paths) > 1:
+        raise DatabaseError("--video-id names one video: give one PATH with it")
+    settings = VideoSettings(segments=SegmentSettings(window_s=args.window), top_k=args.top_k,
+                             threads=args.threads)
+    media = args.media_dir or Path(os.environ.get("HEIMDEX_MEDIA_DIR") or "heimdex-media")
+    embedder, failed = _embedder(args), 0
+    with _db(args) as pool:
+        for path in args.paths:
+            try:
+                done = videos.index_video(pool, embedder, path, args.owner, media_dir=media,
+                                          settings=settings, video_id=args.video_id)
+            except VideoError as exc:  # one bad file never stops the others
+                failed += 1
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            report = done.report
+            if args.json:
+                print(json.dumps({"path": str(path), "video_id": str(done.video_id),
+                                  "status": done.status, "scenes": done.scenes,
+                                  "report": report}))
+            else:
+                print(f"{path}: {done.status} video {done.video_id}: {done.scenes} scenes"
+                      + (f", {report.get('failed_embeddings')} failed"
+                         if report.get("failed_embeddings") else ""))
+            if report.get("corrupt_packets") or report.get("oversized_frames"):
+                print(f"warning: {path}: skipped {report['corrupt_packets']} corrupt packets "
+                      f"and {report['oversized_frames']} oversized frames (around "
+                      f"{_ranges(report['skipped_ranges_s'])})", file=sys.stderr)
+    return 0 if failed == 0 else 1
+
+
+def _ranges(ranges: list[list[float]]) -> str:
+    return ", ".join(f"{a:.1f}-{b:.1f} s" for a, b in ranges) or "unknown times"
+
+
+def cmd_delete_video(args: argparse.Namespace) -> int:
+    videos = _video_module()
+    with _db(args) as pool:
+        try:
+            deleted = videos.delete_video(pool, args.owner, args.video_id)
+        except LookupError as exc:
+            raise DatabaseError(str(exc)) from None
+    print(f"deleted video {args.video_id}: {deleted} scenes and their frames")
+    return 0
 
 
 def _query_frame(store: SceneStore, owner: uuid.UUID, part: QueryPart | None) -> str | None:
@@ -220,7 +286,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         # allow_nan=False: never "NaN" (invalid JSON); the SQL search never returns one.
         print(json.dumps([{"id": str(h.id), "similarity": h.similarity,
-                           "frame_path": h.frame_path} for h in hits], indent=2,
+                           "frame_path": h.frame_path,
+                           "video_id": str(h.video_id) if h.video_id else None,
+                           "scene_index": h.scene_index, "start_s": h.start_s,
+                           "end_s": h.end_s} for h in hits], indent=2,
                          allow_nan=False))
     else:
         print_hits(hits)
@@ -316,7 +385,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     commands = {"migrate": cmd_migrate, "promote": cmd_promote, "prune": cmd_prune,
                 "attribute": cmd_attribute,
                 "index": cmd_index, "search": cmd_search, "backfill": cmd_backfill,
-                "stats": cmd_stats, "api-key": cmd_api_key, "bulk-embed": cmd_bulk_embed}
+                "stats": cmd_stats, "api-key": cmd_api_key, "bulk-embed": cmd_bulk_embed,
+                "index-video": cmd_index_video, "delete-video": cmd_delete_video}
     cli_args.register(sub, {k: _guarded(v, k) for k, v in commands.items()})
     # The pool's reconnect chatter is not actionable for an operator; its errors surface
     # as the command's one-line error.

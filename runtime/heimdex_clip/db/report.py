@@ -55,13 +55,26 @@ def _query(label: str, frame: str | Path | None, max_pixels: int | None) -> str:
     return _figure(thumbnail_data_uri(frame, max_pixels=max_pixels), html.escape(label))
 
 
+def _where(hit: SearchHit) -> str:
+    """A video scene's video and time range (m:ss.s), or nothing."""
+    if hit.video_id is None or hit.start_s is None or hit.end_s is None:
+        return ""
+    span = f"{_clock(hit.start_s)}–{_clock(hit.end_s)}"
+    return f'<br><span class="where">video {str(hit.video_id)[:8]} {span}</span>'
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(max(0.0, seconds), 60)
+    return f"{int(minutes)}:{rest:04.1f}"
+
+
 def render_results(query_label: str, query_frame: str | Path | None,
                    hits: Sequence[SearchHit], *, title: str = "heimdex-clip search",
                    warning: str | None = None, max_pixels: int | None = None) -> str:
     """The page as a string (write it anywhere; it references no other file)."""
     cards = [_figure(thumbnail_data_uri(h.frame_path, max_pixels=max_pixels),
                      f"<b>{h.similarity:.3f}</b><br>{html.escape(Path(h.frame_path or '?').name)}"
-                     f"<br><small>{h.id}</small>") for h in hits]
+                     f"{_where(h)}<br><small>{h.id}</small>") for h in hits]
     body = "".join(cards) or "<p>No scene above the threshold.</p>"
     banner = f'<p class="warn">{html.escape(warning)}</p>' if warning else ""
     return f"""<!doctype html>

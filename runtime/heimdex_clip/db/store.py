@@ -56,6 +56,9 @@ class SearchHit:
     frame_path: str | None
     metadata: dict[str, Any] | None
     similarity: float
+    #: Where in its video the scene is (seconds), for scenes cut from a video.
+    start_s: float | None = None
+    end_s: float | None = None
 
 
 def owner_uuid(owner_id: uuid.UUID | str | None) -> uuid.UUID:
@@ -272,9 +275,17 @@ class SceneStore:
         try:
             with refused_values(), self.pool.connection() as conn:
                 rows = conn.execute(sql, params).fetchall()
+                # Where in its video each hit is: the search functions return no times, so
+                # a video's hits are looked up by id (only when there are any).
+                in_video = [row[0] for row in rows if row[2] is not None]
+                times: dict = {}
+                if in_video:
+                    times.update((r[0], (r[1], r[2])) for r in conn.execute(
+                        "SELECT id, start_s, end_s FROM scenes WHERE id = ANY(%s)",
+                        (in_video,)).fetchall())
         except psycopg.errors.NoDataFound as exc:
             raise DatabaseError(str(exc.diag.message_primary)) from None
-        return [SearchHit(*row) for row in rows]
+        return [SearchHit(*row, *times.get(row[0], (None, None))) for row in rows]
 
     def get_scene(self, owner_id: uuid.UUID | str,
                   scene_id: uuid.UUID | str) -> dict[str, Any] | None:

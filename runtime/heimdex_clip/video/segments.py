@@ -1,0 +1,144 @@
+"""From the detector's decisions to scenes: boundaries, windows and candidate frames.
+
+A *shot* runs from one cut (or the end of a black stretch) to the next cut (or the start
+of a black stretch). A shot longer than ``window_s`` is split into windows of that length,
+each its own scene row, so a long shot is found by its later content too.
+
+Candidate frames are sampled ``candidate_fps`` times a second (and the first frame of each
+window), scored (:mod:`.quality`) and the best ``max_candidates`` kept. When a window
+closes, the candidates are ranked: black and blank frames never count; a frame darker than
+``fade_ratio`` times the window's brightest is mid-fade and only used if nothing else is;
+frames within ``edge_guard_s`` of a cut or fade (a dissolve's blend) come after the rest.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cuts import Decision
+from .quality import FrameQuality, frame_quality
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    window_s: float = 10.0
+    candidate_fps: float = 2.0
+    max_candidates: int = 8
+    fade_ratio: float = 0.7
+    edge_guard_s: float = 0.3
+
+
+@dataclass(order=True)
+class Candidate:
+    score: float
+    time_s: float = field(compare=False)
+    quality: FrameQuality = field(compare=False)
+    rgb: np.ndarray = field(compare=False, repr=False)
+
+
+@dataclass
+class Segment:
+    """One scene row to be: a window of a shot, its times and its ranked candidates."""
+
+    index: int
+    shot: int
+    window: int
+    start_s: float
+    end_s: float = 0.0
+    starts_at: str = "start"  # start | cut | black | window
+    ends_at: str = "end"  # cut | black | window | end
+    frames: int = 0
+    max_luma: float = 0.0
+    candidates: list[Candidate] = field(default_factory=list)  # a min-heap by score
+    _next_sample_s: float = 0.0
+
+    def ranked(self, guard_s: float, fade_ratio: float) -> list[Candidate]:
+        """Usable candidates, best first (see the module docstring)."""
+        def near_edge(c: Candidate) -> bool:
+            return ((self.starts_at in ("cut", "black") and c.time_s - self.start_s < guard_s)
+                    or (self.ends_at in ("cut", "black") and self.end_s - c.time_s < guard_s))
+
+        def key(c: Candidate) -> tuple:
+            faded = c.quality.luma < fade_ratio * self.max_luma
+            return (not faded, not near_edge(c), c.score)
+
+        return sorted((c for c in self.candidates if c.quality.usable), key=key, reverse=True)
+
+
+class Segmenter:
+    """Feed :class:`Decision` s (with a way to get the frame's picture) in order; closed
+    segments come out of :meth:`add` and :meth:`finish`."""
+
+    def __init__(self, settings: SegmentSettings, black_luma: float) -> None:
+        self.settings = settings
+        self.black_luma = black_luma
+        self._open: Segment | None = None
+        self._indices = itertools.count()
+        self._shot = -1
+        self._window = 0
+        self._last_time = 0.0
+        self._last_gap = 0.0
+        self._pending_start = "start"  # how the next segment starts
+
+    def add(self, decision: Decision, picture: Callable[[], np.ndarray]) -> list[Segment]:
+        s, t, closed = self.settings, decision.time_s, []
+        if t > self._last_time:
+            self._last_gap = t - self._last_time
+        self._last_time = t
+        seg = self._open
+        if decision.black:
+            if seg is not None:
+                closed.append(self._close(t, "black"))
+            self._pending_start = "black"
+            return closed
+        if seg is not None and decision.cut:
+            closed.append(self._close(t, "cut"))
+            self._pending_start = "cut"
+        elif seg is not None and t - seg.start_s >= s.window_s:
+            closed.append(self._close(t, "window"))
+            self._pending_start = "window"
+        if self._open is None:
+            new_shot = self._pending_start != "window"
+            self._shot += new_shot
+            self._window = 0 if new_shot else self._window + 1
+            self._open = Segment(index=next(self._indices), shot=self._shot,
+                                 window=self._window, start_s=t, starts_at=self._pending_start,
+                                 _next_sample_s=t)
+        self._observe(self._open, decision, picture)
+        return closed
+
+    def _observe(self, seg: Segment, decision: Decision,
+                 picture: Callable[[], np.ndarray]) -> None:
+        s = self.settings
+        seg.frames += 1
+        seg.max_luma = max(seg.max_luma, decision.luma)
+        if decision.time_s + 1e-6 < seg._next_sample_s:
+            return
+        seg._next_sample_s = decision.time_s + 1.0 / s.candidate_fps
+        rgb = picture()
+        quality = frame_quality(rgb, black_luma=self.black_luma)
+        if not quality.usable:
+            return
+        item = Candidate(quality.score, decision.time_s, quality, rgb)
+        if len(seg.candidates) < s.max_candidates:
+            heapq.heappush(seg.candidates, item)
+        elif item.score > seg.candidates[0].score:
+            heapq.heapreplace(seg.candidates, item)
+
+    def _close(self, end_s: float, reason: str) -> Segment:
+        seg = self._open
+        assert seg is not None
+        seg.end_s, seg.ends_at = end_s, reason
+        self._open = None
+        return seg
+
+    def finish(self) -> list[Segment]:
+        """Close the open segment at the end of the last frame."""
+        if self._open is None:
+            return []
+        return [self._close(self._last_time + self._last_gap, "end")]
