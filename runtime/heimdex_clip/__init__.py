@@ -5,7 +5,7 @@ Importing this package never imports torch (a test proves it in a torch-free ven
 
 from .artifact import Manifest, PreprocessSpec, load_manifest
 from .config import ClipConfig
-from .embedder import ClipEmbedder, EmbeddingResult, get_embedder, reset_embedder
+from .embedder import ClipEmbedder, EmbeddingResult
 from .errors import (
     ArtifactError,
     ClipError,
@@ -17,6 +17,7 @@ from .errors import (
     TextError,
 )
 from .query import QueryPart, combine
+from .singleton import get_embedder, reset_embedder
 from .worker_api import WorkerEmbedder
 
 __version__ = "0.1.0"

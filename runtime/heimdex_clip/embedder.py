@@ -18,7 +18,6 @@ read before :meth:`load` still load it, with a DeprecationWarning (later: an err
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ import numpy as np
 
 from .artifact import Manifest
 from .config import ClipConfig
-from .errors import ConfigError
 from .frames import EmbeddingCache, FramePipeline
 from .images import ImageSource
 from .jobs import DeadlineRunner
@@ -42,8 +40,7 @@ from .worker_api import ScenePart, WorkerEmbedder
 
 log = logging.getLogger("heimdex_clip")
 
-__all__ = ["ClipEmbedder", "EmbeddingResult", "WorkerEmbedder", "get_embedder",
-           "reset_embedder"]
+__all__ = ["ClipEmbedder", "EmbeddingResult", "WorkerEmbedder"]
 
 
 def _batch_size(batch: object) -> int:
@@ -214,38 +211,3 @@ class ClipEmbedder:
     def embed_text(self, text: str) -> EmbeddingResult:
         """Worker call, never raises: :meth:`WorkerEmbedder.embed_text`."""
         return self.worker.embed_text(text)
-
-
-_instance: ClipEmbedder | None = None
-_instance_lock = threading.Lock()
-
-
-def get_embedder(config: ClipConfig | None = None) -> ClipEmbedder | None:
-    """The process-wide embedder for a worker, created on first call; None when CLIP_ENABLED
-    is false (the feature flag).
-
-    Thread-safe; the model loads on the first frame (or call ``load()`` at start-up). Invalid
-    CLIP_* settings raise ConfigError here, and so does another config than the existing
-    embedder's (call :func:`reset_embedder` first).
-    """
-    global _instance
-    cfg = config if config is not None else ClipConfig.from_env()
-    if not cfg.enabled:
-        return None
-    with _instance_lock:
-        if _instance is None:
-            _instance = ClipEmbedder(config=cfg)
-        elif _instance.config != cfg:
-            raise ConfigError("the process-wide CLIP embedder already exists with another "
-                              "configuration; call reset_embedder() before switching")
-        return _instance
-
-
-def reset_embedder() -> None:
-    """Forget the process-wide instance (tests, or after changing the environment).
-
-    The old instance is not closed: threads that still hold it keep working with it.
-    """
-    global _instance
-    with _instance_lock:
-        _instance = None
