@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -42,40 +42,22 @@ from heimdex_clip.session import cpu_features, create_session
 
 from . import evaluation as ev
 from . import static_qdq
+from .gates import RANDOM_INIT_GATES, GateError, Gates, raise_if
 from .install import install, working_directory
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
-from .quantize import SHIPPED_RECIPE, QuantRecipe, quantize_visual
+from .quantize import SHIPPED_RECIPE, quantize_visual
+from .recipes import QuantRecipe
 from .text_export import TextGateError, export_text_tower
 from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
+#: Re-exported: callers import the gates from the pipeline they configure.
+__all__ = ["RANDOM_INIT_GATES", "GateError", "Gates", "export_artifact"]
+
 EVAL_BATCH = 32
 ODD_BATCH = 7
 BATCH1_IMAGES = 16
-
-
-class GateError(RuntimeError):
-    """A measured figure missed its gate; the export was abandoned."""
-
-
-@dataclass(frozen=True)
-class Gates:
-    """The accuracy an artifact must show before it is written (real trained weights)."""
-
-    fp32_min_cosine: float = 0.99999
-    int8_mean_cosine: float = 0.999
-    int8_min_cosine: float = 0.99
-    int8_top5_agreement: float = 0.95
-    #: An image alone vs inside a batch: search must not depend on what was batched with it.
-    batch_invariance_min_cosine: float = 0.9999
-    min_eval_images: int = 100
-
-
-#: A seeded random init has no activation outliers; it keeps the looser INT8 figures it
-#: was first gated on (the batch-invariance gate is the same).
-RANDOM_INIT_GATES = replace(Gates(), int8_mean_cosine=0.995, int8_min_cosine=0.98,
-                            int8_top5_agreement=0.9)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -235,7 +217,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
     failures: list[str] = []
     ev.check_min("fp32 vs torch min cosine", fp32_report["min_cosine"],
                  gates.fp32_min_cosine, failures)
-    _raise_if(failures, "fp32 parity")
+    raise_if(failures, "fp32 parity")
 
     calibration = open_clip_pixels(loaded, ev.calibration_images())  # not in the eval set
     recipe_record = quantize_visual(fp32_path, int8_path, recipe, calibration=calibration)
@@ -252,7 +234,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
                  gates.int8_top5_agreement, failures)
     ev.check_min("batch invariance min cosine", invariance,
                  gates.batch_invariance_min_cosine, failures)
-    _raise_if(failures, "INT8 accuracy")
+    raise_if(failures, "INT8 accuracy")
 
     files = {"visual.int8": _file_entry(int8_path, "int8")}
     qdq_parity = _openvino_graph(loaded, fp32_path, work, pixels, fp32_emb, gates) \
@@ -306,7 +288,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
 def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np.ndarray,
                     fp32_emb: np.ndarray, gates: Gates) -> dict:
     """Write and gate visual.qdq.onnx (static_qdq.py); returns its manifest parity figures."""
-    recipe = static_qdq.QdqRecipe()
+    recipe = QuantRecipe.static_qdq()
     transform = open_clip.image_transform(
         loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std,
         resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
@@ -319,10 +301,5 @@ def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np
                  "batch_invariance_min_cosine": gates.batch_invariance_min_cosine}
     report = static_qdq.evaluate_qdq(qdq_path, INPUT_NAME, OUTPUT_NAME, pixels, fp32_emb,
                                      qdq_gates, EVAL_BATCH)
-    _raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
+    raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
     return report.parity(record, qdq_gates)
-
-
-def _raise_if(failures: list[str], stage: str) -> None:
-    if failures:
-        raise GateError(f"{stage} gate failed; no artifact written: " + "; ".join(failures))

@@ -16,9 +16,8 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -31,13 +30,12 @@ from heimdex_clip.text import INPUT_NAME, OUTPUT_NAME, RAW_OUTPUT_NAME, active_l
 from heimdex_clip.tokenizer import ClipTokenizer
 
 from . import evaluation as ev
+from .gates import Gates, text_gates
 from .onnx_export import OPSET, ExportSelfAttention, mha_fastpath_disabled
-from .quantize import PER_TENSOR_RECIPE, QuantRecipe, quantize_visual
+from .quantize import quantize_visual
+from .recipes import QuantRecipe
 from .text_corpus import gate_corpus
 from .tokenizer_export import TokenizerExportError, write_tokenizer
-
-if TYPE_CHECKING:  # pipeline imports this module
-    from .pipeline import Gates
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +51,6 @@ BATCH1_TEXTS = 24
 
 class TextGateError(RuntimeError):
     """The fp32 text graph does not reproduce PyTorch: a bug, never shipped."""
-
-
-def text_gates(gates: Gates) -> dict[str, float]:
-    """The image tower's thresholds, applied to the text tower (recorded in the manifest):
-    its top-5 agreement becomes the text -> image retrieval overlap."""
-    return {"fp32_min_cosine": gates.fp32_min_cosine,
-            "int8_mean_cosine": gates.int8_mean_cosine,
-            "int8_min_cosine": gates.int8_min_cosine,
-            "int8_retrieval_top5_overlap": gates.int8_top5_agreement}
 
 
 @dataclass
@@ -165,8 +154,7 @@ def text_recipe() -> QuantRecipe:
     * The token embedding (a quarter of the tower's weights, read by a Gather) is quantized
       too: 140 -> 64 MB for ViT-B-32 at the same accuracy.
     """
-    return replace(PER_TENSOR_RECIPE, weight_type="QUInt8", reduce_range=False,
-                   op_types=("MatMul", "Gather"))
+    return QuantRecipe.text_dynamic()
 
 
 def _check_tokenizer(tokenizer_path: Path, spec: dict, texts: list[str]) -> dict:
