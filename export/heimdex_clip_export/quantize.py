@@ -52,17 +52,31 @@ def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None 
     """
     recipe = recipe or SHIPPED_RECIPE
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), **recipe.pre_process)
-        if recipe.method is not Method.DYNAMIC:
-            raise ValueError("quantize_visual writes dynamic recipes; static ones: static_qdq")
-        if recipe.activation_granularity is Granularity.PER_TENSOR:
-            record = _quantize_per_tensor(prepared, out_path, recipe)
-        else:
-            record = _quantize_per_row(prepared, out_path, recipe, calibration)
+        prepared = prepare(fp32_path, Path(tmp) / "prepared.onnx", recipe)
+        record = quantize_prepared(prepared, out_path, recipe, calibration)
     log.info("quantized %s -> %s (%.1f MB)", fp32_path.name, out_path.name,
              out_path.stat().st_size / 1e6)
     return record
+
+
+def prepare(fp32_path: Path, prepared_path: Path, recipe: QuantRecipe) -> Path:
+    """``quant_pre_process`` as the recipe asks; node names are then the ones
+    ``excluded_nodes`` and the sensitivity scan (``sensitivity.py``) refer to."""
+    quant_pre_process(str(fp32_path), str(prepared_path), **recipe.pre_process)
+    return prepared_path
+
+
+def quantize_prepared(prepared: Path, out_path: Path, recipe: QuantRecipe,
+                      calibration: np.ndarray | None = None,
+                      act_absmax: dict[str, np.ndarray] | None = None) -> dict:
+    """``quantize_visual`` on a graph ``prepare`` already wrote (the sensitivity scan
+    quantizes one graph many times). ``act_absmax``: SmoothQuant statistics already
+    measured (``activation_absmax`` of this graph), instead of ``calibration``."""
+    if recipe.method is not Method.DYNAMIC:
+        raise ValueError("quantize_visual writes dynamic recipes; static ones: static_qdq")
+    if recipe.activation_granularity is Granularity.PER_TENSOR:
+        return _quantize_per_tensor(prepared, out_path, recipe)
+    return _quantize_per_row(prepared, out_path, recipe, calibration, act_absmax)
 
 
 def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) -> dict:
@@ -79,10 +93,12 @@ def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) ->
 
 
 def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
-                      calibration: np.ndarray | None) -> dict:
+                      calibration: np.ndarray | None,
+                      act_absmax: dict[str, np.ndarray] | None = None) -> dict:
     model = onnx.load(str(prepared))
-    act_absmax = None
-    if recipe.smooth_alpha is not None:
+    if recipe.smooth_alpha is None:
+        act_absmax = None
+    elif act_absmax is None:
         if calibration is None or len(calibration) == 0:
             raise ValueError("SmoothQuant needs calibration images")
         act_absmax = activation_absmax(model, calibration, recipe.excluded_nodes)
@@ -94,7 +110,8 @@ def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
     onnx.save(model, str(out_path))
     record = recipe.to_dict()
     record["quantized_matmuls"] = len(done)
-    record["calibration_images"] = 0 if act_absmax is None else len(calibration)
+    record["calibration_images"] = 0 if act_absmax is None or calibration is None \
+        else len(calibration)
     if fused is not None:
         record["fused"] = fused.to_dict()
     return record
