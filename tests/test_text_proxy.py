@@ -58,19 +58,28 @@ def _embed(path, ids, mask) -> np.ndarray:
     return session.run(None, {text_proxy.INPUT_IDS: ids, text_proxy.ATTENTION_MASK: mask})[0]
 
 
-def test_the_weights_are_trained_topics_cluster(minilm):
-    """Sentences of one topic (five in a row in SENTENCES) are nearer each other than to
-    the others: trained weights, read correctly (a random init has no such structure)."""
-    model, _, _, ids, mask = minilm
+PARAPHRASES = (
+    ("A man is playing a guitar.", "Someone is strumming a guitar."),
+    ("The weather is lovely today.", "It is a beautiful sunny day."),
+    ("How do I reset my password?", "I forgot my password and need to change it."),
+    ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
+    ("Stock prices fell sharply this morning.", "Shares dropped steeply in early trading."),
+)
+
+
+def test_the_weights_are_trained_paraphrases_meet(minilm):
+    """Each paraphrase is nearer its pair than any other sentence by far: trained weights,
+    read correctly (a random init, or weights loaded into the wrong places, cannot)."""
+    model = minilm[0]
+    ids, mask = text_proxy.tokenize([s for pair in PARAPHRASES for s in pair])
     with torch.inference_mode():
         e = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    groups = len(text_proxy.SENTENCES) // 5
-    sim = e[:groups * 5] @ e[:groups * 5].T
-    topic = np.repeat(np.arange(groups), 5)
-    same = topic[:, None] == topic[None, :]
-    np.fill_diagonal(same, False)
-    other = topic[:, None] != topic[None, :]
-    assert sim[same].mean() > sim[other].mean() + 0.15, (sim[same].mean(), sim[other].mean())
+    sim = _unit(e) @ _unit(e).T
+    pair = np.kron(np.eye(len(PARAPHRASES), dtype=bool), np.ones((2, 2), dtype=bool))
+    np.fill_diagonal(pair, False)
+    unrelated = ~np.kron(np.eye(len(PARAPHRASES), dtype=bool), np.ones((2, 2), dtype=bool))
+    assert sim[pair].min() > 0.5, sim[pair]
+    assert sim[unrelated].max() < 0.35, sim[unrelated].max()
 
 
 def test_fp32_graph_reproduces_torch(minilm):
@@ -81,6 +90,10 @@ def test_fp32_graph_reproduces_torch(minilm):
     assert cos.min() >= FP32_MIN_COSINE
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "measured (docs/rehearsal.md): the per-tensor text recipe misses the real-weights gates "
+    "on MiniLM-L6; the export's ladder keeps MatMuls in fp32 or ships the fp32 text graph. "
+    "When a recipe passes, this XPASS fails: update the docs and drop the mark."))
 def test_text_recipe_on_trained_weights(minilm):
     _, fp32, int8, ids, mask = minilm
     reference, ours = _embed(fp32, ids, mask), _embed(int8, ids, mask)
