@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = run_export(checkpoint.resolve(), args.models_dir, args.export_args)
     artifact = args.models_dir / artifact_dir_name(dc.MODEL_NAME, str(checkpoint.resolve()))
     manifest = json.loads((artifact / "manifest.json").read_text())
-    summary = {"artifact": str(artifact), "checkpoint": str(checkpoint),
+    summary = {"artifact": str(artifact.resolve()), "checkpoint": str(checkpoint.resolve()),
                **summarise(manifest, fidelity, seconds)}
     (args.models_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     _print(summary)
