@@ -132,6 +132,8 @@ def activation_absmax(model: onnx.ModelProto, calibration: np.ndarray,
                                    providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     absmax: dict[str, np.ndarray] = {}
+    if not names:  # every weight MatMul excluded (ONNX Runtime reads [] as "all outputs")
+        return absmax
     for start in range(0, len(calibration), CALIBRATION_BATCH):
         batch = calibration[start:start + CALIBRATION_BATCH]
         for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):
