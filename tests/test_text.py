@@ -102,7 +102,7 @@ def test_manifest_records_the_text_gates_and_they_hold(artifact_dir):
         assert q["mean_cosine"] >= gates["int8_mean_cosine"]
         assert q["min_cosine"] >= gates["int8_min_cosine"]
         assert q["retrieval_top5_overlap"] >= gates["int8_retrieval_top5_overlap"]
-        assert manifest["text"]["int8"] == "passed"
+        assert manifest["text"]["int8"].startswith("passed")
     else:
         assert manifest["text"]["int8"].startswith("rejected")
 

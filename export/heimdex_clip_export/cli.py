@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--openvino", action="store_true",
                    help="also write visual.qdq.onnx, the statically quantized graph the "
                         "OpenVINO execution provider runs best (calibrated on photographs)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail when the shipped INT8 recipe misses a gate, instead of climbing "
+                        "the ladder (some MatMuls in fp32, then the fp32 graph)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export_artifact(args.model, args.pretrained, args.models_dir, seed=args.seed,
                                keep_fp32=args.keep_fp32, cache_dir=args.cache_dir,
                                rewrites=not args.no_rewrites, text=not args.no_text,
-                               openvino=args.openvino,
+                               openvino=args.openvino, strict=args.strict,
                                recipe=replace(SHIPPED_RECIPE, ort_fusions=False)
                                if args.no_ort_fusions else None)
     except (WeightsError, GateError) as exc:

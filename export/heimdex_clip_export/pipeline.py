@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -41,41 +41,24 @@ from heimdex_clip.preprocess import Preprocessor
 from heimdex_clip.session import cpu_features, create_session
 
 from . import evaluation as ev
-from . import static_qdq
+from . import ladder, static_qdq
+from .gates import RANDOM_INIT_GATES, GateError, Gates, raise_if
 from .install import install, working_directory
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_visual
-from .quantize import SHIPPED_RECIPE, QuantRecipe, quantize_visual
+from .quantize import SHIPPED_RECIPE
+from .recipes import QuantRecipe
 from .text_export import TextGateError, export_text_tower
+from .visual_tower import VisualTower
 from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
+#: Re-exported: callers import the gates from the pipeline they configure.
+__all__ = ["RANDOM_INIT_GATES", "GateError", "Gates", "export_artifact"]
+
 EVAL_BATCH = 32
 ODD_BATCH = 7
 BATCH1_IMAGES = 16
-
-
-class GateError(RuntimeError):
-    """A measured figure missed its gate; the export was abandoned."""
-
-
-@dataclass(frozen=True)
-class Gates:
-    """The accuracy an artifact must show before it is written (real trained weights)."""
-
-    fp32_min_cosine: float = 0.99999
-    int8_mean_cosine: float = 0.999
-    int8_min_cosine: float = 0.99
-    int8_top5_agreement: float = 0.95
-    #: An image alone vs inside a batch: search must not depend on what was batched with it.
-    batch_invariance_min_cosine: float = 0.9999
-    min_eval_images: int = 100
-
-
-#: A seeded random init has no activation outliers; it keeps the looser INT8 figures it
-#: was first gated on (the batch-invariance gate is the same).
-RANDOM_INIT_GATES = replace(Gates(), int8_mean_cosine=0.995, int8_min_cosine=0.98,
-                            int8_top5_agreement=0.9)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -194,11 +177,13 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
                     keep_fp32: bool = False, cache_dir: str | None = None,
                     recipe: QuantRecipe | None = None, gates: Gates | None = None,
                     rewrites: bool = True, text: bool = True,
-                    openvino: bool = False) -> Path:
+                    openvino: bool = False, strict: bool = False) -> Path:
     """Export, verify and write ``models_dir/<MODEL>__<PRETRAINED>/``; returns that path.
 
     ``text=False`` leaves the text tower out (an image-only artifact); ``openvino=True`` also
     writes ``visual.qdq.onnx``, the static INT8 graph the OpenVINO provider runs best.
+    A recipe that misses a gate climbs the ladder (``ladder.py``); ``strict=True`` fails
+    instead, as the export did before the ladder.
     """
     loaded = load_model(model_name, pretrained, seed=seed, cache_dir=cache_dir)
     gates = gates or (RANDOM_INIT_GATES if loaded.random_init else Gates())
@@ -209,7 +194,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
     final = models_dir / artifact_dir_name(model_name, pretrained)
     with working_directory(final) as work:
         manifest = _export_into(loaded, work, keep_fp32, recipe or SHIPPED_RECIPE, gates,
-                                rewrites, text, openvino)
+                                rewrites, text, openvino, strict)
         write_json_atomic(work / MANIFEST_NAME, manifest.to_dict())
         install(work, final)
     log.info("artifact written to %s", final)
@@ -218,7 +203,7 @@ def export_artifact(model_name: str, pretrained: str, models_dir: Path, *, seed:
 
 def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: QuantRecipe,
                  gates: Gates, rewrites: bool, with_text: bool,
-                 openvino: bool = False) -> Manifest:
+                 openvino: bool = False, strict: bool = False) -> Manifest:
     fp32_path, int8_path = work / "visual.fp32.onnx", work / "visual.int8.onnx"
     spec = preprocess_spec(loaded)
     pixels, preprocess_report = evaluation_pixels(loaded, spec)  # first: it fails in seconds
@@ -235,38 +220,35 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
     failures: list[str] = []
     ev.check_min("fp32 vs torch min cosine", fp32_report["min_cosine"],
                  gates.fp32_min_cosine, failures)
-    _raise_if(failures, "fp32 parity")
+    raise_if(failures, "fp32 parity")
 
     calibration = open_clip_pixels(loaded, ev.calibration_images())  # not in the eval set
-    recipe_record = quantize_visual(fp32_path, int8_path, recipe, calibration=calibration)
     fp32_emb = ev.embed_batched(fp32_embed, pixels, EVAL_BATCH)
-    int8_embed = _onnx_embed(_session(int8_path))
-    int8_emb = ev.embed_batched(int8_embed, pixels, EVAL_BATCH)
-    int8_vs_fp32 = ev.agreement(fp32_emb, int8_emb)
-    int8_vs_torch = ev.agreement(torch_ref, int8_emb)
-    invariance = ev.batch_invariance(int8_embed, pixels, EVAL_BATCH)
-    log.info("INT8 vs fp32: %s; batch invariance min cosine %.6f", int8_vs_fp32, invariance)
-    ev.check_min("INT8 mean cosine", int8_vs_fp32.mean_cosine, gates.int8_mean_cosine, failures)
-    ev.check_min("INT8 min cosine", int8_vs_fp32.min_cosine, gates.int8_min_cosine, failures)
-    ev.check_min("INT8 top-5 agreement", int8_vs_fp32.top5_agreement,
-                 gates.int8_top5_agreement, failures)
-    ev.check_min("batch invariance min cosine", invariance,
-                 gates.batch_invariance_min_cosine, failures)
-    _raise_if(failures, "INT8 accuracy")
+    tower = VisualTower(fp32_path, pixels, fp32_emb, calibration, gates)
+    climbed = ladder.climb(tower, recipe, fp32_path, int8_path, strict=strict)
+    if climbed.rung == ladder.FP32_GRAPH and strict:
+        raise_if(climbed.attempts[0].failures, "INT8 accuracy")
+    figures = climbed.figures
+    int8_vs_fp32 = ev.Agreement(**{k: figures[k] for k in ev.Agreement.__dataclass_fields__})
+    int8_vs_torch = ev.agreement(torch_ref, tower.last_embeddings)
+    invariance = figures["batch_invariance_min_cosine"]
+    log.info("INT8 vs fp32 (ladder rung %s): %s; batch invariance min cosine %.6f",
+             climbed.rung, int8_vs_fp32, invariance)
 
-    files = {"visual.int8": _file_entry(int8_path, "int8")}
+    shipped_int8 = climbed.rung != ladder.FP32_GRAPH
+    files = {"visual.int8": _file_entry(int8_path, "int8")} if shipped_int8 else {}
     qdq_parity = _openvino_graph(loaded, fp32_path, work, pixels, fp32_emb, gates) \
         if openvino else {}
     if qdq_parity:
         files[static_qdq.QDQ_KEY] = _file_entry(work / static_qdq.QDQ_FILE, "int8")
-    if keep_fp32:
+    if keep_fp32 or not shipped_int8:
         files["visual.fp32"] = _file_entry(fp32_path, "fp32")
     else:
         fp32_path.unlink()
     try:
         text = export_text_tower(loaded.model, loaded.model_name, work, torch_ref,
-                                 keep_fp32=keep_fp32, recipe=recipe,
-                                 gates=gates) if with_text else None
+                                 keep_fp32=keep_fp32, gates=gates,
+                                 strict=strict) if with_text else None
     except TextGateError as exc:
         raise GateError(f"text fp32 parity gate failed; no artifact written: {exc}") from exc
     if text is not None:
@@ -279,7 +261,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
                         seed=loaded.seed, quick_gelu=loaded.quick_gelu),
         preprocess=spec,
         files=files,
-        quantization=recipe_record,
+        quantization=climbed.record or {"ladder_rung": climbed.rung},
         parity={
             "evaluation_set": {"source": "scikit-image photographs + crops",
                                "images": len(pixels)},
@@ -289,6 +271,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
             "int8_vs_fp32": int8_vs_fp32.to_dict(),
             "int8_vs_torch": int8_vs_torch.to_dict(),
             "int8_batch_invariance": {"batch_size": EVAL_BATCH, "min_cosine": invariance},
+            "ladder": climbed.to_dict(),
             "measured_with": {"onnxruntime": ort.__version__, "cpu": cpu_features()},
             **({"text": text.parity} if text is not None else {}),
             **qdq_parity,
@@ -306,7 +289,7 @@ def _export_into(loaded: LoadedModel, work: Path, keep_fp32: bool, recipe: Quant
 def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np.ndarray,
                     fp32_emb: np.ndarray, gates: Gates) -> dict:
     """Write and gate visual.qdq.onnx (static_qdq.py); returns its manifest parity figures."""
-    recipe = static_qdq.QdqRecipe()
+    recipe = QuantRecipe.static_qdq()
     transform = open_clip.image_transform(
         loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std,
         resize_mode=loaded.resize_mode, interpolation=loaded.interpolation,
@@ -319,10 +302,5 @@ def _openvino_graph(loaded: LoadedModel, fp32_path: Path, work: Path, pixels: np
                  "batch_invariance_min_cosine": gates.batch_invariance_min_cosine}
     report = static_qdq.evaluate_qdq(qdq_path, INPUT_NAME, OUTPUT_NAME, pixels, fp32_emb,
                                      qdq_gates, EVAL_BATCH)
-    _raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
+    raise_if(report.failures, "QDQ (OpenVINO graph) accuracy")
     return report.parity(record, qdq_gates)
-
-
-def _raise_if(failures: list[str], stage: str) -> None:
-    if failures:
-        raise GateError(f"{stage} gate failed; no artifact written: " + "; ".join(failures))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,49 +29,18 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from . import fusions, rowwise
+from .recipes import Granularity, Method, QuantRecipe
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 4
 
 
-@dataclass(frozen=True)
-class QuantRecipe:
-    """Everything that decides the INT8 graph; recorded verbatim in the manifest."""
-
-    #: Activation scales are computed at run time, from the tensor being multiplied.
-    method: str = "dynamic"
-    weight_type: str = "QInt8"
-    activation_type: str = "QUInt8"
-    #: "per_row": one scale per token (``rowwise.py``); "per_tensor": one per batch, which is
-    #: ONNX Runtime's ``quantize_dynamic``.
-    activation_granularity: str = "per_row"
-    per_channel: bool = True
-    #: 7-bit weights (per_tensor only); per_row bounds adjacent weight pairs instead.
-    reduce_range: bool = False
-    #: per_row: int8 weight pairs bounded so uint8 x int8 kernels without VNNI cannot saturate.
-    saturation_safe_weights: bool = True
-    #: SmoothQuant migration strength (per_row; None = no smoothing, no calibration needed).
-    smooth_alpha: float | None = 0.6
-    op_types: tuple[str, ...] = ("MatMul",)
-    excluded_nodes: tuple[str, ...] = ()
-    #: per_row: attention cores as ONNX Runtime's MultiHeadAttention (``fusions.py``).
-    ort_fusions: bool = True
-    pre_process: dict = field(default_factory=lambda: {"skip_symbolic_shape": True})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["op_types"] = list(self.op_types)
-        d["excluded_nodes"] = list(self.excluded_nodes)
-        return d
-
-
-#: The recipe the export ships (and the real-weights test applies, unchanged).
-SHIPPED_RECIPE = QuantRecipe()
+#: The recipe the export ships (and the real-weights test applies, unchanged); the name
+#: stays for callers, the definition is the preset.
+SHIPPED_RECIPE = QuantRecipe.per_row_dynamic()
 #: The recipe shipped before the real-weights proxy existed (kept for comparisons).
-PER_TENSOR_RECIPE = QuantRecipe(activation_granularity="per_tensor",
-                                reduce_range=True, saturation_safe_weights=False,
-                                smooth_alpha=None, ort_fusions=False)
+PER_TENSOR_RECIPE = QuantRecipe.per_tensor_dynamic()
 
 
 def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None = None,
@@ -84,26 +52,38 @@ def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None 
     """
     recipe = recipe or SHIPPED_RECIPE
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), **recipe.pre_process)
-        if recipe.method != "dynamic":
-            raise ValueError(f"unknown quantization method {recipe.method!r}")
-        if recipe.activation_granularity == "per_tensor":
-            record = _quantize_per_tensor(prepared, out_path, recipe)
-        elif recipe.activation_granularity == "per_row":
-            record = _quantize_per_row(prepared, out_path, recipe, calibration)
-        else:
-            raise ValueError(f"unknown activation granularity {recipe.activation_granularity!r}")
+        prepared = prepare(fp32_path, Path(tmp) / "prepared.onnx", recipe)
+        record = quantize_prepared(prepared, out_path, recipe, calibration)
     log.info("quantized %s -> %s (%.1f MB)", fp32_path.name, out_path.name,
              out_path.stat().st_size / 1e6)
     return record
+
+
+def prepare(fp32_path: Path, prepared_path: Path, recipe: QuantRecipe) -> Path:
+    """``quant_pre_process`` as the recipe asks; node names are then the ones
+    ``excluded_nodes`` and the sensitivity scan (``sensitivity.py``) refer to."""
+    quant_pre_process(str(fp32_path), str(prepared_path), **recipe.pre_process)
+    return prepared_path
+
+
+def quantize_prepared(prepared: Path, out_path: Path, recipe: QuantRecipe,
+                      calibration: np.ndarray | None = None,
+                      act_absmax: dict[str, np.ndarray] | None = None) -> dict:
+    """``quantize_visual`` on a graph ``prepare`` already wrote (the sensitivity scan
+    quantizes one graph many times). ``act_absmax``: SmoothQuant statistics already
+    measured (``activation_absmax`` of this graph), instead of ``calibration``."""
+    if recipe.method is not Method.DYNAMIC:
+        raise ValueError("quantize_visual writes dynamic recipes; static ones: static_qdq")
+    if recipe.activation_granularity is Granularity.PER_TENSOR:
+        return _quantize_per_tensor(prepared, out_path, recipe)
+    return _quantize_per_row(prepared, out_path, recipe, calibration, act_absmax)
 
 
 def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) -> dict:
     quantize_dynamic(
         str(prepared),
         str(out_path),
-        weight_type=QuantType[recipe.weight_type],
+        weight_type=QuantType[recipe.weight_type.value],
         per_channel=recipe.per_channel,
         reduce_range=recipe.reduce_range,
         op_types_to_quantize=list(recipe.op_types),
@@ -113,12 +93,12 @@ def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) ->
 
 
 def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
-                      calibration: np.ndarray | None) -> dict:
-    if recipe.op_types != ("MatMul",) or recipe.weight_type != "QInt8" or recipe.reduce_range:
-        raise ValueError("per_row quantizes MatMul with QInt8 weights and no reduce_range")
+                      calibration: np.ndarray | None,
+                      act_absmax: dict[str, np.ndarray] | None = None) -> dict:
     model = onnx.load(str(prepared))
-    act_absmax = None
-    if recipe.smooth_alpha is not None:
+    if recipe.smooth_alpha is None:
+        act_absmax = None
+    elif act_absmax is None:
         if calibration is None or len(calibration) == 0:
             raise ValueError("SmoothQuant needs calibration images")
         act_absmax = activation_absmax(model, calibration, recipe.excluded_nodes)
@@ -130,7 +110,8 @@ def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
     onnx.save(model, str(out_path))
     record = recipe.to_dict()
     record["quantized_matmuls"] = len(done)
-    record["calibration_images"] = 0 if act_absmax is None else len(calibration)
+    record["calibration_images"] = 0 if act_absmax is None or calibration is None \
+        else len(calibration)
     if fused is not None:
         record["fused"] = fused.to_dict()
     return record
@@ -151,6 +132,8 @@ def activation_absmax(model: onnx.ModelProto, calibration: np.ndarray,
                                    providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     absmax: dict[str, np.ndarray] = {}
+    if not names:  # every weight MatMul excluded (ONNX Runtime reads [] as "all outputs")
+        return absmax
     for start in range(0, len(calibration), CALIBRATION_BATCH):
         batch = calibration[start:start + CALIBRATION_BATCH]
         for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):

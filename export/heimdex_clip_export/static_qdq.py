@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from PIL import Image
 
 from . import evaluation as ev
 from . import qdq_tuning
+from .recipes import QuantRecipe
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +51,8 @@ QDQ_FILE = "visual.qdq.onnx"
 QDQ_KEY = "visual.qdq"
 
 
-@dataclass(frozen=True)
-class QdqRecipe:
-    """Everything that decides the QDQ graph; recorded verbatim in the manifest."""
-
-    method: str = "static"
-    quant_format: str = "QDQ"
-    calibrate_method: str = "MinMax"
-    weight_type: str = "QInt8"
-    activation_type: str = "QUInt8"
-    per_channel: bool = True
-    #: 7-bit weights only help ONNX Runtime's own u8 x s8 kernels on AVX2; OpenVINO's
-    #: INT8 kernels do not need them.
-    reduce_range: bool = False
-    op_types: tuple[str, ...] = ("MatMul",)
-    #: The attention MatMuls multiply two activations (Q x K^T, softmax x V); one fixed
-    #: scale per tensor cannot hold them on trained weights, so they stay float and only
-    #: MatMuls with a weight are quantized (docs/providers.md has the measurement).
-    quantize_activation_matmuls: bool = False
-    #: SmoothQuant strength applied to the float graph before calibration (None: none):
-    #: the dynamic recipe's factors (``rowwise.smoothing_factors``), chosen by measurement.
-    smooth_alpha: float | None = 0.6
-    #: At most this many weight MatMuls stay float: the most sensitive ones, found by
-    #: ``qdq_tuning.sensitivity_scan`` on the first ``sensitivity_images`` calibration images.
-    float_budget: int = 0
-    sensitivity_images: int = 16
-    #: ``quantize_static``'s ``extra_options``, as pairs. By default ONNX Runtime also puts a
-    #: uint8 Q/DQ pair on each MatMul's output (before its bias Add); that second rounding
-    #: per layer, not needed for INT8 GEMMs, cost the most accuracy on trained weights.
-    extra_options: tuple[tuple[str, Any], ...] = (
-        ("OpTypesToExcludeOutputQuantization", ("MatMul",)),)
-    #: Calibration: crops (no whole photograph: those are in the evaluation set) drawn with
-    #: ``calibration_seed``; the evaluation crops use seed 0.
-    calibration_crops_per_photo: int = 3
-    calibration_seed: int = ev.CALIBRATION_SEED
-    calibration_batch: int = 8
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["op_types"] = list(self.op_types)
-        d["extra_options"] = dict(self.extra_options)
-        return d
+#: The OpenVINO graph's recipe: ``QuantRecipe.static_qdq`` (the old name, kept for callers).
+QdqRecipe = QuantRecipe.static_qdq
 
 
 class _PixelBatches(CalibrationDataReader):
@@ -104,13 +66,13 @@ class _PixelBatches(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def calibration_images(recipe: QdqRecipe) -> list[Image.Image]:
+def calibration_images(recipe: QuantRecipe) -> list[Image.Image]:
     """The recipe's calibration photographs (crops of the evaluation photographs, other
     windows than the evaluation crops); the caller preprocesses them as its model wants."""
     return ev.calibration_images(recipe.calibration_crops_per_photo, seed=recipe.calibration_seed)
 
 
-def calibration_pixels(transform: Any, recipe: QdqRecipe) -> np.ndarray:
+def calibration_pixels(transform: Any, recipe: QuantRecipe) -> np.ndarray:
     """``calibration_images`` through ``transform`` (open_clip's eval transform: PIL image
     -> [3, S, S] tensor)."""
     return np.stack([np.asarray(transform(image), dtype=np.float32)
@@ -126,7 +88,7 @@ def activation_matmuls(model_path: Path) -> list[str]:
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, output_name: str,
-                 pixels: np.ndarray, recipe: QdqRecipe) -> dict[str, Any]:
+                 pixels: np.ndarray, recipe: QuantRecipe) -> dict[str, Any]:
     """Write the statically quantized QDQ graph of ``fp32_path`` to ``out_path``.
 
     ``pixels`` are the calibration images (never the evaluation set). Returns the recipe as
@@ -157,17 +119,17 @@ def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, output_name: 
 
 
 def _quantize(prepared: Path, out_path: Path, input_name: str, pixels: np.ndarray,
-              recipe: QdqRecipe, excluded: list[str]) -> None:
+              recipe: QuantRecipe, excluded: list[str]) -> None:
     quantize_static(
         str(prepared), str(out_path),
         _PixelBatches(input_name, pixels, recipe.calibration_batch),
-        quant_format=QuantFormat[recipe.quant_format],
+        quant_format=QuantFormat[recipe.quant_format.value],
         op_types_to_quantize=list(recipe.op_types),
         per_channel=recipe.per_channel,
         reduce_range=recipe.reduce_range,
-        activation_type=QuantType[recipe.activation_type],
-        weight_type=QuantType[recipe.weight_type],
-        calibrate_method=CalibrationMethod[recipe.calibrate_method],
+        activation_type=QuantType[recipe.activation_type.value],
+        weight_type=QuantType[recipe.weight_type.value],
+        calibrate_method=CalibrationMethod[recipe.calibrate_method.value],
         nodes_to_exclude=excluded,
         calibration_providers=["CPUExecutionProvider"],
         extra_options=dict(recipe.extra_options),

@@ -16,9 +16,8 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -26,42 +25,24 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
-from heimdex_clip.session import create_session
-from heimdex_clip.text import INPUT_NAME, OUTPUT_NAME, RAW_OUTPUT_NAME, active_length
+from heimdex_clip.text import INPUT_NAME, OUTPUT_NAME, RAW_OUTPUT_NAME
 from heimdex_clip.tokenizer import ClipTokenizer
 
 from . import evaluation as ev
+from . import ladder
+from .gates import Gates, text_gates
 from .onnx_export import OPSET, ExportSelfAttention, mha_fastpath_disabled
-from .quantize import PER_TENSOR_RECIPE, QuantRecipe, quantize_visual
+from .recipes import QuantRecipe
 from .text_corpus import gate_corpus
+from .text_tower import BATCH1_TEXTS, ODD_BATCH, TOKEN_DTYPE, TextTower, onnx_text_embed
 from .tokenizer_export import TokenizerExportError, write_tokenizer
-
-if TYPE_CHECKING:  # pipeline imports this module
-    from .pipeline import Gates
 
 log = logging.getLogger(__name__)
 
 #: Pool types for which positions after the end-of-text token never reach the output.
 CUTTABLE_POOLS = ("argmax", "eos", "first")
-#: int32 ids measured as fast as int64 and half the bytes (docs/text.md).
-TOKEN_DTYPE = "int32"
-ODD_BATCH = 7
-#: The last texts of the corpus (the hostile ones among them) also run one by one (batch 1),
-#: as a search query runs.
-BATCH1_TEXTS = 24
-
-
 class TextGateError(RuntimeError):
     """The fp32 text graph does not reproduce PyTorch: a bug, never shipped."""
-
-
-def text_gates(gates: Gates) -> dict[str, float]:
-    """The image tower's thresholds, applied to the text tower (recorded in the manifest):
-    its top-5 agreement becomes the text -> image retrieval overlap."""
-    return {"fp32_min_cosine": gates.fp32_min_cosine,
-            "int8_mean_cosine": gates.int8_mean_cosine,
-            "int8_min_cosine": gates.int8_min_cosine,
-            "int8_retrieval_top5_overlap": gates.int8_top5_agreement}
 
 
 @dataclass
@@ -131,26 +112,6 @@ def export_text_onnx(clip_model: torch.nn.Module, out_path: Path,
     return layers
 
 
-def onnx_text_embed(path: Path, token_dtype: str = TOKEN_DTYPE):
-    """Embed ids [N, 77] as the runtime does: in a session built by the runtime's own
-    ``create_session``, cut to the batch's longest text."""
-    session = create_session(path)[0]
-
-    def embed(ids: np.ndarray) -> np.ndarray:
-        cut = ids[:, :active_length(ids)].astype(token_dtype)
-        return session.run([OUTPUT_NAME], {INPUT_NAME: cut})[0]
-    return embed
-
-
-def retrieval_overlap(images: np.ndarray, reference: np.ndarray, candidate: np.ndarray,
-                      k: int = 5) -> float:
-    """Mean overlap of each text's top-k images when ranked by two text embeddings."""
-    def top(texts: np.ndarray) -> np.ndarray:
-        return np.argsort(-(texts @ images.T), axis=1, kind="stable")[:, :k]
-    return float(np.mean([len(set(a) & set(b)) / k
-                          for a, b in zip(top(reference), top(candidate), strict=True)]))
-
-
 def text_recipe() -> QuantRecipe:
     """The text tower's INT8 recipe: per-tensor dynamic, as measured for it (docs/text.md).
 
@@ -165,8 +126,7 @@ def text_recipe() -> QuantRecipe:
     * The token embedding (a quarter of the tower's weights, read by a Gather) is quantized
       too: 140 -> 64 MB for ViT-B-32 at the same accuracy.
     """
-    return replace(PER_TENSOR_RECIPE, weight_type="QUInt8", reduce_range=False,
-                   op_types=("MatMul", "Gather"))
+    return QuantRecipe.text_dynamic()
 
 
 def _check_tokenizer(tokenizer_path: Path, spec: dict, texts: list[str]) -> dict:
@@ -180,15 +140,25 @@ def _check_tokenizer(tokenizer_path: Path, spec: dict, texts: list[str]) -> dict
     return {"texts": len(texts), "mismatched_texts": 0}
 
 
+def _int8_verdict(climbed: ladder.Outcome) -> str:
+    if climbed.rung == ladder.SHIPPED:
+        return "passed"
+    missed = "; ".join(climbed.attempts[0].failures)
+    if climbed.rung == ladder.FP32_MATMULS:
+        return f"passed with {len(climbed.kept_fp32)} MatMuls in fp32 (shipped recipe: {missed})"
+    return "rejected: " + missed
+
+
 def export_text_tower(model: torch.nn.Module, model_name: str, work: Path,
                       image_embeddings: np.ndarray, *, keep_fp32: bool,
-                      recipe: QuantRecipe, gates: Gates) -> TextArtifact | None:
+                      gates: Gates, strict: bool = False) -> TextArtifact | None:
     """Export, verify and write the text tower into ``work``; None if the model's text
     tower or tokenizer is one the runtime cannot reproduce (the artifact then has none).
 
     ``image_embeddings`` (the evaluation images, unit norm) rank the retrieval gate. Raises
-    TextGateError when the fp32 graph misses PyTorch; INT8 missing its gates ships the fp32
-    graph instead (the text tower runs once per query, not once per frame).
+    TextGateError when the fp32 graph misses PyTorch. INT8 missing its gates climbs the
+    ladder (``ladder.py``): some MatMuls in fp32, else the fp32 graph; ``strict`` ships the
+    fp32 graph at once, as before the ladder (the text tower runs once per query).
     """
     thresholds = text_gates(gates)
     if not TextEncoder.supports(model):
@@ -223,43 +193,24 @@ def export_text_tower(model: torch.nn.Module, model_name: str, work: Path,
         raise TextGateError(f"text fp32 vs torch min cosine {fp32_report['min_cosine']:.6f} "
                             f"< required {thresholds['fp32_min_cosine']}")
 
-    recipe_record = quantize_visual(fp32_path, int8_path, text_recipe())
-    fp32_emb = odd  # the fp32 reference, already computed
-    int8 = onnx_text_embed(int8_path)
-    int8_emb = ev.embed_batched(int8, ids, ODD_BATCH)
-    cos = ev.row_cosines(fp32_emb, int8_emb)
-    int8_report = {"texts": len(texts), "mean_cosine": float(cos.mean()),
-                   "min_cosine": float(cos.min()),
-                   "retrieval_top5_overlap": retrieval_overlap(image_embeddings, fp32_emb,
-                                                               int8_emb),
-                   "retrieval_images": len(image_embeddings),
-                   "batch1_vs_batch_min_cosine": float(ev.row_cosines(
-                       ev.embed_batched(int8, ids[-BATCH1_TEXTS:], 1),
-                       int8_emb[-BATCH1_TEXTS:]).min())}
-    log.info("text INT8 vs fp32: %s", int8_report)
-    failures: list[str] = []
-    for name in ("mean_cosine", "min_cosine", "retrieval_top5_overlap"):
-        ev.check_min(f"text INT8 {name.replace('_', ' ')}", int8_report[name],
-                     thresholds[f"int8_{name}"], failures)
-
+    tower = TextTower(fp32_path, ids, odd, image_embeddings, thresholds)
+    climbed = ladder.climb(tower, text_recipe(), fp32_path, int8_path, strict=strict)
+    log.info("text INT8 vs fp32 (ladder rung %s): %s", climbed.rung, climbed.figures)
     out = TextArtifact()
     out.files["tokenizer"] = (tokenizer_path, None, "tokenizer")
-    if failures:
-        log.warning("text INT8 missed its gates (%s): shipping the fp32 text tower",
-                    "; ".join(failures))
-        int8_path.unlink()
+    int8_shipped = climbed.rung != ladder.FP32_GRAPH
+    if int8_shipped:
+        out.files["text.int8"] = (int8_path, "int8", "text")
+    if keep_fp32 or not int8_shipped:
         out.files["text.fp32"] = (fp32_path, "fp32", "text")
     else:
-        out.files["text.int8"] = (int8_path, "int8", "text")
-        if keep_fp32:
-            out.files["text.fp32"] = (fp32_path, "fp32", "text")
-        else:
-            fp32_path.unlink()
+        fp32_path.unlink()
     out.spec = {"tokenizer": tok_spec, "token_dtype": TOKEN_DTYPE, "pool": model.text_pool_type,
                 "cut_to_longest": True, "attention_rewrites": layers,
-                "quantization": recipe_record,
-                "int8": "rejected: " + "; ".join(failures) if failures else "passed"}
+                "quantization": climbed.record or {"ladder_rung": climbed.rung},
+                "int8": _int8_verdict(climbed)}
     out.parity = {"corpus": "captions + hostile texts (heimdex_clip_export.text_corpus)",
                   "gates": thresholds, "tokenizer_vs_open_clip": tok_report,
-                  "fp32_vs_torch": fp32_report, "int8_vs_fp32": int8_report}
+                  "fp32_vs_torch": fp32_report, "int8_vs_fp32": climbed.figures,
+                  "ladder": climbed.to_dict()}
     return out

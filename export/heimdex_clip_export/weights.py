@@ -22,6 +22,9 @@ from heimdex_clip.artifact import is_checkpoint_path, weights_label
 
 log = logging.getLogger(__name__)
 
+#: open_clip model configs of our own (the rehearsal model), registered before any load.
+HOUSE_CONFIGS = Path(__file__).parent / "model_configs"
+
 #: How long we wait for a model hub before declaring the network unreachable.
 HUB_PROBE_TIMEOUT_S = 4.0
 
@@ -46,6 +49,12 @@ class LoadedModel:
     interpolation: str
     resize_mode: str
     fill_color: int
+
+
+def register_house_configs() -> None:
+    """Make ``HOUSE_CONFIGS`` known to open_clip (idempotent)."""
+    if any(p.stem not in open_clip.list_models() for p in HOUSE_CONFIGS.glob("*.json")):
+        open_clip.add_model_config(HOUSE_CONFIGS)
 
 
 def resolve_quick_gelu(model_name: str, pretrained: str) -> bool:
@@ -115,6 +124,7 @@ def _preprocess_config(model: torch.nn.Module) -> dict:
 def load_model(model_name: str, pretrained: str, *, seed: int = 0,
                cache_dir: str | None = None, quick_gelu: bool | None = None) -> LoadedModel:
     """Load ``model_name`` with the requested weights, in eval mode, on the CPU."""
+    register_house_configs()
     if model_name not in open_clip.list_models():
         raise WeightsError(f"unknown open_clip model {model_name!r}")
     if quick_gelu is None:

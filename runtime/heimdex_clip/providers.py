@@ -213,7 +213,8 @@ def graph_key(provider: str, precision: str, manifest: Manifest) -> str | None:
     statically quantized ``visual.qdq`` (or the fp32 graph); CLIP_PRECISION=fp32 means the
     fp32 graph on any provider.
     """
-    if precision == "fp32":
+    if precision == "fp32" or "visual.int8" not in manifest.files:
+        # An export whose ladder found no INT8 graph that passes ships only the fp32 one.
         return "visual.fp32"
     if provider == "openvino":
         return next((k for k in ("visual.qdq", "visual.fp32") if k in manifest.files), None)
