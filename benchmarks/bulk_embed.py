@@ -38,8 +38,10 @@ def make_frames(folder: Path, count: int) -> list[Path]:
     from PIL import Image
     from skimage import data
 
-    photos = [Image.fromarray(getattr(data, n)()).convert("RGB")
-              for n in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")]
+    photos = [
+        Image.fromarray(getattr(data, n)()).convert("RGB")
+        for n in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
+    ]
     frames = []
     for i in range(count):
         photo = photos[i % len(photos)]
@@ -47,7 +49,8 @@ def make_frames(folder: Path, count: int) -> list[Path]:
         dx, dy = (i * 7) % (w // 4), (i * 5) % (h // 4)
         path = folder / f"frame_{i:05d}.jpg"
         photo.crop((dx, dy, dx + 3 * w // 4, dy + 3 * h // 4)).resize((640, 480)).save(
-            path, quality=90)
+            path, quality=90
+        )
         frames.append(path)
     return frames
 
@@ -79,14 +82,23 @@ def main() -> None:
     rows = []
 
     pool = fresh_database(server, frames)
-    embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=args.artifact,
-                                              cpu_threads=cores, timeout_s=TIMEOUT_S)).load()
+    embedder = ClipEmbedder(
+        config=ClipConfig(
+            pretrained="none", model_dir=args.artifact, cpu_threads=cores, timeout_s=TIMEOUT_S
+        )
+    ).load()
     started = time.perf_counter()
     report = run_backfill(pool, embedder, ALL, policy=Policy(batch_size=32))
     seconds = time.perf_counter() - started
-    rows.append({"how": f"backfill worker, 1 process x {cores} threads", "seconds": seconds,
-                 "embedded": report.embedded, "failed": report.failed,
-                 "frames_per_s": report.embedded / seconds})
+    rows.append(
+        {
+            "how": f"backfill worker, 1 process x {cores} threads",
+            "seconds": seconds,
+            "embedded": report.embedded,
+            "failed": report.failed,
+            "frames_per_s": report.embedded / seconds,
+        }
+    )
     pool.close()
     embedder.close()
 
@@ -97,27 +109,48 @@ def main() -> None:
     ray_start_s = time.perf_counter() - started
     for actors in (1, 2):
         pool = fresh_database(server, frames)
-        options = BulkOptions(actors=actors, cpus_per_actor=cores / actors, batch_size=32,
-                              settings={"timeout_s": TIMEOUT_S})
+        options = BulkOptions(
+            actors=actors,
+            cpus_per_actor=cores / actors,
+            batch_size=32,
+            settings={"timeout_s": TIMEOUT_S},
+        )
         report = bulk_embed(pool, args.artifact, ALL, options)
-        rows.append({"how": f"Ray Data, {actors} actor(s) x {cores // actors} threads",
-                     "seconds": report.seconds, "embedded": report.embedded,
-                     "failed": report.failed,
-                     "frames_per_s": report.embedded / report.seconds})
+        rows.append(
+            {
+                "how": f"Ray Data, {actors} actor(s) x {cores // actors} threads",
+                "seconds": report.seconds,
+                "embedded": report.embedded,
+                "failed": report.failed,
+                "frames_per_s": report.embedded / report.seconds,
+            }
+        )
         pool.close()
 
     base = rows[0]["frames_per_s"]
-    table = ("| how | embedded | failed | seconds | frames/s | vs backfill |\n"
-             "|---|---|---|---|---|---|\n"
-             + "".join(f"| {r['how']} | {r['embedded']} | {r['failed']} | {r['seconds']:.1f} | "
-                       f"{r['frames_per_s']:.1f} | {r['frames_per_s'] / base:.2f}x |\n"
-                       for r in rows)
-             + f"\nRay start-up (local, once): {ray_start_s:.1f} s. Frames: {args.frames} "
-               "JPEG 640x480 crops of real photographs. Load average at start: "
-               f"{os.getloadavg()[0]:.1f}.\n")
-    write_results(args.out, "bulk_embed", {"machine": machine_info(cores), "rows": rows,
-                                           "ray_start_s": ray_start_s,
-                                           "artifact": str(args.artifact)}, table)
+    table = (
+        "| how | embedded | failed | seconds | frames/s | vs backfill |\n"
+        "|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {r['how']} | {r['embedded']} | {r['failed']} | {r['seconds']:.1f} | "
+            f"{r['frames_per_s']:.1f} | {r['frames_per_s'] / base:.2f}x |\n"
+            for r in rows
+        )
+        + f"\nRay start-up (local, once): {ray_start_s:.1f} s. Frames: {args.frames} "
+        "JPEG 640x480 crops of real photographs. Load average at start: "
+        f"{os.getloadavg()[0]:.1f}.\n"
+    )
+    write_results(
+        args.out,
+        "bulk_embed",
+        {
+            "machine": machine_info(cores),
+            "rows": rows,
+            "ray_start_s": ray_start_s,
+            "artifact": str(args.artifact),
+        },
+        table,
+    )
 
 
 if __name__ == "__main__":

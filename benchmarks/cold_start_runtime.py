@@ -25,8 +25,11 @@ def peak_rss_mb() -> float:
 
 
 def main(artifact: str, frame: str, threads: str) -> None:
-    emb = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact,
-                                         cpu_threads=int(threads), embed_cache_size=0))
+    emb = ClipEmbedder(
+        config=ClipConfig(
+            pretrained="none", model_dir=artifact, cpu_threads=int(threads), embed_cache_size=0
+        )
+    )
     first = emb.embed_frame(frame)
     cold = time.perf_counter() - STARTED
     assert first.ok, first.error
@@ -34,8 +37,15 @@ def main(artifact: str, frame: str, threads: str) -> None:
         data = f.read()
     for _ in range(99):
         assert emb.embed_frame(data).ok
-    print(json.dumps({"cold_start_s": cold, "peak_rss_mb": peak_rss_mb(),
-                      "torch_imported": "torch" in sys.modules}))
+    print(
+        json.dumps(
+            {
+                "cold_start_s": cold,
+                "peak_rss_mb": peak_rss_mb(),
+                "torch_imported": "torch" in sys.modules,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def peak_rss_mb() -> float:
 def main(checkpoint: str, frame: str, threads: str) -> None:
     torch.set_num_threads(int(threads))
     model, _, transform = open_clip.create_model_and_transforms(
-        "ViT-B-32", pretrained=checkpoint, force_quick_gelu=True)
+        "ViT-B-32", pretrained=checkpoint, force_quick_gelu=True
+    )
     model.eval()
 
     def embed(path: str) -> torch.Tensor:

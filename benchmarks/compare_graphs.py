@@ -27,8 +27,9 @@ from profile_encoder import profile_graph
 from heimdex_clip.session import cpu_features, session_options
 
 
-def timed_ms_per_image(session: ort.InferenceSession, input_name: str, pixels: np.ndarray,
-                       runs: int) -> float:
+def timed_ms_per_image(
+    session: ort.InferenceSession, input_name: str, pixels: np.ndarray, runs: int
+) -> float:
     session.run(None, {input_name: pixels})  # warm-up
     start = time.perf_counter()
     for _ in range(runs):
@@ -36,11 +37,16 @@ def timed_ms_per_image(session: ort.InferenceSession, input_name: str, pixels: n
     return (time.perf_counter() - start) * 1000 / runs / len(pixels)
 
 
-def compare(graphs: list[Path], input_name: str, size: int, batches: list[int], repeats: int,
-            threads: int) -> dict:
+def compare(
+    graphs: list[Path], input_name: str, size: int, batches: list[int], repeats: int, threads: int
+) -> dict:
     """Median ms/image and per-operator ms/image of each graph at each batch size."""
-    sessions = [ort.InferenceSession(str(g), session_options(threads=threads),
-                                     providers=["CPUExecutionProvider"]) for g in graphs]
+    sessions = [
+        ort.InferenceSession(
+            str(g), session_options(threads=threads), providers=["CPUExecutionProvider"]
+        )
+        for g in graphs
+    ]
     rng = np.random.default_rng(0)
     result: dict = {}
     for batch in batches:
@@ -51,37 +57,48 @@ def compare(graphs: list[Path], input_name: str, size: int, batches: list[int], 
         for _ in range(repeats):
             for i, (graph, session) in enumerate(zip(graphs, sessions, strict=True)):
                 walls[i].append(timed_ms_per_image(session, input_name, pixels, runs))
-                ops[i].append(profile_graph(graph, input_name, size, batch, threads,
-                                            runs)["by_operator"])
+                ops[i].append(
+                    profile_graph(graph, input_name, size, batch, threads, runs)["by_operator"]
+                )
         result[str(batch)] = [
-            {"ms_per_image": round(statistics.median(walls[i]), 3),
-             "ms_per_image_min": round(min(walls[i]), 3),
-             "ms_per_image_all": [round(w, 3) for w in walls[i]],
-             "by_operator": _median_ops(ops[i])}
-            for i in range(len(graphs))]
+            {
+                "ms_per_image": round(statistics.median(walls[i]), 3),
+                "ms_per_image_min": round(min(walls[i]), 3),
+                "ms_per_image_all": [round(w, 3) for w in walls[i]],
+                "by_operator": _median_ops(ops[i]),
+            }
+            for i in range(len(graphs))
+        ]
     return result
 
 
 def _median_ops(runs: list[dict]) -> dict[str, float]:
     names = {op for run in runs for op in run}
-    medians = {op: statistics.median(run.get(op, {}).get("ms_per_image", 0.0) for run in runs)
-               for op in names}
+    medians = {
+        op: statistics.median(run.get(op, {}).get("ms_per_image", 0.0) for run in runs)
+        for op in names
+    }
     return dict(sorted(((op, round(v, 3)) for op, v in medians.items()), key=lambda kv: -kv[1]))
 
 
 def markdown(result: dict, labels: list[str]) -> str:
     lines = []
     for batch, per_graph in result.items():
-        lines += [f"Batch {batch}:", "",
-                  "| ms/image | " + " | ".join(labels) + " |",
-                  "|---|" + "---|" * len(labels),
-                  "| **wall, median (timed runs)** | "
-                  + " | ".join(f"**{g['ms_per_image']}**" for g in per_graph) + " |",
-                  "| wall, fastest repeat | "
-                  + " | ".join(f"{g['ms_per_image_min']}" for g in per_graph) + " |",
-                  "| kernels, sum (profiled runs) | "
-                  + " | ".join(f"{sum(g['by_operator'].values()):.2f}" for g in per_graph)
-                  + " |"]
+        lines += [
+            f"Batch {batch}:",
+            "",
+            "| ms/image | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+            "| **wall, median (timed runs)** | "
+            + " | ".join(f"**{g['ms_per_image']}**" for g in per_graph)
+            + " |",
+            "| wall, fastest repeat | "
+            + " | ".join(f"{g['ms_per_image_min']}" for g in per_graph)
+            + " |",
+            "| kernels, sum (profiled runs) | "
+            + " | ".join(f"{sum(g['by_operator'].values()):.2f}" for g in per_graph)
+            + " |",
+        ]
         ops = dict.fromkeys(op for g in per_graph for op in g["by_operator"])
         for op in ops:
             values = [g["by_operator"].get(op, 0.0) for g in per_graph]
@@ -108,15 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     result = compare(args.graphs, args.input, args.size, batches, args.repeats, args.threads)
     table = markdown(result, labels)
     features = cpu_features()
-    header = (f"{', '.join(labels)}: {args.threads} threads, median of {args.repeats} "
-              f"alternating repeats on {features['cpu_model']}, "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after.\n\n")
+    header = (
+        f"{', '.join(labels)}: {args.threads} threads, median of {args.repeats} "
+        f"alternating repeats on {features['cpu_model']}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after.\n\n"
+    )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare_graphs.json").write_text(json.dumps(
-            {"labels": labels, "graphs": [str(g) for g in args.graphs], "result": result},
-            indent=2) + "\n")
+        (args.out / "compare_graphs.json").write_text(
+            json.dumps(
+                {"labels": labels, "graphs": [str(g) for g in args.graphs], "result": result},
+                indent=2,
+            )
+            + "\n"
+        )
         (args.out / "compare_graphs.md").write_text(header + table)
     print(header + table)
     return 0

@@ -31,8 +31,12 @@ from heimdex_clip.session import cpu_features, physical_cores, session_options
 
 REPO = Path(__file__).resolve().parents[1]
 # Operators whose work is an INT8 GEMM after ONNX Runtime's fusions.
-QUANTIZED_GEMMS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger",
-                   "QLinearMatMul"}
+QUANTIZED_GEMMS = {
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "QLinearMatMul",
+}
 
 
 def multiply_adds(event_args: dict) -> int:
@@ -50,12 +54,19 @@ def profile(artifact: Path, batch: int, threads: int, runs: int) -> dict:
     """
     manifest = load_manifest(artifact)
     int8 = manifest.files["visual.int8"]
-    return profile_graph(artifact / int8.path, int8.inputs[0].name,
-                         manifest.preprocess.image_size, batch, threads, runs)
+    return profile_graph(
+        artifact / int8.path,
+        int8.inputs[0].name,
+        manifest.preprocess.image_size,
+        batch,
+        threads,
+        runs,
+    )
 
 
-def profile_graph(graph: Path, input_name: str, image_size: int, batch: int, threads: int,
-                  runs: int) -> dict:
+def profile_graph(
+    graph: Path, input_name: str, image_size: int, batch: int, threads: int, runs: int
+) -> dict:
     """:func:`profile` for any image graph: ``input_name`` takes [batch, 3, size, size]."""
     shape = (batch, 3, image_size, image_size)
     pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -71,8 +82,11 @@ def profile_graph(graph: Path, input_name: str, image_size: int, batch: int, thr
 
     run_durations = [e["dur"] for e in events if e.get("name") == "model_run"][1:]
     first_timed = [e for e in events if e.get("name") == "model_run"][1]["ts"]
-    kernels = [e for e in events if e.get("cat") == "Node" and e["ts"] >= first_timed
-               and e["name"].endswith("_kernel_time")]
+    kernels = [
+        e
+        for e in events
+        if e.get("cat") == "Node" and e["ts"] >= first_timed and e["name"].endswith("_kernel_time")
+    ]
     per_op_us: dict[str, float] = defaultdict(float)
     gemm_us, gemm_macs = 0.0, 0
     for event in kernels:
@@ -84,15 +98,20 @@ def profile_graph(graph: Path, input_name: str, image_size: int, batch: int, thr
     images = batch * runs
     kernel_total = sum(per_op_us.values())
     return {
-        "batch": batch, "threads": threads, "timed_runs": runs,
+        "batch": batch,
+        "threads": threads,
+        "timed_runs": runs,
         "wall_ms_per_image": round(sum(run_durations) / 1000 / images, 2),
         "kernel_ms_per_image": round(kernel_total / 1000 / images, 2),
-        "by_operator": {op: {"ms_per_image": round(us / 1000 / images, 3),
-                             "share": round(us / kernel_total, 4)}
-                        for op, us in sorted(per_op_us.items(), key=lambda kv: -kv[1])},
-        "int8_gemm": {"multiply_adds_per_image": gemm_macs // images,
-                      "ms_per_image": round(gemm_us / 1000 / images, 2),
-                      "g_multiply_adds_per_s": round(gemm_macs / gemm_us / 1000, 1)},
+        "by_operator": {
+            op: {"ms_per_image": round(us / 1000 / images, 3), "share": round(us / kernel_total, 4)}
+            for op, us in sorted(per_op_us.items(), key=lambda kv: -kv[1])
+        },
+        "int8_gemm": {
+            "multiply_adds_per_image": gemm_macs // images,
+            "ms_per_image": round(gemm_us / 1000 / images, 2),
+            "g_multiply_adds_per_s": round(gemm_macs / gemm_us / 1000, 1),
+        },
     }
 
 
@@ -103,11 +122,14 @@ def _floor_lines(result: dict) -> list[str]:
     if batch not in floor.get("ms_per_image", {}):
         return [f"INT8 GEMM floor: not measured ({floor.get('error', 'not asked for')}).", ""]
     value = floor["ms_per_image"][batch]
-    return [f"INT8 GEMM floor (the same shapes as MatMulInteger alone, same threads, timed "
-            f"outside the profiler): {value} ms/image ({floor['g_multiply_adds_per_s'][batch]} "
-            f"G multiply-adds/s). Wall here is {result['wall_ms_per_image'] / value:.2f}x the "
-            f"floor, the in-model quantized MatMuls "
-            f"{result['int8_gemm']['ms_per_image'] / value:.2f}x.", ""]
+    return [
+        f"INT8 GEMM floor (the same shapes as MatMulInteger alone, same threads, timed "
+        f"outside the profiler): {value} ms/image ({floor['g_multiply_adds_per_s'][batch]} "
+        f"G multiply-adds/s). Wall here is {result['wall_ms_per_image'] / value:.2f}x the "
+        f"floor, the in-model quantized MatMuls "
+        f"{result['int8_gemm']['ms_per_image'] / value:.2f}x.",
+        "",
+    ]
 
 
 def markdown(result: dict) -> str:
@@ -117,9 +139,13 @@ def markdown(result: dict) -> str:
         f"{result['timed_runs']} runs on {result['machine']['cpu_model']} "
         f"(flags: {', '.join(result['machine']['flags']) or 'none of interest'}), "
         f"{result['machine']['date']}"
-        + (f", load average {result['machine']['load_average_after'][0]} (other processes "
-           "share the machine: compare runs made under the same load)"
-           if "load_average_after" in result["machine"] else "") + ".",
+        + (
+            f", load average {result['machine']['load_average_after'][0]} (other processes "
+            "share the machine: compare runs made under the same load)"
+            if "load_average_after" in result["machine"]
+            else ""
+        )
+        + ".",
         "",
         f"Wall {result['wall_ms_per_image']} ms/image; kernels {result['kernel_ms_per_image']} "
         "ms/image.",
@@ -134,8 +160,11 @@ def markdown(result: dict) -> str:
         "| operator | ms/image | share of kernel time |",
         "|---|---|---|",
     ]
-    lines += [f"| {op} | {v['ms_per_image']} | {v['share'] * 100:.1f}% |"
-              for op, v in result["by_operator"].items() if v["share"] >= 0.001]
+    lines += [
+        f"| {op} | {v['ms_per_image']} | {v['share'] * 100:.1f}% |"
+        for op, v in result["by_operator"].items()
+        if v["share"] >= 0.001
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -148,13 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     result = profile(args.artifact, args.batch, args.threads, args.runs)
-    result["gemm_floor"] = artifact_floor(args.artifact, load_manifest(args.artifact),
-                                          [args.batch], args.threads, repeats=args.runs)
+    result["gemm_floor"] = artifact_floor(
+        args.artifact, load_manifest(args.artifact), [args.batch], args.threads, repeats=args.runs
+    )
     features = cpu_features()
     present = [flag for flag, on in features["flags"].items() if on]
-    result["machine"] = {"cpu_model": features["cpu_model"], "flags": present,
-                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                         "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    result["machine"] = {
+        "cpu_model": features["cpu_model"],
+        "flags": present,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)

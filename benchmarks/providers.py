@@ -56,7 +56,8 @@ def photo_batches(manifest_dir: Path) -> dict[int, np.ndarray]:
     from heimdex_clip_export.evaluation import sample_photos
 
     pixels = Preprocessor(load_manifest(manifest_dir).preprocess)(
-        [img for _, img in sample_photos()])
+        [img for _, img in sample_photos()]
+    )
     tiled = np.concatenate([pixels] * (max(BATCHES) // len(pixels) + 1))
     return {b: np.ascontiguousarray(tiled[:b]) for b in BATCHES}
 
@@ -67,12 +68,16 @@ def ort_runners(artifact: Path, threads: int) -> tuple[dict[str, Runner], dict[s
     runners: dict[str, Runner] = {}
     skipped: dict[str, str] = {}
     plans = [("ort-cpu", key, "f32") for key in ("visual.int8", "visual.fp32", "visual.qdq")]
-    plans += [("ort-openvino", key, hint) for key in ("visual.qdq", "visual.fp32")
-              for hint in (("f32", "bf16") if key == "visual.fp32" else ("f32",))]
+    plans += [
+        ("ort-openvino", key, hint)
+        for key in ("visual.qdq", "visual.fp32")
+        for hint in (("f32", "bf16") if key == "visual.fp32" else ("f32",))
+    ]
     why_not = available_providers()
     for engine, key, hint in plans:
-        name = f"{engine} {key.split('.')[1]}" + (f" {hint}" if key == "visual.fp32"
-                                                  and engine != "ort-cpu" else "")
+        name = f"{engine} {key.split('.')[1]}" + (
+            f" {hint}" if key == "visual.fp32" and engine != "ort-cpu" else ""
+        )
         provider = "openvino" if engine == "ort-openvino" else "cpu"
         if key not in manifest.files:
             skipped[name] = f"the artifact has no {key} (export with --openvino / --keep-fp32)"
@@ -80,8 +85,12 @@ def ort_runners(artifact: Path, threads: int) -> tuple[dict[str, Runner], dict[s
         if why_not[provider]:
             skipped[name] = why_not[provider]
             continue
-        session, info = create_session(artifact / manifest.files[key].path, threads=threads,
-                                       provider=provider, precision_hint=hint)
+        session, info = create_session(
+            artifact / manifest.files[key].path,
+            threads=threads,
+            provider=provider,
+            precision_hint=hint,
+        )
         if info.provider != provider:
             skipped[name] = f"fell back to {info.provider}"
             continue
@@ -94,13 +103,13 @@ def extra_ort_runners(graphs: dict[str, Path], threads: int) -> dict[str, Runner
     runners: dict[str, Runner] = {}
     for label, path in graphs.items():
         session, _ = create_session(path, threads=threads, provider="cpu")
-        runners[f"ort-cpu {label}"] = lambda x, s=session: s.run([OUTPUT],
-                                                                 {"pixel_values": x})[0]
+        runners[f"ort-cpu {label}"] = lambda x, s=session: s.run([OUTPUT], {"pixel_values": x})[0]
     return runners
 
 
-def openvino_native_runners(artifact: Path, threads: int,
-                            graphs: dict[str, Path] | None = None) -> dict[str, Runner]:
+def openvino_native_runners(
+    artifact: Path, threads: int, graphs: dict[str, Path] | None = None
+) -> dict[str, Runner]:
     """OpenVINO's own runtime on the same graphs (a reference, not a runtime path)."""
     if importlib.util.find_spec("openvino") is None:
         return {}
@@ -108,17 +117,33 @@ def openvino_native_runners(artifact: Path, threads: int,
 
     core = ov.Core()
     manifest = load_manifest(artifact)
-    plans = [(key.split(".")[1] + (f" {hint}" if key == "visual.fp32" else ""),
-              artifact / manifest.files[key].path, hint)
-             for key, hint in [("visual.qdq", "f32"), ("visual.fp32", "f32"),
-                               ("visual.fp32", "bf16"), ("visual.int8", "f32")]
-             if key in manifest.files]
+    plans = [
+        (
+            key.split(".")[1] + (f" {hint}" if key == "visual.fp32" else ""),
+            artifact / manifest.files[key].path,
+            hint,
+        )
+        for key, hint in [
+            ("visual.qdq", "f32"),
+            ("visual.fp32", "f32"),
+            ("visual.fp32", "bf16"),
+            ("visual.int8", "f32"),
+        ]
+        if key in manifest.files
+    ]
     plans += [(label, path, "f32") for label, path in (graphs or {}).items()]
     runners: dict[str, Runner] = {}
     for label, path, hint in plans:
-        compiled = core.compile_model(str(path), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
-            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+        compiled = core.compile_model(
+            str(path),
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": hint,
+                "PERFORMANCE_HINT": "LATENCY",
+                "NUM_STREAMS": 1,
+            },
+        )
         request, port = compiled.create_infer_request(), compiled.output(OUTPUT)
 
         def run(x: np.ndarray, r=request, p=port) -> np.ndarray:
@@ -140,11 +165,13 @@ def torch_runner(threads: int) -> Runner:
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model.encode_image(torch.from_numpy(x), normalize=True).numpy()
+
     return run
 
 
-def bench_providers(artifact: Path, quick: bool, graphs: dict[str, Path] | None = None,
-                    only: tuple[str, ...] = ()) -> dict:
+def bench_providers(
+    artifact: Path, quick: bool, graphs: dict[str, Path] | None = None, only: tuple[str, ...] = ()
+) -> dict:
     threads = physical_cores()
     inputs = photo_batches(artifact)
     runners, skipped = ort_runners(artifact, threads)
@@ -177,31 +204,42 @@ def bench_providers(artifact: Path, quick: bool, graphs: dict[str, Path] | None 
             if name == "pytorch fp32":
                 continue  # a random init of its own, not the exported weights
             out = fn(x)
-            cos = np.sum(ref * out, axis=1) / (np.linalg.norm(ref, axis=1)
-                                               * np.linalg.norm(out, axis=1))
-            rows[name]["cosine_vs_ort_fp32"] = {"mean": round(float(cos.mean()), 6),
-                                                "min": round(float(cos.min()), 6)}
-    return {"machine": {**machine_info(threads),
-                        "openvino_plugin": openvino_status().plugin_version},
-            "artifact": str(artifact), "rows": rows, "not_run": skipped}
+            cos = np.sum(ref * out, axis=1) / (
+                np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+            )
+            rows[name]["cosine_vs_ort_fp32"] = {
+                "mean": round(float(cos.mean()), 6),
+                "min": round(float(cos.min()), 6),
+            }
+    return {
+        "machine": {**machine_info(threads), "openvino_plugin": openvino_status().plugin_version},
+        "artifact": str(artifact),
+        "rows": rows,
+        "not_run": skipped,
+    }
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     flags = ", ".join(f for f, on in m["flags"].items() if on)
-    lines = [f"# Execution providers, {m['date']}", "",
-             f"{m['cpu_model']}, {m['physical_cores']} cores, {m['threads_used']} threads; "
-             f"flags: {flags}; load average at start {m['load_average_at_start']}; "
-             f"onnxruntime {m['versions'].get('onnxruntime')}, OpenVINO EP plugin "
-             f"{m['openvino_plugin'] or 'not installed'}", "",
-             "| engine graph | batch 1 ms/img | batch 32 ms/img "
-             "| cosine vs ORT fp32 (mean / min) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# Execution providers, {m['date']}",
+        "",
+        f"{m['cpu_model']}, {m['physical_cores']} cores, {m['threads_used']} threads; "
+        f"flags: {flags}; load average at start {m['load_average_at_start']}; "
+        f"onnxruntime {m['versions'].get('onnxruntime')}, OpenVINO EP plugin "
+        f"{m['openvino_plugin'] or 'not installed'}",
+        "",
+        "| engine graph | batch 1 ms/img | batch 32 ms/img | cosine vs ORT fp32 (mean / min) |",
+        "|---|---|---|---|",
+    ]
     for name, row in result["rows"].items():
         cos = row.get("cosine_vs_ort_fp32")
         cos_text = f"{cos['mean']:.5f} / {cos['min']:.5f}" if cos else "-"
-        lines.append(f"| {name} | {row.get('batch1_ms_per_image')} | "
-                     f"{row.get('batch32_ms_per_image')} | {cos_text} |")
+        lines.append(
+            f"| {name} | {row.get('batch1_ms_per_image')} | "
+            f"{row.get('batch32_ms_per_image')} | {cos_text} |"
+        )
     for name, why in result["not_run"].items():
         lines.append(f"| {name} | not run: {why} | | |")
     return "\n".join(lines) + "\n"
@@ -212,10 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, default=REPO / "models" / "ViT-B-32__none")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--graph", action="append", default=[], metavar="LABEL=PATH",
-                        help="another graph of the artifact's model to run as extra rows")
-    parser.add_argument("--only", nargs="+", default=(), metavar="PREFIX",
-                        help="keep only the rows whose name starts with one of these")
+    parser.add_argument(
+        "--graph",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another graph of the artifact's model to run as extra rows",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="PREFIX",
+        help="keep only the rows whose name starts with one of these",
+    )
     args = parser.parse_args(argv)
     graphs = {}
     for item in args.graph:

@@ -36,18 +36,24 @@ RECIPES = {
     "per-tensor dynamic, reduce_range (previous)": PER_TENSOR_RECIPE,
     "per-tensor dynamic, reduce_range off": replace(PER_TENSOR_RECIPE, reduce_range=False),
     "per-row, no smoothing": replace(SHIPPED, smooth_alpha=None),
-    "per-row + SmoothQuant 0.6, unbounded weight pairs (exact on VNNI only)":
-        replace(SHIPPED, saturation_safe_weights=False),
+    "per-row + SmoothQuant 0.6, unbounded weight pairs (exact on VNNI only)": replace(
+        SHIPPED, saturation_safe_weights=False
+    ),
     "per-row + SmoothQuant 0.6, saturation-safe weights (shipped)": SHIPPED,
 }
 SPEED_RECIPES = {"previous": PER_TENSOR_RECIPE, "shipped": SHIPPED}
-GATES = {"mean_cosine": 0.999, "min_cosine": 0.99, "top5_agreement": 0.95,
-         "batch_invariance": 0.9999}
+GATES = {
+    "mean_cosine": 0.999,
+    "min_cosine": 0.99,
+    "top5_agreement": 0.95,
+    "batch_invariance": 0.9999,
+}
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), session_options(threads=threads),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options(threads=threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def _embed(session: ort.InferenceSession, output: str) -> ev.EmbedFn:
@@ -66,9 +72,11 @@ def proxy_accuracy(workdir: Path, threads: int) -> dict:
         quantize_visual(fp32, int8, recipe, calibration=calibration)
         embed = _embed(_session(int8, threads), proxy.OUTPUT_NAME)
         agreement = ev.agreement(reference, ev.embed_batched(embed, pixels, 32))
-        row = {**agreement.to_dict(),
-               "batch_invariance": ev.batch_invariance(embed, pixels, 32),
-               "recipe": recipe.to_dict()}
+        row = {
+            **agreement.to_dict(),
+            "batch_invariance": ev.batch_invariance(embed, pixels, 32),
+            "recipe": recipe.to_dict(),
+        }
         row["passes_gates"] = all(row[k] >= v for k, v in GATES.items())
         rows[label] = row
         print(f"{label}: {_fmt_row(row)}", flush=True)
@@ -89,10 +97,11 @@ def clip_speed(artifact: Path, workdir: Path, threads: int, repeats: int) -> dic
     out = {}
     for batch in (1, 32):
         pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        cases = {label: (lambda s=s, p=pixels: s.run(["image_embeds"], {"pixel_values": p}))
-                 for label, s in sessions.items()}
-        medians = interleaved_medians(cases, repeats if batch == 32 else repeats * 4,
-                                      pause_s=0.05)
+        cases = {
+            label: (lambda s=s, p=pixels: s.run(["image_embeds"], {"pixel_values": p}))
+            for label, s in sessions.items()
+        }
+        medians = interleaved_medians(cases, repeats if batch == 32 else repeats * 4, pause_s=0.05)
         out[f"batch{batch}_ms_per_image"] = {k: ms(v / batch) for k, v in medians.items()}
         print(f"batch {batch}: {out[f'batch{batch}_ms_per_image']}", flush=True)
     b32 = out["batch32_ms_per_image"]
@@ -101,8 +110,10 @@ def clip_speed(artifact: Path, workdir: Path, threads: int, repeats: int) -> dic
 
 
 def _fmt_row(row: dict) -> str:
-    return (f"mean {row['mean_cosine']:.5f} | min {row['min_cosine']:.5f} | "
-            f"top-5 {row['top5_agreement']:.3f} | alone vs batch {row['batch_invariance']:.7f}")
+    return (
+        f"mean {row['mean_cosine']:.5f} | min {row['min_cosine']:.5f} | "
+        f"top-5 {row['top5_agreement']:.3f} | alone vs batch {row['batch_invariance']:.7f}"
+    )
 
 
 def markdown(results: dict) -> str:
@@ -110,35 +121,51 @@ def markdown(results: dict) -> str:
     flags = ", ".join(f for f, on in m["flags"].items() if on)
     acc = results["proxy_accuracy"]
     lines = [
-        f"# INT8 recipes ({m['date']})", "",
+        f"# INT8 recipes ({m['date']})",
+        "",
         f"Machine: {m['cpu_model']}, {m['physical_cores']} physical cores, flags: {flags}; "
-        f"{m['threads_used']} threads; load average at start {m['load_average_at_start']}.", "",
+        f"{m['threads_used']} threads; load average at start {m['load_average_at_start']}.",
+        "",
         f"## Accuracy on real trained weights (proxy: {acc['images']} photographs and crops, "
-        f"{acc['calibration_images']} calibration crops)", "",
+        f"{acc['calibration_images']} calibration crops)",
+        "",
         "| recipe | mean cos | min cos | top-5 agreement | alone vs batch of 32, min cos "
         "| passes gates |",
         "|---|---|---|---|---|---|",
     ]
     for label, r in acc["recipes"].items():
-        lines.append(f"| {label} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
-                     f"{r['top5_agreement']:.3f} | {r['batch_invariance']:.7f} | "
-                     f"{'yes' if r['passes_gates'] else 'no'} |")
+        lines.append(
+            f"| {label} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
+            f"{r['top5_agreement']:.3f} | {r['batch_invariance']:.7f} | "
+            f"{'yes' if r['passes_gates'] else 'no'} |"
+        )
     speed = results["clip_speed"]
-    lines += ["", "Gates: mean >= 0.999, min >= 0.99, top-5 >= 0.95, alone vs batch >= 0.9999.",
-              "", "## Speed on the CLIP ViT-B-32 image tower (ms/image, medians, turns)", "",
-              "| graph | batch 1 | batch 32 |", "|---|---|---|"]
+    lines += [
+        "",
+        "Gates: mean >= 0.999, min >= 0.99, top-5 >= 0.95, alone vs batch >= 0.9999.",
+        "",
+        "## Speed on the CLIP ViT-B-32 image tower (ms/image, medians, turns)",
+        "",
+        "| graph | batch 1 | batch 32 |",
+        "|---|---|---|",
+    ]
     for label in speed["batch1_ms_per_image"]:
-        lines.append(f"| {label} | {speed['batch1_ms_per_image'][label]} | "
-                     f"{speed['batch32_ms_per_image'][label]} |")
-    lines += ["", f"Shipped / previous at batch 32: {speed['shipped_vs_previous_batch32']}x.",
-              ""]
+        lines.append(
+            f"| {label} | {speed['batch1_ms_per_image'][label]} | "
+            f"{speed['batch32_ms_per_image'][label]} |"
+        )
+    lines += ["", f"Shipped / previous at batch 32: {speed['shipped_vs_previous_batch32']}x.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", type=Path, default=REPO / "models" / "ViT-B-32__none",
-                        help="artifact exported with --keep-fp32")
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        default=REPO / "models" / "ViT-B-32__none",
+        help="artifact exported with --keep-fp32",
+    )
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--repeats", type=int, default=10, help="timed runs at batch 32")
     parser.add_argument("--quick", action="store_true", help="speed only, 3 repeats")
@@ -149,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if not args.quick:
             results["proxy_accuracy"] = proxy_accuracy(work, args.threads)
-        results["clip_speed"] = clip_speed(args.artifact, work, args.threads,
-                                           3 if args.quick else args.repeats)
+        results["clip_speed"] = clip_speed(
+            args.artifact, work, args.threads, 3 if args.quick else args.repeats
+        )
     if args.quick:
         print(json.dumps(results["clip_speed"], indent=2))
         return 0

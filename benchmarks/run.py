@@ -37,8 +37,9 @@ from heimdex_clip.session import create_session, physical_cores
 # --------------------------------------------------------------------------- encoder
 
 
-def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool,
-                  previous: Path | None = None) -> dict:
+def bench_encoder(
+    artifact: Path, threads: int, batches: list[int], quick: bool, previous: Path | None = None
+) -> dict:
     """ms/image of the visual encoder: PyTorch eager fp32, ORT fp32, ORT INT8, the INT8 GEMM
     floor of the INT8 graph's own shapes (``heimdex_clip.gemm_floor``) and, with
     ``previous`` (another artifact directory), that artifact's INT8 graph: all taking turns."""
@@ -54,23 +55,33 @@ def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool,
     manifest = load_manifest(artifact)
     # Each graph with its tensor names as the manifest records them: the first output is the
     # unit-norm embedding.
-    graphs = {name: manifest.files[key]
-              for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8"))
-              if key in manifest.files}
+    graphs = {
+        name: manifest.files[key]
+        for key, name in (("visual.fp32", "onnx_fp32"), ("visual.int8", "onnx_int8"))
+        if key in manifest.files
+    }
     paths = {name: artifact / entry.path for name, entry in graphs.items()}
     if previous is not None:
         graphs["onnx_int8_previous"] = load_manifest(previous).files["visual.int8"]
         paths["onnx_int8_previous"] = previous / graphs["onnx_int8_previous"].path
-    sessions = {name: (create_session(paths[name], threads=threads)[0],
-                       entry.inputs[0].name, entry.outputs[0].name)
-                for name, entry in graphs.items()}
+    sessions = {
+        name: (
+            create_session(paths[name], threads=threads)[0],
+            entry.inputs[0].name,
+            entry.outputs[0].name,
+        )
+        for name, entry in graphs.items()
+    }
     int8 = graphs["onnx_int8"]
-    gemms = artifact_gemms(paths["onnx_int8"], image_feed(int8.inputs[0].name,
-                                                          manifest.preprocess.image_size),
-                           threads)
+    gemms = artifact_gemms(
+        paths["onnx_int8"], image_feed(int8.inputs[0].name, manifest.preprocess.image_size), threads
+    )
     floors = {b: GemmFloor(gemms, b, threads) for b in batches}
-    results: dict[str, dict] = {"pytorch_fp32": {}, **{name: {} for name in sessions},
-                                "int8_gemm_floor": {}}
+    results: dict[str, dict] = {
+        "pytorch_fp32": {},
+        **{name: {} for name in sessions},
+        "int8_gemm_floor": {},
+    }
     for batch in batches:
         tensor, pixels = torch.from_numpy(inputs[batch]), inputs[batch]
 
@@ -81,15 +92,19 @@ def bench_encoder(artifact: Path, threads: int, batches: list[int], quick: bool,
         cases: dict[str, Callable[[], object]] = {"pytorch_fp32": run_torch}
         for name, (session, input_name, output_name) in sessions.items():
             cases[name] = lambda s=session, i=input_name, o=output_name, x=pixels: s.run(
-                [o], {i: x})
+                [o], {i: x}
+            )
         cases["int8_gemm_floor"] = floors[batch].run
         # Engines take turns, so a slow spell of the shared machine hits all alike; the
         # pause lets ORT's spinning workers go idle before PyTorch needs the cores.
         for name, median in interleaved_medians(cases, repeats[batch], pause_s=0.1).items():
             results[name][str(batch)] = ms(median / batch)
     for batch in batches:
-        print(f"  batch {batch:>2}: " + ", ".join(
-            f"{n} {results[n].get(str(batch))} ms/img" for n in results), flush=True)
+        print(
+            f"  batch {batch:>2}: "
+            + ", ".join(f"{n} {results[n].get(str(batch))} ms/img" for n in results),
+            flush=True,
+        )
     results["int8_gemm_floor_shapes"] = describe(gemms)
     return results
 
@@ -109,21 +124,28 @@ def bench_preprocess(artifact: Path, jpeg: bytes, quick: bool) -> dict:
 
     manifest = load_manifest(artifact)
     spec = manifest.preprocess
-    reference = open_clip.image_transform(spec.image_size, is_train=False, mean=spec.mean,
-                                          std=spec.std, interpolation=spec.interpolation,
-                                          resize_mode=spec.resize_mode)
+    reference = open_clip.image_transform(
+        spec.image_size,
+        is_train=False,
+        mean=spec.mean,
+        std=spec.std,
+        interpolation=spec.interpolation,
+        resize_mode=spec.resize_mode,
+    )
     ours = Preprocessor(spec)
     repeats = 10 if quick else 30
     cases = {
         "open_clip": lambda: reference(Image.open(io.BytesIO(jpeg))),
         "ours_exact": lambda: ours([load_image(jpeg, max_pixels=10**8)]),
-        "ours_fast_decode": lambda: ours([load_image(jpeg, max_pixels=10**8,
-                                                     min_side_for_draft=spec.image_size)]),
+        "ours_fast_decode": lambda: ours(
+            [load_image(jpeg, max_pixels=10**8, min_side_for_draft=spec.image_size)]
+        ),
     }
     out = {name: ms(median) for name, median in interleaved_medians(cases, repeats).items()}
     exact = ours([load_image(jpeg, max_pixels=10**8)])[0]
     out["exact_max_abs_diff_vs_open_clip"] = float(
-        np.abs(exact - reference(Image.open(io.BytesIO(jpeg))).numpy()).max())
+        np.abs(exact - reference(Image.open(io.BytesIO(jpeg))).numpy()).max()
+    )
     return out
 
 
@@ -135,7 +157,8 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, _, transform = open_clip.create_model_and_transforms(
-        "ViT-B-32", pretrained=None, force_quick_gelu=True)
+        "ViT-B-32", pretrained=None, force_quick_gelu=True
+    )
     model.eval()
 
     def reference(data: bytes) -> np.ndarray:
@@ -145,8 +168,9 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
 
     repeats = 2 if quick else 5
     ref = np.stack([reference(d) for d in jpegs])
-    base = ClipConfig(pretrained="none", model_dir=artifact, cpu_threads=threads,
-                      embed_cache_size=0, timeout_s=60)
+    base = ClipConfig(
+        pretrained="none", model_dir=artifact, cpu_threads=threads, embed_cache_size=0, timeout_s=60
+    )
     exact = ClipEmbedder(config=base).load()
     fast = ClipEmbedder(config=base.replace(fast_decode=True)).load()
     cases: dict[str, Callable[[], object]] = {
@@ -154,14 +178,20 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
         "ours_exact": lambda: [exact.embed_frame(d) for d in jpegs],
         "ours_fast_decode": lambda: [fast.embed_frame(d) for d in jpegs],
     }
-    out: dict = {name: ms(median / len(jpegs))
-                 for name, median in interleaved_medians(cases, repeats, pause_s=0.1).items()}
+    out: dict = {
+        name: ms(median / len(jpegs))
+        for name, median in interleaved_medians(cases, repeats, pause_s=0.1).items()
+    }
     ex = np.stack([exact.embed_frame(d).embedding for d in jpegs])
     fa = np.stack([fast.embed_frame(d).embedding for d in jpegs])
-    out["cosine_exact_int8_vs_pytorch"] = {"mean": float(np.mean(np.sum(ex * ref, 1))),
-                                           "min": float(np.min(np.sum(ex * ref, 1)))}
-    out["cosine_fast_vs_exact"] = {"mean": float(np.mean(np.sum(fa * ex, 1))),
-                                   "min": float(np.min(np.sum(fa * ex, 1)))}
+    out["cosine_exact_int8_vs_pytorch"] = {
+        "mean": float(np.mean(np.sum(ex * ref, 1))),
+        "min": float(np.min(np.sum(ex * ref, 1))),
+    }
+    out["cosine_fast_vs_exact"] = {
+        "mean": float(np.mean(np.sum(fa * ex, 1))),
+        "min": float(np.min(np.sum(fa * ex, 1))),
+    }
     return out
 
 
@@ -183,18 +213,28 @@ def bench_processes(artifact: Path, jpeg_path: Path, threads: int, workdir: Path
 
     torch.manual_seed(0)
     checkpoint = workdir / "vit-b-32-seed0.pt"  # the reference loads weights from disk too
-    torch.save(open_clip.create_model("ViT-B-32", pretrained=None,
-                                      force_quick_gelu=True).state_dict(), checkpoint)
+    torch.save(
+        open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).state_dict(),
+        checkpoint,
+    )
     out = {}
-    for name, script, weights in (("ours_runtime", RUNTIME_PROCESS, str(artifact)),
-                                  ("open_clip_pytorch", TORCH_PROCESS, str(checkpoint))):
+    for name, script, weights in (
+        ("ours_runtime", RUNTIME_PROCESS, str(artifact)),
+        ("open_clip_pytorch", TORCH_PROCESS, str(checkpoint)),
+    ):
         runs = []
         for _ in range(2):  # the second run sees warm OS file caches, as a worker restart does
-            proc = subprocess.run([sys.executable, str(script), weights, str(jpeg_path),
-                                   str(threads)], capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, str(script), weights, str(jpeg_path), str(threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        out[name] = {"cold_start_s": round(min(r["cold_start_s"] for r in runs), 3),
-                     "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1)}
+        out[name] = {
+            "cold_start_s": round(min(r["cold_start_s"] for r in runs), 3),
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+        }
         if "torch_imported" in runs[0]:
             out[name]["torch_imported"] = any(r["torch_imported"] for r in runs)
     return out
@@ -218,8 +258,16 @@ def _closure(root: str) -> set[str]:
         for req in dist.requires or []:
             if "extra ==" in req:
                 continue
-            todo.append(req.split(";")[0].split("[")[0].split("<")[0].split(">")[0]
-                        .split("=")[0].split("!")[0].split("~")[0].strip())
+            todo.append(
+                req.split(";")[0]
+                .split("[")[0]
+                .split("<")[0]
+                .split(">")[0]
+                .split("=")[0]
+                .split("!")[0]
+                .split("~")[0]
+                .strip()
+            )
     return seen
 
 
@@ -238,9 +286,12 @@ def bench_footprint() -> dict:
     runtime = {"onnxruntime", "numpy", "pillow", "tokenizers", "ftfy"}
     runtime = set().union(*(_closure(d) for d in runtime))
     reference = set().union(*(_closure(d) for d in ("torch", "torchvision", "open-clip-torch")))
-    return {"runtime_mb": _size_mb(runtime), "runtime_packages": sorted(runtime),
-            "pytorch_reference_mb": _size_mb(reference),
-            "pytorch_reference_packages": len(reference)}
+    return {
+        "runtime_mb": _size_mb(runtime),
+        "runtime_packages": sorted(runtime),
+        "pytorch_reference_mb": _size_mb(reference),
+        "pytorch_reference_packages": len(reference),
+    }
 
 
 # --------------------------------------------------------------------------- database
@@ -260,7 +311,8 @@ def bench_database(rows: int, quick: bool) -> dict:
     dim = store.dimension
     centers = rng.standard_normal((max(50, rows // 250), dim)).astype(np.float32)
     vectors = centers[rng.integers(0, len(centers), rows)] + 0.6 * rng.standard_normal(
-        (rows, dim)).astype(np.float32)
+        (rows, dim)
+    ).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     owners = np.where(rng.random(rows) < 0.01, 0, rng.integers(1, 100, rows))
     owner_ids = [uuid.uuid4() for _ in range(100)]
@@ -269,17 +321,22 @@ def bench_database(rows: int, quick: bool) -> dict:
     n_upserts = 300 if quick else 1000
     started = time.perf_counter()
     for i in range(n_upserts):
-        store.upsert_scene(owner_ids[owners[i]], f"u{i}.jpg", vectors[i], {"i": i},
-                           artifact=artifact)
+        store.upsert_scene(
+            owner_ids[owners[i]], f"u{i}.jpg", vectors[i], {"i": i}, artifact=artifact
+        )
     upsert_rate = n_upserts / (time.perf_counter() - started)
 
     with pool.connection() as conn:
         conn.execute("SET statement_timeout = 0")  # bulk load and index build, not a request
         conn.execute("DROP INDEX scenes_embedding_visual_clip_hnsw")
         started = time.perf_counter()
-        with conn.cursor() as cur, cur.copy(
+        with (
+            conn.cursor() as cur,
+            cur.copy(
                 "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
-                " FROM STDIN WITH (FORMAT BINARY)") as copy:
+                " FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy,
+        ):
             copy.set_types(["uuid", "text", "vector", "text"])
             for i in range(n_upserts, rows):
                 copy.write_row([owner_ids[owners[i]], f"s{i}.jpg", vectors[i], artifact])
@@ -287,15 +344,19 @@ def bench_database(rows: int, quick: bool) -> dict:
         copy_rate = (rows - n_upserts) / (time.perf_counter() - started)
         conn.execute("SET maintenance_work_mem = '1GB'")
         started = time.perf_counter()
-        conn.execute("CREATE INDEX scenes_embedding_visual_clip_hnsw ON scenes "
-                     "USING hnsw (embedding_visual_clip vector_cosine_ops)")
+        conn.execute(
+            "CREATE INDEX scenes_embedding_visual_clip_hnsw ON scenes "
+            "USING hnsw (embedding_visual_clip vector_cosine_ops)"
+        )
         conn.execute("ANALYZE scenes")
         conn.execute("RESET statement_timeout")
         conn.commit()
         index_s = time.perf_counter() - started
         id_by_path = dict(conn.execute("SELECT frame_path, id FROM scenes").fetchall())
-    ids = np.array([id_by_path[f"u{i}.jpg" if i < n_upserts else f"s{i}.jpg"]
-                    for i in range(rows)], dtype=object)
+    ids = np.array(
+        [id_by_path[f"u{i}.jpg" if i < n_upserts else f"s{i}.jpg"] for i in range(rows)],
+        dtype=object,
+    )
     mine = np.flatnonzero(owners == 0)
     recalls, latencies = [], []
     for _ in range(30 if quick else 100):
@@ -303,16 +364,22 @@ def bench_database(rows: int, quick: bool) -> dict:
         query /= np.linalg.norm(query)
         exact = set(ids[mine[np.argsort(-(vectors[mine] @ query))[:20]]])
         started = time.perf_counter()
-        hits = store.search_by_embedding(owner_ids[0], query, artifact=artifact,
-                                         threshold=-1.0, count=20)
+        hits = store.search_by_embedding(
+            owner_ids[0], query, artifact=artifact, threshold=-1.0, count=20
+        )
         latencies.append(time.perf_counter() - started)
         recalls.append(len({h.id for h in hits} & exact) / 20)
     pool.close()
-    return {"rows": rows, "owner_rows": len(mine),
-            "upsert_rows_per_s": round(upsert_rate, 1), "copy_rows_per_s": round(copy_rate),
-            "hnsw_build_s": round(index_s, 1), "search_p50_ms": ms(np.median(latencies)),
-            "search_p95_ms": ms(np.percentile(latencies, 95)),
-            "recall_at_20": round(float(np.mean(recalls)), 4)}
+    return {
+        "rows": rows,
+        "owner_rows": len(mine),
+        "upsert_rows_per_s": round(upsert_rate, 1),
+        "copy_rows_per_s": round(copy_rate),
+        "hnsw_build_s": round(index_s, 1),
+        "search_p50_ms": ms(np.median(latencies)),
+        "search_p95_ms": ms(np.percentile(latencies, 95)),
+        "recall_at_20": round(float(np.mean(recalls)), 4),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -339,17 +406,25 @@ def markdown(r: dict) -> str:
     ]
     for b in enc["pytorch_fp32"]:
         floor = enc.get("int8_gemm_floor", {}).get(b)
-        cells = [enc[k].get(b) for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8_previous",
-                                         "onnx_int8") if enc.get(k)]
+        cells = [
+            enc[k].get(b)
+            for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8_previous", "onnx_int8")
+            if enc.get(k)
+        ]
         shown = " | ".join(f"{v} ({multiple(v, floor)})" for v in cells)
-        lines.append(f"| batch {b} | {shown} | {floor} | "
-                     f"{ratio(enc['onnx_int8'][b], enc['pytorch_fp32'][b])} |")
+        lines.append(
+            f"| batch {b} | {shown} | {floor} | "
+            f"{ratio(enc['onnx_int8'][b], enc['pytorch_fp32'][b])} |"
+        )
     if "int8_gemm_floor_shapes" in enc:
         f = enc["int8_gemm_floor_shapes"]
-        lines += ["", f"INT8 GEMM floor: the INT8 graph's own {f['gemms_per_image']} GEMMs "
-                  f"({f['multiply_adds_per_image'] / 1e9:.2f} G multiply-adds per image: "
-                  f"{'; '.join(f['shapes'])}) as ONNX Runtime MatMulInteger alone, same "
-                  "threads, taking turns with the engines."]
+        lines += [
+            "",
+            f"INT8 GEMM floor: the INT8 graph's own {f['gemms_per_image']} GEMMs "
+            f"({f['multiply_adds_per_image'] / 1e9:.2f} G multiply-adds per image: "
+            f"{'; '.join(f['shapes'])}) as ONNX Runtime MatMulInteger alone, same "
+            "threads, taking turns with the engines.",
+        ]
     p = r["preprocess"]
     e = r["end_to_end"]
     floor1 = enc.get("int8_gemm_floor", {}).get("1")
@@ -410,8 +485,11 @@ def chart(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("pytorch_fp32", "open_clip PyTorch fp32"),
-                       ("onnx_fp32", "ONNX Runtime fp32"), ("onnx_int8", "ONNX Runtime INT8")):
+    for key, label in (
+        ("pytorch_fp32", "open_clip PyTorch fp32"),
+        ("onnx_fp32", "ONNX Runtime fp32"),
+        ("onnx_int8", "ONNX Runtime INT8"),
+    ):
         series = r["encoder"][key]
         if series:
             ax.plot([int(b) for b in series], list(series.values()), marker="o", label=label)
@@ -433,21 +511,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--db-rows", type=int, default=None)
-    parser.add_argument("--speed-only", action="store_true",
-                        help="only the timings against the floor: encoder, JPEG, text")
-    parser.add_argument("--previous", type=Path, default=None,
-                        help="another artifact whose INT8 graph runs beside ours (before/after)")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the timings against the floor: encoder, JPEG, text",
+    )
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="another artifact whose INT8 graph runs beside ours (before/after)",
+    )
     args = parser.parse_args(argv)
     from heimdex_clip_export.evaluation import sample_photos
 
     photos = dict(sample_photos())
-    jpegs = [hd_jpeg(photos[n]) for n in ("astronaut", "coffee", "chelsea", "rocket",
-                                          "motorcycle_left", "hubble_deep_field")]
-    results: dict = {"mode": "quick" if args.quick else "full",
-                     "machine": machine_info(args.threads), "artifact": str(args.artifact)}
+    jpegs = [
+        hd_jpeg(photos[n])
+        for n in (
+            "astronaut",
+            "coffee",
+            "chelsea",
+            "rocket",
+            "motorcycle_left",
+            "hubble_deep_field",
+        )
+    ]
+    results: dict = {
+        "mode": "quick" if args.quick else "full",
+        "machine": machine_info(args.threads),
+        "artifact": str(args.artifact),
+    }
     print("visual encoder ...", flush=True)
-    results["encoder"] = bench_encoder(args.artifact, args.threads, [1, 8, 32], args.quick,
-                                       args.previous)
+    results["encoder"] = bench_encoder(
+        args.artifact, args.threads, [1, 8, 32], args.quick, args.previous
+    )
     print("preprocessing ...", flush=True)
     results["preprocess"] = bench_preprocess(args.artifact, jpegs[0], args.quick)
     print("end to end ...", flush=True)
@@ -457,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             print("processes (cold start, peak RSS) ...", flush=True)
             frame = Path(tmp) / "frame.jpg"
             frame.write_bytes(jpegs[0])
-            results["processes"] = bench_processes(args.artifact, frame, args.threads,
-                                                   Path(tmp))
+            results["processes"] = bench_processes(args.artifact, frame, args.threads, Path(tmp))
         print("text tower ...", flush=True)
         results["text"] = bench_text(args.artifact, args.threads, args.quick, Path(tmp))
     if not args.speed_only:

@@ -47,8 +47,14 @@ from heimdex_clip.db.store import SceneStore
 from heimdex_clip.session import cpu_features
 
 REPO = Path(__file__).resolve().parents[1]
-QUERIES = ["sunset over the sea", "a red car at night", "a cat sleeping on a sofa",
-           "people dancing at a wedding", "snow covered mountains", "a crowded train station"]
+QUERIES = [
+    "sunset over the sea",
+    "a red car at night",
+    "a cat sleeping on a sofa",
+    "people dancing at a wedding",
+    "snow covered mountains",
+    "a crowded train station",
+]
 LEVELS = (1, 8, 32, 64)
 RETRY_CAP_S = 1.0  # closed-loop clients wait Retry-After (at most this) after a 503
 
@@ -75,8 +81,7 @@ def seed(url: str, embedder: ClipEmbedder, scenes: int) -> tuple[str, str]:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         store = SceneStore(pool)
         for i, vector in enumerate(vectors):
-            store.upsert_scene(owner, f"/frames/{i}.jpg", vector, {},
-                               artifact=embedder.artifact_id)
+            store.upsert_scene(owner, f"/frames/{i}.jpg", vector, {}, artifact=embedder.artifact_id)
         return str(owner), create_key(pool, owner, "load test")[0]
     finally:
         pool.close()
@@ -93,27 +98,34 @@ class Load:
         self.url, self.image = url, image
         self.headers = {"Authorization": f"Bearer {key}"}
 
-    async def one(self, http: httpx.AsyncClient, kind: str,
-                  i: int) -> tuple[int, float, str | None]:
+    async def one(
+        self, http: httpx.AsyncClient, kind: str, i: int
+    ) -> tuple[int, float, str | None]:
         started = time.perf_counter()
         try:
             if kind == "text":
-                r = await http.post("/v1/search/text", headers=self.headers,
-                                     json={"query": QUERIES[i % len(QUERIES)]})
+                r = await http.post(
+                    "/v1/search/text",
+                    headers=self.headers,
+                    json={"query": QUERIES[i % len(QUERIES)]},
+                )
             else:
-                r = await http.post("/v1/search/image", headers=self.headers,
-                                    files={"image": ("q.jpg", self.image, "image/jpeg")})
+                r = await http.post(
+                    "/v1/search/image",
+                    headers=self.headers,
+                    files={"image": ("q.jpg", self.image, "image/jpeg")},
+                )
             status, retry = r.status_code, r.headers.get("retry-after")
         except httpx.HTTPError:
             status, retry = 0, None
         return status, time.perf_counter() - started, retry
 
-    async def closed_loop(self, kind: str, clients: int, seconds: float,
-                          max_requests: int) -> dict:
+    async def closed_loop(self, kind: str, clients: int, seconds: float, max_requests: int) -> dict:
         results: list[tuple[int, float, str | None]] = []
         stop = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as http:
+
             async def client(c: int) -> None:
                 i = c
                 while time.perf_counter() < stop and len(results) < max_requests:
@@ -121,6 +133,7 @@ class Load:
                     i += clients
                     if results[-1][2] is not None:  # a polite client honours Retry-After
                         await asyncio.sleep(min(float(results[-1][2]), RETRY_CAP_S))
+
             started = time.perf_counter()
             await asyncio.gather(*(client(c) for c in range(clients)))
             elapsed = time.perf_counter() - started
@@ -158,19 +171,23 @@ def summarize(results: list[tuple[int, float, str | None]], elapsed: float) -> d
     for s, _, _ in results:
         statuses[str(s)] = statuses.get(str(s), 0) + 1
     refused = [r for r in results if r[0] == 503]
-    return {"requests": len(results), "seconds": round(elapsed, 2),
-            "ok_rps": round(len(ok) / elapsed, 1), "p50_ms": percentile(ok, 50),
-            "p99_ms": percentile(ok, 99), "statuses": statuses,
-            "errors": len(results) - len(ok),
-            "refused_without_retry_after": sum(1 for r in refused if r[2] is None)}
+    return {
+        "requests": len(results),
+        "seconds": round(elapsed, 2),
+        "ok_rps": round(len(ok) / elapsed, 1),
+        "p50_ms": percentile(ok, 50),
+        "p99_ms": percentile(ok, 99),
+        "statuses": statuses,
+        "errors": len(results) - len(ok),
+        "refused_without_retry_after": sum(1 for r in refused if r[2] is None),
+    }
 
 
 def in_process_throughput(embedder: ClipEmbedder, image: bytes, repeats: int = 5) -> float:
     """Images/s of ``embed_images`` at batch 32 (decode + preprocess + model), best run."""
     batch = [image] * 32
     embedder.embed_images(batch, batch_size=32)  # warm-up
-    best = min(_timed(lambda: embedder.embed_images(batch, batch_size=32))
-               for _ in range(repeats))
+    best = min(_timed(lambda: embedder.embed_images(batch, batch_size=32)) for _ in range(repeats))
     return 32 / best
 
 
@@ -186,6 +203,7 @@ def rss_of(pid: int):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         return 0
+
     return read
 
 
@@ -196,8 +214,12 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=600, help="per level")
     parser.add_argument("--overload-seconds", type=float, default=10.0)
     parser.add_argument("--scenes", type=int, default=2000)
-    parser.add_argument("--timeout", type=float, default=2.0,
-                        help="the service's CLIP_TIMEOUT_S (the runtime's default: 2)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        help="the service's CLIP_TIMEOUT_S (the runtime's default: 2)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     args = parser.parse_args()
 
@@ -214,11 +236,26 @@ def main() -> int:
     _, key = seed(url, embedder, args.scenes)
 
     port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "CLIP_BATCH_SIZE": "32", "CLIP_MODEL_DIR": str(args.artifact),
-           "CLIP_TIMEOUT_S": str(args.timeout),
-           "PYTHONPATH": f"{REPO / 'runtime'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "heimdex_clip.cli", "serve",
-                               "--database-url", url, "--port", str(port)], env=env)
+    env = {
+        **os.environ,
+        "CLIP_BATCH_SIZE": "32",
+        "CLIP_MODEL_DIR": str(args.artifact),
+        "CLIP_TIMEOUT_S": str(args.timeout),
+        "PYTHONPATH": f"{REPO / 'runtime'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "heimdex_clip.cli",
+            "serve",
+            "--database-url",
+            url,
+            "--port",
+            str(port),
+        ],
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -238,8 +275,7 @@ def main() -> int:
         levels = []
         for kind in ("text", "image"):
             for clients in LEVELS:
-                row = asyncio.run(load.closed_loop(kind, clients, args.seconds,
-                                                   args.max_requests))
+                row = asyncio.run(load.closed_loop(kind, clients, args.seconds, args.max_requests))
                 print(json.dumps(row), flush=True)
                 levels.append(row)
         image_32 = next(r for r in levels if r["kind"] == "image" and r["clients"] == 32)
@@ -255,22 +291,33 @@ def main() -> int:
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": cpu_features()["cpu_model"], "logical_cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "load_average_1m_before_after": [round(load_before[0], 1),
-                                                     round(os.getloadavg()[0], 1)],
-                    "note": "shared with other jobs during the run: figures are noisy"},
-        "artifact": embedder.artifact_id, "clip_batch_size": 32, "clip_timeout_s": timeout_s,
+        "machine": {
+            "cpu": cpu_features()["cpu_model"],
+            "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_1m_before_after": [
+                round(load_before[0], 1),
+                round(os.getloadavg()[0], 1),
+            ],
+            "note": "shared with other jobs during the run: figures are noisy",
+        },
+        "artifact": embedder.artifact_id,
+        "clip_batch_size": 32,
+        "clip_timeout_s": timeout_s,
         "levels": levels,
-        "batching": {"in_process_images_per_s": round(in_process, 1),
-                     "service_images_per_s_at_32": image_32["ok_rps"],
-                     "efficiency": round(image_32["ok_rps"] / in_process, 3),
-                     "target": 0.8},
-        "overload": overload | {
+        "batching": {
+            "in_process_images_per_s": round(in_process, 1),
+            "service_images_per_s_at_32": image_32["ok_rps"],
+            "efficiency": round(image_32["ok_rps"] / in_process, 3),
+            "target": 0.8,
+        },
+        "overload": overload
+        | {
             "rss_mb_idle": round(rss_idle / 1e6, 1),
             "only_503_refused": statuses <= {"200", "503"},
             "every_503_has_retry_after": overload["refused_without_retry_after"] == 0,
-            "accepted_p99_under_timeout": (overload["p99_ms"] or 0) < timeout_s * 1000},
+            "accepted_p99_under_timeout": (overload["p99_ms"] or 0) < timeout_s * 1000,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

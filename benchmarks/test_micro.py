@@ -40,8 +40,9 @@ def preprocessor() -> Preprocessor:
 
 @pytest.fixture(scope="module")
 def embedder() -> ClipEmbedder:
-    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=ARTIFACT,
-                                          embed_cache_size=0, timeout_s=60)).load()
+    return ClipEmbedder(
+        config=ClipConfig(pretrained="none", model_dir=ARTIFACT, embed_cache_size=0, timeout_s=60)
+    ).load()
 
 
 def test_decode_and_preprocess_1080p_exact(benchmark, hd_jpeg, preprocessor):
@@ -49,8 +50,7 @@ def test_decode_and_preprocess_1080p_exact(benchmark, hd_jpeg, preprocessor):
 
 
 def test_decode_and_preprocess_1080p_fast(benchmark, hd_jpeg, preprocessor):
-    benchmark(lambda: preprocessor([load_image(hd_jpeg, max_pixels=10**8,
-                                               min_side_for_draft=224)]))
+    benchmark(lambda: preprocessor([load_image(hd_jpeg, max_pixels=10**8, min_side_for_draft=224)]))
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])

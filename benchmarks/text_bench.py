@@ -21,17 +21,38 @@ from heimdex_clip.text import INPUT_NAME, OUTPUT_NAME, active_length
 
 #: Search-box queries: short, as users type them.
 QUERIES = [
-    "sunset over the sea", "a red car at night", "a cat sleeping on a sofa",
-    "people dancing at a wedding", "a dog catching a frisbee", "snow covered mountains",
-    "a man giving a speech", "kids playing football in the park", "fireworks over a city",
-    "a close-up of a coffee cup", "an astronaut in space", "a crowded train station",
-    "rain on a window", "a birthday cake with candles", "a boat on a lake",
-    "a woman riding a bicycle", "an aerial view of a forest", "a chef cooking in a kitchen",
-    "a lighthouse in a storm", "two people shaking hands", "a baby laughing",
-    "a motorcycle on a highway", "the moon in the night sky", "a concert crowd with lights",
-    "a white horse running", "a street market at dusk", "an old black and white photo",
-    "a plane taking off", "a laptop on a desk", "a waterfall in the jungle",
-    "a family having dinner", "a robot walking",
+    "sunset over the sea",
+    "a red car at night",
+    "a cat sleeping on a sofa",
+    "people dancing at a wedding",
+    "a dog catching a frisbee",
+    "snow covered mountains",
+    "a man giving a speech",
+    "kids playing football in the park",
+    "fireworks over a city",
+    "a close-up of a coffee cup",
+    "an astronaut in space",
+    "a crowded train station",
+    "rain on a window",
+    "a birthday cake with candles",
+    "a boat on a lake",
+    "a woman riding a bicycle",
+    "an aerial view of a forest",
+    "a chef cooking in a kitchen",
+    "a lighthouse in a storm",
+    "two people shaking hands",
+    "a baby laughing",
+    "a motorcycle on a highway",
+    "the moon in the night sky",
+    "a concert crowd with lights",
+    "a white horse running",
+    "a street market at dusk",
+    "an old black and white photo",
+    "a plane taking off",
+    "a laptop on a desk",
+    "a waterfall in the jungle",
+    "a family having dinner",
+    "a robot walking",
 ]
 
 
@@ -62,62 +83,83 @@ def bench_text(artifact: Path, threads: int, quick: bool, workdir: Path) -> dict
     torch.set_num_threads(threads)
     torch.manual_seed(manifest.model.seed or 0)
     model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
-    base = ClipConfig(pretrained="none", model_dir=artifact, cpu_threads=threads,
-                      embed_cache_size=0)
-    ours = {p: ClipEmbedder(config=base.replace(precision=p)).load()
-            for p in ("int8", "fp32") if f"text.{p}" in manifest.files}
+    base = ClipConfig(
+        pretrained="none", model_dir=artifact, cpu_threads=threads, embed_cache_size=0
+    )
+    ours = {
+        p: ClipEmbedder(config=base.replace(precision=p)).load()
+        for p in ("int8", "fp32")
+        if f"text.{p}" in manifest.files
+    }
     for embedder in ours.values():
         embedder.embed_texts(QUERIES[:1])  # loads the text tower outside the timings
     query, batch = QUERIES[1], QUERIES
     int8 = ours.get("int8") or ours["fp32"]
     repeats = 10 if quick else 30
     ids = int8.tokenize([query])
-    cut = ids[:, :active_length(ids)]
+    cut = ids[:, : active_length(ids)]
     # The query's INT8 GEMMs (its own token count) as MatMulInteger alone.
     floor = None
     if "text.int8" in manifest.files:
         dtype = manifest.extra["text"].get("token_dtype", "int64")
-        gemms = artifact_gemms(artifact / manifest.file("text.int8").path,
-                               lambda b: {INPUT_NAME: np.repeat(cut, b, 0).astype(dtype)},
-                               threads)
+        gemms = artifact_gemms(
+            artifact / manifest.file("text.int8").path,
+            lambda b: {INPUT_NAME: np.repeat(cut, b, 0).astype(dtype)},
+            threads,
+        )
         floor = GemmFloor(gemms, 1, threads)
 
     def reference(texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
             return model.encode_text(open_clip.tokenize(texts), normalize=True).numpy()
 
-    tokenizer = interleaved_medians({
-        "open_clip_1": lambda: open_clip.tokenize([query]),
-        "ours_1": lambda: int8.tokenize([query]),
-        "open_clip_32": lambda: open_clip.tokenize(batch),
-        "ours_32": lambda: int8.tokenize(batch)}, repeats * 3)
+    tokenizer = interleaved_medians(
+        {
+            "open_clip_1": lambda: open_clip.tokenize([query]),
+            "ours_1": lambda: int8.tokenize([query]),
+            "open_clip_32": lambda: open_clip.tokenize(batch),
+            "ours_32": lambda: int8.tokenize(batch),
+        },
+        repeats * 3,
+    )
     cases = {"open_clip_pytorch": lambda: reference([query])}
     cases.update({f"ours_{p}": (lambda e=e: e.embed_texts([query])) for p, e in ours.items()})
     if floor is not None:
         cases["int8_gemm_floor"] = floor.run
     one = interleaved_medians(cases, repeats, pause_s=0.1)
     cases = {"open_clip_pytorch": lambda: reference(batch)}
-    cases.update({f"ours_{p}": (lambda e=e: e.embed_texts(batch, batch_size=32))
-                  for p, e in ours.items()})
+    cases.update(
+        {f"ours_{p}": (lambda e=e: e.embed_texts(batch, batch_size=32)) for p, e in ours.items()}
+    )
     many = interleaved_medians(cases, max(3, repeats // 5), pause_s=0.1)
 
     graph = artifact / manifest.file("text.int8" if "int8" in ours else "text.fp32").path
     s32 = create_session(graph, threads=threads)[0]
     s64 = create_session(_int64_variant(graph, workdir / "text.int64.onnx"), threads=threads)[0]
-    dtypes = interleaved_medians({
-        "int32": lambda: s32.run([OUTPUT_NAME], {INPUT_NAME: cut.astype(np.int32)}),
-        "int64": lambda: s64.run([OUTPUT_NAME], {INPUT_NAME: cut.astype(np.int64)})},
-        repeats * 2, pause_s=0.02)
+    dtypes = interleaved_medians(
+        {
+            "int32": lambda: s32.run([OUTPUT_NAME], {INPUT_NAME: cut.astype(np.int32)}),
+            "int64": lambda: s64.run([OUTPUT_NAME], {INPUT_NAME: cut.astype(np.int64)}),
+        },
+        repeats * 2,
+        pause_s=0.02,
+    )
 
     ref = reference(batch)
-    accuracy = {f"{p}_vs_pytorch_min_cosine": round(float(_cosines(ref, e.embed_texts(
-        batch)).min()), 6) for p, e in ours.items()}
+    accuracy = {
+        f"{p}_vs_pytorch_min_cosine": round(float(_cosines(ref, e.embed_texts(batch)).min()), 6)
+        for p, e in ours.items()
+    }
     if len(ours) == 2:
         cos = _cosines(ours["fp32"].embed_texts(batch), ours["int8"].embed_texts(batch))
-        accuracy.update(int8_vs_fp32_mean_cosine=round(float(cos.mean()), 6),
-                        int8_vs_fp32_min_cosine=round(float(cos.min()), 6))
+        accuracy.update(
+            int8_vs_fp32_mean_cosine=round(float(cos.mean()), 6),
+            int8_vs_fp32_min_cosine=round(float(cos.min()), 6),
+        )
     return {
-        "queries": len(batch), "query": query, "query_tokens": int(cut.shape[1]),
+        "queries": len(batch),
+        "query": query,
+        "query_tokens": int(cut.shape[1]),
         "tokenizer_ms": {k: ms(v) for k, v in tokenizer.items()},
         "query_to_vector_ms": {k: ms(v) for k, v in one.items()},
         "int8_gemm_floor_shapes": describe(floor.gemms) if floor is not None else None,
@@ -134,25 +176,40 @@ def text_markdown(t: dict) -> list[str]:
         return ["", "Text tower: not in this artifact."]
     one, many, tok = t["query_to_vector_ms"], t["batch32_ms_per_text"], t["tokenizer_ms"]
     ref1, ref32 = one["open_clip_pytorch"], many["open_clip_pytorch"]
-    lines = ["", f"| text tower | open_clip + PyTorch (reference) | "
-             f"{' | '.join(k.removeprefix('ours_') for k in one if k.startswith('ours'))} |",
-             "|---|---|" + "---|" * sum(k.startswith("ours") for k in one)]
-    lines.append(f"| one query -> vector, ms | {ref1} | " + " | ".join(
-        f"{v} ({v / ref1:.2f}x)" for k, v in one.items() if k.startswith("ours")) + " |")
+    lines = [
+        "",
+        f"| text tower | open_clip + PyTorch (reference) | "
+        f"{' | '.join(k.removeprefix('ours_') for k in one if k.startswith('ours'))} |",
+        "|---|---|" + "---|" * sum(k.startswith("ours") for k in one),
+    ]
+    lines.append(
+        f"| one query -> vector, ms | {ref1} | "
+        + " | ".join(f"{v} ({v / ref1:.2f}x)" for k, v in one.items() if k.startswith("ours"))
+        + " |"
+    )
     floor = one.get("int8_gemm_floor")
     if floor:
-        lines.append(f"| one query, x its INT8 GEMM floor ({floor} ms) | "
-                     f"{ref1 / floor:.2f}x | " + " | ".join(
-                         f"{v / floor:.2f}x" for k, v in one.items() if k.startswith("ours"))
-                     + " |")
-    lines.append(f"| 32 queries, ms/text | {ref32} | " + " | ".join(
-        f"{v} ({v / ref32:.2f}x)" for k, v in many.items() if k.startswith("ours")) + " |")
+        lines.append(
+            f"| one query, x its INT8 GEMM floor ({floor} ms) | "
+            f"{ref1 / floor:.2f}x | "
+            + " | ".join(f"{v / floor:.2f}x" for k, v in one.items() if k.startswith("ours"))
+            + " |"
+        )
+    lines.append(
+        f"| 32 queries, ms/text | {ref32} | "
+        + " | ".join(f"{v} ({v / ref32:.2f}x)" for k, v in many.items() if k.startswith("ours"))
+        + " |"
+    )
     d = t["token_ids_graph_ms"]
-    lines += ["", f"Tokenizer, ms: one query {tok['ours_1']} (open_clip {tok['open_clip_1']}), "
-              f"32 queries {tok['ours_32']} (open_clip {tok['open_clip_32']}). Token ids "
-              f"int32 {d['int32']} ms vs int64 {d['int64']} ms for the query's graph run "
-              f"({t['query_tokens']} positions). Accuracy on {t['queries']} queries: "
-              + ", ".join(f"{k} {v}" for k, v in t["accuracy"].items()) + "."]
+    lines += [
+        "",
+        f"Tokenizer, ms: one query {tok['ours_1']} (open_clip {tok['open_clip_1']}), "
+        f"32 queries {tok['ours_32']} (open_clip {tok['open_clip_32']}). Token ids "
+        f"int32 {d['int32']} ms vs int64 {d['int64']} ms for the query's graph run "
+        f"({t['query_tokens']} positions). Accuracy on {t['queries']} queries: "
+        + ", ".join(f"{k} {v}" for k, v in t["accuracy"].items())
+        + ".",
+    ]
     return lines
 
 

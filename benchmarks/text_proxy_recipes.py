@@ -27,11 +27,11 @@ from heimdex_clip_export.recipes import QuantRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {
-    "text recipe (shipped): per-tensor, U8 weights, MatMul + Gather":
-        QuantRecipe.text_dynamic(),
+    "text recipe (shipped): per-tensor, U8 weights, MatMul + Gather": QuantRecipe.text_dynamic(),
     "text recipe, token-embedding Gather left fp32": QuantRecipe.text_dynamic(op_types=("MatMul",)),
-    "per-row activations (image recipe), no SmoothQuant, no fusions":
-        QuantRecipe.per_row_dynamic(smooth_alpha=None, ort_fusions=False),
+    "per-row activations (image recipe), no SmoothQuant, no fusions": QuantRecipe.per_row_dynamic(
+        smooth_alpha=None, ort_fusions=False
+    ),
 }
 
 
@@ -53,16 +53,23 @@ def main() -> None:
             started = time.perf_counter()
             quantize_visual(fp32, Path(tmp) / "int8.onnx", recipe)
             a = ev.agreement(reference, _embed(Path(tmp) / "int8.onnx", ids, mask))
-            rows.append({"recipe": label, **a.to_dict(),
-                         "seconds": round(time.perf_counter() - started, 1)})
+            rows.append(
+                {"recipe": label, **a.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+            )
             print(rows[-1])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "text_proxy_recipes.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "sentences": len(ids), "rows": rows}, indent=2)
-        + "\n")
+    (args.out / "text_proxy_recipes.json").write_text(
+        json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "sentences": len(ids), "rows": rows}, indent=2
+        )
+        + "\n"
+    )
     lines = ["| recipe | mean cosine | min cosine | top-5 agreement |", "|---|---|---|---|"]
-    lines += [f"| {r['recipe']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
-              f"{r['top5_agreement']:.3f} |" for r in rows]
+    lines += [
+        f"| {r['recipe']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
+        f"{r['top5_agreement']:.3f} |"
+        for r in rows
+    ]
     (args.out / "text_proxy_recipes.md").write_text("\n".join(lines) + "\n")
 
 

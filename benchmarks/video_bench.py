@@ -30,8 +30,9 @@ from run import machine_info, write_results
 OWNER = uuid.UUID("00000000-0000-4000-a000-00000000be7c")
 
 
-def make_videos(work: Path, seconds: float, size: tuple[int, int],
-                long_minutes: float) -> tuple[Path, Path, dict]:
+def make_videos(
+    work: Path, seconds: float, size: tuple[int, int], long_minutes: float
+) -> tuple[Path, Path, dict]:
     from heimdex_clip_export.video_samples import default_shots, write_video
 
     work.mkdir(parents=True, exist_ok=True)
@@ -39,11 +40,18 @@ def make_videos(work: Path, seconds: float, size: tuple[int, int],
     truth_file = short.with_suffix(".json")
     if not truth_file.is_file():
         started = time.perf_counter()
-        truth = write_video(short, default_shots(seconds), size=size, fps=30,
-                            black_intro_s=1.0)
-        truth_file.write_text(json.dumps({"cuts": truth.cuts, "dissolves": truth.dissolves,
-                                          "fades": truth.fades, "shots": truth.shots,
-                                          "encode_s": time.perf_counter() - started}))
+        truth = write_video(short, default_shots(seconds), size=size, fps=30, black_intro_s=1.0)
+        truth_file.write_text(
+            json.dumps(
+                {
+                    "cuts": truth.cuts,
+                    "dissolves": truth.dissolves,
+                    "fades": truth.fades,
+                    "shots": truth.shots,
+                    "encode_s": time.perf_counter() - started,
+                }
+            )
+        )
     long = work / f"photos_{size[0]}x{size[1]}_{long_minutes:g}min.mp4"
     if long_minutes and not long.is_file():
         repeat_file(short, long, max(1, round(long_minutes * 60 / seconds)))
@@ -96,8 +104,11 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
 
     # No embedding cache: the long file repeats the short one, and cached repeats would
     # skip the model.
-    embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact,
-                                              cpu_threads=threads, embed_cache_size=0)).load()
+    embedder = ClipEmbedder(
+        config=ClipConfig(
+            pretrained="none", model_dir=artifact, cpu_threads=threads, embed_cache_size=0
+        )
+    ).load()
     url = start_embedded(Path(tempfile.mkdtemp(prefix="video-bench-pg-")) / "pgdata")
     pool = open_pool(url)
     migrate(pool)
@@ -105,39 +116,60 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
     content_hash(path)
     hash_s = time.perf_counter() - hash_started
     started = time.perf_counter()
-    done = index_video(pool, embedder, path, OWNER, media_dir=media,
-                       settings=VideoSettings(threads=threads))
+    done = index_video(
+        pool, embedder, path, OWNER, media_dir=media, settings=VideoSettings(threads=threads)
+    )
     wall = time.perf_counter() - started
     pool.close()
     report = done.report
     breakdown = {"hash": round(hash_s, 3), **report["timings_s"]}
     breakdown["storage"] = round(wall - breakdown.pop("total") - hash_s, 3)
-    return {"wall_s": round(wall, 3), "scenes": done.scenes, "breakdown_s": breakdown,
-            "report": report}
+    return {
+        "wall_s": round(wall, 3),
+        "scenes": done.scenes,
+        "breakdown_s": breakdown,
+        "report": report,
+    }
 
 
 def peak_rss(path: Path, artifact: Path, threads: int, media: Path) -> dict:
     """The pipeline in a child process; its peak RSS (the child's own ru_maxrss)."""
-    code = ("import sys, json, resource; sys.path.insert(0, sys.argv[5]); "
-            "from video_bench import pipeline; from pathlib import Path; "
-            "r = pipeline(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "
-            "Path(sys.argv[4])); print(json.dumps({'wall_s': r['wall_s'], "
-            "'scenes': r['scenes'], 'breakdown_s': r['breakdown_s'], 'own_peak_rss_mb': "
-            "round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))")
+    code = (
+        "import sys, json, resource; sys.path.insert(0, sys.argv[5]); "
+        "from video_bench import pipeline; from pathlib import Path; "
+        "r = pipeline(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "
+        "Path(sys.argv[4])); print(json.dumps({'wall_s': r['wall_s'], "
+        "'scenes': r['scenes'], 'breakdown_s': r['breakdown_s'], 'own_peak_rss_mb': "
+        "round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))"
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(artifact), str(threads),
-                          str(media), str(Path(__file__).parent)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(path),
+            str(artifact),
+            str(threads),
+            str(media),
+            str(Path(__file__).parent),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # RUSAGE_CHILDREN's peak is the largest child so far; the child reports its own.
-    return {**result, "peak_rss_mb": result.pop("own_peak_rss_mb"),
-            "largest_child_so_far_mb": round(max(before, after) / 1024, 1)}
+    return {
+        **result,
+        "peak_rss_mb": result.pop("own_peak_rss_mb"),
+        "largest_child_so_far_mb": round(max(before, after) / 1024, 1),
+    }
 
 
 def f1(detected: list[float], cuts: list[float], dissolves: list, tol: float) -> dict:
-    found = [t for t in detected
-             if not any(a - tol <= t <= b + tol for a, b in dissolves)]
+    found = [t for t in detected if not any(a - tol <= t <= b + tol for a, b in dissolves)]
     left, hits = list(found), 0
     for cut in cuts:
         near = [t for t in left if abs(t - cut) <= tol]
@@ -146,9 +178,14 @@ def f1(detected: list[float], cuts: list[float], dissolves: list, tol: float) ->
             hits += 1
     p = hits / len(found) if found else 0.0
     r = hits / len(cuts) if cuts else 0.0
-    return {"f1": round(2 * p * r / (p + r), 4) if hits else 0.0, "precision": round(p, 4),
-            "recall": round(r, 4), "dissolves_found": sum(
-                any(a - tol <= t <= b + tol for t in detected) for a, b in dissolves)}
+    return {
+        "f1": round(2 * p * r / (p + r), 4) if hits else 0.0,
+        "precision": round(p, 4),
+        "recall": round(r, 4),
+        "dissolves_found": sum(
+            any(a - tol <= t <= b + tol for t in detected) for a, b in dissolves
+        ),
+    }
 
 
 def ours_cuts(path: Path, threads: int) -> tuple[list[float], float]:
@@ -160,10 +197,17 @@ def ours_cuts(path: Path, threads: int) -> tuple[list[float], float]:
     container, info = open_video(path, max_pixels=64_000_000)
     detector, cuts = CutDetector(CutSettings(), info.fps or 30), []
     with container:
-        for frame in iter_frames(container, info, DecodeStats(), threads=threads,
-                                 max_pixels=64_000_000, max_analysis_fps=30):
-            cuts += [d.time_s for d in detector.push(frame.index, frame.time_s, frame.small)
-                     if d.cut]
+        for frame in iter_frames(
+            container,
+            info,
+            DecodeStats(),
+            threads=threads,
+            max_pixels=64_000_000,
+            max_analysis_fps=30,
+        ):
+            cuts += [
+                d.time_s for d in detector.push(frame.index, frame.time_s, frame.small) if d.cut
+            ]
     cuts += [d.time_s for d in detector.finish() if d.cut]
     return cuts, time.perf_counter() - started
 
@@ -185,8 +229,11 @@ def site_size(*names: str) -> float:
     for root in site.getsitepackages():
         for name in names:
             for p in Path(root).glob(name):
-                total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) \
-                    if p.is_dir() else p.stat().st_size
+                total += (
+                    sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                    if p.is_dir()
+                    else p.stat().st_size
+                )
     return round(total / 1e6, 1)
 
 
@@ -194,9 +241,15 @@ def detectors(path: Path, truth: dict, threads: int) -> list[dict]:
     tol = 2 / 30
     rows = []
     cuts, secs = ours_cuts(path, threads)
-    rows.append({"detector": "heimdex-content-v1 (PyAV + numpy)", "seconds": round(secs, 2),
-                 **f1(cuts, truth["cuts"], truth["dissolves"], tol),
-                 "install_mb": 0.0, "needs": "numpy (already a runtime dependency)"})
+    rows.append(
+        {
+            "detector": "heimdex-content-v1 (PyAV + numpy)",
+            "seconds": round(secs, 2),
+            **f1(cuts, truth["cuts"], truth["dissolves"], tol),
+            "install_mb": 0.0,
+            "needs": "numpy (already a runtime dependency)",
+        }
+    )
     try:
         import cv2
         import scenedetect
@@ -208,12 +261,16 @@ def detectors(path: Path, truth: dict, threads: int) -> list[dict]:
     for name in ("adaptive", "content"):
         for backend in ("pyav", "opencv"):
             cuts, secs = pyscenedetect_cuts(path, name, backend)
-            rows.append({"detector": f"PySceneDetect {scenedetect.__version__} "
-                         f"{name.title()}Detector, {backend} backend (OpenCV {cv2.__version__})",
-                         "seconds": round(secs, 2),
-                         **f1(cuts, truth["cuts"], truth["dissolves"], tol),
-                         "install_mb": round(cv_mb + sd_mb, 1),
-                         "needs": "opencv-python-headless + scenedetect (+ click)"})
+            rows.append(
+                {
+                    "detector": f"PySceneDetect {scenedetect.__version__} "
+                    f"{name.title()}Detector, {backend} backend (OpenCV {cv2.__version__})",
+                    "seconds": round(secs, 2),
+                    **f1(cuts, truth["cuts"], truth["dissolves"], tol),
+                    "install_mb": round(cv_mb + sd_mb, 1),
+                    "needs": "opencv-python-headless + scenedetect (+ click)",
+                }
+            )
     return rows
 
 
@@ -226,24 +283,40 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "video-bench")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--rss-only", action="store_true",
-                        help="only the peak-RSS runs (short file, then the long one)")
+    parser.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="only the peak-RSS runs (short file, then the long one)",
+    )
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
     short, long, truth = make_videos(args.work, args.seconds, size, args.long_minutes)
     media = args.work / "media"
     if args.rss_only:
-        rss = {"machine": machine_info(args.threads),
-               "short": {"file": short.name, **peak_rss(short, args.artifact, args.threads,
-                                                        media)},
-               "long": {"file": long.name, "minutes": args.long_minutes,
-                        **peak_rss(long, args.artifact, args.threads, media)}}
+        rss = {
+            "machine": machine_info(args.threads),
+            "short": {"file": short.name, **peak_rss(short, args.artifact, args.threads, media)},
+            "long": {
+                "file": long.name,
+                "minutes": args.long_minutes,
+                **peak_rss(long, args.artifact, args.threads, media),
+            },
+        }
         write_results(args.out, "video_rss", rss, rss_table(rss))
         return 0
-    result = {"machine": machine_info(args.threads), "video": {
-        "file": short.name, "size": args.size, "fps": 30, "seconds": args.seconds,
-        "cuts": len(truth["cuts"]), "dissolves": len(truth["dissolves"]),
-        "fades": len(truth["fades"]), "bytes": short.stat().st_size}}
+    result = {
+        "machine": machine_info(args.threads),
+        "video": {
+            "file": short.name,
+            "size": args.size,
+            "fps": 30,
+            "seconds": args.seconds,
+            "cuts": len(truth["cuts"]),
+            "dissolves": len(truth["dissolves"]),
+            "fades": len(truth["fades"]),
+            "bytes": short.stat().st_size,
+        },
+    }
     bare = bare_decode(short, args.threads)
     run = pipeline(short, args.artifact, args.threads, media)
     bare_after = bare_decode(short, args.threads)  # load drifts: decode before and after
@@ -253,47 +326,65 @@ def main() -> int:
     result["ratio_pipeline_to_bare_decode"] = round(run["wall_s"] / floor, 3)
     result["realtime_factor"] = round(args.seconds / run["wall_s"], 2)
     result["detectors"] = detectors(short, truth, args.threads)
-    result["install_mb"] = {"av (PyAV + FFmpeg libs)": site_size("av", "av.libs"),
-                            "opencv-python-headless": site_size("cv2",
-                                                                "opencv_python_headless*")}
+    result["install_mb"] = {
+        "av (PyAV + FFmpeg libs)": site_size("av", "av.libs"),
+        "opencv-python-headless": site_size("cv2", "opencv_python_headless*"),
+    }
     write_results(args.out, "video", result, table(result))
     return 0
 
 
 def table(r: dict) -> str:
     m, v, b = r["machine"], r["video"], r["pipeline"]["breakdown_s"]
-    lines = [f"# Video indexing ({v['size']} H.264 {v['fps']} fps, {v['seconds']:g} s of "
-             f"photographs; {v['cuts']} hard cuts, {v['dissolves']} dissolves, {v['fades']} "
-             "black stretches)", "",
-             f"{m.get('cpu_model', '?')}, {m['threads_used']} threads, load average at start "
-             f"{m['load_average_at_start']} (shared machine), {m['date']}", "",
-             "| figure | value |", "|---|---|",
-             f"| bare PyAV decode (before, after) | {r['bare_decode'][0]['wall_s']} s, "
-             f"{r['bare_decode'][1]['wall_s']} s |",
-             f"| whole pipeline (index-video into PostgreSQL) | {r['pipeline']['wall_s']} s, "
-             f"{r['pipeline']['scenes']} scenes |",
-             f"| pipeline / bare decode | {r['ratio_pipeline_to_bare_decode']}x |",
-             f"| realtime factor (video s per wall s) | {r['realtime_factor']} |", "",
-             "| stage | seconds |", "|---|---|"]
+    lines = [
+        f"# Video indexing ({v['size']} H.264 {v['fps']} fps, {v['seconds']:g} s of "
+        f"photographs; {v['cuts']} hard cuts, {v['dissolves']} dissolves, {v['fades']} "
+        "black stretches)",
+        "",
+        f"{m.get('cpu_model', '?')}, {m['threads_used']} threads, load average at start "
+        f"{m['load_average_at_start']} (shared machine), {m['date']}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| bare PyAV decode (before, after) | {r['bare_decode'][0]['wall_s']} s, "
+        f"{r['bare_decode'][1]['wall_s']} s |",
+        f"| whole pipeline (index-video into PostgreSQL) | {r['pipeline']['wall_s']} s, "
+        f"{r['pipeline']['scenes']} scenes |",
+        f"| pipeline / bare decode | {r['ratio_pipeline_to_bare_decode']}x |",
+        f"| realtime factor (video s per wall s) | {r['realtime_factor']} |",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {val} |" for k, val in b.items()]
-    lines += ["", "| detector | seconds | hard-cut F1 | precision | recall | dissolves found "
-              "| install MB |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| detector | seconds | hard-cut F1 | precision | recall | dissolves found | install MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in r["detectors"]:
         if "error" in d:
             lines.append(f"| {d['detector']} | {d['error']} | | | | | |")
             continue
-        lines.append(f"| {d['detector']} | {d['seconds']} | {d['f1']} | {d['precision']} | "
-                     f"{d['recall']} | {d['dissolves_found']}/{v['dissolves']} | "
-                     f"{d['install_mb']} |")
+        lines.append(
+            f"| {d['detector']} | {d['seconds']} | {d['f1']} | {d['precision']} | "
+            f"{d['recall']} | {d['dissolves_found']}/{v['dissolves']} | "
+            f"{d['install_mb']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def rss_table(r: dict) -> str:
     m = r["machine"]
-    lines = ["# Peak RSS of index-video (one process per file, shortest first)", "",
-             f"{m.get('cpu_model', '?')}, {m['threads_used']} threads, load average at start "
-             f"{m['load_average_at_start']} (shared machine), {m['date']}", "",
-             "| file | wall s | scenes | peak RSS MB |", "|---|---|---|---|"]
+    lines = [
+        "# Peak RSS of index-video (one process per file, shortest first)",
+        "",
+        f"{m.get('cpu_model', '?')}, {m['threads_used']} threads, load average at start "
+        f"{m['load_average_at_start']} (shared machine), {m['date']}",
+        "",
+        "| file | wall s | scenes | peak RSS MB |",
+        "|---|---|---|---|",
+    ]
     for key in ("short", "long"):
         x = r[key]
         lines.append(f"| {x['file']} | {x['wall_s']} | {x['scenes']} | {x['peak_rss_mb']} |")

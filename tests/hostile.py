@@ -13,17 +13,25 @@ from PIL import Image
 def png_with_size(width: int, height: int, *, rows: int = 0) -> bytes:
     """A PNG whose header claims width x height (8-bit RGB). With ``rows`` > 0 the IDAT
     really holds that many zero rows (compressed to almost nothing)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     packer = zlib.compressobj(9)
     row = b"\x00" * (width * 3 + 1)
-    idat = b"".join(packer.compress(row) for _ in range(rows)) if rows else packer.compress(
-        b"\x00" * 64)
+    idat = (
+        b"".join(packer.compress(row) for _ in range(rows))
+        if rows
+        else packer.compress(b"\x00" * 64)
+    )
     idat += packer.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

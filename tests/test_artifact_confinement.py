@@ -46,18 +46,24 @@ def finishes(fn: Callable[[], object], seconds: float = 20.0) -> BaseException |
     return outcome[0]
 
 
-def tiny_artifact(root: Path, name: str, *, data: bytes = DATA, size: int | None = None,
-                  sha: str | None = None) -> Path:
+def tiny_artifact(
+    root: Path, name: str, *, data: bytes = DATA, size: int | None = None, sha: str | None = None
+) -> Path:
     """An artifact directory whose manifest lists one file entry ``name`` (not created)."""
     root.mkdir(parents=True, exist_ok=True)
     manifest = {
         "schema_version": 1,
-        "model": {"name": "ViT-B-32", "pretrained": "none", "embed_dim": 512,
-                  "random_init": True},
+        "model": {"name": "ViT-B-32", "pretrained": "none", "embed_dim": 512, "random_init": True},
         "preprocess": {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-        "files": {"visual.int8": {"path": name, "role": "visual", "precision": "int8",
-                                  "bytes": len(data) if size is None else size,
-                                  "sha256": sha or hashlib.sha256(data).hexdigest()}},
+        "files": {
+            "visual.int8": {
+                "path": name,
+                "role": "visual",
+                "precision": "int8",
+                "bytes": len(data) if size is None else size,
+                "sha256": sha or hashlib.sha256(data).hexdigest(),
+            }
+        },
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -78,8 +84,7 @@ def test_a_plain_file_and_a_link_inside_the_artifact_are_fine(tmp_path):
     assert read_verified(art / entry.path, entry) == DATA
 
 
-@pytest.mark.parametrize("target", ["/dev/zero", "/dev/null", "/proc/self/status",
-                                    "/etc/hostname"])
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/null", "/proc/self/status", "/etc/hostname"])
 def test_links_out_of_the_artifact_are_refused(tmp_path, target):
     art = tiny_artifact(tmp_path / "a", "visual.int8.onnx", data=b"", sha=EMPTY_SHA, size=0)
     (art / "visual.int8.onnx").symlink_to(target)
@@ -100,10 +105,13 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     assert_refused(art, "is a FIFO, not a regular file")
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: p.mkdir(),
-    lambda p: p.symlink_to("."),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: p.mkdir(),
+        lambda p: p.symlink_to("."),
+    ],
+)
 def test_a_directory_is_refused(tmp_path, make):
     art = tiny_artifact(tmp_path / "a", "visual.int8.onnx", data=b"", sha=EMPTY_SHA, size=0)
     make(art / "visual.int8.onnx")
@@ -139,17 +147,19 @@ def test_the_lower_level_readers_apply_the_same_rules(tmp_path):
     caller that skips load_manifest can be led outside the artifact either."""
     art = tiny_artifact(tmp_path / "a", "visual.int8.onnx", data=b"", sha=EMPTY_SHA, size=0)
     os.mkfifo(art / "visual.int8.onnx")
-    entry = Manifest.from_dict(json.loads((art / "manifest.json").read_text())).file(
-        "visual.int8")
+    entry = Manifest.from_dict(json.loads((art / "manifest.json").read_text())).file("visual.int8")
     path = art / entry.path
 
     def enter_source() -> None:
         with verified_source(path, entry):
             pass
 
-    for attempt in (lambda: read_verified(path, entry), enter_source,
-                    lambda: PinnedFiles(art, ["visual.int8.onnx"]),
-                    lambda: open_inside(art, "../a/visual.int8.onnx")):
+    for attempt in (
+        lambda: read_verified(path, entry),
+        enter_source,
+        lambda: PinnedFiles(art, ["visual.int8.onnx"]),
+        lambda: open_inside(art, "../a/visual.int8.onnx"),
+    ):
         error = finishes(attempt)
         assert isinstance(error, ArtifactError), error
         assert "visual.int8.onnx" in str(error)
@@ -158,8 +168,9 @@ def test_the_lower_level_readers_apply_the_same_rules(tmp_path):
 # --------------------------------------------------------------------------- real loads
 
 
-def hostile_text_entry(artifact_dir: Path, dest: Path, path: str,
-                       make: Callable[[Path], None] | None) -> Path:
+def hostile_text_entry(
+    artifact_dir: Path, dest: Path, path: str, make: Callable[[Path], None] | None
+) -> Path:
     """A runtime copy of the test artifact whose text graph entry is ``path``."""
     art = copy_artifact(artifact_dir, dest)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -172,15 +183,19 @@ def hostile_text_entry(artifact_dir: Path, dest: Path, path: str,
     return art
 
 
-@pytest.mark.parametrize(("path", "make", "message"), [
-    ("/dev/zero", None, "must be a relative path inside the artifact"),
-    ("../../../../../../dev/zero", None, "must be a relative path inside the artifact"),
-    ("text.int8.onnx", lambda p: os.mkfifo(p), "is a FIFO"),
-    ("text.int8.onnx", lambda p: p.symlink_to("/dev/zero"), "outside the artifact"),
-    ("text.int8.onnx", lambda p: p.mkdir(), "is a directory"),
-])
-def test_an_image_only_load_is_refused_quickly_naming_the_entry(artifact_dir, tmp_path, path,
-                                                                 make, message):
+@pytest.mark.parametrize(
+    ("path", "make", "message"),
+    [
+        ("/dev/zero", None, "must be a relative path inside the artifact"),
+        ("../../../../../../dev/zero", None, "must be a relative path inside the artifact"),
+        ("text.int8.onnx", lambda p: os.mkfifo(p), "is a FIFO"),
+        ("text.int8.onnx", lambda p: p.symlink_to("/dev/zero"), "outside the artifact"),
+        ("text.int8.onnx", lambda p: p.mkdir(), "is a directory"),
+    ],
+)
+def test_an_image_only_load_is_refused_quickly_naming_the_entry(
+    artifact_dir, tmp_path, path, make, message
+):
     art = hostile_text_entry(artifact_dir, tmp_path / "art", path, make)
     embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art))
     error = finishes(embedder.load, seconds=60)

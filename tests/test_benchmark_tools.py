@@ -44,7 +44,8 @@ def test_profiler_counts_exactly_the_models_multiply_adds(artifact_dir):
     result = profile_encoder.profile(artifact_dir, batch=2, threads=1, runs=1)
 
     assert result["int8_gemm"]["multiply_adds_per_image"] == (
-        vit_b32_multiply_adds_with_class_token_last_block())
+        vit_b32_multiply_adds_with_class_token_last_block()
+    )
     shares = [op["share"] for op in result["by_operator"].values()]
     assert abs(sum(shares) - 1) < 0.01
     # The quantized GEMM kernel the manifest's recipe produces: per-token activations run in
@@ -59,8 +60,9 @@ def test_profiler_counts_exactly_the_models_multiply_adds(artifact_dir):
 def test_interleaved_medians_let_the_cases_take_turns():
     run = load_benchmark_module("run")
     calls: list[str] = []
-    medians = run.interleaved_medians({"a": lambda: calls.append("a"),
-                                       "b": lambda: calls.append("b")}, repeats=3)
+    medians = run.interleaved_medians(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3
+    )
 
     assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
     assert set(medians) == {"a", "b"}
@@ -70,8 +72,14 @@ def test_compare_graphs_reports_every_graph_by_operator(artifact_dir):
     compare_graphs = load_benchmark_module("compare_graphs")
     manifest = load_manifest(artifact_dir)
     graph = artifact_dir / manifest.files["visual.int8"].path
-    result = compare_graphs.compare([graph, graph], manifest.files["visual.int8"].inputs[0].name,
-                                    manifest.preprocess.image_size, [1], repeats=1, threads=1)
+    result = compare_graphs.compare(
+        [graph, graph],
+        manifest.files["visual.int8"].inputs[0].name,
+        manifest.preprocess.image_size,
+        [1],
+        repeats=1,
+        threads=1,
+    )
 
     assert list(result) == ["1"] and len(result["1"]) == 2
     for measured in result["1"]:
@@ -85,9 +93,18 @@ def test_cold_start_process_embeds_without_torch_and_reports_its_figures(artifac
     """run.py's cold-start child is a real script: it runs, and it never imports torch."""
     frame = tmp_path / "frame.jpg"
     Image.new("RGB", (320, 240), (200, 40, 90)).save(frame)
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "cold_start_runtime.py"),
-                           str(artifact_dir), str(frame), "1"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "cold_start_runtime.py"),
+            str(artifact_dir),
+            str(frame),
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
 
     assert figures["torch_imported"] is False

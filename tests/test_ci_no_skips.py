@@ -12,7 +12,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 
-SKIPPING_TESTS = '''
+SKIPPING_TESTS = """
 import pytest
 
 def test_passes():
@@ -28,16 +28,16 @@ def test_skipif():
 @pytest.mark.xfail(reason="a known failure is not a skip", strict=True)
 def test_expected_failure():
     assert False
-'''
+"""
 
-SKIPPING_MODULE = '''
+SKIPPING_MODULE = """
 import pytest
 
 pytest.importorskip("heimdex_no_such_module")
 
 def test_never_collected():
     pass
-'''
+"""
 
 
 def _run_tiny_suite(tmp_path: Path, module: str, ci: str | None) -> subprocess.CompletedProcess:
@@ -49,10 +49,26 @@ def _run_tiny_suite(tmp_path: Path, module: str, ci: str | None) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([sys.executable, "-m", "pytest", str(suite), "-c",
-                           str(suite / "pytest.ini"), "--rootdir", str(suite), "-q", "-rA",
-                           "-p", "no:cacheprovider"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(suite),
+            "-c",
+            str(suite / "pytest.ini"),
+            "--rootdir",
+            str(suite),
+            "-q",
+            "-rA",
+            "-p",
+            "no:cacheprovider",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_skipped_tests_fail_under_ci(tmp_path):

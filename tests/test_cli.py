@@ -35,10 +35,13 @@ def test_info_reports_manifest_session_and_cpu_features(artifact_dir, capsys):
     text = capsys.readouterr().out
     flags_line = next(line for line in text.splitlines() if "flags:" in line)
     assert {f for f, on in reported.items() if on} == set(
-        flags_line.split("flags:", 1)[1].replace(",", " ").split())
+        flags_line.split("flags:", 1)[1].replace(",", " ").split()
+    )
     mean = manifest["parity"]["int8_vs_fp32"]["mean_cosine"]
-    assert f"INT8 vs fp32 (export-time, {manifest['parity']['int8_vs_fp32']['images']} images)" \
-        in text and f"mean cos {mean:.5f}" in text
+    assert (
+        f"INT8 vs fp32 (export-time, {manifest['parity']['int8_vs_fp32']['images']} images)" in text
+        and f"mean cos {mean:.5f}" in text
+    )
     assert f"threads={info['session']['intra_op_threads']}" in text
 
 
@@ -47,8 +50,7 @@ def test_info_without_an_artifact_says_why(tmp_path, capsys):
     assert "NOT LOADED" in capsys.readouterr().out
 
 
-def test_embed_reports_each_file_and_fails_on_a_bad_one(artifact_dir, photos, tmp_path,
-                                                        capsys):
+def test_embed_reports_each_file_and_fails_on_a_bad_one(artifact_dir, photos, tmp_path, capsys):
     good = tmp_path / "good.jpg"
     photos[0][1].save(good)
     bad = tmp_path / "bad.jpg"
@@ -58,6 +60,5 @@ def test_embed_reports_each_file_and_fails_on_a_bad_one(artifact_dir, photos, tm
     assert rows[0]["ok"] and rows[0]["dim"] == 512 and abs(rows[0]["norm"] - 1) < 1e-3
     assert rows[0]["time_ms"] > 0
     assert not rows[1]["ok"] and "cannot identify" in rows[1]["error"]
-    assert main(["--model-dir", str(artifact_dir), "embed", str(good), "--json",
-                 "--vectors"]) == 0
+    assert main(["--model-dir", str(artifact_dir), "embed", str(good), "--json", "--vectors"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["embedding"]) == 512

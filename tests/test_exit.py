@@ -60,27 +60,38 @@ def test_exiting_during_a_timed_out_run_keeps_the_exit_status(tmp_path):
     script = tmp_path / "slow_exit.py"
     script.write_text(SLOW_GRAPH_EXIT)
     for run in range(4):
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                              env=_env(), timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=_env(), timeout=120
+        )
         assert "terminate called" not in proc.stderr, (run, proc.stderr)
         assert proc.returncode == 7, (run, proc.returncode, proc.stderr[-2000:])
         timeouts, live = map(int, proc.stdout.split())
         assert timeouts == 3 and live >= 1  # runs really were in flight at exit
 
 
-def test_the_cli_exits_with_its_documented_status_when_work_times_out(artifact_dir, photos,
-                                                                       tmp_path):
+def test_the_cli_exits_with_its_documented_status_when_work_times_out(
+    artifact_dir, photos, tmp_path
+):
     images = []
     for i, (_, photo) in enumerate(photos[:2]):
         images.append(tmp_path / f"img{i + 1}.jpg")
         photo.save(images[-1], quality=90)
-    command = [sys.executable, "-m", "heimdex_clip.cli", "--model-dir", str(artifact_dir),
-               "embed", "--text", "a dog", "--json", *map(str, images)]
+    command = [
+        sys.executable,
+        "-m",
+        "heimdex_clip.cli",
+        "--model-dir",
+        str(artifact_dir),
+        "embed",
+        "--text",
+        "a dog",
+        "--json",
+        *map(str, images),
+    ]
     env = _env(CLIP_TIMEOUT_S="0.005", CLIP_PRETRAINED="none", CLIP_PROVIDER="cpu")
     statuses = []
     for run in range(RUNS):
-        proc = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=300)
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert "terminate called" not in proc.stderr, (run, proc.stderr)
         rows = json.loads(proc.stdout)
         assert len(rows) == 3

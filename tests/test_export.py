@@ -62,19 +62,23 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _top5_overlap(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean share of each row's 5 most similar other rows found in both spaces (plain loops)."""
+
     def top5(e: np.ndarray, i: int) -> set[int]:
         unit = e / np.linalg.norm(e, axis=1, keepdims=True)
-        scored = sorted(((float(unit[i] @ unit[j]), j) for j in range(len(e)) if j != i),
-                        reverse=True)
+        scored = sorted(
+            ((float(unit[i] @ unit[j]), j) for j in range(len(e)) if j != i), reverse=True
+        )
         return {j for _, j in scored[:5]}
 
-    return float(np.mean([len(top5(reference, i) & top5(candidate, i)) / 5
-                          for i in range(len(reference))]))
+    return float(
+        np.mean([len(top5(reference, i) & top5(candidate, i)) / 5 for i in range(len(reference))])
+    )
 
 
 def _in_batches(session: ort.InferenceSession, pixels: np.ndarray, size: int) -> np.ndarray:
-    return np.concatenate([_run(session, pixels[i:i + size])
-                           for i in range(0, len(pixels), size)])
+    return np.concatenate(
+        [_run(session, pixels[i : i + size]) for i in range(0, len(pixels), size)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +92,7 @@ def reference():
 def open_clip_transform(reference):
     """open_clip's own eval transform for the model, built here from its preprocess config."""
     loaded, _ = reference
-    return image_transform_v2(PreprocessCfg(**loaded.model.visual.preprocess_cfg),
-                              is_train=False)
+    return image_transform_v2(PreprocessCfg(**loaded.model.visual.preprocess_cfg), is_train=False)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +102,9 @@ def torch_embeddings(reference):
         return loaded.model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
 
 
-def test_fp32_onnx_matches_pytorch_at_batch_1_and_odd_batch(artifact_dir, reference,
-                                                             torch_embeddings):
+def test_fp32_onnx_matches_pytorch_at_batch_1_and_odd_batch(
+    artifact_dir, reference, torch_embeddings
+):
     _, pixels = reference
     fp32 = _session(artifact_dir / "visual.fp32.onnx")
     alone = _in_batches(fp32, pixels[:8], 1)
@@ -117,16 +121,19 @@ def test_raw_features_output_is_the_unnormalised_embedding(artifact_dir, referen
     with torch.inference_mode():
         ref = loaded.model.encode_image(torch.from_numpy(pixels[:3]), normalize=False).numpy()
     np.testing.assert_allclose(raw, ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True),
-                               _run(fp32, pixels[:3]), atol=1e-6)
+    np.testing.assert_allclose(
+        raw / np.linalg.norm(raw, axis=1, keepdims=True), _run(fp32, pixels[:3]), atol=1e-6
+    )
 
 
 def test_int8_figures_in_the_manifest_are_true_and_meet_the_gates(artifact_dir, reference):
     """Recomputed here from the graphs: the recorded figures are what the graphs do."""
     _, pixels = reference
     assert len(pixels) >= 100
-    fp32, int8 = _session(artifact_dir / "visual.fp32.onnx"), _session(
-        artifact_dir / "visual.int8.onnx")
+    fp32, int8 = (
+        _session(artifact_dir / "visual.fp32.onnx"),
+        _session(artifact_dir / "visual.int8.onnx"),
+    )
     ref, got = _in_batches(fp32, pixels, 32), _in_batches(int8, pixels, 32)
     cosines = _cosines(ref, got)
     top5 = _top5_overlap(ref, got)
@@ -146,14 +153,13 @@ def test_int8_figures_in_the_manifest_are_true_and_meet_the_gates(artifact_dir, 
     assert recorded["int8_vs_fp32"]["min_cosine"] == pytest.approx(cosines.min(), abs=1e-4)
     # One neighbour of one image may swap on a near-tie: 1 / (5 x images).
     assert recorded["int8_vs_fp32"]["top5_agreement"] == pytest.approx(top5, abs=0.01)
-    assert recorded["int8_batch_invariance"]["min_cosine"] == pytest.approx(invariance,
-                                                                            abs=1e-4)
+    assert recorded["int8_batch_invariance"]["min_cosine"] == pytest.approx(invariance, abs=1e-4)
 
 
 def test_evaluation_figures_on_cases_with_known_answers():
     a = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
     b = np.array([[1.0, 1.0], [0.0, -3.0]], np.float32)
-    np.testing.assert_allclose(ev.row_cosines(a, b), [2 ** -0.5, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(ev.row_cosines(a, b), [2**-0.5, -1.0], rtol=1e-6)
 
     def points(*degrees: float) -> np.ndarray:
         rad = np.deg2rad(degrees)
@@ -171,8 +177,7 @@ def test_evaluation_figures_on_cases_with_known_answers():
 
     pair = np.array([[1.0, 0.0], [0.0, 1.0]])
     # Together: (1, 1) and (0, 2); cosines with alone: 1/sqrt(2) and 1.
-    assert ev.batch_invariance(embed_with_batch_mates, pair, batch_size=2) == pytest.approx(
-        2 ** -0.5)
+    assert ev.batch_invariance(embed_with_batch_mates, pair, batch_size=2) == pytest.approx(2**-0.5)
 
     failures: list[str] = []
     ev.check_min("equal", 0.9, 0.9, failures)
@@ -226,16 +231,25 @@ def test_manifest_spec_gives_open_clips_pixels_bit_for_bit(artifact_dir, open_cl
     assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("change", [
-    {"interpolation": "bilinear"},
-    {"resize_mode": "squash"},
-    {"image_size": 225},
-    # One float32 step off in one channel's mean.
-    {"mean": (float(np.nextafter(np.float32(0.48145466), np.float32(1))), 0.4578275,
-              0.40821073)},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"interpolation": "bilinear"},
+        {"resize_mode": "squash"},
+        {"image_size": 225},
+        # One float32 step off in one channel's mean.
+        {
+            "mean": (
+                float(np.nextafter(np.float32(0.48145466), np.float32(1))),
+                0.4578275,
+                0.40821073,
+            )
+        },
+    ],
+)
 def test_preprocessing_proof_refuses_a_spec_that_differs_from_open_clip(
-        reference, open_clip_transform, change):
+    reference, open_clip_transform, change
+):
     loaded, _ = reference
     images = ev.evaluation_images()[:12]
     theirs = torch.stack([open_clip_transform(img) for img in images]).numpy()
@@ -249,15 +263,19 @@ def test_export_fails_when_the_written_spec_would_differ(tmp_path, monkeypatch):
     """The export writes no artifact whose preprocessing the runtime would get wrong."""
     models = tmp_path / "models"
     real_spec = pipeline.preprocess_spec
-    monkeypatch.setattr(pipeline, "preprocess_spec", lambda loaded: dataclasses.replace(
-        real_spec(loaded), interpolation="bilinear"))
+    monkeypatch.setattr(
+        pipeline,
+        "preprocess_spec",
+        lambda loaded: dataclasses.replace(real_spec(loaded), interpolation="bilinear"),
+    )
     with pytest.raises(GateError, match=r"runtime preprocessing gate failed.*bilinear"):
         export_artifact("ViT-B-32", "none", models)
     assert list(models.iterdir()) == []
 
 
 def test_cli_export_installs_gates_in_runtime_sessions_and_is_deterministic(
-        artifact_dir, reference, tmp_path, monkeypatch):
+    artifact_dir, reference, tmp_path, monkeypatch
+):
     """A full export through the CLI: runtime-built sessions, the versioned install, seeds."""
     from heimdex_clip_export.cli import main
 
@@ -270,8 +288,10 @@ def test_cli_export_installs_gates_in_runtime_sessions_and_is_deterministic(
 
     monkeypatch.setattr(pipeline, "create_session", recording_create_session)
     out = tmp_path / "models"
-    assert main(["--pretrained", "none", "--seed", "0", "--models-dir", str(out), "--no-text",
-                 "-q"]) == 0
+    assert (
+        main(["--pretrained", "none", "--seed", "0", "--models-dir", str(out), "--no-text", "-q"])
+        == 0
+    )
     assert sorted(set(sessions_for)) == ["visual.fp32.onnx", "visual.int8.onnx"]
 
     final = out / "ViT-B-32__none"
@@ -308,7 +328,7 @@ def test_failed_gate_leaves_no_artifact_and_keeps_the_old_one(tmp_path, layout):
     models = tmp_path / "models"
     existing = models / ("ViT-B-32__none" if layout != "versioned" else ".old-version")
     existing.mkdir(parents=True)
-    (existing / "manifest.json").write_text("{\"old\": true}")
+    (existing / "manifest.json").write_text('{"old": true}')
     if layout == "versioned":
         os.symlink(existing.name, models / "ViT-B-32__none")
     before = sorted(p.name for p in models.iterdir())
@@ -316,7 +336,7 @@ def test_failed_gate_leaves_no_artifact_and_keeps_the_old_one(tmp_path, layout):
     with pytest.raises(GateError, match="fp32 parity gate failed"):
         export_artifact("ViT-B-32", "none", models, gates=impossible)
     assert sorted(p.name for p in models.iterdir()) == before
-    assert (models / "ViT-B-32__none" / "manifest.json").read_text() == "{\"old\": true}"
+    assert (models / "ViT-B-32__none" / "manifest.json").read_text() == '{"old": true}'
 
 
 def test_local_checkpoint_loads_the_same_weights(tmp_path):
@@ -326,17 +346,20 @@ def test_local_checkpoint_loads_the_same_weights(tmp_path):
     loaded = load_model("ViT-B-32", str(checkpoint))
     assert loaded.pretrained == "checkpoint-my-weights" and not loaded.random_init
     assert loaded.quick_gelu is True
-    for (name, a), (_, b) in zip(seeded.state_dict().items(),
-                                 loaded.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        seeded.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     # One rule: the directory is named after what the manifest records.
     assert artifact_dir_name("ViT-B-32", str(checkpoint)) == "ViT-B-32__checkpoint-my-weights"
     assert artifact_dir_name("ViT-B-32", "my-weights.safetensors") == (
-        "ViT-B-32__checkpoint-my-weights")
+        "ViT-B-32__checkpoint-my-weights"
+    )
     assert artifact_dir_name("ViT-B-32", "None") == "ViT-B-32__none"
     # A worker configured with the recorded label finds the same directory as with the path.
     assert artifact_dir_name("ViT-B-32", loaded.pretrained) == artifact_dir_name(
-        "ViT-B-32", str(checkpoint))
+        "ViT-B-32", str(checkpoint)
+    )
 
 
 def test_quick_gelu_follows_the_weights():
@@ -367,9 +390,9 @@ def test_another_open_clip_model_exports_with_its_own_config(tmp_path, photos):
     assert manifest.preprocess.image_size == cfg["size"][0]
     assert manifest.preprocess.mean == tuple(cfg["mean"])
     assert manifest.model.quick_gelu is False  # no openai weights for ViT-S-32: its own config
-    vectors = ClipEmbedder(config=ClipConfig(model_name="ViT-S-32", pretrained="none",
-                                             model_dir=tmp_path)).embed_images(
-        [img for _, img in photos[:2]])
+    vectors = ClipEmbedder(
+        config=ClipConfig(model_name="ViT-S-32", pretrained="none", model_dir=tmp_path)
+    ).embed_images([img for _, img in photos[:2]])
     assert vectors.shape == (2, manifest.model.embed_dim)
 
 
@@ -398,8 +421,9 @@ def test_patch_embedding_as_matmul_is_the_same_function_as_the_conv():
     conv = torch.nn.Conv2d(3, 24, kernel_size=8, stride=8, bias=False).eval()
     pixels = torch.randn(2, 3, 32, 48)  # not square: rows and columns must not swap
     with torch.inference_mode():
-        torch.testing.assert_close(PatchEmbedLinear(conv)(pixels), conv(pixels),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            PatchEmbedLinear(conv)(pixels), conv(pixels), rtol=1e-5, atol=1e-5
+        )
     assert PatchEmbedLinear.supports(conv, 32)
     assert not PatchEmbedLinear.supports(conv, 36)  # image not a whole number of patches
     overlapping = torch.nn.Conv2d(3, 24, kernel_size=8, stride=4)
@@ -411,8 +435,9 @@ def test_export_ready_copy_is_the_same_image_tower_and_leaves_the_original_alone
 
     model = load_model("ViT-B-32", "none").model
     ready, applied = export_ready_copy(model, 224)
-    assert applied == Rewrites(attention_layers=12, patch_embed_as_matmul=True,
-                               class_token_last_block=True)
+    assert applied == Rewrites(
+        attention_layers=12, patch_embed_as_matmul=True, class_token_last_block=True
+    )
     assert ready is not model
     assert isinstance(model.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
     assert isinstance(model.visual.conv1, torch.nn.Conv2d)
@@ -424,10 +449,16 @@ def test_export_ready_copy_is_the_same_image_tower_and_leaves_the_original_alone
 
 def test_manifest_records_the_rewrites_and_the_graph_is_lean(artifact_dir):
     raw = json.loads((artifact_dir / "manifest.json").read_text())
-    assert raw["export"]["rewrites"] == {"attention_layers": 12, "patch_embed_as_matmul": True,
-                                         "class_token_last_block": True}
-    graph = __import__("onnx").load(str(artifact_dir / "visual.fp32.onnx"),
-                                    load_external_data=False).graph
+    assert raw["export"]["rewrites"] == {
+        "attention_layers": 12,
+        "patch_embed_as_matmul": True,
+        "class_token_last_block": True,
+    }
+    graph = (
+        __import__("onnx")
+        .load(str(artifact_dir / "visual.fp32.onnx"), load_external_data=False)
+        .graph
+    )
     ops = [n.op_type for n in graph.node]
     assert "Conv" not in ops  # the patch embedding is a MatMul, so it is quantized too
     assert ops.count("Transpose") <= 45  # traced nn.MultiheadAttention gave 97

@@ -32,13 +32,15 @@ def _attention_block(interleaved_heads: bool = False) -> onnx.ModelProto:
     """
     rng = np.random.default_rng(0)
     inits = [
-        numpy_helper.from_array((rng.standard_normal((WIDTH, 3 * WIDTH))
-                                 / np.sqrt(WIDTH)).astype(np.float32), "w_qkv"),
+        numpy_helper.from_array(
+            (rng.standard_normal((WIDTH, 3 * WIDTH)) / np.sqrt(WIDTH)).astype(np.float32), "w_qkv"
+        ),
         numpy_helper.from_array(rng.standard_normal(3 * WIDTH).astype(np.float32), "b_qkv"),
-        numpy_helper.from_array((rng.standard_normal((WIDTH, WIDTH))
-                                 / np.sqrt(WIDTH)).astype(np.float32), "w_out"),
+        numpy_helper.from_array(
+            (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32), "w_out"
+        ),
         numpy_helper.from_array(rng.standard_normal(WIDTH).astype(np.float32), "b_out"),
-        numpy_helper.from_array(np.array(HEAD_DIM ** -0.5, np.float32), "scale"),
+        numpy_helper.from_array(np.array(HEAD_DIM**-0.5, np.float32), "scale"),
         numpy_helper.from_array(np.array([0, 0, WIDTH], np.int64), "merged"),
     ]
     split = [0, 0, 3, HEAD_DIM, HEADS] if interleaved_heads else [0, 0, 3, HEADS, HEAD_DIM]
@@ -68,10 +70,12 @@ def _attention_block(interleaved_heads: bool = False) -> onnx.ModelProto:
     for node in nodes:
         node.name = node.output[0]
     graph = helper.make_graph(
-        nodes, "attention_block",
+        nodes,
+        "attention_block",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", TOKENS, WIDTH])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", TOKENS, WIDTH])],
-        inits)
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -92,8 +96,9 @@ def _run(model: onnx.ModelProto, outputs: list[str], x: np.ndarray) -> list[np.n
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                              for n in outputs if n not in known)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs if n not in known
+    )
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(outputs, {"x": x})
 
@@ -114,21 +119,31 @@ def test_attention_block_is_fused_and_computes_the_same():
     assert ops.count("MultiHeadAttention") == 1
     assert {"Softmax", "MatMul", "Transpose", "Gather"}.isdisjoint(ops)
     # The output projection's SmoothQuant Mul went into V's weight scales.
-    smoothing = [n for n in unfused.graph.node if n.op_type == "Mul"
-                 and n.input[1].endswith("/inv_smooth") and n.input[0] == "context"]
+    smoothing = [
+        n
+        for n in unfused.graph.node
+        if n.op_type == "Mul" and n.input[1].endswith("/inv_smooth") and n.input[0] == "context"
+    ]
     assert len(smoothing) == 1
-    assert [n.input[0] for n in fused.graph.node if n.op_type == "Mul"
-            and n.input[1].endswith("/inv_smooth")] == ["x"]  # the block input's stays
+    assert [
+        n.input[0]
+        for n in fused.graph.node
+        if n.op_type == "Mul" and n.input[1].endswith("/inv_smooth")
+    ] == ["x"]  # the block input's stays
     attention_out = smoothing[0].output[0]  # the same tensor name in both graphs
 
     x = _inputs(2)
     want_attention, want_y = _run(unfused, [attention_out, "y"], x)
     got_attention, got_y = _run(fused, [attention_out, "y"], x)
     # Same integer GEMMs; only float summation order and softmax kernels differ.
-    np.testing.assert_allclose(got_attention, want_attention, rtol=1e-4,
-                               atol=1e-5 * np.abs(want_attention).max())
-    cos = np.sum(got_y * want_y, -1) / np.linalg.norm(got_y, axis=-1) \
+    np.testing.assert_allclose(
+        got_attention, want_attention, rtol=1e-4, atol=1e-5 * np.abs(want_attention).max()
+    )
+    cos = (
+        np.sum(got_y * want_y, -1)
+        / np.linalg.norm(got_y, axis=-1)
         / np.linalg.norm(want_y, axis=-1)
+    )
     assert cos.min() > 0.9999
 
 
@@ -166,18 +181,30 @@ def test_onnx_runtime_scales_the_gemm_bias_by_a_per_row_activation_scale():
     a_scale = rng.uniform(0.01, 0.1, (rows, 1)).astype(np.float32)
     b_scale = rng.uniform(0.01, 0.1, columns).astype(np.float32)
     bias = rng.standard_normal(columns).astype(np.float32)
-    node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "a_scale", "b_scale", "zp", "",
-                                                     "bias"], ["y"], domain="com.microsoft")
+    node = helper.make_node(
+        "MatMulIntegerToFloat",
+        ["a", "b", "a_scale", "b_scale", "zp", "", "bias"],
+        ["y"],
+        domain="com.microsoft",
+    )
     graph = helper.make_graph(
-        [node], "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [rows, depth]),
-         helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, [rows, 1])],
+        [node],
+        "gemm",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [rows, depth]),
+            helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, [rows, 1]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(b_scale, "b_scale"),
-         numpy_helper.from_array(np.array(128, np.uint8), "zp"),
-         numpy_helper.from_array(bias, "bias")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+        [
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(b_scale, "b_scale"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = session.run(None, {"a": a, "a_scale": a_scale})[0]
     product = (a.astype(np.int64) - 128) @ b.astype(np.int64) * a_scale * b_scale
@@ -188,9 +215,11 @@ def test_onnx_runtime_scales_the_gemm_bias_by_a_per_row_activation_scale():
 def test_the_clip_export_ships_its_attention_fused(artifact_dir):
     """The open_clip ViT-B-32 export matches: every block's attention core is fused."""
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    assert manifest["quantization"]["fused"] == {"attention": 12,
-                                                 "attention_output_smoothing_folded": 12,
-                                                 "transpose_pairs_cancelled": 1}
+    assert manifest["quantization"]["fused"] == {
+        "attention": 12,
+        "attention_output_smoothing_folded": 12,
+        "transpose_pairs_cancelled": 1,
+    }
     ops = _ops(onnx.load(str(artifact_dir / "visual.int8.onnx")))
     assert ops.count("MultiHeadAttention") == 12
     assert ops.count("Transpose") == 1  # the patch cut; its way back from the conv layout went
@@ -199,16 +228,22 @@ def test_the_clip_export_ships_its_attention_fused(artifact_dir):
 
 def _transpose_round_trip(reshape_to: list[int], back: list[int]) -> onnx.ModelProto:
     """x [B, S, D] -> Transpose(0, 2, 1) -> Reshape(reshape_to) -> Transpose(back) -> + 1."""
-    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1], name="t"),
-             helper.make_node("Reshape", ["t", "shape"], ["r"], name="r"),
-             helper.make_node("Transpose", ["r"], ["back"], perm=back, name="back"),
-             helper.make_node("Add", ["back", "one"], ["y"], name="y")]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1], name="t"),
+        helper.make_node("Reshape", ["t", "shape"], ["r"], name="r"),
+        helper.make_node("Transpose", ["r"], ["back"], perm=back, name="back"),
+        helper.make_node("Add", ["back", "one"], ["y"], name="y"),
+    ]
     graph = helper.make_graph(
-        nodes, "round_trip",
+        nodes,
+        "round_trip",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", TOKENS, WIDTH])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.array(reshape_to, np.int64), "shape"),
-         numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+        [
+            numpy_helper.from_array(np.array(reshape_to, np.int64), "shape"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -224,8 +259,10 @@ def test_transpose_round_trip_through_a_shape_keeping_reshape_is_removed():
 def test_transpose_pairs_that_move_data_are_kept():
     """A Reshape that regroups the elements, or a second Transpose that does not undo the
     first: removing either would change the result."""
-    for model in (_transpose_round_trip([-1, TOKENS, WIDTH], [0, 2, 1]),
-                  _transpose_round_trip([-1, WIDTH, TOKENS], [1, 0, 2])):
+    for model in (
+        _transpose_round_trip([-1, TOKENS, WIDTH], [0, 2, 1]),
+        _transpose_round_trip([-1, WIDTH, TOKENS], [1, 0, 2]),
+    ):
         before = model.SerializeToString()
         assert fusions.cancel_transpose_pairs(model) == 0
         assert model.SerializeToString() == before

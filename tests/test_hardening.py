@@ -97,8 +97,9 @@ def test_a_broadcast_array_is_refused_without_being_copied(embedder):
     # 30000 x 30000 x 3 = 2.7 GB if anything materialised it; as a view it costs 3 bytes.
     view = np.broadcast_to(np.zeros(3, np.uint8), (30000, 30000, 3))
     assert_fails_fast(embedder, view, "CLIP_MAX_IMAGE_PIXELS")
-    assert_fails_fast(embedder, np.broadcast_to(np.zeros(3, np.uint8), (1, 30000, 3)),
-                      "CLIP_MAX_RESIZE_PIXELS")
+    assert_fails_fast(
+        embedder, np.broadcast_to(np.zeros(3, np.uint8), (1, 30000, 3)), "CLIP_MAX_RESIZE_PIXELS"
+    )
 
 
 def test_a_lazily_opened_large_image_is_refused_before_decoding(embedder, tmp_path):
@@ -128,8 +129,10 @@ def test_formats_outside_the_allow_list_are_refused_by_default(embedder, photos,
 
 
 def test_eps_never_reaches_ghostscript(embedder, tmp_path):
-    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
-           b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+    eps = (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
+        b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n"
+    )
     path = tmp_path / "frame.eps"
     path.write_bytes(eps)
     assert_fails_fast(embedder, path, "is a EPS image, not an allowed frame format")
@@ -141,11 +144,11 @@ def test_the_allow_list_is_a_setting(artifact_dir, photos):
     ico = encode(photos[1][1].resize((64, 64)), "ICO")
     config = ClipConfig.from_env({"CLIP_IMAGE_FORMATS": "jpeg, png, ico"})
     assert config.image_formats == {"JPEG", "PNG", "ICO"}
-    relaxed = ClipEmbedder(config=config.replace(enabled=True, pretrained="none",
-                                                 model_dir=artifact_dir))
+    relaxed = ClipEmbedder(
+        config=config.replace(enabled=True, pretrained="none", model_dir=artifact_dir)
+    )
     assert relaxed.embed_frame(ico).ok
-    assert "not an allowed frame format" in relaxed.embed_frame(encode(
-        photos[1][1], "WEBP")).error
+    assert "not an allowed frame format" in relaxed.embed_frame(encode(photos[1][1], "WEBP")).error
     with pytest.raises(ConfigError, match="no format named NOPE"):
         ClipConfig.from_env({"CLIP_IMAGE_FORMATS": "JPEG,nope"})
 
@@ -182,19 +185,30 @@ def test_a_frame_that_exhausts_memory_fails_alone(embedder, good_frame):
 # --------------------------------------------------------------------------- arguments
 
 
-@pytest.mark.parametrize("quality", ["high", [0.5], float("nan"), float("inf"), True,
-                                     {"quality_score": float("nan")}, {1: 0.5}, object(),
-                                     {"score": {"deep": [float("-inf")]}}])
-def test_a_bad_frame_quality_fails_the_frame_with_storable_metadata(embedder, good_frame,
-                                                                    quality):
+@pytest.mark.parametrize(
+    "quality",
+    [
+        "high",
+        [0.5],
+        float("nan"),
+        float("inf"),
+        True,
+        {"quality_score": float("nan")},
+        {1: 0.5},
+        object(),
+        {"score": {"deep": [float("-inf")]}},
+    ],
+)
+def test_a_bad_frame_quality_fails_the_frame_with_storable_metadata(embedder, good_frame, quality):
     result = embedder.embed_frame(good_frame, frame_quality=quality)
     assert result.embedding is None and result.error.startswith("Invalid argument: ")
     assert "frame_quality" in result.error
     assert_storable(result.metadata)
 
 
-@pytest.mark.parametrize("quality", [0.82, 1, np.float32(0.5), {"quality_score": 0.7,
-                                                                 "sharpness": [1, 2.5]}])
+@pytest.mark.parametrize(
+    "quality", [0.82, 1, np.float32(0.5), {"quality_score": 0.7, "sharpness": [1, 2.5]}]
+)
 def test_good_frame_qualities_are_kept(embedder, good_frame, quality):
     result = embedder.embed_frame(good_frame, frame_quality=quality)
     assert result.ok
@@ -203,13 +217,16 @@ def test_good_frame_qualities_are_kept(embedder, good_frame, quality):
     assert_storable(result.metadata)
 
 
-@pytest.mark.parametrize(("path", "stored"), [
-    (b"scene_\xff.jpg", "scene_\\xff.jpg"),            # bytes that are not UTF-8
-    ("scene_\udcff.jpg", "scene_\\xff.jpg"),           # the same name as Python decodes it
-    ("lone_\ud800.jpg", "lone_\\ud800.jpg"),           # a lone surrogate
-    ("nul\x00.jpg", "nul\\x00.jpg"),                   # PostgreSQL text cannot hold NUL
-    (Path("ok/é.jpg"), "ok/é.jpg"),
-])
+@pytest.mark.parametrize(
+    ("path", "stored"),
+    [
+        (b"scene_\xff.jpg", "scene_\\xff.jpg"),  # bytes that are not UTF-8
+        ("scene_\udcff.jpg", "scene_\\xff.jpg"),  # the same name as Python decodes it
+        ("lone_\ud800.jpg", "lone_\\ud800.jpg"),  # a lone surrogate
+        ("nul\x00.jpg", "nul\\x00.jpg"),  # PostgreSQL text cannot hold NUL
+        (Path("ok/é.jpg"), "ok/é.jpg"),
+    ],
+)
 def test_frame_paths_are_always_storable(embedder, good_frame, path, stored):
     result = embedder.embed_frame(good_frame, frame_path=path)
     assert result.ok and result.metadata["frame_path"] == stored
@@ -223,21 +240,27 @@ def test_errors_naming_unstorable_paths_are_storable(embedder, tmp_path):
     assert_storable(result.metadata)
 
 
-def test_calls_whose_arguments_do_not_fit_fail_every_frame_without_raising(embedder,
-                                                                          good_frame):
+def test_calls_whose_arguments_do_not_fit_fail_every_frame_without_raising(embedder, good_frame):
     results = embedder.embed_frames([good_frame, good_frame], frame_paths=["a.jpg"])
     assert len(results) == 2 and all(not r.ok for r in results)
     assert "2 images with 1 frame_paths" in results[0].error
     lone = embedder.embed_frames("frame.jpg")  # a path, not a list of frames
     assert len(lone) == 1 and "takes a sequence of images" in lone[0].error
     assert embedder.embed_frame(good_frame, frame_path=42).error.startswith(
-        "Invalid argument: frame_path")
+        "Invalid argument: frame_path"
+    )
 
 
-@pytest.mark.parametrize(("frames", "top_k", "message"), [
-    (None, 3, "sequence"), ([b"x"], 0, "top_k"), ([b"x"], "3", "top_k"),
-    ([(b"x", float("nan"))], 1, "finite"), ([(b"x", 1, 2)], 1, "pairs"),
-])
+@pytest.mark.parametrize(
+    ("frames", "top_k", "message"),
+    [
+        (None, 3, "sequence"),
+        ([b"x"], 0, "top_k"),
+        ([b"x"], "3", "top_k"),
+        ([(b"x", float("nan"))], 1, "finite"),
+        ([(b"x", 1, 2)], 1, "pairs"),
+    ],
+)
 def test_embed_scene_never_raises(embedder, frames, top_k, message):
     result = embedder.embed_scene(frames, top_k=top_k)
     assert result.embedding is None and message in result.error
@@ -286,8 +309,12 @@ def test_hostile_frames_cost_bounded_memory(artifact_dir, tmp_path):
     with open(sparse, "wb") as f:
         f.truncate(50 * 1024**3)
     out = subprocess.run(
-        [sys.executable, "-c", HOSTILE_RUN, str(artifact_dir), str(REPO / "tests"),
-         str(sparse)], capture_output=True, text=True, timeout=300, check=True)
+        [sys.executable, "-c", HOSTILE_RUN, str(artifact_dir), str(REPO / "tests"), str(sparse)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["peak_mb"] - figures["baseline_mb"] < 100, figures
     assert figures["slowest_s"] < 2.0, figures

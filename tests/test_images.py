@@ -30,8 +30,11 @@ from heimdex_clip.preprocess import Preprocessor
 
 LIMIT = 64_000_000
 #: ViT-B-32's preprocessing (open_clip's OPENAI_DATASET_MEAN/STD), as the manifest holds it.
-SPEC = PreprocessSpec(image_size=224, mean=(0.48145466, 0.4578275, 0.40821073),
-                      std=(0.26862954, 0.26130258, 0.27577711))
+SPEC = PreprocessSpec(
+    image_size=224,
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +61,14 @@ def test_every_input_kind_gives_the_same_tensor(photo, preprocess, tmp_path, mod
     data = path.read_bytes()
     array = np.asarray(image)
     sources = {
-        "str": str(path), "Path": path, "bytes": data, "bytearray": bytearray(data),
-        "memoryview": memoryview(data), "PIL (lazy, unloaded)": Image.open(path),
-        "PIL (loaded)": image.copy(), "numpy": array.copy(),
+        "str": str(path),
+        "Path": path,
+        "bytes": data,
+        "bytearray": bytearray(data),
+        "memoryview": memoryview(data),
+        "PIL (lazy, unloaded)": Image.open(path),
+        "PIL (loaded)": image.copy(),
+        "numpy": array.copy(),
         "numpy (strided view)": np.ascontiguousarray(array[:, ::-1])[:, ::-1],
     }
     reference = preprocess.transform(image)
@@ -74,7 +82,9 @@ def test_every_input_kind_gives_the_same_tensor(photo, preprocess, tmp_path, mod
 def test_original_mode_is_kept_not_converted_to_rgb(photo, tmp_path):
     """open_clip converts to RGB after resize and crop; converting here would change pixels."""
     cases = {
-        "P": photo.quantize(32), "LA": photo.convert("LA"), "1": photo.convert("1"),
+        "P": photo.quantize(32),
+        "LA": photo.convert("LA"),
+        "1": photo.convert("1"),
         "I;16": Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257),
         "CMYK": photo.convert("CMYK"),
     }
@@ -140,47 +150,76 @@ HOSTILE = {
     "zero bytes": (lambda tmp, img: b"", r"^image data is empty \(0 bytes\)$"),
     "random bytes": (
         lambda tmp, img: bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8)),
-        r"<4096 bytes of image data> is not an image \(unknown format"),
-    "html error page": (lambda tmp, img: b"<html><body>404 Not Found</body></html>",
-                        r"is not an image \(unknown format"),
-    "truncated JPEG": (lambda tmp, img: _truncated(img, "JPEG"),
-                       r"is a truncated JPEG file \(data ends early"),
-    "truncated PNG": (lambda tmp, img: _truncated(img, "PNG"),
-                      r"is a truncated PNG file \(data ends early"),
+        r"<4096 bytes of image data> is not an image \(unknown format",
+    ),
+    "html error page": (
+        lambda tmp, img: b"<html><body>404 Not Found</body></html>",
+        r"is not an image \(unknown format",
+    ),
+    "truncated JPEG": (
+        lambda tmp, img: _truncated(img, "JPEG"),
+        r"is a truncated JPEG file \(data ends early",
+    ),
+    "truncated PNG": (
+        lambda tmp, img: _truncated(img, "PNG"),
+        r"is a truncated PNG file \(data ends early",
+    ),
     "truncated WebP": (lambda tmp, img: _truncated(img, "WEBP"), r"is a truncated WebP file"),
-    "truncated GIF": (lambda tmp, img: _truncated(img.quantize(64), "GIF"),
-                      r"is a truncated GIF file"),
+    "truncated GIF": (
+        lambda tmp, img: _truncated(img.quantize(64), "GIF"),
+        r"is a truncated GIF file",
+    ),
     "truncated TIFF": (lambda tmp, img: _truncated(img, "TIFF"), r"is a truncated TIFF file"),
     "truncated BMP": (lambda tmp, img: _truncated(img, "BMP"), r"is a truncated BMP file"),
     "PNG cut inside its header": (
         lambda tmp, img: encode(img, "PNG")[:14],
-        r"starts like a PNG file but its header cannot be read: the file is truncated"),
+        r"starts like a PNG file but its header cannot be read: the file is truncated",
+    ),
     "corrupt PNG data": (
         lambda tmp, img: (lambda d: d[:5000] + b"\x00" * 200 + d[5200:])(encode(img, "PNG")),
-        r"is a corrupt PNG file \(OSError: .*data stream"),
-    "empty file": (lambda tmp, img: _file(tmp / "empty.jpg", b""),
-                   r"image file .*empty\.jpg is empty \(0 bytes\)$"),
+        r"is a corrupt PNG file \(OSError: .*data stream",
+    ),
+    "empty file": (
+        lambda tmp, img: _file(tmp / "empty.jpg", b""),
+        r"image file .*empty\.jpg is empty \(0 bytes\)$",
+    ),
     "a directory": (lambda tmp, img: tmp, r"is a directory, not an image file$"),
-    "a missing file": (lambda tmp, img: tmp / "missing.jpg",
-                       r"image file .*missing\.jpg does not exist$"),
-    "a path through a file": (lambda tmp, img: _file(tmp / "f.jpg", b"x") / "x.jpg",
-                              r"image file .*f\.jpg/x\.jpg does not exist$"),
+    "a missing file": (
+        lambda tmp, img: tmp / "missing.jpg",
+        r"image file .*missing\.jpg does not exist$",
+    ),
+    "a path through a file": (
+        lambda tmp, img: _file(tmp / "f.jpg", b"x") / "x.jpg",
+        r"image file .*f\.jpg/x\.jpg does not exist$",
+    ),
     "an empty path": (lambda tmp, img: "", r"^image path is empty$"),
     "a device": (lambda tmp, img: Path("/dev/zero"), r"/dev/zero is not a regular file"),
-    "numpy 2 channels": (lambda tmp, img: np.zeros((4, 4, 2), np.uint8),
-                         r"got shape \(4, 4, 2\) dtype uint8$"),
-    "numpy 1 channel": (lambda tmp, img: np.zeros((4, 4, 1), np.uint8),
-                        r"got shape \(4, 4, 1\) dtype uint8$"),
-    "numpy float": (lambda tmp, img: np.zeros((4, 4, 3), np.float32),
-                    r"must be uint8 HxWx3 \(RGB\).*got shape \(4, 4, 3\) dtype float32$"),
-    "numpy uint16 gray": (lambda tmp, img: np.zeros((4, 4), np.uint16),
-                          r"got shape \(4, 4\) dtype uint16$"),
+    "numpy 2 channels": (
+        lambda tmp, img: np.zeros((4, 4, 2), np.uint8),
+        r"got shape \(4, 4, 2\) dtype uint8$",
+    ),
+    "numpy 1 channel": (
+        lambda tmp, img: np.zeros((4, 4, 1), np.uint8),
+        r"got shape \(4, 4, 1\) dtype uint8$",
+    ),
+    "numpy float": (
+        lambda tmp, img: np.zeros((4, 4, 3), np.float32),
+        r"must be uint8 HxWx3 \(RGB\).*got shape \(4, 4, 3\) dtype float32$",
+    ),
+    "numpy uint16 gray": (
+        lambda tmp, img: np.zeros((4, 4), np.uint16),
+        r"got shape \(4, 4\) dtype uint16$",
+    ),
     "numpy bool": (lambda tmp, img: np.zeros((4, 4), bool), r"got shape \(4, 4\) dtype bool$"),
     "numpy 1-D": (lambda tmp, img: np.zeros(12, np.uint8), r"got shape \(12,\) dtype uint8$"),
-    "numpy 4-D": (lambda tmp, img: np.zeros((1, 4, 4, 3), np.uint8),
-                  r"got shape \(1, 4, 4, 3\) dtype uint8$"),
-    "numpy empty": (lambda tmp, img: np.zeros((0, 4, 3), np.uint8),
-                    r"must not be empty; got shape \(0, 4, 3\)$"),
+    "numpy 4-D": (
+        lambda tmp, img: np.zeros((1, 4, 4, 3), np.uint8),
+        r"got shape \(1, 4, 4, 3\) dtype uint8$",
+    ),
+    "numpy empty": (
+        lambda tmp, img: np.zeros((0, 4, 3), np.uint8),
+        r"must not be empty; got shape \(0, 4, 3\)$",
+    ),
     "PIL 0x0": (lambda tmp, img: Image.new("RGB", (0, 0)), r"has no pixels \(0x0\)$"),
     "unsupported type": (lambda tmp, img: 42, r"^unsupported image source type int$"),
 }
@@ -220,8 +259,11 @@ def _capture(result: list[BaseException], source: Path) -> None:
 
 def test_a_truncated_lazy_pil_image_is_an_image_error(photo):
     lazy = Image.open(io.BytesIO(_truncated(photo, "JPEG")))
-    with pytest.raises(ImageError, match=r"^the RGB PIL image is a truncated JPEG file "
-                                         r"\(data ends early; OSError: image file is truncated"):
+    with pytest.raises(
+        ImageError,
+        match=r"^the RGB PIL image is a truncated JPEG file "
+        r"\(data ends early; OSError: image file is truncated",
+    ):
         load_image(lazy, max_pixels=LIMIT)
 
 
@@ -241,15 +283,20 @@ def test_decompression_bomb_is_refused_from_the_header_quickly_and_silently(monk
     # Any decode attempt fails the test: the refusal must come before ImageFile.load.
     def no_decoding(self):
         raise AssertionError("a bomb reached the decoder")
+
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     filters = list(warnings.filters)
     cases = [
         # 10^10 pixels (30 GB): Pillow's own error fires first; our message, our limit.
-        (png_bomb(100_000, 100_000),
-         r"is 10000000000 pixels, over the limit of 64000000 pixels \(CLIP_MAX_IMAGE_PIXELS\)"),
+        (
+            png_bomb(100_000, 100_000),
+            r"is 10000000000 pixels, over the limit of 64000000 pixels \(CLIP_MAX_IMAGE_PIXELS\)",
+        ),
         # 120 M pixels: Pillow would only warn (and decode); we refuse.
-        (png_bomb(12_000, 10_000),
-         r"is 12000x10000 = 120000000 pixels, over the limit of 64000000 pixels"),
+        (
+            png_bomb(12_000, 10_000),
+            r"is 12000x10000 = 120000000 pixels, over the limit of 64000000 pixels",
+        ),
         # 72 M pixels: under Pillow's threshold, so our guard is the only one.
         (png_bomb(9_000, 8_000), r"is 9000x8000 = 72000000 pixels, over the limit of 64000000"),
     ]
@@ -265,14 +312,20 @@ def test_decompression_bomb_is_refused_from_the_header_quickly_and_silently(monk
 
 
 def test_pillows_hard_limit_still_applies_above_a_generous_setting():
-    with pytest.raises(ImageError, match=r"is 10000000000 pixels, over Pillow's hard limit of "
-                                         r"\d+ pixels .*cannot raise"):
+    with pytest.raises(
+        ImageError,
+        match=r"is 10000000000 pixels, over Pillow's hard limit of "
+        r"\d+ pixels .*cannot raise",
+    ):
         load_image(png_bomb(100_000, 100_000), max_pixels=10**12)
 
 
 def test_pixel_limit_applies_to_in_memory_frames_too():
-    with pytest.raises(ImageError, match=r"numpy frame is 20x20 = 400 pixels, over the limit "
-                                         r"of 100 pixels"):
+    with pytest.raises(
+        ImageError,
+        match=r"numpy frame is 20x20 = 400 pixels, over the limit "
+        r"of 100 pixels",
+    ):
         load_image(np.zeros((20, 20, 3), np.uint8), max_pixels=100)
     with pytest.raises(ImageError, match=r"RGB PIL image is 20x10 = 200 pixels"):
         load_image(Image.new("RGB", (20, 10)), max_pixels=100)
@@ -305,8 +358,13 @@ def test_a_real_bomb_is_refused_before_its_memory_is_allocated(tmp_path):
     assert len(bomb) < 400_000
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb)
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path)], capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     base, refused, decoded = (float(x) for x in out.stdout.split())
     assert refused - base < 10, (base, refused)
     assert decoded - base > 150, (base, decoded)
@@ -342,17 +400,23 @@ def test_fast_decode_shrinks_a_1080p_jpeg_by_dct_scaling(hd_jpeg, preprocess, tm
 
 def test_fast_decode_reduces_other_formats_by_the_largest_safe_factor(photo):
     hd = photo.resize((1920, 1080))
-    assert load_image(encode(hd, "PNG"), max_pixels=LIMIT,
-                      min_side_for_draft=224).size == (480, 270)
+    assert load_image(encode(hd, "PNG"), max_pixels=LIMIT, min_side_for_draft=224).size == (
+        480,
+        270,
+    )
     # Image.reduce rounds up: 447 / 2 -> 224 still fits, so the factor is 2, not 1
-    assert load_image(encode(photo.resize((447, 600)), "PNG"), max_pixels=LIMIT,
-                      min_side_for_draft=224).size == (224, 300)
-    assert load_image(encode(photo.resize((446, 600)), "PNG"), max_pixels=LIMIT,
-                      min_side_for_draft=224).size == (446, 600)
+    assert load_image(
+        encode(photo.resize((447, 600)), "PNG"), max_pixels=LIMIT, min_side_for_draft=224
+    ).size == (224, 300)
+    assert load_image(
+        encode(photo.resize((446, 600)), "PNG"), max_pixels=LIMIT, min_side_for_draft=224
+    ).size == (446, 600)
     # palette indices and bits cannot be averaged: those stay exact
     for image in (hd.quantize(64), hd.convert("1")):
-        assert load_image(encode(image, "PNG"), max_pixels=LIMIT,
-                          min_side_for_draft=224).size == (1920, 1080)
+        assert load_image(encode(image, "PNG"), max_pixels=LIMIT, min_side_for_draft=224).size == (
+            1920,
+            1080,
+        )
     # a small frame has nothing to gain
     assert load_image(photo, max_pixels=LIMIT, min_side_for_draft=224).size == photo.size
     with pytest.raises(ValueError, match="min_side_for_draft"):
@@ -371,6 +435,7 @@ def test_fast_decode_never_modifies_a_pil_image_it_is_given(hd_jpeg):
 def test_draft_and_reduce_factors_are_the_largest_that_keep_the_short_side(short, min_side):
     def ceil_div(a: int, b: int) -> int:
         return -(-a // b)
+
     k = images_module._reduce_factor(short, short + 7, min_side)
     assert k >= 1
     if short >= min_side:
@@ -407,8 +472,7 @@ def test_concurrent_loads_are_correct_and_leave_no_warning_filter(photo, preproc
             with pytest.raises(ImageError):
                 load_image(bad[i % 3], max_pixels=LIMIT)
             return True
-        return np.array_equal(preprocess.transform(load_image(good, max_pixels=LIMIT)),
-                              expected)
+        return np.array_equal(preprocess.transform(load_image(good, max_pixels=LIMIT)), expected)
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(job, range(48)))

@@ -68,10 +68,12 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             base = node.module or ""
             if node.level:  # relative: resolved against this module's package
                 package = name.split(".") if is_package else name.split(".")[:-1]
-                package = package[:len(package) - (node.level - 1)]
+                package = package[: len(package) - (node.level - 1)]
                 base = ".".join(package + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                       for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                for alias in node.names
+            ]
         edges.update(t for t in map(known, targets) if t is not None and t != name)
     return edges
 
@@ -94,7 +96,10 @@ def test_the_cycle_finder_finds_cycles():
     # The check below can fail: a two-module and a three-module cycle are found.
     assert find_cycle({"a": {"b"}, "b": {"a"}}) is not None
     assert set(find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) or []) == {
-        "a", "b", "c"}
+        "a",
+        "b",
+        "c",
+    }
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
@@ -107,13 +112,13 @@ def test_relative_and_script_imports_are_resolved():
         assert any(name.startswith("benchmarks/") for deps in graph.values() for name in deps)
 
 
-@pytest.mark.parametrize("area", ["heimdex_clip", "heimdex_clip_export", "benchmarks",
-                                  "scripts"])
+@pytest.mark.parametrize("area", ["heimdex_clip", "heimdex_clip_export", "benchmarks", "scripts"])
 def test_no_import_cycle(area):
     """Per area, so that a failure says whose modules close the cycle."""
     graph = import_graph()
-    cycle = find_cycle({name: deps for name, deps in graph.items()
-                        if name.split("/")[0].split(".")[0] == area})
+    cycle = find_cycle(
+        {name: deps for name, deps in graph.items() if name.split("/")[0].split(".")[0] == area}
+    )
     assert cycle is None, f"import cycle in {area}: {' -> '.join(cycle or [])}"
 
 

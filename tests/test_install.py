@@ -33,12 +33,22 @@ def _finished_work_dir(models: Path, generation: str) -> Path:
     (work / "visual.int8.onnx").write_bytes(graph)
     manifest = {
         "schema_version": 1,
-        "model": {"name": "ViT-B-32", "pretrained": "none", "embed_dim": 512,
-                  "random_init": True, "seed": 0},
+        "model": {
+            "name": "ViT-B-32",
+            "pretrained": "none",
+            "embed_dim": 512,
+            "random_init": True,
+            "seed": 0,
+        },
         "preprocess": {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-        "files": {"visual.int8": {"path": "visual.int8.onnx", "role": "visual",
-                                  "sha256": hashlib.sha256(graph).hexdigest(),
-                                  "bytes": len(graph)}},
+        "files": {
+            "visual.int8": {
+                "path": "visual.int8.onnx",
+                "role": "visual",
+                "sha256": hashlib.sha256(graph).hexdigest(),
+                "bytes": len(graph),
+            }
+        },
         "created_at": generation,
     }
     (work / "manifest.json").write_text(json.dumps(manifest))
@@ -66,8 +76,7 @@ def test_install_switches_the_symlink_and_removes_the_old_version(tmp_path):
     assert _installed_generation(models) == "new"
     assert current_version(models / NAME) == second and versions(models / NAME) == [second]
     assert not first.exists()
-    assert sorted(p.name for p in models.iterdir()) == sorted(
-        [NAME, second.name, f".{NAME}.lock"])
+    assert sorted(p.name for p in models.iterdir()) == sorted([NAME, second.name, f".{NAME}.lock"])
     # The artifact directory itself, through the symlink (CLIP_MODEL_DIR pointing at it):
     # resolved to the version it points at, so one load never reads from two versions.
     assert resolve_artifact_dir(models / NAME, "ViT-B-32", "none") == second.resolve()
@@ -150,8 +159,7 @@ def test_an_exception_at_any_step_leaves_a_complete_artifact(tmp_path, monkeypat
     else:
         install(work, models / NAME)
     monkeypatch.undo()
-    assert _installed_generation(models) == ("old" if step <= STEPS.index("replace")
-                                             else "new")
+    assert _installed_generation(models) == ("old" if step <= STEPS.index("replace") else "new")
     # The next install finishes the job: one version left, no temporary links.
     final = install(_finished_work_dir(models, "next"), models / NAME)
     assert _installed_generation(models) == "next" and versions(models / NAME) == [final]
@@ -183,13 +191,21 @@ def test_a_process_killed_at_any_step_leaves_a_complete_artifact(tmp_path, step)
     models = tmp_path / "models"
     install(_finished_work_dir(models, "old"), models / NAME)
     work = _finished_work_dir(models, "new")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "runtime"), str(REPO / "export"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(work), str(models / NAME),
-                           str(step)], env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "runtime"), str(REPO / "export"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(work), str(models / NAME), str(step)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 9, proc.stderr
-    assert _installed_generation(models) == ("old" if step <= STEPS.index("replace")
-                                             else "new")
+    assert _installed_generation(models) == ("old" if step <= STEPS.index("replace") else "new")
 
 
 HOLD_WORK_SCRIPT = """
@@ -204,10 +220,18 @@ with working_directory(Path(sys.argv[1])) as work:
 
 
 def _start_export_holding_work(models: Path) -> tuple[subprocess.Popen, Path]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "runtime"), str(REPO / "export"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_WORK_SCRIPT, str(models / NAME)],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "runtime"), str(REPO / "export"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WORK_SCRIPT, str(models / NAME)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     work = Path(proc.stdout.readline().strip())
     assert work.is_dir() and (work / "partial.onnx").is_file()
     return proc, work

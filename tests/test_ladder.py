@@ -32,10 +32,8 @@ pytestmark = pytest.mark.slow
 TINY = "heimdex-test-tiny-ladder"
 TINY_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 2},
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
 
@@ -96,22 +94,26 @@ def test_tightened_gates_ship_the_next_rung_that_passes(tiny, tight, tmp_path, c
     # MatMul is INT8.
     graph = onnx.load(str(out / "visual.int8.onnx")).graph
     weights = {i.name for i in graph.initializer}
-    float_weight_matmuls = {n.name for n in graph.node
-                            if n.op_type == "MatMul" and n.input[1] in weights}
+    float_weight_matmuls = {
+        n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+    }
     assert float_weight_matmuls >= set(kept)
     assert any(n.op_type == "MatMulIntegerToFloat" for n in graph.node)
     # Fewest: the ladder's attempt with one layer fewer (if any) missed.
-    fewer = [a for a in ladder["attempts"]
-             if a["rung"] == "fp32_matmuls" and len(a["kept_fp32"]) == len(kept) - 1]
+    fewer = [
+        a
+        for a in ladder["attempts"]
+        if a["rung"] == "fp32_matmuls" and len(a["kept_fp32"]) == len(kept) - 1
+    ]
     assert all(not a["passed"] for a in fewer)
     # Re-measured here: the shipped graph holds the tightened gate.
     loaded = load_model(tiny, "none")
     pixels = open_clip_pixels(loaded, ev.evaluation_images())
-    cos = ev.row_cosines(_embed(out / "visual.fp32.onnx", pixels),
-                         _embed(out / "visual.int8.onnx", pixels))
+    cos = ev.row_cosines(
+        _embed(out / "visual.fp32.onnx", pixels), _embed(out / "visual.int8.onnx", pixels)
+    )
     assert cos.mean() >= tight.int8_mean_cosine
-    assert manifest["parity"]["int8_vs_fp32"]["mean_cosine"] == pytest.approx(cos.mean(),
-                                                                              abs=1e-5)
+    assert manifest["parity"]["int8_vs_fp32"]["mean_cosine"] == pytest.approx(cos.mean(), abs=1e-5)
     text = manifest["parity"]["text"]
     assert text["ladder"]["rung"] in ("fp32_matmuls", "fp32_graph")
     if text["ladder"]["rung"] == "fp32_matmuls":

@@ -40,17 +40,22 @@ def test_names_come_from_the_manifest(artifact_dir):
     assert raw.output_name == entry["outputs"][1]["name"]
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m["preprocess"].update(image_size=100000), "outside 1..1024"),
-    (lambda m: m["preprocess"].update(image_size=336), "does not belong to this graph"),
-    (lambda m: m["model"].update(embed_dim=768), "outputs 512 dimensions"),
-    (lambda m: m["preprocess"].update(crop="top"), "centre crop only"),
-    (lambda m: m["model"].update(normalized_in_graph=False), "does not L2-normalise"),
-    (lambda m: m["files"]["visual.int8"]["inputs"][0].update(name="pixels"),
-     "the manifest says 'pixels'"),
-    (lambda m: m["files"]["visual.int8"]["outputs"][0].update(name="nope"), "no output 'nope'"),
-    (lambda m: m["files"]["visual.int8"].update(outputs=[]), "lists 0 output(s)"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["preprocess"].update(image_size=100000), "outside 1..1024"),
+        (lambda m: m["preprocess"].update(image_size=336), "does not belong to this graph"),
+        (lambda m: m["model"].update(embed_dim=768), "outputs 512 dimensions"),
+        (lambda m: m["preprocess"].update(crop="top"), "centre crop only"),
+        (lambda m: m["model"].update(normalized_in_graph=False), "does not L2-normalise"),
+        (
+            lambda m: m["files"]["visual.int8"]["inputs"][0].update(name="pixels"),
+            "the manifest says 'pixels'",
+        ),
+        (lambda m: m["files"]["visual.int8"]["outputs"][0].update(name="nope"), "no output 'nope'"),
+        (lambda m: m["files"]["visual.int8"].update(outputs=[]), "lists 0 output(s)"),
+    ],
+)
 def test_a_manifest_that_does_not_match_its_graph_is_refused(artifact_copy, edit, message):
     edit_manifest(artifact_copy, edit)
     with pytest.raises(ArtifactError) as info:
@@ -64,15 +69,17 @@ def test_tampered_bytes_never_reach_the_parser(artifact_copy, monkeypatch):
     data[len(data) // 3] ^= 0x01
     graph.write_bytes(bytes(data))
     parsed = []
-    monkeypatch.setattr(session_module, "build_session",
-                        lambda *a, **k: parsed.append(a) or pytest.fail("parsed"))
+    monkeypatch.setattr(
+        session_module, "build_session", lambda *a, **k: parsed.append(a) or pytest.fail("parsed")
+    )
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         load_visual_model(config(), artifact_copy)
     assert parsed == []
 
 
 def test_a_graph_swapped_with_its_manifest_updated_still_loads_only_if_consistent(
-        artifact_copy, artifact_dir):
+    artifact_copy, artifact_dir
+):
     """Re-hashing a manifest is possible for anyone who can write it; what the runtime
     still checks is that the graph is the one the manifest describes."""
     import hashlib
@@ -81,8 +88,8 @@ def test_a_graph_swapped_with_its_manifest_updated_still_loads_only_if_consisten
     (artifact_copy / "visual.int8.onnx").write_bytes(fp32)
 
     def rehash(m):
-        m["files"]["visual.int8"].update(sha256=hashlib.sha256(fp32).hexdigest(),
-                                         bytes=len(fp32))
+        m["files"]["visual.int8"].update(sha256=hashlib.sha256(fp32).hexdigest(), bytes=len(fp32))
+
     edit_manifest(artifact_copy, rehash)
     assert load_visual_model(config(), artifact_copy).embed_dim == 512  # consistent: loads
     edit_manifest(artifact_copy, lambda m: m["preprocess"].update(image_size=256))

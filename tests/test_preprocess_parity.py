@@ -33,22 +33,57 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "motorcycle
 
 #: Every mode Pillow's decoders produce (TIFF gives the exotic ones), plus P with a
 #: transparency index. Built from real photos with values that stress each conversion.
-MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "PA", "CMYK", "YCbCr", "LAB",
-         "RGBX", "I;16", "I;16B", "I", "F", "1"]
+MODES = [
+    "RGB",
+    "RGBA",
+    "LA",
+    "L",
+    "P",
+    "P+transparency",
+    "PA",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "RGBX",
+    "I;16",
+    "I;16B",
+    "I",
+    "F",
+    "1",
+]
 
 #: Awkward sizes (w, h): 1x1, slivers, one pixel over the model size, odd 1080p, and sizes
 #: where the long side's int() truncation, its evaluation order, and the crop offset's
 #: round-half-to-even all matter (test_the_sizes_exercise_every_rounding_trap proves it).
 SIZES = [
-    (1, 1), (2, 900), (900, 2), (225, 224), (224, 225), (392, 427), (427, 392),
-    (1920, 1080), (1080, 1920), (223, 223), (224, 224), (227, 224), (224, 229), (231, 224),
-    (233, 224), (300, 307), (336, 345), (333, 501), (501, 333), (1000, 997), (645, 224),
+    (1, 1),
+    (2, 900),
+    (900, 2),
+    (225, 224),
+    (224, 225),
+    (392, 427),
+    (427, 392),
+    (1920, 1080),
+    (1080, 1920),
+    (223, 223),
+    (224, 224),
+    (227, 224),
+    (224, 229),
+    (231, 224),
+    (233, 224),
+    (300, 307),
+    (336, 345),
+    (333, 501),
+    (501, 333),
+    (1000, 997),
+    (645, 224),
     (7, 61),
 ]
 #: 2x900 and 900x2 resize to 224x100800 (~0.5 s a transform): half the modes, one per kind.
 SLIVERS, SLIVER_MODES = [(2, 900), (900, 2)], ["RGB", "RGBA", "LA", "P", "PA", "I;16", "F", "1"]
-GRID = [(mode, size) for size in SIZES for mode in MODES
-        if size not in SLIVERS or mode in SLIVER_MODES]
+GRID = [
+    (mode, size) for size in SIZES for mode in MODES if size not in SLIVERS or mode in SLIVER_MODES
+]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -67,11 +102,17 @@ def _one_torch_thread():
 def vit_b32():
     """open_clip's eval preprocess for ViT-B-32 and the spec read from open_clip's config."""
     model, _, transform = open_clip.create_model_and_transforms(
-        "ViT-B-32", pretrained=None, force_quick_gelu=True)
+        "ViT-B-32", pretrained=None, force_quick_gelu=True
+    )
     cfg = model.visual.preprocess_cfg
-    spec = PreprocessSpec(image_size=cfg["size"][0], mean=tuple(cfg["mean"]),
-                          std=tuple(cfg["std"]), interpolation=cfg["interpolation"],
-                          resize_mode=cfg["resize_mode"], fill_color=cfg["fill_color"])
+    spec = PreprocessSpec(
+        image_size=cfg["size"][0],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+        resize_mode=cfg["resize_mode"],
+        fill_color=cfg["fill_color"],
+    )
     # The grid below is about CLIP's default; make sure that is what we compare.
     assert (spec.image_size, spec.interpolation, spec.resize_mode) == (S, "bicubic", "shortest")
     return transform, Preprocessor(spec)
@@ -85,11 +126,22 @@ def other_modes():
     for resize_mode in ("longest", "squash"):
         for interpolation in ("bicubic", "bilinear"):
             transform = open_clip.image_transform(
-                193, is_train=False, mean=mean, std=std, resize_mode=resize_mode,
-                interpolation=interpolation, fill_color=7)
-            spec = PreprocessSpec(image_size=193, mean=mean, std=std,
-                                  interpolation=interpolation, resize_mode=resize_mode,
-                                  fill_color=7)
+                193,
+                is_train=False,
+                mean=mean,
+                std=std,
+                resize_mode=resize_mode,
+                interpolation=interpolation,
+                fill_color=7,
+            )
+            spec = PreprocessSpec(
+                image_size=193,
+                mean=mean,
+                std=std,
+                interpolation=interpolation,
+                resize_mode=resize_mode,
+                fill_color=7,
+            )
             out[resize_mode, interpolation] = (transform, Preprocessor(spec))
     return out
 
@@ -126,8 +178,9 @@ def _alpha(h: int, w: int) -> np.ndarray:
 #: 64 colours in a shuffled order: palette indices are not intensities, so resampling them
 #: with anything but NEAREST (or converting before the resize) shows.
 _PALETTE_ORDER = np.random.default_rng(7).permutation(64)
-_PALETTE = np.array([[(c >> 4) * 85, ((c >> 2) & 3) * 85, (c & 3) * 85]
-                     for c in _PALETTE_ORDER], dtype=np.uint8)
+_PALETTE = np.array(
+    [[(c >> 4) * 85, ((c >> 2) & 3) * 85, (c & 3) * 85] for c in _PALETTE_ORDER], dtype=np.uint8
+)
 
 
 def _palette_image(arr: np.ndarray) -> Image.Image:
@@ -201,8 +254,7 @@ def test_the_sizes_exercise_every_rounding_trap():
     assert shortest_side_size(392, 427, S) == (224, 244) and int(427 / 392 * S) == 243
 
 
-@pytest.mark.parametrize(("mode", "size"), GRID,
-                         ids=[f"{w}x{h}-{mode}" for mode, (w, h) in GRID])
+@pytest.mark.parametrize(("mode", "size"), GRID, ids=[f"{w}x{h}-{mode}" for mode, (w, h) in GRID])
 def test_every_mode_and_awkward_size_matches_open_clip(vit_b32, sources, mode, size):
     transform, ours = vit_b32
     image = to_mode(photo_at(sources, size, SIZES.index(size)), mode)
@@ -219,8 +271,12 @@ def test_noise_images_match_open_clip(vit_b32, mode):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(width=st.integers(1, 640), height=st.integers(1, 640), mode=st.sampled_from(MODES),
-       seed=st.integers(0, 2**16))
+@given(
+    width=st.integers(1, 640),
+    height=st.integers(1, 640),
+    mode=st.sampled_from(MODES),
+    seed=st.integers(0, 2**16),
+)
 def test_random_sizes_and_modes_match_open_clip(vit_b32, width, height, mode, seed):
     transform, ours = vit_b32
     assume(max(width, height) <= 24 * min(width, height))  # slivers are covered above
@@ -230,8 +286,10 @@ def test_random_sizes_and_modes_match_open_clip(vit_b32, width, height, mode, se
 
 def test_batch_is_the_stack_of_single_transforms(vit_b32, sources):
     transform, ours = vit_b32
-    images = [to_mode(photo_at(sources, (320 + i, 240), i), m)
-              for i, m in enumerate(["RGB", "P", "RGBA", "I;16", "L"])]
+    images = [
+        to_mode(photo_at(sources, (320 + i, 240), i), m)
+        for i, m in enumerate(["RGB", "P", "RGBA", "I;16", "L"])
+    ]
     batch = ours(images)
     assert batch.dtype == np.float32 and batch.flags["C_CONTIGUOUS"]
     assert batch.shape == (5, 3, S, S)
@@ -265,11 +323,12 @@ def test_converting_to_rgb_first_would_break_parity(vit_b32, sources):
 
 @pytest.mark.parametrize("resize_mode", ["longest", "squash"])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-@pytest.mark.parametrize("size", [(640, 427), (100, 333), (193, 193), (194, 193), (7, 3),
-                                  (1, 1), (1920, 1080), (387, 2000)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
-def test_longest_and_squash_match_open_clip(other_modes, sources, resize_mode, interpolation,
-                                            size):
+@pytest.mark.parametrize(
+    "size",
+    [(640, 427), (100, 333), (193, 193), (194, 193), (7, 3), (1, 1), (1920, 1080), (387, 2000)],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
+def test_longest_and_squash_match_open_clip(other_modes, sources, resize_mode, interpolation, size):
     transform, ours = other_modes[resize_mode, interpolation]
     for mode in ("RGB", "L", "P", "RGBA", "LA", "I;16", "F", "1", "CMYK"):
         image = to_mode(photo_at(sources, size, 2), mode)
@@ -289,9 +348,15 @@ def test_longest_refuses_slivers_that_open_clip_cannot_resize(other_modes):
 def test_other_interpolations_match_torchvision(sources, interpolation):
     """open_clip only uses bicubic/bilinear; a spec may name the rest, as torchvision does."""
     mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
-    reference = tv.Compose([
-        tv.Resize(S, interpolation=tv.InterpolationMode(interpolation)), tv.CenterCrop(S),
-        lambda im: im.convert("RGB"), tv.ToTensor(), tv.Normalize(mean, std)])
+    reference = tv.Compose(
+        [
+            tv.Resize(S, interpolation=tv.InterpolationMode(interpolation)),
+            tv.CenterCrop(S),
+            lambda im: im.convert("RGB"),
+            tv.ToTensor(),
+            tv.Normalize(mean, std),
+        ]
+    )
     ours = Preprocessor(PreprocessSpec(S, mean, std, interpolation=interpolation))
     for i, mode in enumerate(["RGB", "RGBA", "P", "I;16", "F"]):
         image = to_mode(photo_at(sources, (517, 389), i), mode)
@@ -315,7 +380,8 @@ def test_center_crop_pads_like_torchvision_when_the_image_is_smaller(sources, mo
     for box in ((150, 91), (151, 90), (149, 89)):  # pad one side, crop the other
         np.testing.assert_array_equal(
             np.asarray(center_crop_or_pad(image.resize(box), 150)),
-            np.asarray(tvf.center_crop(image.resize(box), [150])))
+            np.asarray(tvf.center_crop(image.resize(box), [150])),
+        )
 
 
 # --------------------------------------------------------------------------- formats
@@ -328,15 +394,37 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 FORMATS = [
-    ("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"),
-    ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "L"), ("PNG", "P"),
-    ("PNG", "P+transparency"), ("PNG", "I;16"), ("PNG", "1"),
-    ("WEBP", "RGB"), ("WEBP", "RGBA"),
-    ("GIF", "P"), ("GIF", "L"),
-    ("TIFF", "RGB"), ("TIFF", "RGBA"), ("TIFF", "CMYK"), ("TIFF", "YCbCr"), ("TIFF", "LAB"),
-    ("TIFF", "I;16"), ("TIFF", "I;16B"), ("TIFF", "I"), ("TIFF", "F"), ("TIFF", "1"),
-    ("TIFF", "PA"), ("TIFF", "LA"),
-    ("BMP", "RGB"), ("BMP", "P"), ("BMP", "L"), ("BMP", "1"),
+    ("JPEG", "RGB"),
+    ("JPEG", "L"),
+    ("JPEG", "CMYK"),
+    ("PNG", "RGB"),
+    ("PNG", "RGBA"),
+    ("PNG", "LA"),
+    ("PNG", "L"),
+    ("PNG", "P"),
+    ("PNG", "P+transparency"),
+    ("PNG", "I;16"),
+    ("PNG", "1"),
+    ("WEBP", "RGB"),
+    ("WEBP", "RGBA"),
+    ("GIF", "P"),
+    ("GIF", "L"),
+    ("TIFF", "RGB"),
+    ("TIFF", "RGBA"),
+    ("TIFF", "CMYK"),
+    ("TIFF", "YCbCr"),
+    ("TIFF", "LAB"),
+    ("TIFF", "I;16"),
+    ("TIFF", "I;16B"),
+    ("TIFF", "I"),
+    ("TIFF", "F"),
+    ("TIFF", "1"),
+    ("TIFF", "PA"),
+    ("TIFF", "LA"),
+    ("BMP", "RGB"),
+    ("BMP", "P"),
+    ("BMP", "L"),
+    ("BMP", "1"),
 ]
 
 
@@ -359,8 +447,7 @@ def _animated(fmt: str, frames: list[Image.Image]) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "TIFF"])
-def test_animated_and_multipage_files_use_the_first_frame_like_open_clip(vit_b32, sources,
-                                                                         fmt):
+def test_animated_and_multipage_files_use_the_first_frame_like_open_clip(vit_b32, sources, fmt):
     transform, ours = vit_b32
     frames = [photo_at(sources, (300, 200), i) for i in range(3)]
     if fmt == "GIF":

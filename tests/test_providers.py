@@ -84,8 +84,9 @@ def test_openvino_runs_exactly_where_the_plugin_claims_this_cpu(artifact_dir, ca
         assert providers.OPENVINO_EP in embedder.session_info.providers
         # Same frame on ONNX Runtime's CPU provider, fp32 graph: the OpenVINO graph agrees.
         ours = embedder.embed_images([np.full((240, 320, 3), 128, np.uint8)])[0]
-        ref_embedder = ClipEmbedder(model_dir=artifact_dir,
-                                    config=ClipConfig(provider="cpu", precision="fp32"))
+        ref_embedder = ClipEmbedder(
+            model_dir=artifact_dir, config=ClipConfig(provider="cpu", precision="fp32")
+        )
         theirs = ref_embedder.embed_images([np.full((240, 320, 3), 128, np.uint8)])[0]
         assert float(ours @ theirs) > 0.98
     else:
@@ -95,8 +96,7 @@ def test_openvino_runs_exactly_where_the_plugin_claims_this_cpu(artifact_dir, ca
         assert "claims Intel devices only" in caplog.text
 
 
-def test_absent_plugin_falls_back_to_cpu(artifact_dir, monkeypatch, caplog,
-                                         fresh_plugin_state):
+def test_absent_plugin_falls_back_to_cpu(artifact_dir, monkeypatch, caplog, fresh_plugin_state):
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # import fails
     caplog.set_level(logging.WARNING)
     _, metadata = _embed_one(artifact_dir, provider="openvino")
@@ -104,8 +104,9 @@ def test_absent_plugin_falls_back_to_cpu(artifact_dir, monkeypatch, caplog,
     assert "the openvino extra is not installed" in caplog.text
 
 
-def test_broken_plugin_falls_back_to_cpu(artifact_dir, tmp_path, monkeypatch, caplog,
-                                         fresh_plugin_state):
+def test_broken_plugin_falls_back_to_cpu(
+    artifact_dir, tmp_path, monkeypatch, caplog, fresh_plugin_state
+):
     # A plugin package whose library is not a shared object: ONNX Runtime really fails
     # to load it.
     package = tmp_path / "onnxruntime_ep_openvino"
@@ -114,7 +115,8 @@ def test_broken_plugin_falls_back_to_cpu(artifact_dir, tmp_path, monkeypatch, ca
     (package / "__init__.py").write_text(
         "from pathlib import Path\n"
         "def get_library_path():\n"
-        "    return str(Path(__file__).with_name('broken.so'))\n")
+        "    return str(Path(__file__).with_name('broken.so'))\n"
+    )
     monkeypatch.delitem(sys.modules, "onnxruntime_ep_openvino", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     caplog.set_level(logging.WARNING)
@@ -133,6 +135,7 @@ def test_auto_measures_once_then_uses_its_cache(artifact_dir, tmp_path):
             calls[provider] += 1
             session, _ = sessions.create_session(artifact_dir / f"visual.{graph}.onnx")
             return bench.ms_per_image(session, 1, repeats=1)
+
         return run
 
     cache = tmp_path / "cache" / providers.AUTO_CACHE_NAME
@@ -157,11 +160,14 @@ def test_auto_with_an_unwritable_cache_uses_cpu_without_measuring(tmp_path, capl
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory should be")
     measured = []
-    candidates = {"cpu": lambda: measured.append("cpu") or 1.0,
-                  "openvino": lambda: measured.append("openvino") or 0.5}
+    candidates = {
+        "cpu": lambda: measured.append("cpu") or 1.0,
+        "openvino": lambda: measured.append("openvino") or 0.5,
+    }
     caplog.set_level(logging.WARNING)
-    choice, _ = providers.resolve_auto(blocker / "cache" / providers.AUTO_CACHE_NAME, {},
-                                      lambda: candidates)
+    choice, _ = providers.resolve_auto(
+        blocker / "cache" / providers.AUTO_CACHE_NAME, {}, lambda: candidates
+    )
     assert choice == "cpu" and measured == []
     assert "not writable" in caplog.text and "CLIP_CACHE_DIR" in caplog.text
 
@@ -215,17 +221,25 @@ def _recipe_describes_the_graph(recipe: dict, path: Path) -> None:
     graph = onnx.load(str(path)).graph
     inits = {i.name for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    float_weight_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"
-                            and n.input[1] in inits}
+    float_weight_matmuls = {
+        n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits
+    }
     assert float_weight_matmuls == set(recipe["float_matmuls"])
     matmul_outputs = {n.output[0] for n in graph.node if n.op_type == "MatMul"}
-    requantized = [n for n in graph.node
-                   if n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs]
+    requantized = [
+        n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs
+    ]
     if "MatMul" in recipe["extra_options"].get("OpTypesToExcludeOutputQuantization", []):
         assert not requantized
-    assert sum(n.op_type == "MatMul" and producer.get(n.input[1]) is not None
-               and producer[n.input[1]].op_type == "DequantizeLinear"
-               for n in graph.node) > 0
+    assert (
+        sum(
+            n.op_type == "MatMul"
+            and producer.get(n.input[1]) is not None
+            and producer[n.input[1]].op_type == "DequantizeLinear"
+            for n in graph.node
+        )
+        > 0
+    )
 
 
 def test_qdq_graph_is_hashed_gated_and_holds_its_gates(artifact_dir, photos):
@@ -238,7 +252,8 @@ def test_qdq_graph_is_hashed_gated_and_holds_its_gates(artifact_dir, photos):
         "mean_cosine": export_gates["int8_mean_cosine"],
         "min_cosine": export_gates["int8_min_cosine"],
         "top5_agreement": export_gates["int8_top5_agreement"],
-        "batch_invariance_min_cosine": export_gates["batch_invariance_min_cosine"]}
+        "batch_invariance_min_cosine": export_gates["batch_invariance_min_cosine"],
+    }
     floors = {"mean_cosine": 0.995, "min_cosine": 0.98, "top5_agreement": 0.9}
     for name, floor in floors.items():
         assert recorded["gates"][name] >= floor and recorded[name] >= recorded["gates"][name]
@@ -255,15 +270,16 @@ def test_qdq_graph_is_hashed_gated_and_holds_its_gates(artifact_dir, photos):
     outputs = {}
     for graph in ("visual.qdq", "visual.fp32"):
         session = exact_qdq_session(artifact / manifest.file(graph).path)
-        outputs[graph] = session.run([entry.outputs[0].name],
-                                     {entry.inputs[0].name: pixels})[0]
+        outputs[graph] = session.run([entry.outputs[0].name], {entry.inputs[0].name: pixels})[0]
     cos = np.sum(outputs["visual.qdq"] * outputs["visual.fp32"], axis=1)
     assert cos.mean() >= 0.995 and cos.min() >= 0.98
     # Its bytes are verified at load like every other graph.
     config = ClipConfig(provider="cpu")
     assert graph_key("openvino", "int8", manifest) == "visual.qdq"
-    assert ClipEmbedder(model_dir=artifact, config=config).embed_images(
-        [photos[0][1]]).shape == (1, 512)
+    assert ClipEmbedder(model_dir=artifact, config=config).embed_images([photos[0][1]]).shape == (
+        1,
+        512,
+    )
 
 
 def test_openvino_without_a_graph_for_it_says_so(artifact_dir, tmp_path, caplog):
@@ -288,11 +304,16 @@ def test_openvino_without_a_graph_for_it_says_so(artifact_dir, tmp_path, caplog)
         assert "has no graph for it" in caplog.text
 
 
-def test_bench_command_measures_every_graph_and_updates_autos_cache(artifact_dir, tmp_path,
-                                                                    monkeypatch, capsys):
+def test_bench_command_measures_every_graph_and_updates_autos_cache(
+    artifact_dir, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path))
-    assert main(["--model-dir", str(artifact_dir), "bench", "--batch", "2", "--repeats", "1",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["--model-dir", str(artifact_dir), "bench", "--batch", "2", "--repeats", "1", "--json"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     manifest = load_manifest(artifact_dir)
     cpu_rows = {r["graph"]: r for r in report["rows"] if r["provider"] == "cpu"}
@@ -323,16 +344,18 @@ def test_bench_command_measures_every_graph_and_updates_autos_cache(artifact_dir
     assert json.loads((tmp_path / providers.AUTO_CACHE_NAME).read_text()) == cache
 
 
-def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monkeypatch,
-                                                             caplog):
+def test_a_session_the_plugin_refuses_reloads_cpus_own_graph(artifact_dir, monkeypatch, caplog):
     # The plugin passing discovery but refusing the session cannot be produced on demand:
     # the resolved provider is forced to the one asked for, and the plugin state says it has no
     # device (so session creation fails inside the runtime's OpenVINO option setup).
     from heimdex_clip import model
 
     monkeypatch.setattr(model, "choose_provider", lambda config, *args: config.provider)
-    monkeypatch.setattr(providers, "openvino_status", lambda: providers.OpenVinoStatus(
-        None, "refused for this test", None))
+    monkeypatch.setattr(
+        providers,
+        "openvino_status",
+        lambda: providers.OpenVinoStatus(None, "refused for this test", None),
+    )
     caplog.set_level(logging.WARNING)
     frame = np.full((240, 320, 3), 90, np.uint8)
     refused = ClipEmbedder(model_dir=artifact_dir, config=ClipConfig(provider="openvino"))
@@ -366,9 +389,13 @@ def test_a_provider_setup_is_what_the_session_runs_with(artifact_dir, caplog):
     # Unset, the thread count is this process's physical cores.
     assert ProviderSetup().intra_op_threads == cpu.physical_cores()
     openvino = ProviderSetup(provider="openvino", threads=3, precision_hint="bf16")
-    assert openvino.provider_options == {"CPU": {"INFERENCE_NUM_THREADS": "3",
-                                                 "INFERENCE_PRECISION_HINT": "bf16",
-                                                 "PERFORMANCE_HINT": "LATENCY"}}
+    assert openvino.provider_options == {
+        "CPU": {
+            "INFERENCE_NUM_THREADS": "3",
+            "INFERENCE_PRECISION_HINT": "bf16",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+    }
     assert openvino.on_cpu().provider_options is None
 
 

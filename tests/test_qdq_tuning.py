@@ -23,12 +23,19 @@ def _tiny_block(path) -> onnx.ModelProto:
     w2 = rng.normal(0, 0.3, (HIDDEN, WIDTH)).astype(np.float32)
     gamma = np.ones(WIDTH, np.float32)
     gamma[3] = 20.0  # an activation outlier channel, as trained ViTs have
-    inits = [numpy_helper.from_array(a, n) for a, n in [
-        (w1, "w1"), (w2, "w2"), (gamma, "gamma"), (np.zeros(WIDTH, np.float32), "beta"),
-        (np.zeros(HIDDEN, np.float32) + 0.1, "b1"), (np.array([1], np.int64), "axes")]]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in [
+            (w1, "w1"),
+            (w2, "w2"),
+            (gamma, "gamma"),
+            (np.zeros(WIDTH, np.float32), "beta"),
+            (np.zeros(HIDDEN, np.float32) + 0.1, "b1"),
+            (np.array([1], np.int64), "axes"),
+        ]
+    ]
     nodes = [
-        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln",
-                         axis=-1),
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1),
         helper.make_node("MatMul", ["ln", "w1"], ["h"], name="fc1"),
         helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
         helper.make_node("Relu", ["hb"], ["act"], name="act"),
@@ -36,10 +43,12 @@ def _tiny_block(path) -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["y", "axes"], ["embedding"], name="pool", keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                      ["batch", TOKENS, WIDTH])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", TOKENS, WIDTH])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", WIDTH])],
-        inits)
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -48,8 +57,7 @@ def _tiny_block(path) -> onnx.ModelProto:
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(["embedding"], {"x": x})[0]
 
 
@@ -80,33 +88,45 @@ def test_float_budget_keeps_the_most_sensitive_matmul_float_and_records_it(tmp_p
     _tiny_block(tmp_path / "tiny.onnx")
     recipe = replace(QdqRecipe(), float_budget=1, sensitivity_images=8, calibration_batch=4)
     out = tmp_path / "tiny.qdq.onnx"
-    record = quantize_qdq(tmp_path / "tiny.onnx", out, "x", "embedding", _inputs(16, 3),
-                          recipe)
+    record = quantize_qdq(tmp_path / "tiny.onnx", out, "x", "embedding", _inputs(16, 3), recipe)
     assert record["float_budget"] == 1 and record["smooth_alpha"] == 0.6
     assert len(record["float_matmuls"]) == 1
     graph = onnx.load(str(out)).graph
     inits = {i.name for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     float_weight = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    quantized = [n.name for n in graph.node if n.op_type == "MatMul"
-                 and producer.get(n.input[1]) is not None
-                 and producer[n.input[1]].op_type == "DequantizeLinear"]
+    quantized = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and producer.get(n.input[1]) is not None
+        and producer[n.input[1]].op_type == "DequantizeLinear"
+    ]
     assert float_weight == record["float_matmuls"]
     assert len(quantized) == 1 and set(quantized) | set(float_weight) == {"fc1", "fc2"}
-
 
 
 def test_sensitivity_scan_ranks_every_quantized_matmul_by_its_measured_gain(tmp_path):
     _tiny_block(tmp_path / "tiny.onnx")
     gains = qdq_tuning.sensitivity_scan(
         _quantized_without_budget(tmp_path, QdqRecipe(calibration_batch=4)),
-        onnx.load(str(tmp_path / "tiny.onnx")), _inputs(8, 3), "x", "embedding")
+        onnx.load(str(tmp_path / "tiny.onnx")),
+        _inputs(8, 3),
+        "x",
+        "embedding",
+    )
     assert {name for name, _ in gains} == {"fc1", "fc2"}
     assert gains[0][1] >= gains[1][1] and gains[0][1] > 0  # float again: a smaller error
 
 
 def _quantized_without_budget(tmp_path, recipe: QdqRecipe) -> onnx.ModelProto:
     out = tmp_path / "tiny.all.qdq.onnx"
-    quantize_qdq(tmp_path / "tiny.onnx", out, "x", "embedding", _inputs(16, 3),
-                 replace(recipe, float_budget=0, smooth_alpha=None))
+    quantize_qdq(
+        tmp_path / "tiny.onnx",
+        out,
+        "x",
+        "embedding",
+        _inputs(16, 3),
+        replace(recipe, float_budget=0, smooth_alpha=None),
+    )
     return onnx.load(str(out))

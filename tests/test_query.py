@@ -48,15 +48,18 @@ def test_result_is_the_normalised_weighted_sum(n, seed):
     np.testing.assert_allclose(combine(vectors[order], weights[order]), out, atol=1e-6)
 
 
-@pytest.mark.parametrize("vectors, weights, message", [
-    (np.zeros((0, 4)), [], r"N >= 1"),
-    (np.ones(4), [1], r"shape \[N, D\]"),
-    (np.ones((2, 4)), [1], r"2 vectors need 2 weights"),
-    (np.array([[1.0, 0.0], [0.0, 0.0]]), [1, 1], "zero vector"),
-    (np.array([[1.0, np.nan]]), [1], "non-finite"),
-    (np.array([[1.0, 0.0]]), [np.inf], "non-finite"),
-    (np.array([[1.0, 0.0], [2.0, 0.0]]), [1, -1], "cancel out"),
-])
+@pytest.mark.parametrize(
+    "vectors, weights, message",
+    [
+        (np.zeros((0, 4)), [], r"N >= 1"),
+        (np.ones(4), [1], r"shape \[N, D\]"),
+        (np.ones((2, 4)), [1], r"2 vectors need 2 weights"),
+        (np.array([[1.0, 0.0], [0.0, 0.0]]), [1, 1], "zero vector"),
+        (np.array([[1.0, np.nan]]), [1], "non-finite"),
+        (np.array([[1.0, 0.0]]), [np.inf], "non-finite"),
+        (np.array([[1.0, 0.0], [2.0, 0.0]]), [1, -1], "cancel out"),
+    ],
+)
 def test_what_has_no_direction_is_refused(vectors, weights, message):
     with pytest.raises(ValueError, match=message):
         combine(vectors, weights)
@@ -66,10 +69,14 @@ def test_parts_check_their_kind_value_and_weight():
     scene = uuid.uuid4()
     assert QueryPart("scene", str(scene)).value == scene  # parsed once
     assert QueryPart("image", Path("a.jpg"), 0.5).weight == 0.5
-    for bad in [dict(kind="video", value="x"), dict(kind="text", value=b"bytes"),
-                dict(kind="scene", value="not-a-uuid"), dict(kind="text", value="x", weight=0),
-                dict(kind="text", value="x", weight=float("nan")),
-                dict(kind="text", value="x", weight=True)]:
+    for bad in [
+        dict(kind="video", value="x"),
+        dict(kind="text", value=b"bytes"),
+        dict(kind="scene", value="not-a-uuid"),
+        dict(kind="text", value="x", weight=0),
+        dict(kind="text", value="x", weight=float("nan")),
+        dict(kind="text", value="x", weight=True),
+    ]:
         with pytest.raises(ValueError):
             QueryPart(**bad)
 

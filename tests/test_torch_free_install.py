@@ -58,10 +58,25 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(REPO / name, src / name, symlinks=True, ignore=leftovers)
     out = tmp_path_factory.mktemp("wheels")
     for project in (src, src / "export"):
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(out), str(project)], check=True)
-    return {"runtime": next(out.glob("heimdex_clip-*.whl")),
-            "export": next(out.glob("heimdex_clip_export-*.whl"))}
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(out),
+                str(project),
+            ],
+            check=True,
+        )
+    return {
+        "runtime": next(out.glob("heimdex_clip-*.whl")),
+        "export": next(out.glob("heimdex_clip_export-*.whl")),
+    }
 
 
 def _contents(wheel: Path) -> tuple[dict[str, bytes], email.message.Message]:
@@ -89,8 +104,11 @@ def test_runtime_wheel_has_the_migrations_and_no_build_time_code(wheels):
     files, metadata = _contents(wheels["runtime"])
     assert metadata["Name"] == "heimdex-clip"
     assert _top_level_packages(files) == {"heimdex_clip"}
-    shipped = {Path(name).name: data for name, data in files.items()
-               if name.startswith("heimdex_clip/db/migrations/")}
+    shipped = {
+        Path(name).name: data
+        for name, data in files.items()
+        if name.startswith("heimdex_clip/db/migrations/")
+    }
     sources = sorted((REPO / "runtime/heimdex_clip/db/migrations").glob("*.sql"))
     assert len(sources) >= 3
     assert shipped == {path.name: path.read_bytes() for path in sources}
@@ -109,8 +127,9 @@ def _requirements_of_extra(metadata: email.message.Message, extra: str | None) -
         if extra is None:
             selected = requirement.marker is None
         else:
-            selected = (requirement.marker is not None
-                        and requirement.marker.evaluate({"extra": extra}))
+            selected = requirement.marker is not None and requirement.marker.evaluate(
+                {"extra": extra}
+            )
         if selected:
             names.add(canonicalize_name(requirement.name))
     return names
@@ -134,23 +153,29 @@ def test_export_is_its_own_distribution_on_top_of_the_runtime(wheels):
     assert {"heimdex-clip", "torch", "open-clip-torch", "onnx"} <= _requirement_names(metadata)
     # The torch pins' one source is export/requirements-torch.txt (the Makefile and the
     # Dockerfile install from it); the wheel carries exactly those pins.
-    pins = [line.strip() for line in (REPO / "export/requirements-torch.txt").read_text()
-            .splitlines() if line.strip() and not line.startswith("#")]
+    pins = [
+        line.strip()
+        for line in (REPO / "export/requirements-torch.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert [p.split("==")[0] for p in pins] == ["torch", "torchvision"]
     assert set(pins) <= set(metadata.get_all("Requires-Dist"))
 
 
 @pytest.mark.slow
-def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, tmp_path,
-                                                         wheels):
+def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, tmp_path, wheels):
     wheel = wheels["runtime"]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True)
 
-    installed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"],
-                               capture_output=True, text=True, check=True).stdout
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     names = {d["name"].lower() for d in json.loads(installed)}
     assert {"onnxruntime", "numpy", "pillow", "tokenizers", "ftfy", "heimdex-clip"} <= names
     assert not names & {"torch", "torchvision", "open-clip-torch", "psycopg"}
@@ -169,23 +194,41 @@ def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, t
     photos[0][1].save(jpeg, quality=90)
 
     query = "a photo of a cat &amp; a dog 👍🏽"
-    out = subprocess.run([str(python), "-c", SCRIPT, str(artifact), str(jpeg), query],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(python), "-c", SCRIPT, str(artifact), str(jpeg), query],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"], report["error"]
     assert report["text_ok"], report["text_error"]
     assert report["torch_in_modules"] is False
     here = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact))
-    np.testing.assert_allclose(np.array(report["embedding"], np.float32),
-                               here.embed_images([jpeg])[0], atol=1e-5)
-    np.testing.assert_allclose(np.array(report["text_embedding"], np.float32),
-                               here.embed_texts([query])[0], atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(report["embedding"], np.float32), here.embed_images([jpeg])[0], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.array(report["text_embedding"], np.float32), here.embed_texts([query])[0], atol=1e-5
+    )
     open_clip = pytest.importorskip("open_clip")
     assert report["tokens"] == open_clip.tokenize([query]).tolist()
 
-    cli = subprocess.run([str(venv / "bin" / "heimdex-clip"), "--model-dir", str(artifact),
-                          "embed", str(jpeg), "--text", query, "--json"], capture_output=True,
-                         text=True, env={"CLIP_PRETRAINED": "none", "PATH": "/usr/bin:/bin"})
+    cli = subprocess.run(
+        [
+            str(venv / "bin" / "heimdex-clip"),
+            "--model-dir",
+            str(artifact),
+            "embed",
+            str(jpeg),
+            "--text",
+            query,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={"CLIP_PRETRAINED": "none", "PATH": "/usr/bin:/bin"},
+    )
     assert cli.returncode == 0, cli.stderr
     image_row, text_row = json.loads(cli.stdout)
     assert image_row["ok"] and image_row["dim"] == 512 and abs(image_row["norm"] - 1) < 1e-3
@@ -193,8 +236,14 @@ def test_runtime_wheel_installs_and_embeds_without_torch(artifact_dir, photos, t
     assert abs(text_row["norm"] - 1) < 1e-3
 
     # Without the db extra, the database commands say how to get it, in one line.
-    stats = subprocess.run([str(venv / "bin" / "heimdex-clip"), "stats", "--all-owners"],
-                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    stats = subprocess.run(
+        [str(venv / "bin" / "heimdex-clip"), "stats", "--all-owners"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert stats.returncode == 2
-    assert stats.stderr.strip().splitlines() == [
-        stats.stderr.strip()] and "pip install 'heimdex-clip[db]'" in stats.stderr
+    assert (
+        stats.stderr.strip().splitlines() == [stats.stderr.strip()]
+        and "pip install 'heimdex-clip[db]'" in stats.stderr
+    )

@@ -26,8 +26,9 @@ from heimdex_clip.query import combine
 from heimdex_clip.scenes import pool_scene
 from heimdex_clip.vectors import check_vectors, vector_problem
 
-IDENTITY = ModelIdentity(model_name="m", pretrained="none", embed_dim=4, device="cpu",
-                         normalized=True)
+IDENTITY = ModelIdentity(
+    model_name="m", pretrained="none", embed_dim=4, device="cpu", normalized=True
+)
 DENORMAL = np.float32(1e-40)
 
 BAD_VECTORS = {
@@ -54,8 +55,9 @@ def test_good_vectors_pass_unchanged():
 
 @pytest.mark.parametrize("name", BAD_VECTORS)
 def test_a_bad_vector_never_becomes_a_successful_result(name):
-    result = success(IDENTITY, BAD_VECTORS[name], frame_path="f.jpg", frame_quality=None,
-                     time_ms=1.0)
+    result = success(
+        IDENTITY, BAD_VECTORS[name], frame_path="f.jpg", frame_quality=None, time_ms=1.0
+    )
     assert result.embedding is None
     assert result.error.startswith("InvalidVectorError: the model's vector")
     json.dumps(result.metadata, allow_nan=False)  # storable as jsonb
@@ -63,26 +65,28 @@ def test_a_bad_vector_never_becomes_a_successful_result(name):
 
 def test_a_scene_whose_frames_cancel_out_fails():
     up, down = np.array([0, 0, 0, 1], np.float32), np.array([0, 0, 0, -1], np.float32)
-    results = [success(IDENTITY, v, frame_path=None, frame_quality=None, time_ms=1.0)
-               for v in (up, down)]
-    pooled = pool_scene(IDENTITY, "scene", [("a", None), ("b", None)], results,
-                        normalize=True)
+    results = [
+        success(IDENTITY, v, frame_path=None, frame_quality=None, time_ms=1.0) for v in (up, down)
+    ]
+    pooled = pool_scene(IDENTITY, "scene", [("a", None), ("b", None)], results, normalize=True)
     assert pooled.embedding is None and "the mean of 2 frames has norm 0" in pooled.error
     fine = pool_scene(IDENTITY, "scene", [("a", None)], results[:1], normalize=True)
     np.testing.assert_array_equal(fine.embedding, up)
 
 
-@pytest.mark.parametrize(("vectors", "weights", "message"), [
-    ([[math.nan, 1.0]], [1.0], "non-finite"),
-    ([[math.inf, 1.0]], [1.0], "non-finite"),
-    ([[1.0, 0.0], [0.0, 1.0]], [1.0, math.nan], "non-finite"),
-    ([[0.0, 0.0]], [1.0], "zero vector"),
-    ([[1e-300, 0.0]], [1.0], "zero vector"),
-    ([[1.0, 0.0], [1.0, 0.0]], [1.0, -1.0], "cancel out"),
-    ([[1.0, 0.0], [1.0, 1e-12]], [1e308, 1e308], "overflow"),
-])
-def test_query_composition_refuses_non_finite_and_direction_less_input(vectors, weights,
-                                                                        message):
+@pytest.mark.parametrize(
+    ("vectors", "weights", "message"),
+    [
+        ([[math.nan, 1.0]], [1.0], "non-finite"),
+        ([[math.inf, 1.0]], [1.0], "non-finite"),
+        ([[1.0, 0.0], [0.0, 1.0]], [1.0, math.nan], "non-finite"),
+        ([[0.0, 0.0]], [1.0], "zero vector"),
+        ([[1e-300, 0.0]], [1.0], "zero vector"),
+        ([[1.0, 0.0], [1.0, 0.0]], [1.0, -1.0], "cancel out"),
+        ([[1.0, 0.0], [1.0, 1e-12]], [1e308, 1e308], "overflow"),
+    ],
+)
+def test_query_composition_refuses_non_finite_and_direction_less_input(vectors, weights, message):
     with pytest.raises(QueryError, match=message):
         combine(np.array(vectors), weights)
 
@@ -108,8 +112,9 @@ def test_a_composed_query_is_always_finite_and_unit_length():
 # --------------------------------------------------------------------------- real graphs
 
 
-def constant_graph(input_name: str, input_dtype: int, outputs: list[str], value: float,
-                   dim: int) -> bytes:
+def constant_graph(
+    input_name: str, input_dtype: int, outputs: list[str], value: float, dim: int
+) -> bytes:
     """An ONNX graph: any [N, ...] input -> ``value`` in every cell of each [N, dim] output.
 
     ``x * 0`` keeps the batch dimension, then ``+ value``; NaN and infinity are written as
@@ -133,16 +138,19 @@ def constant_graph(input_name: str, input_dtype: int, outputs: list[str], value:
         helper.make_tensor("one", TensorProto.INT64, [1], [1]),
         helper.make_tensor("zeros", TensorProto.FLOAT, [1, dim], [0.0] * dim),
         helper.make_tensor("zero_scalar", TensorProto.FLOAT, [], [0.0]),
-        helper.make_tensor("numerator", TensorProto.FLOAT, [], [1.0 if math.isinf(value)
-                                                                else 0.0]),
-        helper.make_tensor("value", TensorProto.FLOAT, [],
-                           [0.0 if not math.isfinite(value) else value]),
+        helper.make_tensor("numerator", TensorProto.FLOAT, [], [1.0 if math.isinf(value) else 0.0]),
+        helper.make_tensor(
+            "value", TensorProto.FLOAT, [], [0.0 if not math.isfinite(value) else value]
+        ),
     ]
     shape = ["batch", 3, 224, 224] if input_dtype == TensorProto.FLOAT else ["batch", "seq"]
     graph = helper.make_graph(
-        nodes, "constant", [helper.make_tensor_value_info(input_name, input_dtype, shape)],
+        nodes,
+        "constant",
+        [helper.make_tensor_value_info(input_name, input_dtype, shape)],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", dim]) for n in outputs],
-        init)
+        init,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -167,24 +175,29 @@ def broken(request, artifact_dir, tmp_path_factory) -> ClipEmbedder:
         outputs = [o["name"] for o in entry["outputs"]]
         if key.startswith("text"):
             outputs = ["text_embeds", "text_features"]
-            dtype = (TensorProto.INT32 if manifest["text"].get("token_dtype") == "int32"
-                     else TensorProto.INT64)
+            dtype = (
+                TensorProto.INT32
+                if manifest["text"].get("token_dtype") == "int32"
+                else TensorProto.INT64
+            )
             name = "input_ids"
         else:
             name = entry["inputs"][0]["name"]
-        install(art, manifest, key, constant_graph(name, dtype, outputs,
-                                                   value[request.param], dim))
+        install(art, manifest, key, constant_graph(name, dtype, outputs, value[request.param], dim))
     (art / "manifest.json").write_text(json.dumps(manifest))
-    return ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art,
-                                          embed_cache_size=0)).load()
+    return ClipEmbedder(
+        config=ClipConfig(pretrained="none", model_dir=art, embed_cache_size=0)
+    ).load()
 
 
 def test_the_worker_path_gives_null_with_the_reason(broken, photos):
     image = photos[0][1]
-    for result in (broken.embed_frame(image, frame_path="f.jpg"),
-                   *broken.embed_frames([image, image]),
-                   broken.embed_scene([image, image]),
-                   broken.embed_text("a dog")):
+    for result in (
+        broken.embed_frame(image, frame_path="f.jpg"),
+        *broken.embed_frames([image, image]),
+        broken.embed_scene([image, image]),
+        broken.embed_text("a dog"),
+    ):
         assert isinstance(result, EmbeddingResult)
         assert result.embedding is None
         assert "InvalidVectorError" in result.error, result.error
@@ -198,12 +211,22 @@ def test_the_strict_path_raises(broken, photos):
         broken.embed_texts(["a dog"])
 
 
-@pytest.mark.parametrize(("key", "index", "value"), [
-    ("std", 0, 1e-45), ("std", 1, 0.0), ("std", 2, -0.27), ("std", 0, math.nan),
-    ("std", 1, math.inf), ("mean", 0, math.nan), ("mean", 2, -math.inf), ("mean", 1, 1e38),
-])
+@pytest.mark.parametrize(
+    ("key", "index", "value"),
+    [
+        ("std", 0, 1e-45),
+        ("std", 1, 0.0),
+        ("std", 2, -0.27),
+        ("std", 0, math.nan),
+        ("std", 1, math.inf),
+        ("mean", 0, math.nan),
+        ("mean", 2, -math.inf),
+        ("mean", 1, 1e38),
+    ],
+)
 def test_preprocessing_that_would_give_non_finite_inputs_is_refused_at_load(
-        artifact_dir, tmp_path, key, index, value):
+    artifact_dir, tmp_path, key, index, value
+):
     art = copy_artifact(artifact_dir, tmp_path / "art", {"visual.int8"})
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["preprocess"][key][index] = value

@@ -34,8 +34,9 @@ def test_the_source_holds_the_checked_bytes_and_loads(graph_copy):
         assert isinstance(source, Path) and source.is_relative_to("/proc/self/fd")
         assert hashlib.sha256(source.read_bytes()).hexdigest() == entry.sha256
         session, _ = create_session(source, threads=1)
-    out = session.run(None, {session.get_inputs()[0].name:
-                             np.zeros((1, 3, 224, 224), np.float32)})[0]
+    out = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 224, 224), np.float32)})[
+        0
+    ]
     assert out.shape[0] == 1
 
 
@@ -54,18 +55,26 @@ def test_a_file_replaced_at_its_path_after_the_check_is_not_what_gets_loaded(gra
 def test_a_write_into_the_file_during_the_load_is_refused(graph_copy):
     path, entry = graph_copy
     os.utime(path, (1_700_000_000, 1_700_000_000))  # installed long ago, as artifacts are
-    with pytest.raises(ArtifactError, match="written to while it was being loaded"), \
-            verified_source(path, entry), open(path, "r+b") as f:
+    with (
+        pytest.raises(ArtifactError, match="written to while it was being loaded"),
+        verified_source(path, entry),
+        open(path, "r+b") as f,
+    ):
         f.seek(1000)  # same size, same inode: only the modification time tells
         f.write(b"\x00")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:-1]), "bytes, the manifest says"),
-    (lambda p: p.write_bytes(bytes([p.read_bytes()[0] ^ 1]) + p.read_bytes()[1:]),
-     "sha256 mismatch"),
-    (lambda p: p.unlink(), "is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-1]), "bytes, the manifest says"),
+        (
+            lambda p: p.write_bytes(bytes([p.read_bytes()[0] ^ 1]) + p.read_bytes()[1:]),
+            "sha256 mismatch",
+        ),
+        (lambda p: p.unlink(), "is missing"),
+    ],
+)
 def test_damaged_files_are_refused_before_anything_parses_them(graph_copy, damage, message):
     path, entry = graph_copy
     damage(path)
@@ -106,12 +115,22 @@ def test_loading_through_the_descriptor_does_not_hold_the_graph_twice(artifact_d
     """Peak memory of a load, each way in a fresh process: the descriptor saves at least
     most of one copy of the graph (a memory figure, not a timing: the same on any load)."""
     graph_bytes = load_manifest(artifact_dir).file("visual.int8").bytes
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1] / "runtime"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1] / "runtime"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     peaks = {}
     for way in ("bytes", "descriptor"):
-        proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(artifact_dir), way],
-                              env=env, capture_output=True, text=True, timeout=120, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(artifact_dir), way],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         peaks[way] = int(proc.stdout.split()[-1]) * 1024
     assert peaks["bytes"] - peaks["descriptor"] > 0.75 * graph_bytes, peaks
 

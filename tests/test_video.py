@@ -32,12 +32,20 @@ from heimdex_clip_export.video_samples import Shot, Truth, write_video  # noqa: 
 
 OWNER = uuid.UUID("00000000-0000-4000-a000-0000000000f1")
 FPS = 30
-SHOTS = [Shot("astronaut", 2.0, "pan"), Shot("coffee", 1.5, "zoom"),
-         Shot("rocket", 2.0, "noise"), Shot("chelsea", 1.5, "still"),
-         Shot("camera", 2.0, "pan", "dissolve"), Shot("brick", 1.5, "zoom"),
-         Shot("clock", 2.0, "still", "fade"), Shot("page", 1.5, "noise"),
-         Shot("moon", 1.5, "pan"), Shot("gravel", 1.5, "still"),
-         Shot("grass", 1.5, "zoom"), Shot("coins", 2.0, "noise", "dissolve")]
+SHOTS = [
+    Shot("astronaut", 2.0, "pan"),
+    Shot("coffee", 1.5, "zoom"),
+    Shot("rocket", 2.0, "noise"),
+    Shot("chelsea", 1.5, "still"),
+    Shot("camera", 2.0, "pan", "dissolve"),
+    Shot("brick", 1.5, "zoom"),
+    Shot("clock", 2.0, "still", "fade"),
+    Shot("page", 1.5, "noise"),
+    Shot("moon", 1.5, "pan"),
+    Shot("gravel", 1.5, "still"),
+    Shot("grass", 1.5, "zoom"),
+    Shot("coins", 2.0, "noise", "dissolve"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +62,18 @@ def made(tmp_path_factory) -> tuple[Path, Truth]:
 
 @pytest.fixture(scope="module")
 def analysis(made, embedder, tmp_path_factory):
-    return analyze_video(made[0], embedder, owner=OWNER,
-                         media_dir=tmp_path_factory.mktemp("media"))
+    return analyze_video(made[0], embedder, owner=OWNER, media_dir=tmp_path_factory.mktemp("media"))
 
 
 def hard_cut_f1(starts: list[tuple[float, str]], truth: Truth, tolerance_s: float) -> float:
     """F1 of the detected cuts against the true hard cuts; a detected cut inside a dissolve
     (a gradual cut, found as it should be) is neither a hit nor a false alarm."""
-    detected = [t for t, kind in starts if kind == "cut"
-                and not any(a - tolerance_s <= t <= b + tolerance_s for a, b in truth.dissolves)]
+    detected = [
+        t
+        for t, kind in starts
+        if kind == "cut"
+        and not any(a - tolerance_s <= t <= b + tolerance_s for a, b in truth.dissolves)
+    ]
     unmatched, hits = list(detected), 0
     for cut in truth.cuts:
         near = [t for t in unmatched if abs(t - cut) <= tolerance_s]
@@ -90,8 +101,9 @@ def test_dissolves_and_fades_become_boundaries(made, analysis):
     for a, b in truth.dissolves:  # a cut inside each dissolve
         assert any(a - 2 / FPS <= t <= b + 2 / FPS and kind == "cut" for t, kind in starts)
     for a, b in truth.fades[1:]:  # the fade through black: a scene ends in it, one starts
-        assert any(s.metadata["video"]["ends_at"] == "black" and a <= s.end_s <= b
-                   for s in analysis.scenes)
+        assert any(
+            s.metadata["video"]["ends_at"] == "black" and a <= s.end_s <= b for s in analysis.scenes
+        )
         assert any(kind == "black" and b - 2 / FPS <= t <= b + 0.5 for t, kind in starts)
     # One scene per shot: nothing split, nothing merged.
     assert len(analysis.scenes) == len(SHOTS)
@@ -142,8 +154,7 @@ def test_rows_times_and_ids(made, analysis):
 
 def test_long_shots_are_split_into_windows(tmp_path, embedder):
     path = tmp_path / "long.mp4"
-    write_video(path, [Shot("astronaut", 5.0, "pan"), Shot("coffee", 1.0, "still")],
-                size=(160, 96))
+    write_video(path, [Shot("astronaut", 5.0, "pan"), Shot("coffee", 1.0, "still")], size=(160, 96))
     settings = VideoSettings(segments=SegmentSettings(window_s=2.0))
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path, settings=settings)
     windows = [(s.shot, s.window, round(s.start_s, 3)) for s in result.scenes]
@@ -166,17 +177,20 @@ def _rotate_like_a_phone(path: Path) -> None:
     data = bytearray(path.read_bytes())
     tkhd = data.find(b"tkhd")
     version = data[tkhd + 4]
-    matrix = tkhd + 4 + 4 + (8 if version == 0 else 16) + 4 + 4 + (4 if version == 0 else 8) \
-        + 8 + 8
-    assert struct.unpack(">9i", data[matrix:matrix + 36])[0] == 65536  # identity before
-    data[matrix:matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+    matrix = tkhd + 4 + 4 + (8 if version == 0 else 16) + 4 + 4 + (4 if version == 0 else 8) + 8 + 8
+    assert struct.unpack(">9i", data[matrix : matrix + 36])[0] == 65536  # identity before
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
     path.write_bytes(bytes(data))
 
 
 def test_odd_size_and_rotation_metadata(tmp_path, embedder, photos):
     path = tmp_path / "odd.mp4"
-    truth = write_video(path, [Shot("astronaut", 1.0, "still"), Shot("coffee", 1.0, "still")],
-                        size=(1279, 719), pix_fmt="yuv444p")
+    truth = write_video(
+        path,
+        [Shot("astronaut", 1.0, "still"), Shot("coffee", 1.0, "still")],
+        size=(1279, 719),
+        pix_fmt="yuv444p",
+    )
     _rotate_like_a_phone(path)
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path)
     assert len(result.scenes) == 2 and len(truth.cuts) == 1
@@ -216,8 +230,9 @@ def test_variable_frame_rate_times_come_from_timestamps(tmp_path, embedder):
 
 def _analyze(path, embedder, tmp_path, **config) -> None:
     if config:
-        embedder = ClipEmbedder(config=ClipConfig(pretrained="none",
-                                                  model_dir=embedder.artifact_dir, **config))
+        embedder = ClipEmbedder(
+            config=ClipConfig(pretrained="none", model_dir=embedder.artifact_dir, **config)
+        )
     analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path / "media")
 
 
@@ -229,8 +244,11 @@ def _no_frames_written(tmp_path) -> bool:
 def test_not_a_video_empty_and_missing(tmp_path, embedder):
     (tmp_path / "notes.mp4").write_text("this is not a video\n" * 50)
     (tmp_path / "empty.mp4").write_bytes(b"")
-    cases = {"notes.mp4": "not a readable video", "empty.mp4": "empty file",
-             "missing.mp4": "no such file"}
+    cases = {
+        "notes.mp4": "not a readable video",
+        "empty.mp4": "empty file",
+        "missing.mp4": "no such file",
+    }
     for name, message in cases.items():
         with pytest.raises(VideoError, match=message) as err:
             _analyze(tmp_path / name, embedder, tmp_path)
@@ -240,7 +258,7 @@ def test_not_a_video_empty_and_missing(tmp_path, embedder):
 
 def test_truncated_file_is_one_clear_error(made, tmp_path, embedder):
     data = made[0].read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])  # the index (moov) is at the end
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is at the end
     with pytest.raises(VideoError, match=r"cut\.mp4") as err:
         _analyze(tmp_path / "cut.mp4", embedder, tmp_path)
     assert "\n" not in str(err.value)
@@ -274,7 +292,7 @@ def test_unsupported_codec(made, tmp_path, embedder):
     data = bytearray(made[0].read_bytes())
     at = data.find(b"avc1", data.find(b"stsd"))  # the sample entry, not the ftyp brand
     assert at > data.find(b"stsd") > 0
-    data[at:at + 4] = b"zzzz"  # a sample entry no decoder knows
+    data[at : at + 4] = b"zzzz"  # a sample entry no decoder knows
     (tmp_path / "odd_codec.mp4").write_bytes(bytes(data))
     with pytest.raises(VideoError, match=r"odd_codec\.mp4") as err:
         _analyze(tmp_path / "odd_codec.mp4", embedder, tmp_path)
@@ -307,14 +325,15 @@ def test_a_million_tiny_frames_cost_bounded_analysis(tmp_path, embedder, photos)
     assert [round(s.start_s, 1) for s in result.scenes] == [0.0, 1.5]
 
 
-def test_a_corrupt_middle_keeps_the_readable_scenes_and_says_what_it_skipped(made, tmp_path,
-                                                                             embedder):
+def test_a_corrupt_middle_keeps_the_readable_scenes_and_says_what_it_skipped(
+    made, tmp_path, embedder
+):
     data = bytearray(made[0].read_bytes())
     mdat = data.find(b"mdat")
-    size = struct.unpack(">I", data[mdat - 4:mdat])[0]
+    size = struct.unpack(">I", data[mdat - 4 : mdat])[0]
     middle = mdat + size // 2
     rng = np.random.default_rng(7)
-    data[middle:middle + 20_000] = rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    data[middle : middle + 20_000] = rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()
     path = tmp_path / "corrupt.mp4"
     path.write_bytes(bytes(data))
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path / "media")
@@ -332,7 +351,8 @@ def test_detection_planes_match_ffmpegs_area_scaler(tmp_path, size, pix_fmt):
     with av.open(str(path)) as container:
         frame = next(container.decode(video=0))
         ours = small_planes(frame).astype(np.float32)
-        scaled = frame.reformat(width=ANALYSIS_SIZE[0], height=ANALYSIS_SIZE[1],
-                                format="yuv444p", interpolation="AREA").to_ndarray()
+        scaled = frame.reformat(
+            width=ANALYSIS_SIZE[0], height=ANALYSIS_SIZE[1], format="yuv444p", interpolation="AREA"
+        ).to_ndarray()
     assert ours.shape == (3, ANALYSIS_SIZE[1], ANALYSIS_SIZE[0])
     assert np.abs(ours - scaled).mean() < 4.0  # of 255: the same picture, other sampling

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Flatten"}
 PROBE_BATCH = 2
 #: Element indices are run through the layout ops as float32, exact below 2**24.
-EXACT_FLOAT_INTS = 2 ** 24
+EXACT_FLOAT_INTS = 2**24
 
 
 @dataclass
@@ -85,19 +85,41 @@ def _find_cores(g: Graph) -> list[_Core]:
         axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
         score = g.producer.get(softmax.input[0])
         mix = g.only_consumer(softmax.output[0])
-        if (axis not in (-1, 3) or score is None or score.op_type != "MatMul"
-                or g.only_consumer(score.output[0]) is not softmax
-                or mix is None or mix.op_type != "MatMul" or mix.input[0] != softmax.output[0]):
+        if (
+            axis not in (-1, 3)
+            or score is None
+            or score.op_type != "MatMul"
+            or g.only_consumer(score.output[0]) is not softmax
+            or mix is None
+            or mix.op_type != "MatMul"
+            or mix.input[0] != softmax.output[0]
+        ):
             continue
         merge = g.only_consumer(mix.output[0])
-        perm = [] if merge is None else next(
-            (list(a.ints) for a in merge.attribute if a.name == "perm"), [])
+        perm = (
+            []
+            if merge is None
+            else next((list(a.ints) for a in merge.attribute if a.name == "perm"), [])
+        )
         reshape = None if merge is None else g.only_consumer(merge.output[0])
-        if merge is None or merge.op_type != "Transpose" or perm != [0, 2, 1, 3] \
-                or reshape is None or reshape.op_type != "Reshape":
+        if (
+            merge is None
+            or merge.op_type != "Transpose"
+            or perm != [0, 2, 1, 3]
+            or reshape is None
+            or reshape.op_type != "Reshape"
+        ):
             continue
-        cores.append(_Core(score, mix, _trace(g, score.input[0]), _trace(g, score.input[1]),
-                           _trace(g, mix.input[1]), reshape.output[0]))
+        cores.append(
+            _Core(
+                score,
+                mix,
+                _trace(g, score.input[0]),
+                _trace(g, score.input[1]),
+                _trace(g, mix.input[1]),
+                reshape.output[0],
+            )
+        )
     return cores
 
 
@@ -118,18 +140,19 @@ def _index_run(g: Graph, core: _Core, shapes: dict) -> dict[str, np.ndarray]:
     sources = list(dict.fromkeys(c.source for c in (core.q, core.k, core.v)))
     outputs = [core.score.input[0], core.score.input[1], core.mix.input[1]]
     graph = helper.make_graph(
-        nodes, "index_probe",
+        nodes,
+        "index_probe",
         [helper.make_tensor_value_info(s, TensorProto.FLOAT, shapes[s]) for s in sources],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-         for o in dict.fromkeys(outputs)],
-        list({i.name: i for i in inits}.values()))
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in dict.fromkeys(outputs)],
+        list({i.name: i for i in inits}.values()),
+    )
     model = helper.make_model(graph, opset_imports=g.model.opset_import)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    feeds = {s: np.arange(np.prod(shapes[s]), dtype=np.float32).reshape(shapes[s])
-             for s in sources}
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feeds = {s: np.arange(np.prod(shapes[s]), dtype=np.float32).reshape(shapes[s]) for s in sources}
     names = list(dict.fromkeys(outputs))
     return dict(zip(names, session.run(names, feeds), strict=True)) | feeds
 
@@ -145,7 +168,7 @@ def _head_slice(indices: np.ndarray, source: np.ndarray, key: bool) -> tuple[int
     offset = int(indices.reshape(-1)[0]) % source.shape[2]
     if tokens != source.shape[1] or offset + width > source.shape[2]:
         return None
-    expected = source[:, :, offset:offset + width].reshape(batch, tokens, heads, head)
+    expected = source[:, :, offset : offset + width].reshape(batch, tokens, heads, head)
     expected = expected.transpose(0, 2, 3, 1) if key else expected.transpose(0, 2, 1, 3)
     return (offset, width) if np.array_equal(indices, expected) else None
 
@@ -170,32 +193,56 @@ def _projection(g: Graph, name: str) -> _Projection | None:
     if node is None or node.op_type != "Reshape":
         return None
     gemm = g.producer.get(node.input[0])
-    if gemm is None or gemm.op_type != "MatMulIntegerToFloat" or len(gemm.input) > 6 \
-            or g.const(gemm.input[1]) is None or g.const(gemm.input[3]) is None:
+    if (
+        gemm is None
+        or gemm.op_type != "MatMulIntegerToFloat"
+        or len(gemm.input) > 6
+        or g.const(gemm.input[1]) is None
+        or g.const(gemm.input[3]) is None
+    ):
         return None
     columns = g.const(gemm.input[1]).shape[1]
-    if g.const(gemm.input[3]).shape != (columns,) or (bias is not None
-                                                      and bias.shape != (columns,)):
+    if g.const(gemm.input[3]).shape != (columns,) or (
+        bias is not None and bias.shape != (columns,)
+    ):
         return None
     return _Projection(gemm, bias)
 
 
-def _part(g: Graph, proj: _Projection, offset: int, width: int, tokens: int, prefix: str,
-          channel_scale: np.ndarray | None = None) -> tuple[str, np.ndarray]:
+def _part(
+    g: Graph,
+    proj: _Projection,
+    offset: int,
+    width: int,
+    tokens: int,
+    prefix: str,
+    channel_scale: np.ndarray | None = None,
+) -> tuple[str, np.ndarray]:
     """A GEMM on columns ``offset:offset+width`` of ``proj``, reshaped to [B, tokens, width];
     returns its output and its bias (zeros if none), both times ``channel_scale``."""
     cols = slice(offset, offset + width)
     scale = np.ones(width, np.float32) if channel_scale is None else channel_scale
     weights = g.add_const(prefix + "/w", g.const(proj.gemm.input[1])[:, cols])
-    w_scale = g.add_const(prefix + "/w_scale",
-                          (g.const(proj.gemm.input[3])[cols] * scale).astype(np.float32))
+    w_scale = g.add_const(
+        prefix + "/w_scale", (g.const(proj.gemm.input[3])[cols] * scale).astype(np.float32)
+    )
     inputs = list(proj.gemm.input)
     inputs[1], inputs[3] = weights, w_scale
-    g.graph.node.append(helper.make_node("MatMulIntegerToFloat", inputs, [prefix + "/y2d"],
-                                         name=prefix + "/gemm", domain=MS_DOMAIN))
+    g.graph.node.append(
+        helper.make_node(
+            "MatMulIntegerToFloat",
+            inputs,
+            [prefix + "/y2d"],
+            name=prefix + "/gemm",
+            domain=MS_DOMAIN,
+        )
+    )
     shape = g.add_const(prefix + "/shape", np.array([-1, tokens, width], np.int64))
-    g.graph.node.append(helper.make_node("Reshape", [prefix + "/y2d", shape], [prefix + "/y"],
-                                         name=prefix + "/reshape"))
+    g.graph.node.append(
+        helper.make_node(
+            "Reshape", [prefix + "/y2d", shape], [prefix + "/y"], name=prefix + "/reshape"
+        )
+    )
     bias = np.zeros(width, np.float32) if proj.bias is None else proj.bias[cols]
     return prefix + "/y", (bias * scale).astype(np.float32)
 
@@ -219,8 +266,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[int, int]:
     names = [c.source for core in cores for c in (core.q, core.k, core.v)]
     shapes = probe_shapes(model, names + [core.context for core in cores], PROBE_BATCH)
     if shapes is None:
-        log.info("attention: the graph input has dynamic dimensions besides the batch; "
-                 "left as is")
+        log.info("attention: the graph input has dynamic dimensions besides the batch; left as is")
         return 0, 0
     fused = folded = 0
     for index, core in enumerate(cores):
@@ -234,32 +280,56 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[int, int]:
         v = _head_slice(values[core.mix.input[1]], values[core.v.source], key=False)
         projections = [_projection(g, c.source) for c in (core.q, core.k, core.v)]
         heads = values[core.score.input[0]].shape[1]
-        if None in (q, k, v) or None in projections or q[1] != k[1] or core.v.scale != 1.0 \
-                or shapes[core.context] != (PROBE_BATCH, shapes[core.q.source][1], v[1]):
+        if (
+            None in (q, k, v)
+            or None in projections
+            or q[1] != k[1]
+            or core.v.scale != 1.0
+            or shapes[core.context] != (PROBE_BATCH, shapes[core.q.source][1], v[1])
+        ):
             log.info("attention core %s: layout not recognised, left as is", core.score.name)
             continue
         prefix = f"mha/{index}"
         smoothing = _output_smoothing(g, core.context, v[1])
-        v_scale = g.const(next(i for i in smoothing.input if i != core.context)) \
-            if smoothing is not None else None
-        parts = [_part(g, proj, offset, width, shapes[chain.source][1], f"{prefix}/{tag}",
-                       v_scale if tag == "v" else None)
-                 for (offset, width), chain, proj, tag in zip(
-                     (q, k, v), (core.q, core.k, core.v), projections, "qkv", strict=True)]
+        v_scale = (
+            g.const(next(i for i in smoothing.input if i != core.context))
+            if smoothing is not None
+            else None
+        )
+        parts = [
+            _part(
+                g,
+                proj,
+                offset,
+                width,
+                shapes[chain.source][1],
+                f"{prefix}/{tag}",
+                v_scale if tag == "v" else None,
+            )
+            for (offset, width), chain, proj, tag in zip(
+                (q, k, v), (core.q, core.k, core.v), projections, "qkv", strict=True
+            )
+        ]
         bias = g.add_const(prefix + "/bias", np.concatenate([b for _, b in parts]))
         output = smoothing.output[0] if smoothing is not None else core.context
         if smoothing is not None:
             smoothing.output[0] = prefix + "/unused_smoothing"
         else:
             g.producer[core.context].output[0] = prefix + "/unused_context"
-        g.graph.node.append(helper.make_node(
-            "MultiHeadAttention", [p for p, _ in parts] + [bias], [output],
-            name=prefix, domain=MS_DOMAIN, num_heads=int(heads),
-            scale=float(core.q.scale * core.k.scale)))
+        g.graph.node.append(
+            helper.make_node(
+                "MultiHeadAttention",
+                [p for p, _ in parts] + [bias],
+                [output],
+                name=prefix,
+                domain=MS_DOMAIN,
+                num_heads=int(heads),
+                scale=float(core.q.scale * core.k.scale),
+            )
+        )
         fused += 1
         folded += smoothing is not None
         g.refresh()
     g.remove_dead()
     topological_sort(model)
     return fused, folded
-

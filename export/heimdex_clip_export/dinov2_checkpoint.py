@@ -55,8 +55,11 @@ class _Backbone:
     def __init__(self, path: Path) -> None:
         self.model = onnx.load(str(path))
         self.inits = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
-        self.matmul_weight = {n.name: n.input[1] for n in self.model.graph.node
-                              if n.op_type == "MatMul" and n.input[1] in self.inits}
+        self.matmul_weight = {
+            n.name: n.input[1]
+            for n in self.model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in self.inits
+        }
 
     def tensor(self, name: str) -> torch.Tensor:
         return torch.from_numpy(np.array(self.inits[name], dtype=np.float32))
@@ -68,8 +71,9 @@ class _Backbone:
     def layer_norm_eps(self) -> float:
         """The epsilon the backbone's decomposed LayerNorm adds to the variance."""
         consts = {n.output[0]: n for n in self.model.graph.node if n.op_type == "Constant"}
-        add = next(n for n in self.model.graph.node
-                   if n.name == "/backbone/encoder/layer.0/norm1/Add")
+        add = next(
+            n for n in self.model.graph.node if n.name == "/backbone/encoder/layer.0/norm1/Add"
+        )
         return float(numpy_helper.to_array(consts[add.input[1]].attribute[0].t))
 
     def position_embedding(self, image_size: int) -> np.ndarray:
@@ -77,26 +81,31 @@ class _Backbone:
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(
-            POS_EMBED_OUTPUT, onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(probe.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(POS_EMBED_OUTPUT, onnx.TensorProto.FLOAT, None)
+        )
+        session = ort.InferenceSession(
+            probe.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
         pixels = np.zeros((1, 3, image_size, image_size), np.float32)
         return session.run([POS_EMBED_OUTPUT], {proxy.INPUT_NAME: pixels})[0][0]
 
 
-def _normalisation_fold(weight: torch.Tensor, clip_mean: tuple, clip_std: tuple
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalisation_fold(
+    weight: torch.Tensor, clip_mean: tuple, clip_std: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and extra bias that make CLIP-normalised pixels act as ImageNet ones.
 
     x_imagenet = x_clip * a + b per channel, a = std_clip / std_in, b = (mean_clip -
     mean_in) / std_in; conv(x_in) = conv_{W*a}(x_clip) + sum_{c,i,j} W[o,c,i,j] * b_c.
     """
-    a = torch.tensor(clip_std, dtype=torch.float64) / torch.tensor(IMAGENET_STD,
-                                                                    dtype=torch.float64)
-    b = (torch.tensor(clip_mean, dtype=torch.float64)
-         - torch.tensor(IMAGENET_MEAN, dtype=torch.float64)) / torch.tensor(
-        IMAGENET_STD, dtype=torch.float64)
+    a = torch.tensor(clip_std, dtype=torch.float64) / torch.tensor(
+        IMAGENET_STD, dtype=torch.float64
+    )
+    b = (
+        torch.tensor(clip_mean, dtype=torch.float64)
+        - torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+    ) / torch.tensor(IMAGENET_STD, dtype=torch.float64)
     w = weight.double()
     folded = w * a[None, :, None, None]
     shift = (w.sum(dim=(2, 3)) * b[None, :]).sum(dim=1)
@@ -136,10 +145,12 @@ def _load_block(block: torch.nn.Module, backbone: _Backbone, i: int) -> None:
     block.ln_1.weight.copy_(backbone.tensor(p + "norm1.weight"))
     block.ln_1.bias.copy_(backbone.tensor(p + "norm1.bias"))
     qkv = ("query", "key", "value")
-    block.attn.in_proj_weight.copy_(torch.cat(
-        [backbone.linear(f"{n}attention/attention/{x}/MatMul") for x in qkv]))
-    block.attn.in_proj_bias.copy_(torch.cat(
-        [backbone.tensor(f"{p}attention.attention.{x}.bias") for x in qkv]))
+    block.attn.in_proj_weight.copy_(
+        torch.cat([backbone.linear(f"{n}attention/attention/{x}/MatMul") for x in qkv])
+    )
+    block.attn.in_proj_bias.copy_(
+        torch.cat([backbone.tensor(f"{p}attention.attention.{x}.bias") for x in qkv])
+    )
     block.attn.out_proj.weight.copy_(backbone.linear(f"{n}attention/output/dense/MatMul"))
     block.attn.out_proj.bias.copy_(backbone.tensor(p + "attention.output.dense.bias"))
     block.ls_1.gamma.copy_(backbone.tensor(p + "layer_scale1.lambda1"))

@@ -15,9 +15,25 @@ from PIL import Image
 
 #: scikit-image's real photographs (drawings, masks and synthetic images left out).
 PHOTO_NAMES = (
-    "astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins",
-    "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon",
-    "page", "retina", "rocket", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
 )
 CROPS_PER_PHOTO = 5
 #: Calibration crops come from another random stream than the evaluation crops.
@@ -32,11 +48,12 @@ def sample_photos() -> list[tuple[str, Image.Image]]:
     """The photographs as RGB PIL images, with their names."""
     from skimage import data
 
-    photos = [(name, Image.fromarray(getattr(data, name)()).convert("RGB"))
-              for name in PHOTO_NAMES]
+    photos = [(name, Image.fromarray(getattr(data, name)()).convert("RGB")) for name in PHOTO_NAMES]
     left, right, _ = data.stereo_motorcycle()
-    photos += [("motorcycle_left", Image.fromarray(left)),
-               ("motorcycle_right", Image.fromarray(right))]
+    photos += [
+        ("motorcycle_left", Image.fromarray(left)),
+        ("motorcycle_right", Image.fromarray(right)),
+    ]
     return photos
 
 
@@ -64,16 +81,18 @@ def evaluation_images(seed: int = 0, crops_per_photo: int = CROPS_PER_PHOTO) -> 
     return images
 
 
-def calibration_images(crops_per_photo: int = CALIBRATION_CROPS_PER_PHOTO,
-                       seed: int = CALIBRATION_SEED) -> list[Image.Image]:
+def calibration_images(
+    crops_per_photo: int = CALIBRATION_CROPS_PER_PHOTO, seed: int = CALIBRATION_SEED
+) -> list[Image.Image]:
     """Crops only (other windows than the evaluation set's), for quantization calibration."""
     rng = np.random.default_rng(seed)
     return [crop for _, photo in sample_photos() for crop in _crops(photo, rng, crops_per_photo)]
 
 
 def embed_batched(embed: EmbedFn, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([embed(pixels[i:i + batch_size])
-                           for i in range(0, len(pixels), batch_size)])
+    return np.concatenate(
+        [embed(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    )
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,6 +104,7 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 5) -> float:
     """Mean overlap of each image's k nearest neighbours (itself excluded) in both spaces."""
+
     def neighbours(e: np.ndarray) -> np.ndarray:
         sim = e @ e.T
         np.fill_diagonal(sim, -np.inf)
@@ -109,8 +129,12 @@ class Agreement:
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> Agreement:
     cos = row_cosines(reference, candidate)
-    return Agreement(images=len(cos), mean_cosine=float(cos.mean()), min_cosine=float(cos.min()),
-                     top5_agreement=topk_agreement(reference, candidate))
+    return Agreement(
+        images=len(cos),
+        mean_cosine=float(cos.mean()),
+        min_cosine=float(cos.min()),
+        top5_agreement=topk_agreement(reference, candidate),
+    )
 
 
 def batch_invariance(embed: EmbedFn, pixels: np.ndarray, batch_size: int = 32) -> float:
@@ -121,7 +145,7 @@ def batch_invariance(embed: EmbedFn, pixels: np.ndarray, batch_size: int = 32) -
     """
     batch = pixels[:batch_size]
     together = embed(batch)
-    alone = np.concatenate([embed(batch[i:i + 1]) for i in range(len(batch))])
+    alone = np.concatenate([embed(batch[i : i + 1]) for i in range(len(batch))])
     return float(row_cosines(alone, together).min())
 
 

@@ -63,8 +63,14 @@ def cancel_transpose_pairs(model: onnx.ModelProto) -> int:
         else:
             reshape = None
         p, q = _perm(first), [] if second is None else _perm(second)
-        if second is None or second.op_type != "Transpose" or not p or len(p) != len(q) \
-                or [p[i] for i in q] != list(range(len(p))) or second.output[0] in g.outputs:
+        if (
+            second is None
+            or second.op_type != "Transpose"
+            or not p
+            or len(p) != len(q)
+            or [p[i] for i in q] != list(range(len(p)))
+            or second.output[0] in g.outputs
+        ):
             continue
         pairs.append((first, reshape, second))
     names = [n for f, r, _ in pairs if r is not None for n in (f.output[0], r.output[0])]
@@ -73,8 +79,7 @@ def cancel_transpose_pairs(model: onnx.ModelProto) -> int:
         return 0
     cancelled = 0
     for first, reshape, second in pairs:
-        if reshape is not None and any(s[first.output[0]] != s[reshape.output[0]]
-                                       for s in shapes):
+        if reshape is not None and any(s[first.output[0]] != s[reshape.output[0]] for s in shapes):
             continue
         for node in g.consumers.get(second.output[0], []):
             for slot, name in enumerate(node.input):
@@ -88,10 +93,15 @@ def cancel_transpose_pairs(model: onnx.ModelProto) -> int:
 def fuse(model: onnx.ModelProto) -> FusionReport:
     """Apply every pass in place; logs what matched and what did not."""
     attention, folded = fuse_attention(model)
-    report = FusionReport(attention=attention, attention_output_smoothing_folded=folded,
-                          transpose_pairs_cancelled=cancel_transpose_pairs(model))
+    report = FusionReport(
+        attention=attention,
+        attention_output_smoothing_folded=folded,
+        transpose_pairs_cancelled=cancel_transpose_pairs(model),
+    )
     if not report.attention:
-        log.warning("ONNX Runtime fusions: no attention core matched MultiHeadAttention's "
-                    "pattern; attention left as is")
+        log.warning(
+            "ONNX Runtime fusions: no attention core matched MultiHeadAttention's "
+            "pattern; attention left as is"
+        )
     log.info("ONNX Runtime fusions: %s", report)
     return report

@@ -28,17 +28,20 @@ class Gates:
 
 #: A seeded random init has no activation outliers; it keeps the looser INT8 figures it
 #: was first gated on (the batch-invariance gate is the same).
-RANDOM_INIT_GATES = replace(Gates(), int8_mean_cosine=0.995, int8_min_cosine=0.98,
-                            int8_top5_agreement=0.9)
+RANDOM_INIT_GATES = replace(
+    Gates(), int8_mean_cosine=0.995, int8_min_cosine=0.98, int8_top5_agreement=0.9
+)
 
 
 def text_gates(gates: Gates) -> dict[str, float]:
     """The image tower's thresholds, applied to the text tower (recorded in the manifest):
     its top-5 agreement becomes the text -> image retrieval overlap."""
-    return {"fp32_min_cosine": gates.fp32_min_cosine,
-            "int8_mean_cosine": gates.int8_mean_cosine,
-            "int8_min_cosine": gates.int8_min_cosine,
-            "int8_retrieval_top5_overlap": gates.int8_top5_agreement}
+    return {
+        "fp32_min_cosine": gates.fp32_min_cosine,
+        "int8_mean_cosine": gates.int8_mean_cosine,
+        "int8_min_cosine": gates.int8_min_cosine,
+        "int8_retrieval_top5_overlap": gates.int8_top5_agreement,
+    }
 
 
 def raise_if(failures: list[str], stage: str) -> None:

@@ -68,8 +68,9 @@ class Graph:
         self.refresh()
 
 
-def probe_shapes(model: onnx.ModelProto, names: list[str],
-                 batch: int = 2) -> dict[str, tuple[int, ...]] | None:
+def probe_shapes(
+    model: onnx.ModelProto, names: list[str], batch: int = 2
+) -> dict[str, tuple[int, ...]] | None:
     """Concrete shapes of tensors ``names`` when ``model`` runs on ``batch`` zero images.
 
     None if the graph input has a dynamic dimension other than the first (its shapes then
@@ -82,13 +83,17 @@ def probe_shapes(model: onnx.ModelProto, names: list[str],
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                              for n in dict.fromkeys(names) if n not in known)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+        for n in dict.fromkeys(names)
+        if n not in known
+    )
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     dtype = helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
     feed = np.zeros((batch, *[d.dim_value for d in dims[1:]]), dtype)
     values = session.run(list(dict.fromkeys(names)), {graph_input.name: feed})

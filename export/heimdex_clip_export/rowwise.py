@@ -41,14 +41,23 @@ def weight_matmuls(model: onnx.ModelProto, excluded: Iterable[str] = ()) -> list
     ``excluded`` node names."""
     inits = {i.name: i for i in model.graph.initializer}
     skip = set(excluded)
-    return [i for i, n in enumerate(model.graph.node)
-            if n.op_type == "MatMul" and n.name not in skip and n.input[1] in inits
-            and len(inits[n.input[1]].dims) == 2
-            and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    return [
+        i
+        for i, n in enumerate(model.graph.node)
+        if n.op_type == "MatMul"
+        and n.name not in skip
+        and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 2
+        and inits[n.input[1]].data_type == TensorProto.FLOAT
+    ]
 
 
-def smoothing_factors(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
-                      act_absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
+def smoothing_factors(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    act_absmax: dict[str, np.ndarray],
+    alpha: float,
+) -> dict[str, np.ndarray]:
     """SmoothQuant factors ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` per activation.
 
     MatMuls sharing an activation (Q, K and V projections) share one ``s`` (their weights'
@@ -67,8 +76,9 @@ def smoothing_factors(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     return factors
 
 
-def fold_smoothing(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
-                   consumers_ok: set[int]) -> bool:
+def fold_smoothing(
+    model: onnx.ModelProto, x: str, inv_s: np.ndarray, consumers_ok: set[int]
+) -> bool:
     """Divide activation ``x`` by ``s`` inside the affine op that produces it, if it can.
 
     ``x`` must be read only by the nodes in ``consumers_ok``, and be produced by a
@@ -86,12 +96,16 @@ def fold_smoothing(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
 
     def rescale(node: onnx.NodeProto, slot: int) -> bool:
         name = node.input[slot]
-        if name not in inits or list(inits[name].dims) not in ([inv_s.size], [1, inv_s.size],
-                                                               [1, 1, inv_s.size]):
+        if name not in inits or list(inits[name].dims) not in (
+            [inv_s.size],
+            [1, inv_s.size],
+            [1, 1, inv_s.size],
+        ):
             return False
         scaled = numpy_helper.to_array(inits[name]) * inv_s
-        graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32),
-                                                         f"{name}/smoothed/{x}"))
+        graph.initializer.append(
+            numpy_helper.from_array(scaled.astype(np.float32), f"{name}/smoothed/{x}")
+        )
         node.input[slot] = f"{name}/smoothed/{x}"
         return True
 
@@ -106,8 +120,11 @@ def fold_smoothing(model: onnx.ModelProto, x: str, inv_s: np.ndarray,
     if node.op_type == "Add":
         const = next((s for s in (0, 1) if node.input[s] in inits), None)
         mul = producer.get(node.input[1 - const]) if const is not None else None
-        if (mul is None or mul.op_type != "Mul"
-                or sum(node.input[1 - const] in n.input for n in nodes) != 1):
+        if (
+            mul is None
+            or mul.op_type != "Mul"
+            or sum(node.input[1 - const] in n.input for n in nodes) != 1
+        ):
             return False
         gamma = next((s for s in (0, 1) if mul.input[s] in inits), None)
         if gamma is None or list(inits[mul.input[gamma]].dims) != [inv_s.size]:
@@ -150,8 +167,9 @@ class _Builder:
 
     def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
         domain = MS_DOMAIN if op == "MatMulIntegerToFloat" else ""
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, domain=domain,
-                                           **attrs))
+        self.nodes.append(
+            helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs)
+        )
         return output
 
     def reduce_last(self, op: str, x: str, output: str) -> str:
@@ -171,37 +189,61 @@ def _static_lead(model: onnx.ModelProto, x: str) -> list[int] | None:
     return middle if len(dims) >= 2 and None not in middle else None
 
 
-def _quantize_rows(b: _Builder, x: str, k: int, inv_smooth: np.ndarray | None, p: str,
-                   static_lead: list[int] | None):
+def _quantize_rows(
+    b: _Builder,
+    x: str,
+    k: int,
+    inv_smooth: np.ndarray | None,
+    p: str,
+    static_lead: list[int] | None,
+):
     """Nodes quantizing activation ``x`` per row; returns (q [M,K] u8, scale [M,1], lead):
     ``lead`` is ``x``'s leading dims, a constant list when known, else a tensor name."""
     if inv_smooth is not None:
         x = b.node("Mul", [x, b.const(p + "/inv_smooth", inv_smooth)], p + "/smoothed")
-    flat = b.node("Reshape", [x, b.const(p + "/shape2d", np.array([-1, k], np.int64))],
-                  p + "/flat")
+    flat = b.node("Reshape", [x, b.const(p + "/shape2d", np.array([-1, k], np.int64))], p + "/flat")
     # Fewer nodes when the token count is static: each costs dispatch time at batch 1.
-    lead = ([-1, *static_lead] if static_lead is not None else
-            b.node("Slice", [b.node("Shape", [x], p + "/shape"), "rowq/zero", "rowq/last_axis"],
-                   p + "/lead_dims"))
+    lead = (
+        [-1, *static_lead]
+        if static_lead is not None
+        else b.node(
+            "Slice",
+            [b.node("Shape", [x], p + "/shape"), "rowq/zero", "rowq/last_axis"],
+            p + "/lead_dims",
+        )
+    )
     # max |x| without writing |x|: max(max x, -min x)
-    amax = b.node("Max", [b.reduce_last("ReduceMax", flat, p + "/max"),
-                          b.node("Neg", [b.reduce_last("ReduceMin", flat, p + "/min")],
-                                 p + "/neg_min")], p + "/amax")
-    scale = b.node("Max", [b.node("Mul", [amax, "rowq/inv_qmax"], p + "/scale0"), "rowq/tiny"],
-                   p + "/scale")
+    amax = b.node(
+        "Max",
+        [
+            b.reduce_last("ReduceMax", flat, p + "/max"),
+            b.node("Neg", [b.reduce_last("ReduceMin", flat, p + "/min")], p + "/neg_min"),
+        ],
+        p + "/amax",
+    )
+    scale = b.node(
+        "Max", [b.node("Mul", [amax, "rowq/inv_qmax"], p + "/scale0"), "rowq/tiny"], p + "/scale"
+    )
     # Per-axis QuantizeLinear wants a zero point per row: 128 everywhere.
-    zero_points = b.node("ConstantOfShape", [b.node("Shape", [scale], p + "/rows")],
-                         p + "/zero_points",
-                         value=numpy_helper.from_array(np.array([ACTIVATION_ZERO_POINT],
-                                                                np.uint8)))
+    zero_points = b.node(
+        "ConstantOfShape",
+        [b.node("Shape", [scale], p + "/rows")],
+        p + "/zero_points",
+        value=numpy_helper.from_array(np.array([ACTIVATION_ZERO_POINT], np.uint8)),
+    )
     q = b.node("QuantizeLinear", [flat, scale, zero_points], p + "/q", axis=0)
     scale_col = b.node("Unsqueeze", [scale, "rowq/last_axis"], p + "/scale_col")
     return q, scale_col, lead
 
 
-def rewrite(model: onnx.ModelProto, *, act_absmax: dict[str, np.ndarray] | None = None,
-            alpha: float | None = None, pair_safe: bool = True,
-            excluded: Iterable[str] = ()) -> list[str]:
+def rewrite(
+    model: onnx.ModelProto,
+    *,
+    act_absmax: dict[str, np.ndarray] | None = None,
+    alpha: float | None = None,
+    pair_safe: bool = True,
+    excluded: Iterable[str] = (),
+) -> list[str]:
     """Rewrite ``model`` in place; returns the names of the MatMuls now in INT8.
 
     ``act_absmax`` (per-channel max |x| of each MatMul input, from calibration) and
@@ -211,10 +253,16 @@ def rewrite(model: onnx.ModelProto, *, act_absmax: dict[str, np.ndarray] | None 
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     targets = set(weight_matmuls(model, excluded))
     target_nodes = [n for i, n in enumerate(graph.node) if i in targets]
-    smooth = (smoothing_factors(model, target_nodes, act_absmax, alpha)
-              if act_absmax is not None and alpha is not None else {})
-    explicit = {x: (1.0 / s).astype(np.float32) for x, s in smooth.items()
-                if not fold_smoothing(model, x, (1.0 / s).astype(np.float32), targets)}
+    smooth = (
+        smoothing_factors(model, target_nodes, act_absmax, alpha)
+        if act_absmax is not None and alpha is not None
+        else {}
+    )
+    explicit = {
+        x: (1.0 / s).astype(np.float32)
+        for x, s in smooth.items()
+        if not fold_smoothing(model, x, (1.0 / s).astype(np.float32), targets)
+    }
     inits = {i.name: i for i in graph.initializer}
     b = _Builder(opset)
     b.const("rowq/last_axis", np.array([-1], np.int64))
@@ -233,21 +281,30 @@ def rewrite(model: onnx.ModelProto, *, act_absmax: dict[str, np.ndarray] | None 
         if x in smooth:
             w = w * smooth[x][:, None]
         if x not in quantized:  # Q, K and V share one quantized input
-            quantized[x] = _quantize_rows(b, x, w.shape[0], explicit.get(x), p,
-                                          _static_lead(model, x))
+            quantized[x] = _quantize_rows(
+                b, x, w.shape[0], explicit.get(x), p, _static_lead(model, x)
+            )
         q, scale_col, lead = quantized[x]
         wq, wscale = quantize_weight(w, pair_safe)
-        y2d = b.node("MatMulIntegerToFloat",
-                     [q, b.const(p + "/w", wq), scale_col, b.const(p + "/w_scale", wscale),
-                      "rowq/zp"], p + "/y2d")
+        y2d = b.node(
+            "MatMulIntegerToFloat",
+            [q, b.const(p + "/w", wq), scale_col, b.const(p + "/w_scale", wscale), "rowq/zp"],
+            p + "/y2d",
+        )
         if isinstance(lead, list):
             out_shape = b.const(p + "/out_shape", np.array([*lead, w.shape[1]], np.int64))
         else:
-            out_shape = b.node("Concat", [lead, b.const(p + "/n", np.array([w.shape[1]],
-                                                                          np.int64))],
-                               p + "/out_shape", axis=0)
-        b.nodes.append(helper.make_node("Reshape", [y2d, out_shape], [node.output[0]],
-                                        name=node.name + "/rowq"))
+            out_shape = b.node(
+                "Concat",
+                [lead, b.const(p + "/n", np.array([w.shape[1]], np.int64))],
+                p + "/out_shape",
+                axis=0,
+            )
+        b.nodes.append(
+            helper.make_node(
+                "Reshape", [y2d, out_shape], [node.output[0]], name=node.name + "/rowq"
+            )
+        )
         done.append(node.name)
     del graph.node[:]
     graph.node.extend(b.nodes)

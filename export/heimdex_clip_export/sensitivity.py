@@ -48,13 +48,17 @@ class LayerDrop:
 def weight_matmul_names(prepared: Path, recipe: QuantRecipe) -> list[str]:
     """The weight MatMuls ``recipe`` would quantize in a ``quantize.prepare``-d graph."""
     model = onnx.load(str(prepared), load_external_data=False)
-    return [model.graph.node[i].name
-            for i in rowwise.weight_matmuls(model, recipe.excluded_nodes)]
+    return [model.graph.node[i].name for i in rowwise.weight_matmuls(model, recipe.excluded_nodes)]
 
 
-def layer_sensitivity(fp32_path: Path, recipe: QuantRecipe, embed: EmbedFactory,
-                      inputs: np.ndarray, *, calibration: np.ndarray | None = None
-                      ) -> list[LayerDrop]:
+def layer_sensitivity(
+    fp32_path: Path,
+    recipe: QuantRecipe,
+    embed: EmbedFactory,
+    inputs: np.ndarray,
+    *,
+    calibration: np.ndarray | None = None,
+) -> list[LayerDrop]:
     """Every weight MatMul's drop under ``recipe`` alone, most sensitive first.
 
     ``inputs`` are what the drop is measured on (calibration inputs, never the evaluation
@@ -70,8 +74,7 @@ def layer_sensitivity(fp32_path: Path, recipe: QuantRecipe, embed: EmbedFactory,
         prepared = quantize.prepare(fp32_path, Path(tmp) / "prepared.onnx", recipe)
         names = weight_matmul_names(prepared, recipe)
         absmax = None
-        if recipe.activation_granularity is Granularity.PER_ROW and \
-                recipe.smooth_alpha is not None:
+        if recipe.activation_granularity is Granularity.PER_ROW and recipe.smooth_alpha is not None:
             # Measured once: the fp32 activations do not depend on which layer is quantized.
             absmax = quantize.activation_absmax(onnx.load(str(prepared)), calibration)
         trial = Path(tmp) / "one_layer.onnx"
@@ -81,6 +84,10 @@ def layer_sensitivity(fp32_path: Path, recipe: QuantRecipe, embed: EmbedFactory,
             cos = ev.row_cosines(reference, embed(trial)(inputs))
             drops.append(LayerDrop(node=name, drop=float(np.mean(1.0 - cos))))
     drops.sort(key=lambda d: -d.drop)
-    log.info("sensitivity of %d MatMuls on %d inputs; largest drops: %s", len(drops),
-             len(inputs), ", ".join(f"{d.node} {d.drop:.1e}" for d in drops[:5]))
+    log.info(
+        "sensitivity of %d MatMuls on %d inputs; largest drops: %s",
+        len(drops),
+        len(inputs),
+        ", ".join(f"{d.node} {d.drop:.1e}" for d in drops[:5]),
+    )
     return drops

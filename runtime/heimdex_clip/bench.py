@@ -36,12 +36,15 @@ from .session import open_graph
 
 #: Graphs worth measuring on each provider (OpenVINO on the dynamic INT8 graph is left out:
 #: it cannot fuse run-time activation quantization and runs it slower than fp32).
-GRAPHS = {"cpu": ("visual.int8", "visual.qdq", "visual.fp32"),
-          "openvino": ("visual.qdq", "visual.fp32")}
+GRAPHS = {
+    "cpu": ("visual.int8", "visual.qdq", "visual.fp32"),
+    "openvino": ("visual.qdq", "visual.fp32"),
+}
 
 
-def ms_per_image(session: ort.InferenceSession, batch: int, *, repeats: int = 3,
-                 image_size: int | None = None) -> float:
+def ms_per_image(
+    session: ort.InferenceSession, batch: int, *, repeats: int = 3, image_size: int | None = None
+) -> float:
     """Median wall time per image of ``repeats`` runs at ``batch`` (after one warm-up run).
 
     The input is seeded noise: speed does not depend on pixel values (accuracy is gated
@@ -81,12 +84,21 @@ def _hints(provider: str, graph_precision: str) -> list[str | None]:
     return list(sorted({"f32", best}))  # bf16 where the CPU has it, and f32 beside it
 
 
-def measure_row(row: BenchRow, config: ClipConfig, artifact_dir: Path, manifest: Manifest,
-                batches: tuple[int, ...], repeats: int) -> BenchRow:
+def measure_row(
+    row: BenchRow,
+    config: ClipConfig,
+    artifact_dir: Path,
+    manifest: Manifest,
+    batches: tuple[int, ...],
+    repeats: int,
+) -> BenchRow:
     """Load the row's graph on its provider and time it at each batch size."""
-    setup = ProviderSetup(provider=row.provider, threads=config.cpu_threads,
-                          memory_arena=config.memory_arena,
-                          precision_hint=row.precision_hint or "f32")
+    setup = ProviderSetup(
+        provider=row.provider,
+        threads=config.cpu_threads,
+        memory_arena=config.memory_arena,
+        precision_hint=row.precision_hint or "f32",
+    )
     try:
         started = time.perf_counter()
         session, info = open_graph(artifact_dir, manifest.file(row.graph), setup)
@@ -102,12 +114,21 @@ def measure_row(row: BenchRow, config: ClipConfig, artifact_dir: Path, manifest:
     return row
 
 
-def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
-              batches: tuple[int, ...] | None = None, repeats: int = 3,
-              update_cache: bool = True) -> dict[str, Any]:
+def run_bench(
+    config: ClipConfig,
+    model_dir: Path | None = None,
+    *,
+    batches: tuple[int, ...] | None = None,
+    repeats: int = 3,
+    update_cache: bool = True,
+) -> dict[str, Any]:
     """Measure every runnable provider x graph; the report :func:`format_report` prints."""
-    artifact_dir = resolve_artifact_dir(model_dir or config.model_dir, config.model_name,
-                                        config.pretrained, search=DEFAULT_MODEL_DIRS)
+    artifact_dir = resolve_artifact_dir(
+        model_dir or config.model_dir,
+        config.model_name,
+        config.pretrained,
+        search=DEFAULT_MODEL_DIRS,
+    )
     manifest = load_manifest(artifact_dir)
     batches = batches or tuple(sorted({1, config.batch_size}))
     why_not = available_providers()
@@ -122,28 +143,41 @@ def run_bench(config: ClipConfig, model_dir: Path | None = None, *,
             precision = manifest.files[key].precision or "int8"
             runs_by_default = (None, openvino_precision_hint(precision, exact=False))
             for hint in _hints(provider, precision):
-                row = BenchRow(provider, key, hint,
-                               default=key == default and hint in runs_by_default)
-                rows.append(measure_row(row, config, artifact_dir, manifest, batches,
-                                        repeats))
+                row = BenchRow(
+                    provider, key, hint, default=key == default and hint in runs_by_default
+                )
+                rows.append(measure_row(row, config, artifact_dir, manifest, batches, repeats))
     # auto compares each provider's own graph at the worker's batch size.
     auto_batch = max(batches)
-    figures = {r.provider: r.ms_per_image[auto_batch] for r in rows
-               if r.default and not r.error and auto_batch in r.ms_per_image}
+    figures = {
+        r.provider: r.ms_per_image[auto_batch]
+        for r in rows
+        if r.default and not r.error and auto_batch in r.ms_per_image
+    }
     # The measurement replaces auto's remembered decision (unless asked not to).
-    choice, cache_path, cache_key, cached = remember_measured(config.replace(batch_size=auto_batch),
-                                                        manifest, figures, write=update_cache)
+    choice, cache_path, cache_key, cached = remember_measured(
+        config.replace(batch_size=auto_batch), manifest, figures, write=update_cache
+    )
     # The INT8 GEMMs of the artifact's own shapes, alone: every figure is also read against it.
     floor = artifact_floor(artifact_dir, manifest, list(batches), cache_key["threads"], repeats)
     return {
         "gemm_floor": floor,
-        "artifact": str(artifact_dir), "artifact_id": manifest.artifact_id,
-        "onnxruntime": ort.__version__, "openvino_plugin": openvino_status().plugin_version,
-        "cpu": cpu_features(), "threads": cache_key["threads"], "batches": list(batches),
+        "artifact": str(artifact_dir),
+        "artifact_id": manifest.artifact_id,
+        "onnxruntime": ort.__version__,
+        "openvino_plugin": openvino_status().plugin_version,
+        "cpu": cpu_features(),
+        "threads": cache_key["threads"],
+        "batches": list(batches),
         "unavailable": {k: v for k, v in why_not.items() if v},
         "rows": [asdict(r) for r in rows],
-        "auto": {"choice": choice, "batch": auto_batch, "ms_per_image": figures,
-                 "cache": str(cache_path), "cache_updated": bool(cached)},
+        "auto": {
+            "choice": choice,
+            "batch": auto_batch,
+            "ms_per_image": figures,
+            "cache": str(cache_path),
+            "cache_updated": bool(cached),
+        },
     }
 
 
@@ -152,19 +186,22 @@ def format_report(report: dict[str, Any]) -> str:
     cpu = report["cpu"]
     flags = ", ".join(f for f, on in cpu["flags"].items() if on) or "none"
     batches = report["batches"]
-    lines = [f"CPU: {cpu['cpu_model']} ({cpu['physical_cores']} physical cores); flags: "
-             f"{flags}",
-             f"onnxruntime {report['onnxruntime']}, OpenVINO EP plugin "
-             f"{report['openvino_plugin'] or 'not installed'}; {report['threads']} threads; "
-             f"artifact {report['artifact_id']}",
-             "",
-             f"{'provider':<9} {'graph':<12} {'hint':<5} {'load ms':>8} "
-             + " ".join(f"{f'b{b} ms/img (x floor)':>20}" for b in batches)]
+    lines = [
+        f"CPU: {cpu['cpu_model']} ({cpu['physical_cores']} physical cores); flags: {flags}",
+        f"onnxruntime {report['onnxruntime']}, OpenVINO EP plugin "
+        f"{report['openvino_plugin'] or 'not installed'}; {report['threads']} threads; "
+        f"artifact {report['artifact_id']}",
+        "",
+        f"{'provider':<9} {'graph':<12} {'hint':<5} {'load ms':>8} "
+        + " ".join(f"{f'b{b} ms/img (x floor)':>20}" for b in batches),
+    ]
     floor = report.get("gemm_floor", {}).get("ms_per_image", {})
     for r in report["rows"]:
-        cells = " ".join(f"{r['ms_per_image'].get(b, float('nan')):>11.2f} "
-                         f"{'(' + multiple(r['ms_per_image'].get(b), floor.get(b)) + ')':>8}"
-                         for b in batches)
+        cells = " ".join(
+            f"{r['ms_per_image'].get(b, float('nan')):>11.2f} "
+            f"{'(' + multiple(r['ms_per_image'].get(b), floor.get(b)) + ')':>8}"
+            for b in batches
+        )
         mark = "  <- auto's row" if r["default"] else ""
         load = f"{r['load_ms']:>8.0f}" if r["load_ms"] is not None else f"{'-':>8}"
         line = f"{r['provider']:<9} {r['graph']:<12} {r['precision_hint'] or '-':<5} {load} "
@@ -173,7 +210,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:<9} not available: {why}")
     auto = report["auto"]
     lines += ["", floor_line(report.get("gemm_floor", {}))]
-    lines += ["", f"CLIP_PROVIDER=auto runs: {auto['choice']} "
-              f"(ms/image at batch {auto['batch']}: {auto['ms_per_image'] or 'only one'})"
-              + (f"; decision cached in {auto['cache']}" if auto["cache_updated"] else "")]
+    lines += [
+        "",
+        f"CLIP_PROVIDER=auto runs: {auto['choice']} "
+        f"(ms/image at batch {auto['batch']}: {auto['ms_per_image'] or 'only one'})"
+        + (f"; decision cached in {auto['cache']}" if auto["cache_updated"] else ""),
+    ]
     return "\n".join(lines)

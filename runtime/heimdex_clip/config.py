@@ -70,6 +70,7 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
             quoted = " or ".join(f"'{a}'" for a in allowed)
             raise ConfigError(f"{name}={raw!r} must be {quoted}")
         return value
+
     return parse
 
 
@@ -158,12 +159,19 @@ class ClipConfig:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {
             field_name: parse(name, env[name])
-            for name, (field_name, parse) in SETTINGS.items() if name in env
+            for name, (field_name, parse) in SETTINGS.items()
+            if name in env
         }
-        values["unknown_keys"] = tuple(sorted(
-            k for k in env if k.startswith("CLIP_") and k not in SETTINGS
-            # The search service's own settings (heimdex_clip.serve.settings).
-            and not k.startswith("CLIP_SERVE_")))
+        values["unknown_keys"] = tuple(
+            sorted(
+                k
+                for k in env
+                if k.startswith("CLIP_")
+                and k not in SETTINGS
+                # The search service's own settings (heimdex_clip.serve.settings).
+                and not k.startswith("CLIP_SERVE_")
+            )
+        )
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
@@ -174,9 +182,11 @@ class ClipConfig:
         if isinstance(self.model_dir, (str, os.PathLike)):
             object.__setattr__(self, "model_dir", Path(self.model_dir))
         if isinstance(self.image_formats, (set, frozenset, list, tuple)) and all(
-                isinstance(f, str) for f in self.image_formats):
-            object.__setattr__(self, "image_formats",
-                               frozenset(f.strip().upper() for f in self.image_formats))
+            isinstance(f, str) for f in self.image_formats
+        ):
+            object.__setattr__(
+                self, "image_formats", frozenset(f.strip().upper() for f in self.image_formats)
+            )
         check_config(self, ENV_NAMES, DEFAULT_IMAGE_FORMATS)
 
     def replace(self, **changes: object) -> ClipConfig:

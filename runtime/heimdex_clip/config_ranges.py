@@ -102,10 +102,14 @@ def _check_number(field: str, value: Any, spec: Range, label: str) -> None:
         raise ConfigError(f"{label} must be {kind}, got {type(value).__name__} {value!r}")
     high = cpu_limit() if field == "cpu_threads" else spec.high
     if not (math.isfinite(value) and spec.low <= value <= high):
-        why = (f" (the CPUs this process may use, at most {MAX_THREADS})"
-               if field == "cpu_threads" and high < spec.high else "")
-        raise ConfigError(f"{label} is {value!r}, outside its valid range "
-                          f"{spec.bounds(high)} {spec.unit}{why}")
+        why = (
+            f" (the CPUs this process may use, at most {MAX_THREADS})"
+            if field == "cpu_threads" and high < spec.high
+            else ""
+        )
+        raise ConfigError(
+            f"{label} is {value!r}, outside its valid range {spec.bounds(high)} {spec.unit}{why}"
+        )
 
 
 def _check_name(value: Any, label: str) -> None:
@@ -116,10 +120,14 @@ def _check_name(value: Any, label: str) -> None:
 
 
 def _check_formats(value: Any, label: str, known: frozenset[str]) -> None:
-    if not isinstance(value, frozenset) or not value or \
-            not all(isinstance(f, str) and f == f.upper() and f for f in value):
-        raise ConfigError(f"{label} must name at least one image format (e.g. JPEG,PNG), "
-                          f"got {value!r}")
+    if (
+        not isinstance(value, frozenset)
+        or not value
+        or not all(isinstance(f, str) and f == f.upper() and f for f in value)
+    ):
+        raise ConfigError(
+            f"{label} must name at least one image format (e.g. JPEG,PNG), got {value!r}"
+        )
     if value <= known:
         return
     from PIL import Image
@@ -130,8 +138,7 @@ def _check_formats(value: Any, label: str, known: frozenset[str]) -> None:
         raise ConfigError(f"{label}: Pillow reads no format named {', '.join(unknown)}")
 
 
-def check_config(config: Any, env_names: dict[str, str], known_formats: frozenset[str]
-                 ) -> None:
+def check_config(config: Any, env_names: dict[str, str], known_formats: frozenset[str]) -> None:
     """Raise ConfigError naming the first field of ``config`` outside its valid range.
 
     ``env_names``: field -> environment variable, so that the message names what to fix;
@@ -142,13 +149,15 @@ def check_config(config: Any, env_names: dict[str, str], known_formats: frozense
     for field, allowed in CHOICES.items():
         value = getattr(config, field)
         if value not in allowed:
-            raise ConfigError(f"{_label(field, env_names)} is {value!r}, it must be one of "
-                              f"{', '.join(allowed)}")
+            raise ConfigError(
+                f"{_label(field, env_names)} is {value!r}, it must be one of {', '.join(allowed)}"
+            )
     for field in BOOLEANS:
         value = getattr(config, field)
         if not isinstance(value, bool):
-            raise ConfigError(f"{_label(field, env_names)} must be a bool, got "
-                              f"{type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{_label(field, env_names)} must be a bool, got {type(value).__name__} {value!r}"
+            )
     for field in NAMES:
         _check_name(getattr(config, field), _label(field, env_names))
     _check_formats(config.image_formats, _label("image_formats", env_names), known_formats)

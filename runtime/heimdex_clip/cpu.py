@@ -15,8 +15,18 @@ from typing import Any
 __all__ = ["INTERESTING_FLAGS", "cpu_features", "has_native_bf16", "physical_cores"]
 
 #: CPU flags that change which INT8 kernels ONNX Runtime can use.
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-                     "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+INTERESTING_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 
 
 @lru_cache(maxsize=1)

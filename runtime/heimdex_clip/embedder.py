@@ -59,8 +59,9 @@ class ClipEmbedder:
         config: settings; default ``ClipConfig.from_env()``.
     """
 
-    def __init__(self, model_dir: str | Path | None = None,
-                 config: ClipConfig | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path | None = None, config: ClipConfig | None = None
+    ) -> None:
         self.config = config if config is not None else ClipConfig.from_env()
         if self.config.unknown_keys:
             log.warning("unknown CLIP_* settings ignored: %s", ", ".join(self.config.unknown_keys))
@@ -68,8 +69,9 @@ class ClipEmbedder:
         self._cache = EmbeddingCache(self.config.embed_cache_size)
         self._runner = DeadlineRunner()
         self._pipeline = FramePipeline(self.config, self._runner, self._cache)
-        self._slot = ModelSlot(self.config, Path(chosen) if chosen is not None else None,
-                               self._cache)
+        self._slot = ModelSlot(
+            self.config, Path(chosen) if chosen is not None else None, self._cache
+        )
         #: The never-raising worker API over the same model (see :mod:`heimdex_clip.worker_api`).
         self.worker = WorkerEmbedder(self._slot, self._pipeline, self._runner, self.config)
 
@@ -101,10 +103,13 @@ class ClipEmbedder:
         """The loaded model, for a property; loading it before load() is deprecated."""
         model = self._slot.model
         if model is None:
-            warnings.warn(f"ClipEmbedder.{name} was read before load(), so it loads the model "
-                          "now; call load() first (reading model properties before load() is "
-                          "deprecated and will raise in a future version)",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                f"ClipEmbedder.{name} was read before load(), so it loads the model "
+                "now; call load() first (reading model properties before load() is "
+                "deprecated and will raise in a future version)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             model = self._slot.load()
         return model
 
@@ -150,8 +155,11 @@ class ClipEmbedder:
 
     @property
     def cache_stats(self) -> dict[str, int]:
-        return {"hits": self._cache.hits, "misses": self._cache.misses,
-                "capacity": self._cache.capacity}
+        return {
+            "hits": self._cache.hits,
+            "misses": self._cache.misses,
+            "capacity": self._cache.capacity,
+        }
 
     # ------------------------------------------------------------------ strict calls (raise)
 
@@ -159,16 +167,17 @@ class ClipEmbedder:
         """Exactly what the model sees: float32 [N, 3, S, S] (raises ImageError)."""
         return self._pipeline.pixels(self._slot.load(), as_sequence(images, "preprocess"))
 
-    def embed_images(self, images: Sequence[ImageSource],
-                     batch_size: int | None = None) -> np.ndarray:
+    def embed_images(
+        self, images: Sequence[ImageSource], batch_size: int | None = None
+    ) -> np.ndarray:
         """Embed every image; float32 [N, D]. Raises ClipError for bad input or a bad model."""
         images = as_sequence(images, "embed_images")
         batch = _batch_size(self.config.batch_size if batch_size is None else batch_size)
         model = self._slot.load()
         out = np.empty((len(images), model.embed_dim), dtype=np.float32)
         for start in range(0, len(images), batch):
-            chunk = images[start:start + batch]
-            out[start:start + len(chunk)] = model.run(self._pipeline.pixels(model, chunk))
+            chunk = images[start : start + batch]
+            out[start : start + len(chunk)] = model.run(self._pipeline.pixels(model, chunk))
         return check_vectors(out, "image")
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
@@ -183,28 +192,41 @@ class ClipEmbedder:
 
     # ------------------------------------------------------------------ worker calls (never raise)
 
-    def embed_frame(self, image: ImageSource, *, frame_path: str | None = None,
-                    frame_quality: float | dict | None = None,
-                    scene: str | int | None = None) -> EmbeddingResult:
+    def embed_frame(
+        self,
+        image: ImageSource,
+        *,
+        frame_path: str | None = None,
+        frame_quality: float | dict | None = None,
+        scene: str | int | None = None,
+    ) -> EmbeddingResult:
         """Worker call, never raises: :meth:`WorkerEmbedder.embed_frame`."""
-        return self.worker.embed_frame(image, frame_path=frame_path,
-                                       frame_quality=frame_quality, scene=scene)
+        return self.worker.embed_frame(
+            image, frame_path=frame_path, frame_quality=frame_quality, scene=scene
+        )
 
-    def embed_frames(self, images: Sequence[ImageSource],
-                     frame_paths: Sequence[str | None] | None = None,
-                     frame_qualities: Sequence[float | dict | None] | None = None
-                     ) -> list[EmbeddingResult]:
+    def embed_frames(
+        self,
+        images: Sequence[ImageSource],
+        frame_paths: Sequence[str | None] | None = None,
+        frame_qualities: Sequence[float | dict | None] | None = None,
+    ) -> list[EmbeddingResult]:
         """Worker call, never raises: :meth:`WorkerEmbedder.embed_frames`."""
         return self.worker.embed_frames(images, frame_paths, frame_qualities)
 
-    def embed_scene(self, frames: Sequence[ScenePart], *, top_k: int = 3,
-                    frame_path: str | None = None) -> EmbeddingResult:
+    def embed_scene(
+        self, frames: Sequence[ScenePart], *, top_k: int = 3, frame_path: str | None = None
+    ) -> EmbeddingResult:
         """Worker call, never raises: :meth:`WorkerEmbedder.embed_scene`."""
         return self.worker.embed_scene(frames, top_k=top_k, frame_path=frame_path)
 
-    def embed_scenes(self, scenes: Sequence[Sequence[ScenePart]], *, top_k: int = 3,
-                     frame_paths: Sequence[str | None] | None = None
-                     ) -> list[EmbeddingResult]:
+    def embed_scenes(
+        self,
+        scenes: Sequence[Sequence[ScenePart]],
+        *,
+        top_k: int = 3,
+        frame_paths: Sequence[str | None] | None = None,
+    ) -> list[EmbeddingResult]:
         """Worker call, never raises: :meth:`WorkerEmbedder.embed_scenes`."""
         return self.worker.embed_scenes(scenes, top_k=top_k, frame_paths=frame_paths)
 

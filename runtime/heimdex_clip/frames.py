@@ -101,8 +101,7 @@ class _Prepared:
 class FramePipeline:
     """Frames in, :class:`EmbeddingResult` out, for one loaded model at a time."""
 
-    def __init__(self, config: ClipConfig, runner: DeadlineRunner,
-                 cache: EmbeddingCache) -> None:
+    def __init__(self, config: ClipConfig, runner: DeadlineRunner, cache: EmbeddingCache) -> None:
         self.config = config
         self.runner = runner
         self.cache = cache
@@ -114,13 +113,19 @@ class FramePipeline:
         cfg, pre = self.config, model.preprocessor
         draft = max(cfg.max_image_size, pre.size) if cfg.fast_decode else None
         return load_image(
-            source, max_pixels=cfg.max_image_pixels, min_side_for_draft=draft,
-            max_bytes=cfg.max_image_bytes, formats=cfg.image_formats,
+            source,
+            max_pixels=cfg.max_image_pixels,
+            min_side_for_draft=draft,
+            max_bytes=cfg.max_image_bytes,
+            formats=cfg.image_formats,
             check_size=lambda w, h, label: pre.check_resize_cost(
-                w, h, label, cfg.max_resize_pixels))
+                w, h, label, cfg.max_resize_pixels
+            ),
+        )
 
-    def pixels(self, model: VisualModel, sources: Sequence[ImageSource],
-               job: Job | None = None) -> np.ndarray:
+    def pixels(
+        self, model: VisualModel, sources: Sequence[ImageSource], job: Job | None = None
+    ) -> np.ndarray:
         """float32 [N, 3, S, S], exactly what the model sees (raises ImageError)."""
         images = []
         for source in sources:
@@ -147,13 +152,15 @@ class FramePipeline:
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, model: VisualModel, index: int, frame: Frame,
-                 results: list[EmbeddingResult | None]) -> _Prepared | None:
+    def _prepare(
+        self, model: VisualModel, index: int, frame: Frame, results: list[EmbeddingResult | None]
+    ) -> _Prepared | None:
         """Decode and preprocess one frame in a job of its own; a cache hit is final."""
         started = time.perf_counter()
         try:
-            pixels = self.runner.run(lambda job: self.pixels(model, [frame.source], job),
-                                     self.config.timeout_s)
+            pixels = self.runner.run(
+                lambda job: self.pixels(model, [frame.source], job), self.config.timeout_s
+            )
         except JobTimeout:
             results[index] = self._failed(model, frame, self._timeout_message(), warn=True)
             return None
@@ -168,8 +175,13 @@ class FramePipeline:
             return None
         return _Prepared(index, pixels, key, prep_s)
 
-    def _run(self, model: VisualModel, batch: list[_Prepared], frames: Sequence[Frame],
-             results: list[EmbeddingResult | None]) -> None:
+    def _run(
+        self,
+        model: VisualModel,
+        batch: list[_Prepared],
+        frames: Sequence[Frame],
+        results: list[EmbeddingResult | None],
+    ) -> None:
         """One model run for the prepared frames, within their remaining budgets."""
         timeout = self.config.timeout_s
         budget = sum(max(0.0, timeout - p.prep_s) for p in batch)
@@ -179,35 +191,49 @@ class FramePipeline:
             vectors = self.runner.run(lambda job: model.run(pixels, job.run_options), budget)
         except JobTimeout:
             for p in batch:
-                results[p.index] = self._failed(model, frames[p.index],
-                                                self._timeout_message(), warn=True)
+                results[p.index] = self._failed(
+                    model, frames[p.index], self._timeout_message(), warn=True
+                )
             return
         except Exception as exc:  # an ONNX Runtime failure, MemoryError...
             for p in batch:
-                results[p.index] = self._failed(model, frames[p.index],
-                                                f"{type(exc).__name__}: {exc}")
+                results[p.index] = self._failed(
+                    model, frames[p.index], f"{type(exc).__name__}: {exc}"
+                )
             return
         share_s = (time.perf_counter() - started) / len(batch)
         for p, vector in zip(batch, vectors, strict=True):
             self.cache.put(p.key, vector)
-            results[p.index] = self._succeeded(model, frames[p.index], vector,
-                                               p.prep_s + share_s)
+            results[p.index] = self._succeeded(model, frames[p.index], vector, p.prep_s + share_s)
 
     def _timeout_message(self) -> str:
         return f"Timeout after {self.config.timeout_s}s"
 
-    def _succeeded(self, model: VisualModel, frame: Frame, vector: np.ndarray,
-                   seconds: float) -> EmbeddingResult:
+    def _succeeded(
+        self, model: VisualModel, frame: Frame, vector: np.ndarray, seconds: float
+    ) -> EmbeddingResult:
         time_ms = seconds * 1000
         # CLIP_DEBUG_LOG shows this line at INFO; no logger's level is changed.
-        log.log(logging.INFO if self.config.debug_log else logging.DEBUG,
-                "CLIP embedding created: %s, dim=%d, time=%.1fms, norm=%.4f", frame.path,
-                vector.shape[0], time_ms, float(np.linalg.norm(vector)))
-        return success(model.identity, vector, frame_path=frame.path,
-                       frame_quality=frame.quality, time_ms=time_ms)
+        log.log(
+            logging.INFO if self.config.debug_log else logging.DEBUG,
+            "CLIP embedding created: %s, dim=%d, time=%.1fms, norm=%.4f",
+            frame.path,
+            vector.shape[0],
+            time_ms,
+            float(np.linalg.norm(vector)),
+        )
+        return success(
+            model.identity,
+            vector,
+            frame_path=frame.path,
+            frame_quality=frame.quality,
+            time_ms=time_ms,
+        )
 
-    def _failed(self, model: VisualModel, frame: Frame, error: str,
-                warn: bool = False) -> EmbeddingResult:
-        (log.warning if warn else log.error)("CLIP embedding failed: %s (frame=%s)", error,
-                                             frame.path)
+    def _failed(
+        self, model: VisualModel, frame: Frame, error: str, warn: bool = False
+    ) -> EmbeddingResult:
+        (log.warning if warn else log.error)(
+            "CLIP embedding failed: %s (frame=%s)", error, frame.path
+        )
         return failure(model.identity, frame_path=frame.path, error=error)

@@ -35,8 +35,12 @@ from .session import session_options
 from .verified import read_verified
 
 #: Operators whose work is an INT8 GEMM (what the floor replaces by MatMulInteger alone).
-QUANTIZED_GEMMS = ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul",
-                   "QLinearMatMul")
+QUANTIZED_GEMMS = (
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "QLinearMatMul",
+)
 #: The per-row activation zero point of the shipped recipe (rowwise.py).
 ACTIVATION_ZERO_POINT = 128
 
@@ -63,12 +67,12 @@ Feed = Callable[[int], dict[str, np.ndarray]]
 
 def image_feed(input_name: str, image_size: int) -> Feed:
     """Inputs of an image tower at a batch size (zeros: shapes are all that matters here)."""
-    return lambda batch: {input_name: np.zeros((batch, 3, image_size, image_size),
-                                               np.float32)}
+    return lambda batch: {input_name: np.zeros((batch, 3, image_size, image_size), np.float32)}
 
 
-def _profiled_gemms(graph: Path | bytes, feed: Feed, batch: int,
-                    threads: int) -> list[tuple[int, int, int]]:
+def _profiled_gemms(
+    graph: Path | bytes, feed: Feed, batch: int, threads: int
+) -> list[tuple[int, int, int]]:
     """(M, K, N) of every quantized GEMM kernel in one run at ``batch``, in run order."""
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads=threads)
@@ -81,8 +85,11 @@ def _profiled_gemms(graph: Path | bytes, feed: Feed, batch: int,
     shapes = []
     for event in sorted(events, key=lambda e: e.get("ts", 0)):
         args = event.get("args", {})
-        if (event.get("cat") != "Node" or not event["name"].endswith("_kernel_time")
-                or args.get("op_name") not in QUANTIZED_GEMMS):
+        if (
+            event.get("cat") != "Node"
+            or not event["name"].endswith("_kernel_time")
+            or args.get("op_name") not in QUANTIZED_GEMMS
+        ):
             continue
         # N from the output: a prepacked weight input is not reported with its own shape.
         a_shape = next(iter(args["input_type_shape"][0].values()))
@@ -104,8 +111,10 @@ def artifact_gemms(graph: Path | bytes, feed: Feed, threads: int = 1) -> list[Ge
     if sorted((2 * m, k, n) for m, k, n in one) != sorted(two):
         raise FloorUnavailable("the graph's GEMM rows do not scale with the batch size")
     counts = Counter(one)
-    return sorted((Gemm(m, k, n, c) for (m, k, n), c in counts.items()),
-                  key=lambda g: -g.multiply_adds_per_image())
+    return sorted(
+        (Gemm(m, k, n, c) for (m, k, n), c in counts.items()),
+        key=lambda g: -g.multiply_adds_per_image(),
+    )
 
 
 def floor_graph(gemms: list[Gemm], batch: int, seed: int = 0) -> bytes:
@@ -118,12 +127,15 @@ def floor_graph(gemms: list[Gemm], batch: int, seed: int = 0) -> bytes:
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:  # an optional extra: the runtime itself never needs onnx
-        raise FloorUnavailable("measuring the GEMM floor needs the onnx package: "
-                               "pip install 'heimdex-clip[bench]'") from exc
+        raise FloorUnavailable(
+            "measuring the GEMM floor needs the onnx package: pip install 'heimdex-clip[bench]'"
+        ) from exc
     rng = np.random.default_rng(seed)
     zero = numpy_helper.from_array(np.array(ACTIVATION_ZERO_POINT, np.uint8), "a_zero_point")
-    firsts = [numpy_helper.from_array(np.array([0, 0], np.int64), "starts"),
-              numpy_helper.from_array(np.array([1, 1], np.int64), "ends")]
+    firsts = [
+        numpy_helper.from_array(np.array([0, 0], np.int64), "starts"),
+        numpy_helper.from_array(np.array([1, 1], np.int64), "ends"),
+    ]
     nodes: list[Any] = []
     inputs: dict[str, Any] = {}
     outputs: list[Any] = []
@@ -131,19 +143,20 @@ def floor_graph(gemms: list[Gemm], batch: int, seed: int = 0) -> bytes:
     for gemm in gemms:
         rows = gemm.rows_per_image * batch
         a = f"a_{rows}x{gemm.k}"
-        inputs.setdefault(a, helper.make_tensor_value_info(a, TensorProto.UINT8,
-                                                           [rows, gemm.k]))
+        inputs.setdefault(a, helper.make_tensor_value_info(a, TensorProto.UINT8, [rows, gemm.k]))
         for copy in range(gemm.count):
             name = f"gemm_{rows}x{gemm.k}x{gemm.n}_{copy}"
             # |w| <= 64: no adjacent pair can saturate a non-VNNI kernel (rowwise.py's bound),
             # so the integer result is exact on every x86 kernel, like the artifact's.
             weights = rng.integers(-64, 65, (gemm.k, gemm.n), dtype=np.int8)
             inits.append(numpy_helper.from_array(weights, name + "/w"))
-            nodes.append(helper.make_node("MatMulInteger", [a, name + "/w", "a_zero_point"],
-                                          [name], name=name))
+            nodes.append(
+                helper.make_node(
+                    "MatMulInteger", [a, name + "/w", "a_zero_point"], [name], name=name
+                )
+            )
             nodes.append(helper.make_node("Slice", [name, "starts", "ends"], [name + "/y"]))
-            outputs.append(helper.make_tensor_value_info(name + "/y", TensorProto.INT32,
-                                                         [1, 1]))
+            outputs.append(helper.make_tensor_value_info(name + "/y", TensorProto.INT32, [1, 1]))
     graph = helper.make_graph(nodes, "int8_gemm_floor", list(inputs.values()), outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every ONNX Runtime the runtime supports
@@ -155,12 +168,15 @@ class GemmFloor:
 
     def __init__(self, gemms: list[Gemm], batch: int, threads: int) -> None:
         self.gemms, self.batch = gemms, batch
-        self.session = ort.InferenceSession(floor_graph(gemms, batch),
-                                            session_options(threads=threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            floor_graph(gemms, batch),
+            session_options(threads=threads),
+            providers=["CPUExecutionProvider"],
+        )
         rng = np.random.default_rng(1)
-        self.feeds = {i.name: rng.integers(0, 256, i.shape, dtype=np.uint8)
-                      for i in self.session.get_inputs()}
+        self.feeds = {
+            i.name: rng.integers(0, 256, i.shape, dtype=np.uint8) for i in self.session.get_inputs()
+        }
 
     def run(self) -> None:
         self.session.run(None, self.feeds)
@@ -178,28 +194,38 @@ class GemmFloor:
 
 def describe(gemms: list[Gemm]) -> dict:
     """The GEMM shapes per image and their multiply-adds, as a report records them."""
-    return {"gemms_per_image": sum(g.count for g in gemms),
-            "multiply_adds_per_image": sum(g.multiply_adds_per_image() for g in gemms),
-            "shapes": [f"{g.count} x [{g.rows_per_image}/image x {g.k}] x [{g.k} x {g.n}]"
-                       for g in gemms]}
+    return {
+        "gemms_per_image": sum(g.count for g in gemms),
+        "multiply_adds_per_image": sum(g.multiply_adds_per_image() for g in gemms),
+        "shapes": [
+            f"{g.count} x [{g.rows_per_image}/image x {g.k}] x [{g.k} x {g.n}]" for g in gemms
+        ],
+    }
 
 
-def measure_floor(graph: Path | bytes, feed: Feed, batches: list[int], threads: int,
-                  repeats: int = 5) -> dict:
+def measure_floor(
+    graph: Path | bytes, feed: Feed, batches: list[int], threads: int, repeats: int = 5
+) -> dict:
     """ms/image of the floor at each batch size, with the shapes it was built from."""
     gemms = artifact_gemms(graph, feed, threads)
     info = describe(gemms)
     figures = {}
     for batch in batches:
         figures[batch] = round(GemmFloor(gemms, batch, threads).ms_per_image(repeats), 3)
-    rate = {b: round(info["multiply_adds_per_image"] / (v / 1000) / 1e9, 1)
-            for b, v in figures.items()}
-    return {**info, "ms_per_image": figures, "g_multiply_adds_per_s": rate,
-            "threads": threads}
+    rate = {
+        b: round(info["multiply_adds_per_image"] / (v / 1000) / 1e9, 1) for b, v in figures.items()
+    }
+    return {**info, "ms_per_image": figures, "g_multiply_adds_per_s": rate, "threads": threads}
 
 
-def artifact_floor(artifact_dir: Path, manifest: Manifest, batches: list[int], threads: int,
-                   repeats: int = 5, key: str = "visual.int8") -> dict:
+def artifact_floor(
+    artifact_dir: Path,
+    manifest: Manifest,
+    batches: list[int],
+    threads: int,
+    repeats: int = 5,
+    key: str = "visual.int8",
+) -> dict:
     """The floor of the artifact's graph ``key`` (an image tower), or ``{"error": why}``."""
     if key not in manifest.files:
         return {"error": f"the artifact has no {key} graph"}
@@ -223,8 +249,12 @@ def floor_line(floor: dict) -> str:
         return "INT8 GEMM floor: not measured"
     if "error" in floor:
         return f"INT8 GEMM floor: not measured: {floor['error']}"
-    figures = ", ".join(f"batch {b} {v:.2f} ms/img ({floor['g_multiply_adds_per_s'][b]} G/s)"
-                        for b, v in floor["ms_per_image"].items())
-    return (f"INT8 GEMM floor ({floor['graph']}'s {floor['gemms_per_image']} INT8 GEMMs, "
-            f"{floor['multiply_adds_per_image'] / 1e9:.2f} G multiply-adds per image, as "
-            f"MatMulInteger alone, {floor['threads']} threads): {figures}")
+    figures = ", ".join(
+        f"batch {b} {v:.2f} ms/img ({floor['g_multiply_adds_per_s'][b]} G/s)"
+        for b, v in floor["ms_per_image"].items()
+    )
+    return (
+        f"INT8 GEMM floor ({floor['graph']}'s {floor['gemms_per_image']} INT8 GEMMs, "
+        f"{floor['multiply_adds_per_image'] / 1e9:.2f} G multiply-adds per image, as "
+        f"MatMulInteger alone, {floor['threads']} threads): {figures}"
+    )

@@ -94,8 +94,9 @@ def _sniff(head: bytes, total: int) -> tuple[str | None, bool]:
     return None, False
 
 
-def _truncated_or_corrupt(label: str, exc: BaseException, head: bytes, total: int,
-                          fmt: str | None = None) -> ImageError:
+def _truncated_or_corrupt(
+    label: str, exc: BaseException, head: bytes, total: int, fmt: str | None = None
+) -> ImageError:
     sniffed, short = _sniff(head, total)
     fmt = fmt or sniffed
     detail = f"{type(exc).__name__}: {exc}"
@@ -105,11 +106,13 @@ def _truncated_or_corrupt(label: str, exc: BaseException, head: bytes, total: in
     return ImageError(f"{label} is a corrupt {what} ({detail})")
 
 
-def _too_many_pixels(label: str, width: int, height: int, max_pixels: int,
-                     when: str = "refused before decoding") -> ImageError:
+def _too_many_pixels(
+    label: str, width: int, height: int, max_pixels: int, when: str = "refused before decoding"
+) -> ImageError:
     return ImageError(
         f"{label} is {width}x{height} = {width * height} pixels, over the limit of "
-        f"{max_pixels} pixels (CLIP_MAX_IMAGE_PIXELS); {when}")
+        f"{max_pixels} pixels (CLIP_MAX_IMAGE_PIXELS); {when}"
+    )
 
 
 def _bomb_error(label: str, exc: Image.DecompressionBombError, max_pixels: int) -> ImageError:
@@ -119,12 +122,15 @@ def _bomb_error(label: str, exc: Image.DecompressionBombError, max_pixels: int) 
         return ImageError(f"{label} has too many pixels (Pillow refused it: {exc})")
     pixels, pillow_limit = int(found[1]), int(found[2])
     if pixels > max_pixels:
-        return ImageError(f"{label} is {pixels} pixels, over the limit of {max_pixels} "
-                          "pixels (CLIP_MAX_IMAGE_PIXELS); refused before decoding")
+        return ImageError(
+            f"{label} is {pixels} pixels, over the limit of {max_pixels} "
+            "pixels (CLIP_MAX_IMAGE_PIXELS); refused before decoding"
+        )
     return ImageError(
         f"{label} is {pixels} pixels, over Pillow's hard limit of {pillow_limit} pixels "
         f"(2 x PIL.Image.MAX_IMAGE_PIXELS), which CLIP_MAX_IMAGE_PIXELS={max_pixels} cannot "
-        "raise; refused before decoding")
+        "raise; refused before decoding"
+    )
 
 
 def _check_truncation_guard() -> None:
@@ -132,14 +138,18 @@ def _check_truncation_guard() -> None:
     global _warned_truncated_global
     if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_global:
         _warned_truncated_global = True
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True outside heimdex_clip: "
-                    "truncated frames can no longer be detected and will be embedded with "
-                    "grey filling")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True outside heimdex_clip: "
+            "truncated frames can no longer be detected and will be embedded with "
+            "grey filling"
+        )
 
 
 def _too_many_bytes(label: str, size: int, max_bytes: int) -> ImageError:
-    return ImageError(f"{label} is {size} bytes, over the limit of {max_bytes} bytes "
-                      "(CLIP_MAX_IMAGE_BYTES); refused before reading")
+    return ImageError(
+        f"{label} is {size} bytes, over the limit of {max_bytes} bytes "
+        "(CLIP_MAX_IMAGE_BYTES); refused before reading"
+    )
 
 
 def _open_path(path: Path, max_bytes: int | None) -> tuple[IO[bytes], int]:
@@ -184,12 +194,15 @@ def _identify(stream: IO[bytes]) -> str | None:
 
 
 def _format_refused(label: str, fmt: str, formats: Collection[str]) -> ImageError:
-    return ImageError(f"{label} is a {fmt} image, not an allowed frame format "
-                      f"({', '.join(sorted(formats))}; CLIP_IMAGE_FORMATS)")
+    return ImageError(
+        f"{label} is a {fmt} image, not an allowed frame format "
+        f"({', '.join(sorted(formats))}; CLIP_IMAGE_FORMATS)"
+    )
 
 
-def _open_stream(stream: IO[bytes], label: str, total: int, max_pixels: int,
-                 formats: Collection[str] | None) -> tuple[ImageFile.ImageFile, bytes]:
+def _open_stream(
+    stream: IO[bytes], label: str, total: int, max_pixels: int, formats: Collection[str] | None
+) -> tuple[ImageFile.ImageFile, bytes]:
     """Parse the header only (Pillow opens lazily); returns the image and its first bytes.
 
     With ``formats``, only those Pillow plugins may open the data (Pillow's own allow-list),
@@ -208,10 +221,14 @@ def _open_stream(stream: IO[bytes], label: str, total: int, max_pixels: int,
         fmt, short = _sniff(head, total)
         if fmt:
             state = "truncated" if short else "truncated or corrupt"
-            raise ImageError(f"{label} starts like a {fmt} file but its header cannot be "
-                             f"read: the file is {state}") from None
-        raise ImageError(f"{label} is not an image (unknown format: Pillow cannot identify "
-                         f"it; first bytes {head[:8].hex()})") from None
+            raise ImageError(
+                f"{label} starts like a {fmt} file but its header cannot be "
+                f"read: the file is {state}"
+            ) from None
+        raise ImageError(
+            f"{label} is not an image (unknown format: Pillow cannot identify "
+            f"it; first bytes {head[:8].hex()})"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise _bomb_error(label, exc, max_pixels) from None
     except MemoryError:
@@ -258,14 +275,14 @@ def _reduce(image: Image.Image, min_side: int) -> Image.Image:
         return image
 
 
-def _from_array(array: np.ndarray, max_pixels: int,
-                check_size: SizeCheck | None) -> Image.Image:
+def _from_array(array: np.ndarray, max_pixels: int, check_size: SizeCheck | None) -> Image.Image:
     channels = array.shape[2] if array.ndim == 3 else 1
     mode = _ARRAY_MODES.get((array.ndim, channels))
     if array.dtype != np.uint8 or mode is None:
         raise ImageError(
             "a numpy frame must be uint8 HxWx3 (RGB), HxWx4 (RGBA) or HxW (gray); got shape "
-            f"{array.shape} dtype {array.dtype}")
+            f"{array.shape} dtype {array.dtype}"
+        )
     height, width = array.shape[:2]
     if height == 0 or width == 0:
         raise ImageError(f"a numpy frame must not be empty; got shape {array.shape}")
@@ -277,9 +294,16 @@ def _from_array(array: np.ndarray, max_pixels: int,
     return Image.fromarray(array, mode=mode)
 
 
-def _decode(stream: IO[bytes], label: str, total: int, *, max_pixels: int,
-            min_side: int | None, formats: Collection[str] | None,
-            check_size: SizeCheck | None) -> Image.Image:
+def _decode(
+    stream: IO[bytes],
+    label: str,
+    total: int,
+    *,
+    max_pixels: int,
+    min_side: int | None,
+    formats: Collection[str] | None,
+    check_size: SizeCheck | None,
+) -> Image.Image:
     image, head = _open_stream(stream, label, total, max_pixels, formats)
     width, height = image.size
     if width < 1 or height < 1:
@@ -302,21 +326,31 @@ def _decode(stream: IO[bytes], label: str, total: int, *, max_pixels: int,
     if image.width * image.height > max_pixels:
         # A container (ICO, ICNS) can hold a bigger picture than its header said; Pillow's
         # own limit bounded that decode, ours still refuses the result.
-        raise _too_many_pixels(label, image.width, image.height, max_pixels,
-                               "refused after decoding (its header said less)")
+        raise _too_many_pixels(
+            label,
+            image.width,
+            image.height,
+            max_pixels,
+            "refused after decoding (its header said less)",
+        )
     return image
 
 
-def _load_pil(image: Image.Image, max_pixels: int, formats: Collection[str] | None,
-              check_size: SizeCheck | None) -> Image.Image:
+def _load_pil(
+    image: Image.Image,
+    max_pixels: int,
+    formats: Collection[str] | None,
+    check_size: SizeCheck | None,
+) -> Image.Image:
     width, height = image.size
     label = f"the {image.mode} PIL image"
     lazy = bool(getattr(image, "tile", None))  # opened but not decoded yet
     if width < 1 or height < 1:
         raise ImageError(f"{label} has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise _too_many_pixels(label, width, height, max_pixels,
-                               "refused before decoding" if lazy else "refused")
+        raise _too_many_pixels(
+            label, width, height, max_pixels, "refused before decoding" if lazy else "refused"
+        )
     # Pillow's JPEG plugin opens MPO files (and names them so).
     plugin = "JPEG" if image.format == "MPO" else image.format
     if lazy and formats and plugin not in formats:
@@ -337,10 +371,15 @@ def _load_pil(image: Image.Image, max_pixels: int, formats: Collection[str] | No
 # --------------------------------------------------------------------------- public API
 
 
-def load_image(source: ImageSource, *, max_pixels: int,
-               min_side_for_draft: int | None = None, max_bytes: int | None = None,
-               formats: Collection[str] | None = None,
-               check_size: SizeCheck | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int,
+    min_side_for_draft: int | None = None,
+    max_bytes: int | None = None,
+    formats: Collection[str] | None = None,
+    check_size: SizeCheck | None = None,
+) -> Image.Image:
     """Decode ``source`` fully into a PIL image in its original mode, or raise ImageError.
 
     Args:
@@ -378,9 +417,15 @@ def load_image(source: ImageSource, *, max_pixels: int,
         if max_bytes is not None and size > max_bytes:
             raise _too_many_bytes("the image data", size, max_bytes)
         data = source if isinstance(source, bytes) else bytes(source)
-        image = _decode(io.BytesIO(data), f"<{len(data)} bytes of image data>", len(data),
-                        max_pixels=max_pixels, min_side=min_side_for_draft, formats=formats,
-                        check_size=check_size)
+        image = _decode(
+            io.BytesIO(data),
+            f"<{len(data)} bytes of image data>",
+            len(data),
+            max_pixels=max_pixels,
+            min_side=min_side_for_draft,
+            formats=formats,
+            check_size=check_size,
+        )
     elif isinstance(source, (str, os.PathLike)):
         raw = os.fspath(source)
         if not raw:
@@ -388,9 +433,15 @@ def load_image(source: ImageSource, *, max_pixels: int,
         path = Path(os.fsdecode(raw))
         stream, total = _open_path(path, max_bytes)
         with stream:  # frame 0 is in memory after load(); nothing reads the file later
-            image = _decode(stream, str(path), total, max_pixels=max_pixels,
-                            min_side=min_side_for_draft, formats=formats,
-                            check_size=check_size)
+            image = _decode(
+                stream,
+                str(path),
+                total,
+                max_pixels=max_pixels,
+                min_side=min_side_for_draft,
+                formats=formats,
+                check_size=check_size,
+            )
     else:
         raise ImageError(f"unsupported image source type {type(source).__name__}")
     if min_side_for_draft:

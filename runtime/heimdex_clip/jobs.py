@@ -98,10 +98,15 @@ class DeadlineRunner:
         A ``timeout_s`` no wait can take (NaN, infinite, past ``threading.TIMEOUT_MAX``) is
         a fault of the configuration, raised as ConfigError before any work starts.
         """
-        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
-                and 0 <= timeout_s <= threading.TIMEOUT_MAX):
-            raise ConfigError(f"a job timeout of {timeout_s!r}s cannot be waited for "
-                              "(CLIP_TIMEOUT_S is 1e-06..3600)")
+        if not (
+            isinstance(timeout_s, (int, float))
+            and math.isfinite(timeout_s)
+            and 0 <= timeout_s <= threading.TIMEOUT_MAX
+        ):
+            raise ConfigError(
+                f"a job timeout of {timeout_s!r}s cannot be waited for "
+                "(CLIP_TIMEOUT_S is 1e-06..3600)"
+            )
         deadline = time.monotonic() + timeout_s
         if not self._slots.acquire(timeout=max(0.0, timeout_s)):
             raise JobTimeout
@@ -112,8 +117,9 @@ class DeadlineRunner:
         with _live_changed:
             _live.add(job)
         try:
-            threading.Thread(target=self._work, args=(fn, job, future), daemon=True,
-                             name="heimdex-clip-job").start()
+            threading.Thread(
+                target=self._work, args=(fn, job, future), daemon=True, name="heimdex-clip-job"
+            ).start()
         except BaseException:
             self._finished(job)
             raise
@@ -157,8 +163,9 @@ def drain(timeout_s: float) -> bool:
 
 def _drain_at_exit() -> None:
     if not drain(EXIT_DRAIN_S):
-        log.warning("%d heimdex-clip job(s) still running at exit after %.0fs", len(_live),
-                    EXIT_DRAIN_S)
+        log.warning(
+            "%d heimdex-clip job(s) still running at exit after %.0fs", len(_live), EXIT_DRAIN_S
+        )
 
 
 atexit.register(_drain_at_exit)

@@ -56,8 +56,12 @@ class ModelSlot:
             if self._error is not None:
                 raise self._error
             cfg = self.config
-            log.info("Loading CLIP model: %s (pretrained=%s, device=%s)",
-                     cfg.model_name, cfg.pretrained, cfg.device)
+            log.info(
+                "Loading CLIP model: %s (pretrained=%s, device=%s)",
+                cfg.model_name,
+                cfg.pretrained,
+                cfg.device,
+            )
             try:
                 model = load_visual_model(cfg, self.model_dir)
             except ClipError as exc:
@@ -75,17 +79,32 @@ class ModelSlot:
 
     def _log_loaded(self, model: VisualModel) -> None:
         info, m = model.session_info, model.manifest
-        log.info("CLIP model loaded successfully: %s (embed_dim=%d, device=%s, load_time=%.1fms, "
-                 "cache_dir=%s)", m.model.name, m.model.embed_dim, info.device,
-                 model.load_time_ms, self.config.cache_dir)
-        log.info("CLIP runtime: providers=%s, intra_op_threads=%d, memory_arena=%s, "
-                 "precision=%s, artifact=%s", ",".join(info.providers), info.intra_op_threads,
-                 info.memory_arena, self.config.precision, model.artifact_dir)
+        log.info(
+            "CLIP model loaded successfully: %s (embed_dim=%d, device=%s, load_time=%.1fms, "
+            "cache_dir=%s)",
+            m.model.name,
+            m.model.embed_dim,
+            info.device,
+            model.load_time_ms,
+            self.config.cache_dir,
+        )
+        log.info(
+            "CLIP runtime: providers=%s, intra_op_threads=%d, memory_arena=%s, "
+            "precision=%s, artifact=%s",
+            ",".join(info.providers),
+            info.intra_op_threads,
+            info.memory_arena,
+            self.config.precision,
+            model.artifact_dir,
+        )
         if m.model.random_init:
-            log.warning("!!! CLIP artifact %s is a RANDOM INITIALISATION (seed %s): its "
-                        "embeddings carry no visual meaning. Export real weights for "
-                        "production (make export-model PRETRAINED=openai).",
-                        model.artifact_dir, m.model.seed)
+            log.warning(
+                "!!! CLIP artifact %s is a RANDOM INITIALISATION (seed %s): its "
+                "embeddings carry no visual meaning. Export real weights for "
+                "production (make export-model PRETRAINED=openai).",
+                model.artifact_dir,
+                m.model.seed,
+            )
 
     def forget(self, *, clear_cache: bool = False) -> None:
         """Drop the model (and a remembered failure); the next :meth:`load` reads it again."""
@@ -104,8 +123,13 @@ class ModelSlot:
         if model is not None:
             return model.identity
         cfg = self.config
-        return ModelIdentity(model_name=cfg.model_name, pretrained=cfg.pretrained,
-                             embed_dim=None, device=cfg.device, normalized=cfg.normalize)
+        return ModelIdentity(
+            model_name=cfg.model_name,
+            pretrained=cfg.pretrained,
+            embed_dim=None,
+            device=cfg.device,
+            normalized=cfg.normalize,
+        )
 
     def text_tower(self) -> TextTower:
         """The text tower of the loaded artifact (loading both if needed); TextError if the
@@ -117,8 +141,12 @@ class ModelSlot:
                 if self._text is None or self._text[0] is not model:
                     try:
                         tower: TextTower | ClipError = TextTower(
-                            model.artifact_dir, model.manifest, self.config,
-                            cache_size=self.config.embed_cache_size, pinned=model.pinned)
+                            model.artifact_dir,
+                            model.manifest,
+                            self.config,
+                            cache_size=self.config.embed_cache_size,
+                            pinned=model.pinned,
+                        )
                     except ClipError as exc:
                         tower = exc
                     self._text = (model, tower)

@@ -70,8 +70,9 @@ def require_bool(value: Any, where: str) -> bool:
 
 def require_str(value: Any, where: str, *, empty: bool = False) -> str:
     if not isinstance(value, str) or (not empty and not value):
-        raise _where(where, f"must be a {'' if empty else 'non-empty '}string, got "
-                     f"{_type_name(value)}")
+        raise _where(
+            where, f"must be a {'' if empty else 'non-empty '}string, got {_type_name(value)}"
+        )
     if len(value) > MAX_NAME_CHARS or "\x00" in value:
         raise _where(where, f"must be at most {MAX_NAME_CHARS} characters without NUL")
     return value
@@ -85,8 +86,9 @@ def require_dict(value: Any, where: str, *, empty: bool = True) -> dict[str, Any
     return value
 
 
-def _require_keys(d: dict[str, Any], where: str, required: tuple[str, ...],
-                  allowed: tuple[str, ...] | None = None) -> None:
+def _require_keys(
+    d: dict[str, Any], where: str, required: tuple[str, ...], allowed: tuple[str, ...] | None = None
+) -> None:
     missing = [k for k in required if k not in d]
     if missing:
         raise _where(where, f"lacks {', '.join(missing)}")
@@ -98,10 +100,17 @@ def safe_relative_path(value: Any, where: str) -> str:
     """A file entry's path: relative, inside the artifact (no ``..``), plain POSIX text."""
     path = require_str(value, where)
     pure = PurePosixPath(path)
-    if pure.is_absolute() or "\\" in path or any(p in ("..", "") for p in path.split("/")) \
-            or pure.parts in ((), (".",)):
-        raise _where(where, f"is {path!r}: a file entry must be a relative path inside the "
-                     "artifact directory (no absolute path, no '..')")
+    if (
+        pure.is_absolute()
+        or "\\" in path
+        or any(p in ("..", "") for p in path.split("/"))
+        or pure.parts in ((), (".",))
+    ):
+        raise _where(
+            where,
+            f"is {path!r}: a file entry must be a relative path inside the "
+            "artifact directory (no absolute path, no '..')",
+        )
     return path
 
 
@@ -115,9 +124,15 @@ def _check_tensors(value: Any, where: str) -> None:
         require_str(tensor["name"], f"{at}.name")
         require_str(tensor["dtype"], f"{at}.dtype")
         shape = tensor["shape"]
-        if not isinstance(shape, list) or len(shape) > 8 or not all(
-                isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)
-                                       and 0 <= d <= 1 << 20) for d in shape):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(
+                isinstance(d, str)
+                or (isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 20)
+                for d in shape
+            )
+        ):
             raise _where(f"{at}.shape", f"must be a list of sizes or names, got {shape!r}"[:200])
 
 
@@ -138,8 +153,12 @@ def check_file_entry(entry: Any, where: str) -> None:
 
 def _check_model(model: Any) -> None:
     model = require_dict(model, "model")
-    _require_keys(model, "model", ("name", "pretrained", "embed_dim", "random_init"),
-                  ("seed", "quick_gelu", "normalized_in_graph"))
+    _require_keys(
+        model,
+        "model",
+        ("name", "pretrained", "embed_dim", "random_init"),
+        ("seed", "quick_gelu", "normalized_in_graph"),
+    )
     require_str(model["name"], "model.name")
     require_str(model["pretrained"], "model.pretrained")
     require_int(model["embed_dim"], "model.embed_dim", 1, MAX_EMBED_DIM)
@@ -158,8 +177,9 @@ def _check_preprocess(spec: Any) -> None:
     for key in ("mean", "std"):
         values = spec[key]
         if not isinstance(values, list) or len(values) != 3:
-            raise _where(f"preprocess.{key}", f"must be a list of 3 numbers, got "
-                         f"{_type_name(values)}")
+            raise _where(
+                f"preprocess.{key}", f"must be a list of 3 numbers, got {_type_name(values)}"
+            )
         for i, v in enumerate(values):
             require_number(v, f"preprocess.{key}[{i}]")
     for key in ("interpolation", "resize_mode", "crop"):
@@ -175,8 +195,10 @@ def check_manifest(d: Any, schema_version: int) -> None:
     _require_keys(d, "the manifest", ("schema_version", "model", "preprocess", "files"))
     version = require_int(d["schema_version"], "schema_version", 1, 1 << 31)
     if version > schema_version:
-        raise ArtifactError(f"manifest schema {version} is newer than this runtime "
-                            f"understands ({schema_version}); upgrade heimdex-clip")
+        raise ArtifactError(
+            f"manifest schema {version} is newer than this runtime "
+            f"understands ({schema_version}); upgrade heimdex-clip"
+        )
     _check_model(d["model"])
     _check_preprocess(d["preprocess"])
     files = require_dict(d["files"], "files", empty=False)

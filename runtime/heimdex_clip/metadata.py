@@ -19,9 +19,20 @@ import numpy as np
 from .vectors import vector_problem
 
 #: The design document's fields, in its order, plus the artifact that made the vector.
-METADATA_FIELDS = ("model_name", "pretrained", "embed_dim", "normalized", "device",
-                   "frame_path", "frame_quality", "inference_time_ms", "created_at", "error",
-                   "artifact_id", "provider")
+METADATA_FIELDS = (
+    "model_name",
+    "pretrained",
+    "embed_dim",
+    "normalized",
+    "device",
+    "frame_path",
+    "frame_quality",
+    "inference_time_ms",
+    "created_at",
+    "error",
+    "artifact_id",
+    "provider",
+)
 
 
 @dataclass(frozen=True)
@@ -125,14 +136,14 @@ def quality_field(frame_quality: object) -> dict[str, Any] | None:
         if not math.isfinite(score):
             raise InvalidArgument(f"frame_quality must be a finite number, got {score!r}")
         return {"quality_score": score}
-    raise InvalidArgument("frame_quality must be a number, a dict or None, got "
-                          f"{type(frame_quality).__name__}")
+    raise InvalidArgument(
+        f"frame_quality must be a number, a dict or None, got {type(frame_quality).__name__}"
+    )
 
 
 def storable_text(text: str) -> str:
     """``text`` as valid UTF-8 without NUL: what cannot be stored raw becomes an escape."""
-    return (text.encode("utf-8", "backslashreplace").decode("utf-8")
-            .replace("\x00", "\\x00"))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def storable_path(frame_path: object) -> str | None:
@@ -141,8 +152,7 @@ def storable_path(frame_path: object) -> str | None:
     if frame_path is None:
         return None
     if not isinstance(frame_path, (str, bytes, os.PathLike)):
-        raise InvalidArgument("frame_path must be a path or None, got "
-                              f"{type(frame_path).__name__}")
+        raise InvalidArgument(f"frame_path must be a path or None, got {type(frame_path).__name__}")
     try:
         raw = os.fsencode(frame_path)  # undoes surrogateescape: the file name's real bytes
     except UnicodeEncodeError:
@@ -155,9 +165,14 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def build_metadata(identity: ModelIdentity, *, frame_path: str | None,
-                   frame_quality: dict[str, Any] | None, time_ms: float | None,
-                   error: str | None) -> dict[str, Any]:
+def build_metadata(
+    identity: ModelIdentity,
+    *,
+    frame_path: str | None,
+    frame_quality: dict[str, Any] | None,
+    time_ms: float | None,
+    error: str | None,
+) -> dict[str, Any]:
     """The metadata dict; a failed frame stores null quality and time (the design's rule)."""
     return {
         "model_name": identity.model_name,
@@ -175,19 +190,42 @@ def build_metadata(identity: ModelIdentity, *, frame_path: str | None,
     }
 
 
-def success(identity: ModelIdentity, vector: np.ndarray, *, frame_path: str | None,
-            frame_quality: dict[str, Any] | None, time_ms: float) -> EmbeddingResult:
+def success(
+    identity: ModelIdentity,
+    vector: np.ndarray,
+    *,
+    frame_path: str | None,
+    frame_quality: dict[str, Any] | None,
+    time_ms: float,
+) -> EmbeddingResult:
     """A successful result, or a failed one when ``vector`` is not finite or has no
     direction: every worker-path success passes here, so none can carry a NaN vector."""
     if problem := vector_problem(vector):
-        return failure(identity, frame_path=frame_path,
-                       error=f"InvalidVectorError: the model's vector {problem}")
-    return EmbeddingResult(vector, build_metadata(identity, frame_path=frame_path,
-                                                  frame_quality=frame_quality,
-                                                  time_ms=time_ms, error=None))
+        return failure(
+            identity,
+            frame_path=frame_path,
+            error=f"InvalidVectorError: the model's vector {problem}",
+        )
+    return EmbeddingResult(
+        vector,
+        build_metadata(
+            identity,
+            frame_path=frame_path,
+            frame_quality=frame_quality,
+            time_ms=time_ms,
+            error=None,
+        ),
+    )
 
 
 def failure(identity: ModelIdentity, *, frame_path: str | None, error: str) -> EmbeddingResult:
-    return EmbeddingResult(None, build_metadata(identity, frame_path=frame_path,
-                                                frame_quality=None, time_ms=None,
-                                                error=storable_text(error)))
+    return EmbeddingResult(
+        None,
+        build_metadata(
+            identity,
+            frame_path=frame_path,
+            frame_quality=None,
+            time_ms=None,
+            error=storable_text(error),
+        ),
+    )

@@ -138,8 +138,10 @@ class Preprocessor:
         with np.errstate(all="ignore"):
             lut = np.ascontiguousarray((scaled - mean) / std, dtype=np.float32)  # [3, 256]
         if not np.isfinite(lut).all():  # PreprocessSpec bounds mean/std; never trust alone
-            raise ArtifactError(f"preprocess mean {spec.mean} / std {spec.std} give "
-                                "non-finite model inputs; the artifact is corrupt or hostile")
+            raise ArtifactError(
+                f"preprocess mean {spec.mean} / std {spec.std} give "
+                "non-finite model inputs; the artifact is corrupt or hostile"
+            )
         self._lut = lut
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
@@ -151,8 +153,7 @@ class Preprocessor:
             return keep_ratio_size(width, height, size, longest=1.0)
         return shortest_side_size(width, height, size)
 
-    def check_resize_cost(self, width: int, height: int, label: str,
-                          max_pixels: int) -> None:
+    def check_resize_cost(self, width: int, height: int, label: str, max_pixels: int) -> None:
         """Refuse a frame whose resize would build an image of more than ``max_pixels``.
 
         The pixel limit bounds the input, not the output: keeping the aspect ratio, the
@@ -163,7 +164,8 @@ class Preprocessor:
             raise ImageError(
                 f"{label} is {width}x{height}: resizing it for the model would build a "
                 f"{new_w}x{new_h} image ({new_w * new_h} pixels), over the limit of "
-                f"{max_pixels} (CLIP_MAX_RESIZE_PIXELS); refused before decoding")
+                f"{max_pixels} (CLIP_MAX_RESIZE_PIXELS); refused before decoding"
+            )
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and crop/pad to S x S, still in the image's own mode (no RGB yet)."""
@@ -176,9 +178,11 @@ class Preprocessor:
                 # open_clip fails here too (Pillow: "height and width must be > 0").
                 raise ImageError(
                     f"a {image.width}x{image.height} image is too thin for resize_mode "
-                    f"'longest': it would be resized to {new_w}x{new_h} pixels")
-            return center_crop_or_pad(resize(image, new_w, new_h, self._resample), size,
-                                      self.spec.fill_color)
+                    f"'longest': it would be resized to {new_w}x{new_h} pixels"
+                )
+            return center_crop_or_pad(
+                resize(image, new_w, new_h, self._resample), size, self.spec.fill_color
+            )
         return center_crop_or_pad(resize(image, new_w, new_h, self._resample), size)
 
     def transform(self, image: Image.Image) -> np.ndarray:
@@ -196,8 +200,10 @@ class Preprocessor:
 
     def _transform_into(self, image: Image.Image, out: np.ndarray) -> None:
         if not isinstance(image, Image.Image):
-            raise ImageError(f"Preprocessor takes PIL images, got {type(image).__name__} "
-                             "(decode it with heimdex_clip.images.load_image)")
+            raise ImageError(
+                f"Preprocessor takes PIL images, got {type(image).__name__} "
+                "(decode it with heimdex_clip.images.load_image)"
+            )
         if image.width < 1 or image.height < 1:
             raise ImageError(f"a {image.width}x{image.height} image has no pixels")
         try:
@@ -205,8 +211,9 @@ class Preprocessor:
         except ImageError:
             raise
         except (ValueError, OSError) as exc:  # e.g. a mode Pillow cannot resize or convert
-            raise ImageError(f"cannot preprocess a {image.mode} {image.width}x{image.height} "
-                             f"image: {exc}") from None
+            raise ImageError(
+                f"cannot preprocess a {image.mode} {image.width}x{image.height} image: {exc}"
+            ) from None
         pixels = np.asarray(rgb, dtype=np.uint8)  # S x S x 3
         for c in range(3):
             # mode="clip" lets numpy write straight into ``out`` (uint8 indices are in range).

@@ -86,29 +86,48 @@ def openvino_status() -> OpenVinoStatus:
     try:
         import onnxruntime_ep_openvino as plugin  # optional extra
     except ImportError as exc:
-        return OpenVinoStatus(None, "the openvino extra is not installed (pip install "
-                              f"'heimdex-clip[openvino]'): {exc}", plugin_version())
+        return OpenVinoStatus(
+            None,
+            f"the openvino extra is not installed (pip install 'heimdex-clip[openvino]'): {exc}",
+            plugin_version(),
+        )
     try:
         library = plugin.get_library_path()
         if library not in _REGISTERED:  # registering twice in one process is an error
-            ort.register_execution_provider_library(f"heimdex_clip_openvino_{len(_REGISTERED)}",
-                                                    library)
+            ort.register_execution_provider_library(
+                f"heimdex_clip_openvino_{len(_REGISTERED)}", library
+            )
             _REGISTERED.add(library)
         devices = ort.get_ep_devices()
     except Exception as exc:  # a broken wheel or an incompatible onnxruntime
-        return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version()} could not be "
-                              f"loaded into onnxruntime {ort.__version__}: {exc}",
-                              plugin_version())
-    cpus = [d for d in devices
-            if d.ep_name == OPENVINO_EP and d.ep_metadata.get("ov_device") == "CPU"]
+        return OpenVinoStatus(
+            None,
+            f"the OpenVINO EP plugin {plugin_version()} could not be "
+            f"loaded into onnxruntime {ort.__version__}: {exc}",
+            plugin_version(),
+        )
+    cpus = [
+        d for d in devices if d.ep_name == OPENVINO_EP and d.ep_metadata.get("ov_device") == "CPU"
+    ]
     if not cpus:
-        others = sorted({d.device.vendor for d in devices
-                         if d.device.type == ort.OrtHardwareDeviceType.CPU
-                         and d.device.vendor_id != INTEL_VENDOR_ID})
-        why = (f" (the plugin claims Intel devices only; this CPU's vendor is "
-               f"{', '.join(others)})" if others else "")
-        return OpenVinoStatus(None, f"the OpenVINO EP plugin {plugin_version()} offers no CPU "
-                              f"device on this machine{why}", plugin_version())
+        others = sorted(
+            {
+                d.device.vendor
+                for d in devices
+                if d.device.type == ort.OrtHardwareDeviceType.CPU
+                and d.device.vendor_id != INTEL_VENDOR_ID
+            }
+        )
+        why = (
+            f" (the plugin claims Intel devices only; this CPU's vendor is {', '.join(others)})"
+            if others
+            else ""
+        )
+        return OpenVinoStatus(
+            None,
+            f"the OpenVINO EP plugin {plugin_version()} offers no CPU device on this machine{why}",
+            plugin_version(),
+        )
     return OpenVinoStatus(cpus[0], None, plugin_version())
 
 
@@ -131,8 +150,10 @@ def resolve_providers(device: str) -> tuple[list[str], str]:
     if device == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
-        log.warning("CLIP_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
-                    "(install onnxruntime-gpu); running on the CPU")
+        log.warning(
+            "CLIP_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
+            "(install onnxruntime-gpu); running on the CPU"
+        )
     return ["CPUExecutionProvider"], "cpu"
 
 
@@ -175,9 +196,13 @@ class ProviderSetup:
         """The OpenVINO plugin's ``load_config`` (None on the CPU provider)."""
         if self.provider != "openvino":
             return None
-        return {"CPU": {"INFERENCE_NUM_THREADS": str(self.intra_op_threads),
-                        "INFERENCE_PRECISION_HINT": self.precision_hint,
-                        "PERFORMANCE_HINT": "LATENCY"}}
+        return {
+            "CPU": {
+                "INFERENCE_NUM_THREADS": str(self.intra_op_threads),
+                "INFERENCE_PRECISION_HINT": self.precision_hint,
+                "PERFORMANCE_HINT": "LATENCY",
+            }
+        }
 
     def session_options(self) -> ort.SessionOptions:
         """Fresh session options; for OpenVINO with the plugin's CPU device attached
@@ -188,7 +213,8 @@ class ProviderSetup:
             if status.device is None:
                 raise RuntimeError(status.reason)
             options.add_provider_for_devices(
-                [status.device], {"load_config": json.dumps(self.provider_options)})
+                [status.device], {"load_config": json.dumps(self.provider_options)}
+            )
         return options
 
     def on_cpu(self) -> ProviderSetup:
@@ -198,9 +224,11 @@ class ProviderSetup:
     def describe(self) -> str:
         """What gets logged when a session is built from this setup."""
         extra = f", openvino={self.provider_options}" if self.provider == "openvino" else ""
-        return (f"provider={self.provider}, device={self.device}, "
-                f"intra_op_threads={self.intra_op_threads}, "
-                f"memory_arena={self.memory_arena}{extra}")
+        return (
+            f"provider={self.provider}, device={self.device}, "
+            f"intra_op_threads={self.intra_op_threads}, "
+            f"memory_arena={self.memory_arena}{extra}"
+        )
 
 
 # --- which graph, which provider ---------------------------------------------------------
@@ -226,14 +254,17 @@ def unusable(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> dict
     why_not = available_providers()
     for name in PROVIDERS:
         if why_not[name] is None and graph_key(name, config.precision, manifest) is None:
-            why_not[name] = (f"the artifact in {artifact_dir} has no graph for it (OpenVINO "
-                             "gains nothing on the dynamic INT8 graph: re-export with "
-                             "--openvino for visual.qdq, or with --keep-fp32)")
+            why_not[name] = (
+                f"the artifact in {artifact_dir} has no graph for it (OpenVINO "
+                "gains nothing on the dynamic INT8 graph: re-export with "
+                "--openvino for visual.qdq, or with --keep-fp32)"
+            )
     return why_not
 
 
-def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest,
-                    measure: Callable[[str], float]) -> str:
+def choose_provider(
+    config: ClipConfig, artifact_dir: Path, manifest: Manifest, measure: Callable[[str], float]
+) -> str:
     """CLIP_PROVIDER resolved to a provider that can run this artifact here (logged).
 
     ``measure(provider)`` returns ms/image; it is called only for CLIP_PROVIDER=auto with
@@ -245,8 +276,11 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest,
         why_not = unusable(config, artifact_dir, manifest)
         if why_not[config.provider] is None:
             return config.provider
-        log.warning("CLIP_PROVIDER=%s cannot run here, using cpu: %s", config.provider,
-                    why_not[config.provider])
+        log.warning(
+            "CLIP_PROVIDER=%s cannot run here, using cpu: %s",
+            config.provider,
+            why_not[config.provider],
+        )
         return "cpu"
     if not plugin_installed():
         return "cpu"  # nothing to compare, nothing to load
@@ -254,16 +288,21 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest,
     def candidates() -> dict[str, Callable[[], float]]:
         why_not = unusable(config, artifact_dir, manifest)
         if any(why_not.values()):
-            log.info("CLIP_PROVIDER=auto: not available here: %s",
-                     {k: v for k, v in why_not.items() if v})
-        return {name: functools.partial(measure, name)
-                for name in PROVIDERS if why_not[name] is None}
+            log.info(
+                "CLIP_PROVIDER=auto: not available here: %s",
+                {k: v for k, v in why_not.items() if v},
+            )
+        return {
+            name: functools.partial(measure, name) for name in PROVIDERS if why_not[name] is None
+        }
 
     choice, why = resolve_auto(*auto_cache(config, manifest), candidates)
     log.info("CLIP_PROVIDER=auto -> %s (%s)", choice, why)
     if choice == "openvino" and (gone := unusable(config, artifact_dir, manifest)["openvino"]):
-        log.warning("CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, "
-                    "using cpu: %s", gone)
+        log.warning(
+            "CLIP_PROVIDER=auto: the cached choice openvino cannot run here now, using cpu: %s",
+            gone,
+        )
         return "cpu"
     return choice
 
@@ -274,18 +313,25 @@ def choose_provider(config: ClipConfig, artifact_dir: Path, manifest: Manifest,
 def auto_cache_key(artifact_id: str, threads: int, batch: int) -> dict[str, Any]:
     """What an auto decision depends on: the CPU, the artifact, the libraries, the load."""
     cpu = cpu_features()
-    return {"cpu_model": cpu["cpu_model"],
-            "flags": sorted(f for f, on in cpu["flags"].items() if on),
-            "artifact_id": artifact_id, "onnxruntime": ort.__version__,
-            "openvino_plugin": plugin_version(),
-            "threads": threads, "batch": batch}
+    return {
+        "cpu_model": cpu["cpu_model"],
+        "flags": sorted(f for f, on in cpu["flags"].items() if on),
+        "artifact_id": artifact_id,
+        "onnxruntime": ort.__version__,
+        "openvino_plugin": plugin_version(),
+        "threads": threads,
+        "batch": batch,
+    }
 
 
 def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:
     """Where CLIP_PROVIDER=auto's decision is cached, and the key it is cached under."""
-    return (config.cache_dir / AUTO_CACHE_NAME,
-            auto_cache_key(manifest.artifact_id, config.cpu_threads or physical_cores(),
-                           config.batch_size))
+    return (
+        config.cache_dir / AUTO_CACHE_NAME,
+        auto_cache_key(
+            manifest.artifact_id, config.cpu_threads or physical_cores(), config.batch_size
+        ),
+    )
 
 
 def _key_text(key: dict[str, Any]) -> str:
@@ -304,13 +350,16 @@ def read_auto_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
-def remember_auto_choice(path: Path, key: dict[str, Any], choice: str,
-                         figures: dict[str, float]) -> bool:
+def remember_auto_choice(
+    path: Path, key: dict[str, Any], choice: str, figures: dict[str, float]
+) -> bool:
     """Store a decision atomically; False (and a log line) when the cache is not writable."""
     entries = read_auto_cache(path)
-    entries[_key_text(key)] = {"choice": choice, "ms_per_image": figures,
-                               "decided_at": dt.datetime.now(dt.timezone.utc)
-                               .isoformat(timespec="seconds")}
+    entries[_key_text(key)] = {
+        "choice": choice,
+        "ms_per_image": figures,
+        "decided_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"version": 1, "entries": entries})
@@ -320,8 +369,9 @@ def remember_auto_choice(path: Path, key: dict[str, Any], choice: str,
     return True
 
 
-def remember_measured(config: ClipConfig, manifest: Manifest, figures: dict[str, float], *,
-                      write: bool = True) -> tuple[str, Path, dict[str, Any], bool]:
+def remember_measured(
+    config: ClipConfig, manifest: Manifest, figures: dict[str, float], *, write: bool = True
+) -> tuple[str, Path, dict[str, Any], bool]:
     """Decide from ms/image measured elsewhere (``heimdex-clip bench``); remember it if
     ``write``. Returns (choice, cache path, cache key, whether the cache was written)."""
     choice = min(figures, key=figures.__getitem__) if figures else "cpu"
@@ -338,9 +388,11 @@ def _writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
-def resolve_auto(cache_path: Path, key: dict[str, Any],
-                 find_candidates: Callable[[], dict[str, Callable[[], float]]]
-                 ) -> tuple[str, str]:
+def resolve_auto(
+    cache_path: Path,
+    key: dict[str, Any],
+    find_candidates: Callable[[], dict[str, Callable[[], float]]],
+) -> tuple[str, str]:
     """(provider, why) for CLIP_PROVIDER=auto.
 
     A decision cached for ``key`` is used as it is: discovering the OpenVINO device alone
@@ -357,10 +409,13 @@ def resolve_auto(cache_path: Path, key: dict[str, Any],
     candidates = find_candidates()
     writable = _writable_dir(cache_path.parent)
     if len(candidates) > 1 and not writable:
-        log.warning("CLIP_PROVIDER=auto: the cache directory %s is not writable, so the "
-                    "providers are not measured on every start; using cpu. Set "
-                    "CLIP_CACHE_DIR to a writable directory (or run `heimdex-clip bench` "
-                    "where it is), or set CLIP_PROVIDER explicitly", cache_path.parent)
+        log.warning(
+            "CLIP_PROVIDER=auto: the cache directory %s is not writable, so the "
+            "providers are not measured on every start; using cpu. Set "
+            "CLIP_CACHE_DIR to a writable directory (or run `heimdex-clip bench` "
+            "where it is), or set CLIP_PROVIDER explicitly",
+            cache_path.parent,
+        )
         return "cpu", f"cache directory {cache_path.parent} not writable"
     figures: dict[str, float] = {}
     if len(candidates) > 1:

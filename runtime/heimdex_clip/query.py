@@ -43,18 +43,24 @@ class QueryPart:
     def __post_init__(self) -> None:
         if self.kind not in PART_KINDS:
             raise QueryError(f"a query part is one of {PART_KINDS}, got {self.kind!r}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
-                or not math.isfinite(self.weight) or self.weight == 0:
-            raise QueryError(f"a query part's weight must be a finite non-zero number, "
-                             f"got {self.weight!r}")
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
+            or not math.isfinite(self.weight)
+            or self.weight == 0
+        ):
+            raise QueryError(
+                f"a query part's weight must be a finite non-zero number, got {self.weight!r}"
+            )
         if self.kind == "text" and not isinstance(self.value, str):
             raise QueryError(f"a text part's value is a str, got {type(self.value).__name__}")
         if self.kind == "scene":
             try:  # frozen: the parsed id replaces the text once, here
                 object.__setattr__(self, "value", uuid.UUID(str(self.value)))
             except ValueError:
-                raise QueryError(f"a scene part's value is a scene id (UUID), "
-                                 f"got {self.value!r}") from None
+                raise QueryError(
+                    f"a scene part's value is a scene id (UUID), got {self.value!r}"
+                ) from None
 
     def describe(self) -> str:
         """A short label for logs and result pages, e.g. ``-0.5 x text 'people'``."""
@@ -78,11 +84,11 @@ def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float64)
     weights_array = np.asarray(weights, dtype=np.float64)
     if vectors.ndim != 2 or len(vectors) == 0:
-        raise QueryError(f"combine needs vectors of shape [N, D] with N >= 1, "
-                         f"got {vectors.shape}")
+        raise QueryError(f"combine needs vectors of shape [N, D] with N >= 1, got {vectors.shape}")
     if weights_array.shape != (len(vectors),):
-        raise QueryError(f"{len(vectors)} vectors need {len(vectors)} weights, "
-                         f"got {weights_array.shape}")
+        raise QueryError(
+            f"{len(vectors)} vectors need {len(vectors)} weights, got {weights_array.shape}"
+        )
     if not (np.isfinite(vectors).all() and np.isfinite(weights_array).all()):
         raise QueryError("combine got a non-finite vector or weight")
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -98,8 +104,10 @@ def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     scale = float(np.abs(total).max())
     norm = scale * float(np.linalg.norm(total / scale)) if scale > 0 else 0.0
     if not norm >= _MIN_NORM:
-        raise QueryError("the query's parts cancel out (their weighted sum is ~0): "
-                         "change a weight or drop a part")
+        raise QueryError(
+            "the query's parts cancel out (their weighted sum is ~0): "
+            "change a weight or drop a part"
+        )
     unit = total / scale
     result = (unit / np.linalg.norm(unit)).astype(np.float32)
     if problem := vector_problem(result):

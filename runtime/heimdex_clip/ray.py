@@ -47,16 +47,23 @@ class ClipBatchEmbedder:
     resolves relative frame paths.
     """
 
-    def __init__(self, model_dir: str, settings: Mapping[str, Any] | None = None,
-                 frame_root: str | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        settings: Mapping[str, Any] | None = None,
+        frame_root: str | None = None,
+    ) -> None:
         config = ClipConfig.from_env().replace(model_dir=Path(model_dir), **(settings or {}))
         self.embedder = ClipEmbedder(config=config).load()
         self.frame_root = Path(frame_root) if frame_root else None
 
     def _sources(self, batch: Mapping[str, np.ndarray]) -> tuple[list[Any], list[str | None]]:
         if "image" in batch:
-            names: list[str | None] = ([str(p) for p in batch["frame_path"]]
-                                       if "frame_path" in batch else [None] * len(batch["image"]))
+            names: list[str | None] = (
+                [str(p) for p in batch["frame_path"]]
+                if "frame_path" in batch
+                else [None] * len(batch["image"])
+            )
             return [bytes(b) for b in batch["image"]], names
         paths = [str(p) for p in batch["frame_path"]]
         if self.frame_root is None:
@@ -81,10 +88,16 @@ class ClipBatchEmbedder:
         return out
 
 
-def embed_dataset(dataset: ray.data.Dataset, model_dir: str | Path, *, actors: int = 1,
-                  batch_size: int = 32, cpus_per_actor: float = 1.0,
-                  settings: Mapping[str, Any] | None = None,
-                  frame_root: str | Path | None = None) -> ray.data.Dataset:
+def embed_dataset(
+    dataset: ray.data.Dataset,
+    model_dir: str | Path,
+    *,
+    actors: int = 1,
+    batch_size: int = 32,
+    cpus_per_actor: float = 1.0,
+    settings: Mapping[str, Any] | None = None,
+    frame_root: str | Path | None = None,
+) -> ray.data.Dataset:
     """``dataset`` mapped through an actor pool of ``actors`` :class:`ClipBatchEmbedder`.
 
     Each actor runs ONNX Runtime on ``cpus_per_actor`` threads (unless ``settings`` says
@@ -95,11 +108,15 @@ def embed_dataset(dataset: ray.data.Dataset, model_dir: str | Path, *, actors: i
     threads = {"cpu_threads": max(1, int(cpus_per_actor))}
     return dataset.map_batches(
         ClipBatchEmbedder,
-        fn_constructor_kwargs={"model_dir": str(model_dir),
-                               "settings": {**threads, **(settings or {})},
-                               "frame_root": str(frame_root) if frame_root else None},
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir),
+            "settings": {**threads, **(settings or {})},
+            "frame_root": str(frame_root) if frame_root else None,
+        },
         compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=cpus_per_actor,
         # No remote args: Ray Data's actor pools already replace a dead actor and run its
         # batch again (max_restarts=-1, max_task_retries=-1 by default; a test kills one).
     )
@@ -112,5 +129,6 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )

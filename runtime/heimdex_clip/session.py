@@ -63,48 +63,68 @@ class SessionInfo:
     openvino_config: dict[str, Any] | None = None
 
 
-def build_session(model: Path | bytes,
-                  setup: ProviderSetup) -> tuple[ort.InferenceSession, SessionInfo]:
+def build_session(
+    model: Path | bytes, setup: ProviderSetup
+) -> tuple[ort.InferenceSession, SessionInfo]:
     """An inference session for ``model`` (a path or the verified bytes of the graph)."""
     source = str(model) if isinstance(model, Path) else model
     if setup.provider == "openvino" and setup.device == "cpu":
         try:
             session = ort.InferenceSession(source, setup.session_options())
         except Exception as exc:  # the plugin refuses this device or this graph
-            log.warning("CLIP_PROVIDER=openvino cannot run here, using the cpu provider: %s",
-                        exc)
+            log.warning("CLIP_PROVIDER=openvino cannot run here, using the cpu provider: %s", exc)
         else:
             ran = session.get_providers()
             if OPENVINO_EP in ran:
                 log.debug("ONNX Runtime session: %s", setup.describe())
-                return session, SessionInfo(providers=ran, device="cpu",
-                                            intra_op_threads=setup.intra_op_threads,
-                                            memory_arena=setup.memory_arena,
-                                            provider="openvino",
-                                            openvino_config=setup.provider_options)
+                return session, SessionInfo(
+                    providers=ran,
+                    device="cpu",
+                    intra_op_threads=setup.intra_op_threads,
+                    memory_arena=setup.memory_arena,
+                    provider="openvino",
+                    openvino_config=setup.provider_options,
+                )
             log.warning("the OpenVINO EP took no part of the graph; using the cpu provider")
     setup = setup.on_cpu()  # ONNX Runtime's own providers (CPU, or CUDA for CLIP_DEVICE=cuda)
     providers, actual_device = resolve_providers(setup.device)
     options = setup.session_options()
     session = ort.InferenceSession(source, options, providers=providers)
     log.debug("ONNX Runtime session: %s", setup.describe())
-    info = SessionInfo(providers=session.get_providers(), device=actual_device,
-                       intra_op_threads=options.intra_op_num_threads,
-                       memory_arena=setup.memory_arena)
+    info = SessionInfo(
+        providers=session.get_providers(),
+        device=actual_device,
+        intra_op_threads=options.intra_op_num_threads,
+        memory_arena=setup.memory_arena,
+    )
     return session, info
 
 
-def create_session(model: Path | bytes, *, device: str = "cpu", threads: int | None = None,
-                   memory_arena: bool = True, provider: str = "cpu",
-                   precision_hint: str = "f32") -> tuple[ort.InferenceSession, SessionInfo]:
+def create_session(
+    model: Path | bytes,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    memory_arena: bool = True,
+    provider: str = "cpu",
+    precision_hint: str = "f32",
+) -> tuple[ort.InferenceSession, SessionInfo]:
     """:func:`build_session` with the setup given as keywords (the historical signature)."""
-    return build_session(model, ProviderSetup(provider=provider, device=device, threads=threads,
-                                              memory_arena=memory_arena,
-                                              precision_hint=precision_hint))
+    return build_session(
+        model,
+        ProviderSetup(
+            provider=provider,
+            device=device,
+            threads=threads,
+            memory_arena=memory_arena,
+            precision_hint=precision_hint,
+        ),
+    )
 
 
-def open_graph(artifact_dir: Path, entry: FileEntry,
-               setup: ProviderSetup) -> tuple[ort.InferenceSession, SessionInfo]:
+def open_graph(
+    artifact_dir: Path, entry: FileEntry, setup: ProviderSetup
+) -> tuple[ort.InferenceSession, SessionInfo]:
     """A session for one artifact file, from bytes verified against the manifest (size,
     sha256) before ONNX Runtime parses them; ArtifactError when it cannot be loaded."""
     path = artifact_dir / entry.path

@@ -34,8 +34,10 @@ def get_embedder(config: ClipConfig | None = None) -> ClipEmbedder | None:
         if _instance is None:
             _instance = ClipEmbedder(config=cfg)
         elif _instance.config != cfg:
-            raise ConfigError("the process-wide CLIP embedder already exists with another "
-                              "configuration; call reset_embedder() before switching")
+            raise ConfigError(
+                "the process-wide CLIP embedder already exists with another "
+                "configuration; call reset_embedder() before switching"
+            )
         return _instance
 
 

@@ -36,8 +36,10 @@ log = logging.getLogger("heimdex_clip")
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "text_embeds"
 RAW_OUTPUT_NAME = "text_features"
-NO_TEXT_TOWER = ("this artifact has no text tower (exported without one); re-export it with "
-                 "a current heimdex_clip_export to search by text")
+NO_TEXT_TOWER = (
+    "this artifact has no text tower (exported without one); re-export it with "
+    "a current heimdex_clip_export to search by text"
+)
 
 
 def active_length(ids: np.ndarray) -> int:
@@ -71,22 +73,29 @@ class TextSpec:
             tok = require_dict(section["tokenizer"], "text.tokenizer")
             specials = tok["special_tokens"]
             if not isinstance(specials, list):
-                raise ArtifactError("malformed manifest: text.tokenizer.special_tokens must "
-                                    "be a list")
-            spec = cls(graph_key=key,
-                       context_length=require_int(tok["context_length"],
-                                                  "text.tokenizer.context_length", 2, 4096),
-                       special_tokens=tuple(require_str(t, "text.tokenizer.special_tokens")
-                                            for t in specials),
-                       token_dtype=require_str(section.get("token_dtype", "int64"),
-                                               "text.token_dtype"),
-                       cut_to_longest=require_bool(section.get("cut_to_longest", False),
-                                                   "text.cut_to_longest"))
+                raise ArtifactError(
+                    "malformed manifest: text.tokenizer.special_tokens must be a list"
+                )
+            spec = cls(
+                graph_key=key,
+                context_length=require_int(
+                    tok["context_length"], "text.tokenizer.context_length", 2, 4096
+                ),
+                special_tokens=tuple(
+                    require_str(t, "text.tokenizer.special_tokens") for t in specials
+                ),
+                token_dtype=require_str(section.get("token_dtype", "int64"), "text.token_dtype"),
+                cut_to_longest=require_bool(
+                    section.get("cut_to_longest", False), "text.cut_to_longest"
+                ),
+            )
         except KeyError as exc:
             raise ArtifactError(f"malformed text section in the manifest: {exc}") from exc
         if spec.token_dtype not in ("int32", "int64") or not 2 <= spec.context_length <= 4096:
-            raise ArtifactError(f"the manifest's text section asks for {spec.token_dtype} ids "
-                                f"and {spec.context_length} positions; not a CLIP text tower")
+            raise ArtifactError(
+                f"the manifest's text section asks for {spec.token_dtype} ids "
+                f"and {spec.context_length} positions; not a CLIP text tower"
+            )
         return spec
 
 
@@ -114,26 +123,39 @@ class TextTower:
     altered or unloadable.
     """
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, config: ClipConfig,
-                 cache_size: int = 256, pinned: PinnedFiles | None = None) -> None:
+    def __init__(
+        self,
+        artifact_dir: Path,
+        manifest: Manifest,
+        config: ClipConfig,
+        cache_size: int = 256,
+        pinned: PinnedFiles | None = None,
+    ) -> None:
         self.spec = TextSpec.from_manifest(manifest, config.precision)
         self.config = config
         self.embed_dim = manifest.model.embed_dim
         self.entry = manifest.file(self.spec.graph_key)
         tokenizer_entry = manifest.file("tokenizer")
+
         def fd(path: str) -> int | None:
             return pinned.fd(path) if pinned is not None else None
 
-        tokenizer_json = read_verified(artifact_dir / tokenizer_entry.path, tokenizer_entry,
-                                       fd(tokenizer_entry.path))
+        tokenizer_json = read_verified(
+            artifact_dir / tokenizer_entry.path, tokenizer_entry, fd(tokenizer_entry.path)
+        )
         try:
-            self.tokenizer = ClipTokenizer(tokenizer_json.decode("utf-8"),
-                                           self.spec.context_length, self.spec.special_tokens)
-            with verified_source(artifact_dir / self.entry.path, self.entry,
-                                 fd(self.entry.path)) as graph:
+            self.tokenizer = ClipTokenizer(
+                tokenizer_json.decode("utf-8"), self.spec.context_length, self.spec.special_tokens
+            )
+            with verified_source(
+                artifact_dir / self.entry.path, self.entry, fd(self.entry.path)
+            ) as graph:
                 self.session, self.session_info = create_session(
-                    graph, device=config.device, threads=config.cpu_threads,
-                    memory_arena=config.memory_arena)
+                    graph,
+                    device=config.device,
+                    threads=config.cpu_threads,
+                    memory_arena=config.memory_arena,
+                )
         except (TextError, ArtifactError):
             raise
         except Exception as exc:  # tokenizers / ONNX Runtime raise their own types
@@ -142,29 +164,38 @@ class TextTower:
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if inputs != {INPUT_NAME} or self.output_name not in outputs:
-            raise ArtifactError(f"{self.entry.path} takes {sorted(inputs)} and gives "
-                                f"{sorted(outputs)}; a text tower takes {INPUT_NAME!r} and "
-                                f"gives {self.output_name!r}; re-export the model")
+            raise ArtifactError(
+                f"{self.entry.path} takes {sorted(inputs)} and gives "
+                f"{sorted(outputs)}; a text tower takes {INPUT_NAME!r} and "
+                f"gives {self.output_name!r}; re-export the model"
+            )
         self.precision = self.entry.precision
         self.cache = EmbeddingCache(cache_size)
-        log.info("CLIP text tower loaded: %s (%s, %s ids)", self.entry.path, self.precision,
-                 self.spec.token_dtype)
+        log.info(
+            "CLIP text tower loaded: %s (%s, %s ids)",
+            self.entry.path,
+            self.precision,
+            self.spec.token_dtype,
+        )
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """open_clip.tokenize's ids: int64 [N, context_length]; TextError for bad input."""
         return self.tokenizer(texts)
 
-    def embed_ids(self, ids: np.ndarray, run_options: ort.RunOptions | None = None
-                  ) -> np.ndarray:
+    def embed_ids(self, ids: np.ndarray, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """Run the graph on token ids [N, context_length] (one batch); float32 [N, D]."""
         if self.spec.cut_to_longest:
-            ids = ids[:, :active_length(ids)]
+            ids = ids[:, : active_length(ids)]
         feed = {INPUT_NAME: np.ascontiguousarray(ids, dtype=self.spec.token_dtype)}
         out = self.session.run([self.output_name], feed, run_options)[0]
         return np.ascontiguousarray(out, dtype=np.float32)
 
-    def embed(self, texts: Sequence[str], batch_size: int | None = None,
-              run_options: ort.RunOptions | None = None) -> np.ndarray:
+    def embed(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        run_options: ort.RunOptions | None = None,
+    ) -> np.ndarray:
         """Embed every text, float32 [N, D]; raises TextError for bad input.
 
         Texts are batched by length (each batch is cut to its longest text, so short
@@ -178,7 +209,7 @@ class TextTower:
         out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
         order = np.argsort(ids.argmax(axis=1), kind="stable")
         for start in range(0, len(order), batch):
-            rows = order[start:start + batch]
+            rows = order[start : start + batch]
             out[rows] = self.embed_ids(ids[rows], run_options)
         return check_vectors(out, "text")
 
@@ -197,8 +228,10 @@ class TextTower:
 
     def describe(self) -> dict[str, Any]:
         """What ``heimdex-clip info`` prints about the text tower."""
-        return {"graph": self.entry.path, "precision": self.precision,
-                "token_dtype": self.spec.token_dtype,
-                "context_length": self.spec.context_length,
-                "threads": self.session_info.intra_op_threads}
-
+        return {
+            "graph": self.entry.path,
+            "precision": self.precision,
+            "token_dtype": self.spec.token_dtype,
+            "context_length": self.spec.context_length,
+            "threads": self.session_info.intra_op_threads,
+        }

@@ -32,15 +32,16 @@ def clean_text(text: str) -> str:
 def check_texts(texts: Sequence[str]) -> list[str]:
     """``texts`` as a list of strings, or TextError naming the first bad one."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-        raise TextError("expected a sequence of texts (a list of str), got "
-                        f"{type(texts).__name__}")
+        raise TextError(f"expected a sequence of texts (a list of str), got {type(texts).__name__}")
     out = list(texts)
     for i, text in enumerate(out):
         if not isinstance(text, str):
             raise TextError(f"text {i} is {type(text).__name__}, not str")
         if len(text) > MAX_TEXT_CHARS:
-            raise TextError(f"text {i} has {len(text)} characters; the limit is "
-                            f"{MAX_TEXT_CHARS} (only the first ~75 tokens are used anyway)")
+            raise TextError(
+                f"text {i} has {len(text)} characters; the limit is "
+                f"{MAX_TEXT_CHARS} (only the first ~75 tokens are used anyway)"
+            )
     return out
 
 
@@ -53,8 +54,9 @@ class ClipTokenizer:
         special_tokens: the start- and end-of-text strings.
     """
 
-    def __init__(self, tokenizer_json: str, context_length: int,
-                 special_tokens: Sequence[str]) -> None:
+    def __init__(
+        self, tokenizer_json: str, context_length: int, special_tokens: Sequence[str]
+    ) -> None:
         self._tok = Tokenizer.from_str(tokenizer_json)
         self.context_length = context_length
         self._specials = tuple(special_tokens)
@@ -62,8 +64,10 @@ class ClipTokenizer:
         self._split = self._tok.pre_tokenizer[0]
         truncation = self._tok.truncation or {}
         padding = self._tok.padding or {}
-        if truncation.get("max_length") != context_length or padding.get("length") != \
-                context_length:
+        if (
+            truncation.get("max_length") != context_length
+            or padding.get("length") != context_length
+        ):
             raise TextError(f"tokenizer.json does not truncate and pad to {context_length}")
 
     def _ids(self, cleaned: str) -> list[int]:

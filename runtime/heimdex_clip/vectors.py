@@ -43,13 +43,16 @@ def check_vectors(vectors: np.ndarray, what: str) -> np.ndarray:
     """``vectors`` [N, D] unchanged; InvalidVectorError naming the first bad row."""
     array = np.asarray(vectors)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        raise InvalidVectorError(f"{what}: expected float vectors [N, D], got "
-                                 f"{array.dtype} {array.shape}")
+        raise InvalidVectorError(
+            f"{what}: expected float vectors [N, D], got {array.dtype} {array.shape}"
+        )
     finite, norms = _problems(array)
     bad = ~finite | ~(norms >= MIN_NORM)
     if bad.any():
         row = int(np.argmax(bad))
-        raise InvalidVectorError(f"{what} #{row}: the model's vector "
-                                 f"{vector_problem(array[row])}; refused (the artifact or the "
-                                 "input is broken)")
+        raise InvalidVectorError(
+            f"{what} #{row}: the model's vector "
+            f"{vector_problem(array[row])}; refused (the artifact or the "
+            "input is broken)"
+        )
     return vectors

@@ -49,6 +49,7 @@ class ListedFile(Protocol):
     @property
     def sha256(self) -> str: ...
 
+
 _CHUNK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -58,9 +59,13 @@ def _missing(path: Path) -> ArtifactError:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -81,11 +86,12 @@ def open_inside(artifact_dir: Path, relative: str) -> int:
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError) as exc:  # a link loop, a component that is a file...
-        raise ArtifactError(f"artifact file entry {relative!r} cannot be resolved: {exc}") \
-            from None
+        raise ArtifactError(f"artifact file entry {relative!r} cannot be resolved: {exc}") from None
     if not real.is_relative_to(root):
-        raise ArtifactError(f"artifact file entry {relative!r} resolves to {real}, outside "
-                            f"the artifact directory {root}; refused")
+        raise ArtifactError(
+            f"artifact file entry {relative!r} resolves to {real}, outside "
+            f"the artifact directory {root}; refused"
+        )
     try:
         fd = os.open(real, _OPEN_FLAGS)
     except FileNotFoundError:
@@ -95,17 +101,19 @@ def open_inside(artifact_dir: Path, relative: str) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise ArtifactError(f"artifact file entry {relative!r} ({real}) is {_kind(mode)}, "
-                            "not a regular file; refused")
+        raise ArtifactError(
+            f"artifact file entry {relative!r} ({real}) is {_kind(mode)}, "
+            "not a regular file; refused"
+        )
     return fd
 
 
 def _root_of(path: Path, entry: ListedFile) -> Path:
     """The artifact directory of ``path`` = ``<artifact dir>/<entry.path>``."""
     parts = PurePosixPath(safe_relative_path(entry.path, "a file entry's path")).parts
-    if Path(path).parts[-len(parts):] != parts:
+    if Path(path).parts[-len(parts) :] != parts:
         raise ArtifactError(f"{path} is not the file of the entry {entry.path!r}")
-    return Path(*Path(path).parts[:-len(parts)])  # Path() is "." for a bare file name
+    return Path(*Path(path).parts[: -len(parts)])  # Path() is "." for a bare file name
 
 
 def open_entry(path: Path, entry: ListedFile) -> int:
@@ -133,14 +141,18 @@ def check_files(artifact_dir: Path, entries: Iterable[ListedFile]) -> None:
 
 def _check_size(path: Path, size: int, entry: ListedFile) -> None:
     if size != entry.bytes:
-        raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry.bytes}: "
-                            "truncated or replaced; re-export the model")
+        raise ArtifactError(
+            f"{path} has {size} bytes, the manifest says {entry.bytes}: "
+            "truncated or replaced; re-export the model"
+        )
 
 
 def _check_digest(path: Path, digest: str, size: int, entry: ListedFile) -> None:
     if size != entry.bytes or digest != entry.sha256:
-        raise ArtifactError(f"sha256 mismatch for {path}: expected {entry.sha256}, got "
-                            f"{digest}; the file was modified or corrupted; re-export")
+        raise ArtifactError(
+            f"sha256 mismatch for {path}: expected {entry.sha256}, got "
+            f"{digest}; the file was modified or corrupted; re-export"
+        )
 
 
 def _chunks(fd: int, limit: int) -> Iterator[bytes]:
@@ -185,8 +197,7 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def verified_source(path: Path, entry: ListedFile,
-                    fd: int | None = None) -> Iterator[Path | bytes]:
+def verified_source(path: Path, entry: ListedFile, fd: int | None = None) -> Iterator[Path | bytes]:
     """Something ONNX Runtime can load that holds exactly the checked bytes of ``path``.
 
     Use it around the session's creation: the file is re-checked for writes when the block
@@ -209,8 +220,10 @@ def verified_source(path: Path, entry: ListedFile,
         _check_digest(path, digest.hexdigest(), size, entry)
         yield proc_path
         if _stamp(os.fstat(fd)) != _stamp(before):
-            raise ArtifactError(f"{path} was written to while it was being loaded; load again, "
-                                "and do not modify an installed artifact (re-export instead)")
+            raise ArtifactError(
+                f"{path} was written to while it was being loaded; load again, "
+                "and do not modify an installed artifact (re-export instead)"
+            )
     finally:
         if owned:
             os.close(fd)

@@ -42,16 +42,22 @@ ScenePart = ImageSource | tuple[ImageSource, float]
 class WorkerEmbedder:
     """Never-raising embedding calls over a :class:`~heimdex_clip.loading.ModelSlot`."""
 
-    def __init__(self, slot: ModelSlot, pipeline: FramePipeline, runner: DeadlineRunner,
-                 config: ClipConfig) -> None:
+    def __init__(
+        self, slot: ModelSlot, pipeline: FramePipeline, runner: DeadlineRunner, config: ClipConfig
+    ) -> None:
         self._slot = slot
         self._pipeline = pipeline
         self._runner = runner
         self.config = config
 
-    def embed_frame(self, image: ImageSource, *, frame_path: str | None = None,
-                    frame_quality: float | dict | None = None,
-                    scene: str | int | None = None) -> EmbeddingResult:
+    def embed_frame(
+        self,
+        image: ImageSource,
+        *,
+        frame_path: str | None = None,
+        frame_quality: float | dict | None = None,
+        scene: str | int | None = None,
+    ) -> EmbeddingResult:
         """Embed one frame. Never raises.
 
         The CLIP_TIMEOUT_S budget covers decode, preprocessing and inference (the one-off
@@ -61,18 +67,25 @@ class WorkerEmbedder:
         """
         prefix = f"Scene {scene}: " if scene is not None else ""
         log.info("%sGenerating CLIP embedding from best frame", prefix)
-        result = self.embed_frames([image], frame_paths=[frame_path],
-                                   frame_qualities=[frame_quality])[0]
+        result = self.embed_frames(
+            [image], frame_paths=[frame_path], frame_qualities=[frame_quality]
+        )[0]
         if result.ok:
             assert result.embedding is not None
-            log.info("%sCLIP embedding created (dim=%d, time=%.1fms)", prefix,
-                     result.embedding.shape[0], result.metadata["inference_time_ms"])
+            log.info(
+                "%sCLIP embedding created (dim=%d, time=%.1fms)",
+                prefix,
+                result.embedding.shape[0],
+                result.metadata["inference_time_ms"],
+            )
         return result
 
-    def embed_frames(self, images: Sequence[ImageSource],
-                     frame_paths: Sequence[str | None] | None = None,
-                     frame_qualities: Sequence[float | dict | None] | None = None
-                     ) -> list[EmbeddingResult]:
+    def embed_frames(
+        self,
+        images: Sequence[ImageSource],
+        frame_paths: Sequence[str | None] | None = None,
+        frame_qualities: Sequence[float | dict | None] | None = None,
+    ) -> list[EmbeddingResult]:
         """Batched: one result per frame, in order, failures isolated per frame.
 
         Frames from many scenes can go through one call: they share model runs of up to
@@ -84,58 +97,79 @@ class WorkerEmbedder:
         try:
             items = self._frames(images, frame_paths, frame_qualities)
         except InvalidArgument as exc:
-            count = len(images) if isinstance(images, Sequence) and not isinstance(
-                images, (str, bytes)) else 1
-            return [failure(identity(), frame_path=None, error=f"Invalid call: {exc}")
-                    for _ in range(count)]
+            count = (
+                len(images)
+                if isinstance(images, Sequence) and not isinstance(images, (str, bytes))
+                else 1
+            )
+            return [
+                failure(identity(), frame_path=None, error=f"Invalid call: {exc}")
+                for _ in range(count)
+            ]
         frames = [f for f in items if isinstance(f, Frame)]
         if not frames:
             return items  # type: ignore[return-value]
         try:
             model = self._slot.load()
         except ClipError as exc:
-            embedded = [failure(identity(), frame_path=f.path,
-                                error=f"Model load failed: {exc}") for f in frames]
+            embedded = [
+                failure(identity(), frame_path=f.path, error=f"Model load failed: {exc}")
+                for f in frames
+            ]
         else:
             try:
                 embedded = self._pipeline.embed(model, frames)
             except Exception as exc:  # a bug must cost these frames, never the worker
                 log.exception("CLIP pipeline failed")
-                embedded = [failure(model.identity, frame_path=f.path,
-                                    error=f"{type(exc).__name__}: {exc}") for f in frames]
+                embedded = [
+                    failure(model.identity, frame_path=f.path, error=f"{type(exc).__name__}: {exc}")
+                    for f in frames
+                ]
         done = iter(embedded)
         return [next(done) if isinstance(item, Frame) else item for item in items]
 
-    def _frames(self, images: Sequence[ImageSource],
-                frame_paths: Sequence[str | None] | None,
-                frame_qualities: Sequence[float | dict | None] | None
-                ) -> list[Frame | EmbeddingResult]:
+    def _frames(
+        self,
+        images: Sequence[ImageSource],
+        frame_paths: Sequence[str | None] | None,
+        frame_qualities: Sequence[float | dict | None] | None,
+    ) -> list[Frame | EmbeddingResult]:
         """Validate the call; a frame with a bad argument becomes its failure result."""
         images = as_sequence(images, "embed_frames", error=InvalidArgument)
         n = len(images)
         paths = [None] * n if frame_paths is None else list(frame_paths)
         qualities = [None] * n if frame_qualities is None else list(frame_qualities)
         if len(paths) != n or len(qualities) != n:
-            raise InvalidArgument(f"{n} images with {len(paths)} frame_paths and "
-                                  f"{len(qualities)} frame_qualities")
+            raise InvalidArgument(
+                f"{n} images with {len(paths)} frame_paths and {len(qualities)} frame_qualities"
+            )
         items: list[Frame | EmbeddingResult] = []
         for image, given, quality in zip(images, paths, qualities, strict=True):
             path = image if given is None and isinstance(image, (str, Path)) else given
             try:
                 stored_path = storable_path(path)
             except InvalidArgument as exc:
-                items.append(failure(self._slot.identity(), frame_path=None,
-                                     error=f"Invalid argument: {exc}"))
+                items.append(
+                    failure(
+                        self._slot.identity(), frame_path=None, error=f"Invalid argument: {exc}"
+                    )
+                )
                 continue
             try:
                 items.append(Frame(image, stored_path, quality_field(quality)))
             except InvalidArgument as exc:
-                items.append(failure(self._slot.identity(), frame_path=stored_path,
-                                     error=f"Invalid argument: {exc}"))
+                items.append(
+                    failure(
+                        self._slot.identity(),
+                        frame_path=stored_path,
+                        error=f"Invalid argument: {exc}",
+                    )
+                )
         return items
 
-    def embed_scene(self, frames: Sequence[ScenePart], *, top_k: int = 3,
-                    frame_path: str | None = None) -> EmbeddingResult:
+    def embed_scene(
+        self, frames: Sequence[ScenePart], *, top_k: int = 3, frame_path: str | None = None
+    ) -> EmbeddingResult:
         """Multi-frame pooling: mean of the best ``top_k`` frames' embeddings, re-normalised.
 
         ``frames`` are images in best-first order, or ``(image, quality_score)`` pairs (the
@@ -144,9 +178,13 @@ class WorkerEmbedder:
         """
         return self.embed_scenes([frames], top_k=top_k, frame_paths=[frame_path])[0]
 
-    def embed_scenes(self, scenes: Sequence[Sequence[ScenePart]], *, top_k: int = 3,
-                     frame_paths: Sequence[str | None] | None = None
-                     ) -> list[EmbeddingResult]:
+    def embed_scenes(
+        self,
+        scenes: Sequence[Sequence[ScenePart]],
+        *,
+        top_k: int = 3,
+        frame_paths: Sequence[str | None] | None = None,
+    ) -> list[EmbeddingResult]:
         """:meth:`embed_scene` for every scene of a video at once (call it once per video).
 
         The chosen frames of all scenes go through one :meth:`embed_frames` call, so they
@@ -169,11 +207,18 @@ class WorkerEmbedder:
                 plans.append((None, None, f"Invalid argument: {exc}"))
         images = [img for _, chosen, _ in plans for img, _ in (chosen or [])]
         results = iter(self.embed_frames(images))
-        return [pool_scene(identity(), path, chosen, [next(results) for _ in chosen],
-                           normalize=self.config.normalize)
-                if chosen is not None else failure(identity(), frame_path=None,
-                                                   error=error or "")
-                for path, chosen, error in plans]
+        return [
+            pool_scene(
+                identity(),
+                path,
+                chosen,
+                [next(results) for _ in chosen],
+                normalize=self.config.normalize,
+            )
+            if chosen is not None
+            else failure(identity(), frame_path=None, error=error or "")
+            for path, chosen, error in plans
+        ]
 
     def embed_text(self, text: str) -> EmbeddingResult:
         """Embed one query text for a worker or a search endpoint. Never raises.
@@ -190,17 +235,22 @@ class WorkerEmbedder:
         except ClipError as exc:
             return failure(identity(), frame_path=None, error=f"Model load failed: {exc}")
         except Exception as exc:  # a bug must cost this query, never the worker
-            return failure(identity(), frame_path=None,
-                           error=f"Model load failed: {type(exc).__name__}: {exc}")
+            return failure(
+                identity(), frame_path=None, error=f"Model load failed: {type(exc).__name__}: {exc}"
+            )
         timeout = self.config.timeout_s
         try:
-            vector = self._runner.run(lambda job: tower.embed_one(text, job.run_options),
-                                      timeout)
+            vector = self._runner.run(lambda job: tower.embed_one(text, job.run_options), timeout)
         except JobTimeout:
             log.warning("CLIP text embedding failed: Timeout after %ss", timeout)
             return failure(identity(), frame_path=None, error=f"Timeout after {timeout}s")
         except Exception as exc:  # TextError, an ONNX Runtime failure, MemoryError...
             log.error("CLIP text embedding failed: %s", exc)
             return failure(identity(), frame_path=None, error=f"{type(exc).__name__}: {exc}")
-        return success(identity(), vector, frame_path=None, frame_quality=None,
-                       time_ms=(time.perf_counter() - started) * 1000)
+        return success(
+            identity(),
+            vector,
+            frame_path=None,
+            frame_quality=None,
+            time_ms=(time.perf_counter() - started) * 1000,
+        )

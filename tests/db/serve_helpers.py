@@ -51,8 +51,11 @@ class LiveServer:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -90,15 +93,23 @@ class Owner:
     def token(self, **claims) -> str:
         """An HS256 JWT for this owner, valid five minutes unless ``claims`` say otherwise."""
         body = {"sub": str(self.id), "exp": int(time.time()) + 300, **claims}
-        return jwt.encode({k: v for k, v in body.items() if v is not None}, JWT_SECRET,
-                          algorithm="HS256")
+        return jwt.encode(
+            {k: v for k, v in body.items() if v is not None}, JWT_SECRET, algorithm="HS256"
+        )
 
     def headers(self, kind: str = "key") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key if kind == 'key' else self.token()}"}
 
 
-def add_owner(pool, embedder: ClipEmbedder, photos, media: Path, video: uuid.UUID,
-              *, transcripts: dict[int, str] | None = None) -> Owner:
+def add_owner(
+    pool,
+    embedder: ClipEmbedder,
+    photos,
+    media: Path,
+    video: uuid.UUID,
+    *,
+    transcripts: dict[int, str] | None = None,
+) -> Owner:
     """An owner with one scene per photo (frames saved under ``media``, embedded, with time
     ranges and, for some, transcripts) and an API key."""
     store = SceneStore(pool)
@@ -113,20 +124,29 @@ def add_owner(pool, embedder: ClipEmbedder, photos, media: Path, video: uuid.UUI
         paths.append(path)
     vectors = embedder.embed_images(paths)
     for i, (path, vector) in enumerate(zip(paths, vectors, strict=True)):
-        scene = store.upsert_scene(owner_id, str(path), vector, {}, video_id=video,
-                                   scene_index=i, artifact=embedder.artifact_id)
+        scene = store.upsert_scene(
+            owner_id,
+            str(path),
+            vector,
+            {},
+            video_id=video,
+            scene_index=i,
+            artifact=embedder.artifact_id,
+        )
         with pool.connection() as conn:
-            conn.execute("UPDATE scenes SET start_s = %s, end_s = %s, transcript = %s "
-                         "WHERE id = %s", (i * 10.0, i * 10.0 + 7.5,
-                                           (transcripts or {}).get(i), scene))
+            conn.execute(
+                "UPDATE scenes SET start_s = %s, end_s = %s, transcript = %s WHERE id = %s",
+                (i * 10.0, i * 10.0 + 7.5, (transcripts or {}).get(i), scene),
+            )
         owner.scenes.append(scene)
         owner.frames[scene] = path
     return owner
 
 
 def serve(pool, embedder: ClipEmbedder, media: Path, **settings) -> LiveServer:
-    app = create_app(ServeSettings(media_root=media, jwt_secret=JWT_SECRET, **settings),
-                     embedder, pool)
+    app = create_app(
+        ServeSettings(media_root=media, jwt_secret=JWT_SECRET, **settings), embedder, pool
+    )
     return LiveServer(app)
 
 

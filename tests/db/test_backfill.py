@@ -54,8 +54,7 @@ def frames(photos, tmp_path_factory) -> list[Path]:
 def _seed_scenes(pool, frames, bad: int = 3) -> tuple[dict, list]:
     store = SceneStore(pool)
     owners = [uuid.uuid4(), uuid.uuid4()]
-    scenes = {store.add_scene(owners[i % 2], str(p)): owners[i % 2]
-              for i, p in enumerate(frames)}
+    scenes = {store.add_scene(owners[i % 2], str(p)): owners[i % 2] for i, p in enumerate(frames)}
     junk_dir = frames[0].parent / "junk"
     junk_dir.mkdir(exist_ok=True)
     broken = []
@@ -70,28 +69,46 @@ def _seed_scenes(pool, frames, bad: int = 3) -> tuple[dict, list]:
 
 def _rows(pool):
     with pool.connection() as conn:
-        return conn.execute("SELECT id, embedding_visual_clip IS NOT NULL, "
-                            "visual_clip_attempts, visual_clip_last_error, visual_clip_fault "
-                            "FROM scenes").fetchall()
+        return conn.execute(
+            "SELECT id, embedding_visual_clip IS NOT NULL, "
+            "visual_clip_attempts, visual_clip_last_error, visual_clip_fault "
+            "FROM scenes"
+        ).fetchall()
 
 
 def _writes(pool) -> dict:
     """Embedding writes per scene, counted by a trigger (independent of the backfill)."""
     with pool.connection() as conn:
-        return dict(conn.execute("SELECT scene_id, count(*) FROM embedding_writes "
-                                 "GROUP BY 1").fetchall())
+        return dict(
+            conn.execute("SELECT scene_id, count(*) FROM embedding_writes GROUP BY 1").fetchall()
+        )
 
 
 def _backfill_cmd(artifact_dir: Path, db_url: str, *extra: str) -> tuple[list[str], dict]:
-    env = {**os.environ, "DATABASE_URL": db_url, "CLIP_PRETRAINED": "none",
-           "CLIP_MODEL_DIR": str(artifact_dir), "CLIP_CPU_THREADS": "1"}
-    return [sys.executable, "-m", "heimdex_clip.cli", "backfill", "--quiet", "--all-owners",
-            "--retry-base", "0", *extra], env
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "CLIP_PRETRAINED": "none",
+        "CLIP_MODEL_DIR": str(artifact_dir),
+        "CLIP_CPU_THREADS": "1",
+    }
+    return [
+        sys.executable,
+        "-m",
+        "heimdex_clip.cli",
+        "backfill",
+        "--quiet",
+        "--all-owners",
+        "--retry-base",
+        "0",
+        *extra,
+    ], env
 
 
 def test_backfill_embeds_everything_once_and_records_failures(db_url, frames, artifact_dir):
     pool = open_pool(db_url)
     from heimdex_clip.db.migrate import migrate
+
     migrate(pool)
     scenes, broken = _seed_scenes(pool, frames[:24])
     embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir))
@@ -117,8 +134,9 @@ def test_owner_and_limit_options(pool, frames, artifact_dir):
     scenes, _ = _seed_scenes(pool, frames[:12], bad=0)
     owner = next(iter(scenes.values()))
     embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir))
-    report = run_backfill(pool, embedder, Scope(owner_id=owner), limit=4,
-                          policy=Policy(batch_size=3))
+    report = run_backfill(
+        pool, embedder, Scope(owner_id=owner), limit=4, policy=Policy(batch_size=3)
+    )
     assert report.processed == 4
     done = {r[0] for r in _rows(pool) if r[1]}
     assert len(done) == 4 and all(scenes[s] == owner for s in done)
@@ -127,11 +145,14 @@ def test_owner_and_limit_options(pool, frames, artifact_dir):
 def test_concurrent_processes_split_the_work_exactly_once(db_url, frames, artifact_dir):
     pool = open_pool(db_url)
     from heimdex_clip.db.migrate import migrate
+
     migrate(pool)
     scenes, _ = _seed_scenes(pool, frames, bad=0)
     cmd, env = _backfill_cmd(artifact_dir, db_url, "--batch", "4")
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     rows = _rows(pool)
@@ -146,20 +167,20 @@ def test_concurrent_processes_split_the_work_exactly_once(db_url, frames, artifa
 def test_kill_9_mid_way_loses_nothing_and_repeats_nothing(db_url, frames, artifact_dir):
     pool = open_pool(db_url)
     from heimdex_clip.db.migrate import migrate
+
     migrate(pool)
     scenes, _ = _seed_scenes(pool, frames, bad=0)
     with pool.connection() as conn:
         conn.execute(COUNT_WRITES)
     cmd, env = _backfill_cmd(artifact_dir, db_url, "--batch", "4", "--lease", "3")
-    victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     leased = 0
     while time.monotonic() < deadline:  # kill while it holds a claimed, unwritten batch
         with pool.connection() as conn:
             done, leased = conn.execute(
-                "SELECT count(embedding_visual_clip), count(visual_clip_lease_until) "
-                "FROM scenes").fetchone()
+                "SELECT count(embedding_visual_clip), count(visual_clip_lease_until) FROM scenes"
+            ).fetchone()
         if done >= 8 and leased:
             break
         time.sleep(0.01)
@@ -168,8 +189,13 @@ def test_kill_9_mid_way_loses_nothing_and_repeats_nothing(db_url, frames, artifa
     done_at_kill = sum(1 for r in _rows(pool) if r[1])
     assert 8 <= done_at_kill < len(scenes), "the kill must land mid-way"
     with pool.connection() as conn:  # the batch it held is still leased to the dead worker
-        assert conn.execute("SELECT count(*) FROM scenes WHERE visual_clip_lease_until IS "
-                            "NOT NULL AND embedding_visual_clip IS NULL").fetchone()[0] >= 1
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM scenes WHERE visual_clip_lease_until IS "
+                "NOT NULL AND embedding_visual_clip IS NULL"
+            ).fetchone()[0]
+            >= 1
+        )
     time.sleep(3.5)  # the killed batch's lease expires
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -181,8 +207,9 @@ def test_kill_9_mid_way_loses_nothing_and_repeats_nothing(db_url, frames, artifa
     pool.close()
 
 
-def test_poison_frame_that_kills_its_worker_is_given_up_alone(pool, db_url, frames,
-                                                              artifact_dir, tmp_path):
+def test_poison_frame_that_kills_its_worker_is_given_up_alone(
+    pool, db_url, frames, artifact_dir, tmp_path
+):
     """Whenever a worker holds the poison frame's lease it is SIGKILLed, as the kernel's
     OOM killer does to a worker decoding a frame too big for its memory. The frame is given
     up after MAX_ATTEMPTS worker faults; every other scene, its batch mates included, is
@@ -194,24 +221,27 @@ def test_poison_frame_that_kills_its_worker_is_given_up_alone(pool, db_url, fram
 
     scenes, _ = _seed_scenes(pool, frames[:11], bad=0)
     poison_path = tmp_path / "poison.png"  # big noise: seconds to decode, never finished
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), np.uint8)
-                    ).save(poison_path, compress_level=1)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), np.uint8)).save(
+        poison_path, compress_level=1
+    )
     poison = SceneStore(pool).add_scene(next(iter(scenes.values())), str(poison_path))
     with pool.connection() as conn:
         conn.execute(COUNT_WRITES)
     cmd, env = _backfill_cmd(artifact_dir, db_url, "--batch", "4", "--lease", "2")
     kills = 0
     for _ in range(10):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         done = threading.Event()
 
         def oom_killer(proc=proc, done=done):
             nonlocal kills
             while not done.is_set():
                 with pool.connection() as conn:
-                    holder = conn.execute("SELECT visual_clip_leased_by FROM scenes WHERE "
-                                          "id = %s", (poison,)).fetchone()[0]
+                    holder = conn.execute(
+                        "SELECT visual_clip_leased_by FROM scenes WHERE id = %s", (poison,)
+                    ).fetchone()[0]
                 if holder and holder.endswith(f":{proc.pid}"):
                     os.kill(proc.pid, signal.SIGKILL)
                     kills += 1
@@ -225,9 +255,12 @@ def test_poison_frame_that_kills_its_worker_is_given_up_alone(pool, db_url, fram
         watcher.join()
         assert proc.returncode in (0, -signal.SIGKILL), err
         with pool.connection() as conn:
-            left = conn.execute("SELECT count(*) FROM scenes WHERE embedding_visual_clip IS "
-                                "NULL AND visual_clip_attempts < %s OR visual_clip_lease_until "
-                                "IS NOT NULL", (MAX_ATTEMPTS,)).fetchone()[0]
+            left = conn.execute(
+                "SELECT count(*) FROM scenes WHERE embedding_visual_clip IS "
+                "NULL AND visual_clip_attempts < %s OR visual_clip_lease_until "
+                "IS NOT NULL",
+                (MAX_ATTEMPTS,),
+            ).fetchone()[0]
         if proc.returncode == 0 and left == 0:
             break
         time.sleep(2.2)  # the killed worker's lease expires
@@ -239,8 +272,9 @@ def test_poison_frame_that_kills_its_worker_is_given_up_alone(pool, db_url, fram
     assert _writes(pool) == dict.fromkeys(scenes, 1)  # once each, the poison never
 
 
-def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(pool, db_url, frames,
-                                                                    artifact_dir):
+def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(
+    pool, db_url, frames, artifact_dir
+):
     import socket
     import urllib.request
 
@@ -248,11 +282,22 @@ def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(pool, db_url
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd, env = _backfill_cmd(artifact_dir, db_url, "--follow", "--batch", "4",
-                             "--idle-max", "0.5", "--stats-interval", "1",
-                             "--metrics-port", str(port))
-    worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    cmd, env = _backfill_cmd(
+        artifact_dir,
+        db_url,
+        "--follow",
+        "--batch",
+        "4",
+        "--idle-max",
+        "0.5",
+        "--stats-interval",
+        "1",
+        "--metrics-port",
+        str(port),
+    )
+    worker = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     store, owner = SceneStore(pool), uuid.uuid4()
 
     def embedded() -> int:
@@ -268,8 +313,9 @@ def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(pool, db_url
         assert embedded() == len(added)
     deadline = time.monotonic() + 30  # the figures refresh every --stats-interval
     while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                      timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
         if "heimdex_clip_availability_ratio 1.0" in text:
             break
         time.sleep(0.5)
@@ -282,8 +328,9 @@ def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(pool, db_url
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with pool.connection() as conn:
-            leased = conn.execute("SELECT array_agg(id) FROM scenes WHERE "
-                                  "visual_clip_lease_until IS NOT NULL").fetchone()[0]
+            leased = conn.execute(
+                "SELECT array_agg(id) FROM scenes WHERE visual_clip_lease_until IS NOT NULL"
+            ).fetchone()[0]
         if leased:
             break
         time.sleep(0.01)
@@ -295,8 +342,12 @@ def test_follow_mode_embeds_new_scenes_and_stops_cleanly_on_sigterm(pool, db_url
     rows = {r[0]: r for r in _rows(pool)}
     assert all(rows[s][1] for s in leased)  # the batch in flight was finished, not dropped
     with pool.connection() as conn:
-        assert conn.execute("SELECT count(*) FROM scenes WHERE visual_clip_lease_until IS "
-                            "NOT NULL").fetchone()[0] == 0
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM scenes WHERE visual_clip_lease_until IS NOT NULL"
+            ).fetchone()[0]
+            == 0
+        )
     done = sum(1 for r in rows.values() if r[1])
     assert f"backfill: {done} embedded, 0 failed" in out
     # The rest of the wave (if any) waits, never claimed, for the next worker.

@@ -40,68 +40,102 @@ def one_line_error(capsys, argv, monkeypatch=None, db_url=None) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--count", "0"], "--count"),
-    (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--count=-1"], "between 1 and"),
-    (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--count", "1e3"],
-     "not an integer"),
-    (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--threshold", "nan"],
-     "--threshold"),
-    (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--threshold", "1.5"],
-     "[-1, 1]"),
-    (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--threshold=-inf"],
-     "[-1, 1]"),
-    (["index", "frames", "--owner", str(uuid.uuid4()), "--batch", "0"], "--batch"),
-    (["backfill", "--all-owners", "--batch", "0"], "--batch"),
-    (["backfill", "--all-owners", "--limit=-1"], "--limit"),
-    (["backfill", "--all-owners", "--limit", "0"], "--limit"),
-    (["backfill", "--all-owners", "--max-attempts", "0"], "--max-attempts"),
-    (["backfill", "--all-owners", "--lease", "0"], "--lease"),
-    (["backfill", "--all-owners", "--retry-base=-2"], "--retry-base"),
-    (["backfill", "--all-owners", "--metrics-port", "70000"], "--metrics-port"),
-    (["backfill", "--all-owners", "--idle-max", "nan"], "--idle-max"),
-    (["db", "migrate", "--lock-timeout=-5"], "--lock-timeout"),
-    (["search", "--image", "q.jpg", "--owner", "not-a-uuid"], "--owner"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--count", "0"], "--count"),
+        (
+            ["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--count=-1"],
+            "between 1 and",
+        ),
+        (
+            ["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--count", "1e3"],
+            "not an integer",
+        ),
+        (
+            ["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--threshold", "nan"],
+            "--threshold",
+        ),
+        (
+            ["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--threshold", "1.5"],
+            "[-1, 1]",
+        ),
+        (
+            ["search", "--image", "q.jpg", "--owner", str(uuid.uuid4()), "--threshold=-inf"],
+            "[-1, 1]",
+        ),
+        (["index", "frames", "--owner", str(uuid.uuid4()), "--batch", "0"], "--batch"),
+        (["backfill", "--all-owners", "--batch", "0"], "--batch"),
+        (["backfill", "--all-owners", "--limit=-1"], "--limit"),
+        (["backfill", "--all-owners", "--limit", "0"], "--limit"),
+        (["backfill", "--all-owners", "--max-attempts", "0"], "--max-attempts"),
+        (["backfill", "--all-owners", "--lease", "0"], "--lease"),
+        (["backfill", "--all-owners", "--retry-base=-2"], "--retry-base"),
+        (["backfill", "--all-owners", "--metrics-port", "70000"], "--metrics-port"),
+        (["backfill", "--all-owners", "--idle-max", "nan"], "--idle-max"),
+        (["db", "migrate", "--lock-timeout=-5"], "--lock-timeout"),
+        (["search", "--image", "q.jpg", "--owner", "not-a-uuid"], "--owner"),
+    ],
+)
 def test_numeric_and_typed_arguments_have_ranges(capsys, argv, says):
     line = one_line_error(capsys, argv)
     assert says in line and "error" in line
 
 
-def test_commands_on_a_never_migrated_database_name_the_fix(capsys, monkeypatch, db_url,
-                                                            artifact_dir):
+def test_commands_on_a_never_migrated_database_name_the_fix(
+    capsys, monkeypatch, db_url, artifact_dir
+):
     monkeypatch.setenv("CLIP_MODEL_DIR", str(artifact_dir))
     monkeypatch.setenv("CLIP_PRETRAINED", "none")
     owner = str(uuid.uuid4())
-    for argv in (["stats", "--all-owners"], ["stats", "--owner", owner],
-                 ["search", "--scene", owner, "--owner", owner],
-                 ["backfill", "--all-owners"], ["index", str(artifact_dir), "--owner", owner]):
+    for argv in (
+        ["stats", "--all-owners"],
+        ["stats", "--owner", owner],
+        ["search", "--scene", owner, "--owner", owner],
+        ["backfill", "--all-owners"],
+        ["index", str(artifact_dir), "--owner", owner],
+    ):
         line = one_line_error(capsys, argv, monkeypatch, db_url)
         assert "never migrated" in line and "heimdex-clip db migrate" in line, line
     with psycopg.connect(db_url) as conn:  # and nothing was created behind our back
-        assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'"
-                            ).fetchone()[0] == 0
+        assert (
+            conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+            == 0
+        )
         assert conn.execute("SELECT to_regclass('scenes')").fetchone()[0] is None
 
 
 def test_unreachable_database_is_one_line(capsys, monkeypatch):
-    line = one_line_error(capsys, ["stats", "--all-owners"], monkeypatch,
-                          "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1")
+    line = one_line_error(
+        capsys,
+        ["stats", "--all-owners"],
+        monkeypatch,
+        "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1",
+    )
     assert "cannot connect to the database" in line
 
 
 def _png_header_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
-def test_unshowable_result_frames_are_shown_missing(pool, db_url, artifact_dir, photos,
-                                                    tmp_path):
+def test_unshowable_result_frames_are_shown_missing(pool, db_url, artifact_dir, photos, tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()
     names = []
@@ -118,8 +152,11 @@ def test_unshowable_result_frames_are_shown_missing(pool, db_url, artifact_dir, 
     os.mkfifo(names[1])
     names[2].write_bytes(_png_header_claiming(14_000, 14_000))
     html = tmp_path / "page.html"
-    out = run(["search", "--image", str(query), "--owner", owner, "--html", str(html), "-q"],
-              db_url, artifact_dir)
+    out = run(
+        ["search", "--image", str(query), "--owner", owner, "--html", str(html), "-q"],
+        db_url,
+        artifact_dir,
+    )
     assert f"wrote {html}" in out.stdout
     page = html.read_text()
     assert page.count("frame unreadable") == 2
@@ -134,14 +171,19 @@ def test_non_utf8_file_name_is_skipped_not_fatal(pool, db_url, artifact_dir, pho
     bad = os.path.join(os.fsencode(folder), b"caf\xe9-\xff.jpg")
     photos[3][1].save(Path(os.fsdecode(bad)), format="JPEG")
     owner = str(uuid.uuid4())
-    index = run(["index", str(folder), "--owner", owner, "-q"], db_url, artifact_dir,
-                check=False)
+    index = run(["index", str(folder), "--owner", owner, "-q"], db_url, artifact_dir, check=False)
     assert index.returncode == 1
     assert "indexed 3 of 4 frames (0 failed, 1 skipped)" in index.stdout
     assert "not valid UTF-8" in index.stderr and "caf\\xe9" in index.stderr
     with pool.connection() as conn:
-        assert conn.execute("SELECT count(*) FROM scenes WHERE owner_id = %s AND "
-                            "embedding_visual_clip IS NOT NULL", (owner,)).fetchone()[0] == 3
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM scenes WHERE owner_id = %s AND "
+                "embedding_visual_clip IS NOT NULL",
+                (owner,),
+            ).fetchone()[0]
+            == 3
+        )
 
 
 @pytest.mark.slow
@@ -164,12 +206,26 @@ def test_postgres_dying_mid_index_is_one_line_and_rerun_is_safe(artifact_dir, ph
             image.resize((96 + k, 96)).save(folder / f"{name}_{k}.jpg")
     total = len(list(folder.iterdir()))
     owner = str(uuid.uuid4())
-    env = {**os.environ, "DATABASE_URL": url, "CLIP_PRETRAINED": "none",
-           "CLIP_MODEL_DIR": str(artifact_dir), "CLIP_CPU_THREADS": "1"}
-    cmd = [sys.executable, "-m", "heimdex_clip.cli", "index", str(folder), "--owner", owner,
-           "--batch", "4", "-q"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "CLIP_PRETRAINED": "none",
+        "CLIP_MODEL_DIR": str(artifact_dir),
+        "CLIP_CPU_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "heimdex_clip.cli",
+        "index",
+        str(folder),
+        "--owner",
+        owner,
+        "--batch",
+        "4",
+        "-q",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def stored() -> int:
         with psycopg.connect(env["DATABASE_URL"]) as conn:
@@ -200,8 +256,9 @@ def test_postgres_dying_mid_index_is_one_line_and_rerun_is_safe(artifact_dir, ph
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     with psycopg.connect(env["DATABASE_URL"]) as conn:
-        rows = conn.execute("SELECT count(*), count(DISTINCT frame_path), "
-                            "count(embedding_visual_clip) FROM scenes").fetchone()
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT frame_path), count(embedding_visual_clip) FROM scenes"
+        ).fetchone()
     assert rows == (total, total, total)  # the rest added, nothing duplicated
     server.cleanup()
     shutil.rmtree(data.parent, ignore_errors=True)

@@ -48,17 +48,21 @@ def _literal(v: np.ndarray) -> str:
 
 def _count(pool) -> int:
     with pool.connection() as conn:
-        return conn.execute("SELECT count(*) FROM scenes WHERE embedding_visual_clip IS NOT "
-                            "NULL OR visual_clip_metadata IS NOT NULL").fetchone()[0]
+        return conn.execute(
+            "SELECT count(*) FROM scenes WHERE embedding_visual_clip IS NOT "
+            "NULL OR visual_clip_metadata IS NOT NULL"
+        ).fetchone()[0]
 
 
 @pytest.mark.parametrize("kind", NO_COSINE)
 def test_the_store_refuses_vectors_without_a_cosine(pool, kind):
     store, owner, bad = SceneStore(pool), uuid.uuid4(), NO_COSINE[kind]
     scene = store.add_scene(owner, "a.jpg")
-    for call in (lambda: store.save_embedding(scene, owner, bad, {}, artifact=A),
-                 lambda: store.upsert_scene(owner, "b.jpg", bad, {}, artifact=A),
-                 lambda: store.search_by_embedding(owner, bad, artifact=A)):
+    for call in (
+        lambda: store.save_embedding(scene, owner, bad, {}, artifact=A),
+        lambda: store.upsert_scene(owner, "b.jpg", bad, {}, artifact=A),
+        lambda: store.search_by_embedding(owner, bad, artifact=A),
+    ):
         with pytest.raises(InvalidVectorError) as info:
             call()
         assert isinstance(info.value, DimensionError) and "\n" not in str(info.value)
@@ -68,27 +72,35 @@ def test_the_store_refuses_vectors_without_a_cosine(pool, kind):
 def test_sql_refuses_them_too(pool):
     owner = uuid.uuid4()
     with pool.connection() as conn:
-        scene = conn.execute("INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip, "
-                             "visual_clip_artifact) VALUES (%s, 'ok.jpg', %s, %s) RETURNING id",
-                             (owner, _unit(1), A)).fetchone()[0]
+        scene = conn.execute(
+            "INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip, "
+            "visual_clip_artifact) VALUES (%s, 'ok.jpg', %s, %s) RETURNING id",
+            (owner, _unit(1), A),
+        ).fetchone()[0]
         conn.commit()
         for kind in ("zero", "denormal", "tiny", "huge"):
             literal = _literal(NO_COSINE[kind])
             for column in ("embedding_visual_clip", "embedding_visual_clip_alt"):
                 with pytest.raises(psycopg.errors.CheckViolation, match="comparable"):
-                    conn.execute(f"UPDATE scenes SET {column} = %s::vector WHERE id = %s",
-                                 (literal, scene))
+                    conn.execute(
+                        f"UPDATE scenes SET {column} = %s::vector WHERE id = %s", (literal, scene)
+                    )
                 conn.rollback()
-            for search in ("search_scenes_by_visual_clip_embedding(%s::vector, 0, 5, %s, %s)",
-                           "search_scenes_by_visual_clip_embedding(%s::vector, 0, 5, %s)"):
+            for search in (
+                "search_scenes_by_visual_clip_embedding(%s::vector, 0, 5, %s, %s)",
+                "search_scenes_by_visual_clip_embedding(%s::vector, 0, 5, %s)",
+            ):
                 args = (literal, owner, A) if search.count("%s") == 3 else (literal, owner)
                 with pytest.raises(psycopg.errors.InvalidParameterValue, match="has norm"):
                     conn.execute(f"SELECT * FROM {search}", args)
                 conn.rollback()
         for literal in ("[NaN" + ",0" * 511 + "]", "[Infinity" + ",0" * 511 + "]"):
             with pytest.raises(psycopg.errors.DataException):  # pgvector's own refusal
-                conn.execute("SELECT * FROM search_scenes_by_visual_clip_embedding"
-                             "(%s::vector, 0, 5, %s, %s)", (literal, owner, A))
+                conn.execute(
+                    "SELECT * FROM search_scenes_by_visual_clip_embedding"
+                    "(%s::vector, 0, 5, %s, %s)",
+                    (literal, owner, A),
+                )
             conn.rollback()
 
 
@@ -99,10 +111,12 @@ def test_a_zero_vector_stored_anyway_never_passes_a_threshold(pool):
     good = store.upsert_scene(owner, "good.jpg", _unit(2), {}, artifact=A)
     with pool.connection() as conn:
         conn.execute("ALTER TABLE scenes DROP CONSTRAINT scenes_visual_clip_vectors_comparable")
-        zero = conn.execute("INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip, "
-                            "visual_clip_artifact, visual_clip_metadata) VALUES (%s, 'z.jpg', "
-                            "%s::vector, %s, '{}') RETURNING id",
-                            (owner, _literal(NO_COSINE["zero"]), A)).fetchone()[0]
+        zero = conn.execute(
+            "INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip, "
+            "visual_clip_artifact, visual_clip_metadata) VALUES (%s, 'z.jpg', "
+            "%s::vector, %s, '{}') RETURNING id",
+            (owner, _literal(NO_COSINE["zero"]), A),
+        ).fetchone()[0]
         conn.commit()
     for threshold in (-1, 0.5, 0.999):
         hits = store.search_by_embedding(owner, _unit(2), artifact=A, threshold=threshold)
@@ -122,9 +136,11 @@ def test_migration_007_removes_bad_vectors_for_re_embedding(db_url, tmp_path):
         migrate(pool, before)
         owner, rows = uuid.uuid4(), {}
         with pool.connection() as conn:
-            for name, main, alt in (("good", _unit(3), _unit(4)),
-                                    ("zero-main", NO_COSINE["zero"], None),
-                                    ("huge-alt", _unit(5), NO_COSINE["huge"])):
+            for name, main, alt in (
+                ("good", _unit(3), _unit(4)),
+                ("zero-main", NO_COSINE["zero"], None),
+                ("huge-alt", _unit(5), NO_COSINE["huge"]),
+            ):
                 rows[name] = conn.execute(
                     """INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip,
                            visual_clip_artifact, visual_clip_metadata, embedding_visual_clip_alt,
@@ -132,23 +148,36 @@ def test_migration_007_removes_bad_vectors_for_re_embedding(db_url, tmp_path):
                            visual_clip_attempts)
                        VALUES (%s, %s, %s::vector, %s, '{"inference_time_ms": 3}', %s::vector,
                                %s, %s, 3) RETURNING id""",
-                    (owner, name, _literal(main), A, _literal(alt) if alt is not None else None,
-                     "B" if alt is not None else None, A)).fetchone()[0]
+                    (
+                        owner,
+                        name,
+                        _literal(main),
+                        A,
+                        _literal(alt) if alt is not None else None,
+                        "B" if alt is not None else None,
+                        A,
+                    ),
+                ).fetchone()[0]
             conn.commit()
         assert migrate(pool) == ["007_hardening.sql"]
         store = SceneStore(pool)
-        good, zero, huge = (store.get_scene(owner, rows[k])
-                            for k in ("good", "zero-main", "huge-alt"))
+        good, zero, huge = (
+            store.get_scene(owner, rows[k]) for k in ("good", "zero-main", "huge-alt")
+        )
         assert good["embedding_visual_clip"] is not None and good["visual_clip_alt_artifact"]
         assert zero["embedding_visual_clip"] is None and zero["visual_clip_attempts"] == 0
         assert "migration 007" in zero["visual_clip_metadata"]["error"]
         assert zero["visual_clip_artifact"] == A  # the slot is A's, waiting for a vector
         assert huge["embedding_visual_clip"] is not None
-        assert huge["embedding_visual_clip_alt"] is None and huge["visual_clip_alt_artifact"] \
-            is None and "second slot" in huge["visual_clip_last_error"]
+        assert (
+            huge["embedding_visual_clip_alt"] is None
+            and huge["visual_clip_alt_artifact"] is None
+            and "second slot" in huge["visual_clip_last_error"]
+        )
         with pool.connection() as conn:  # every row satisfies the constraint
-            conn.execute("ALTER TABLE scenes VALIDATE CONSTRAINT "
-                         "scenes_visual_clip_vectors_comparable")
+            conn.execute(
+                "ALTER TABLE scenes VALIDATE CONSTRAINT scenes_visual_clip_vectors_comparable"
+            )
     finally:
         pool.close()
 
@@ -156,32 +185,37 @@ def test_migration_007_removes_bad_vectors_for_re_embedding(db_url, tmp_path):
 BAD_TEXT = {"nul": "a\x00b.jpg", "surrogate": "caf\udce9.jpg"}
 
 
-@pytest.mark.parametrize("call, says", [
-    (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, count=2**31), "count"),
-    (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, count=True), "count"),
-    (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, threshold=True), "threshold"),
-    (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, threshold="0.1"),
-     "threshold"),
-    (lambda s, o: s.search_similar(o, uuid.uuid4(), artifact=A, count=2**31 - 1), "count"),
-    (lambda s, o: s.search_by_embedding(o, _unit(0), artifact="x" * 2**20), "256 characters"),
-    (lambda s, o: s.search_by_embedding(o, _unit(0), artifact="a\x00"), "NUL"),
-    (lambda s, o: s.add_scene(o, BAD_TEXT["nul"]), "frame_path contains a NUL"),
-    (lambda s, o: s.add_scene(o, BAD_TEXT["surrogate"]), "frame_path is not valid Unicode"),
-    (lambda s, o: s.add_scene(o, "a.jpg", scene_index=2**31), "scene_index"),
-    (lambda s, o: s.add_scene(o, "a.jpg", video_id="v1"), "video_id is not a UUID"),
-    (lambda s, o: s.add_scene("not-a-uuid", "a.jpg"), "owner_id is not a UUID"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", _unit(0), {"t": float("nan")}, artifact=A),
-     "NaN"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", _unit(0), {"t": [1, float("inf")]}, artifact=A),
-     "infinity"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", None, {"error": "x\x00"}, artifact=A), "NUL"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", None, {"caf\udce9": 1}, artifact=A), "Unicode"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", None, {1: 1}, artifact=A), "non-string key"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", None, {"x": {1, 2}}, artifact=A), "not JSON"),
-    (lambda s, o: s.upsert_scene(o, "a.jpg", _unit(0), {}, artifact="x" * 2**20),
-     "256 characters"),
-    (lambda s, o: s.search_similar(o, "not-a-uuid", artifact=A), "scene_id is not a UUID"),
-])
+@pytest.mark.parametrize(
+    "call, says",
+    [
+        (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, count=2**31), "count"),
+        (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, count=True), "count"),
+        (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, threshold=True), "threshold"),
+        (lambda s, o: s.search_by_embedding(o, _unit(0), artifact=A, threshold="0.1"), "threshold"),
+        (lambda s, o: s.search_similar(o, uuid.uuid4(), artifact=A, count=2**31 - 1), "count"),
+        (lambda s, o: s.search_by_embedding(o, _unit(0), artifact="x" * 2**20), "256 characters"),
+        (lambda s, o: s.search_by_embedding(o, _unit(0), artifact="a\x00"), "NUL"),
+        (lambda s, o: s.add_scene(o, BAD_TEXT["nul"]), "frame_path contains a NUL"),
+        (lambda s, o: s.add_scene(o, BAD_TEXT["surrogate"]), "frame_path is not valid Unicode"),
+        (lambda s, o: s.add_scene(o, "a.jpg", scene_index=2**31), "scene_index"),
+        (lambda s, o: s.add_scene(o, "a.jpg", video_id="v1"), "video_id is not a UUID"),
+        (lambda s, o: s.add_scene("not-a-uuid", "a.jpg"), "owner_id is not a UUID"),
+        (lambda s, o: s.upsert_scene(o, "a.jpg", _unit(0), {"t": float("nan")}, artifact=A), "NaN"),
+        (
+            lambda s, o: s.upsert_scene(o, "a.jpg", _unit(0), {"t": [1, float("inf")]}, artifact=A),
+            "infinity",
+        ),
+        (lambda s, o: s.upsert_scene(o, "a.jpg", None, {"error": "x\x00"}, artifact=A), "NUL"),
+        (lambda s, o: s.upsert_scene(o, "a.jpg", None, {"caf\udce9": 1}, artifact=A), "Unicode"),
+        (lambda s, o: s.upsert_scene(o, "a.jpg", None, {1: 1}, artifact=A), "non-string key"),
+        (lambda s, o: s.upsert_scene(o, "a.jpg", None, {"x": {1, 2}}, artifact=A), "not JSON"),
+        (
+            lambda s, o: s.upsert_scene(o, "a.jpg", _unit(0), {}, artifact="x" * 2**20),
+            "256 characters",
+        ),
+        (lambda s, o: s.search_similar(o, "not-a-uuid", artifact=A), "scene_id is not a UUID"),
+    ],
+)
 def test_bad_api_values_are_one_line_typed_errors(pool, call, says):
     store, owner = SceneStore(pool), uuid.uuid4()
     with pytest.raises(InvalidInputError) as info:
@@ -200,8 +234,11 @@ def test_stats_tolerate_stray_metadata(pool):
     for i, latency in enumerate(('"slow"', "1e400", '{"ms": 3}', "4", "8")):
         scene = store.upsert_scene(owner, f"{i}.jpg", _unit(i), {}, artifact=A)
         with pool.connection() as conn:
-            conn.execute("UPDATE scenes SET visual_clip_metadata = jsonb_build_object("
-                         "'inference_time_ms', %s::jsonb) WHERE id = %s", (latency, scene))
+            conn.execute(
+                "UPDATE scenes SET visual_clip_metadata = jsonb_build_object("
+                "'inference_time_ms', %s::jsonb) WHERE id = %s",
+                (latency, scene),
+            )
     stats = clip_stats(pool, Scope(owner_id=owner))
     assert stats.latency_mean_ms == 6.0 and stats.latency_p50_ms == 6.0
     json.loads(json.dumps(stats.to_dict(), allow_nan=False))
@@ -221,13 +258,13 @@ def test_pg_data_pointing_at_a_file_is_a_clear_error(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("target", ["dir", "/dev/full", "missing/page.html"])
-def test_html_to_a_bad_target_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch,
-                                                             target):
+def test_html_to_a_bad_target_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch, target):
     (tmp_path / "dir").mkdir()
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    line = one_line_error(capsys, ["search", "--text", "a dog", "--owner", str(uuid.uuid4()),
-                                   "--html", target])
+    line = one_line_error(
+        capsys, ["search", "--text", "a dog", "--owner", str(uuid.uuid4()), "--html", target]
+    )
     assert "cannot write the HTML page" in line and "unexpected" not in line
     with pytest.raises(OutputError):
         write_page(target, "<html></html>")
@@ -242,11 +279,14 @@ def test_html_page_is_written_whole_even_for_a_non_utf8_query(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["page.html"]  # no temporary file left
 
 
-@pytest.mark.parametrize("argv", [
-    ["db", "promote", "--all-owners", "--artifact", "x" * 2**20],
-    ["db", "prune", "--all-owners", "--artifact", "x" * 2**20],
-    ["db", "prune", "--all-owners", "--artifact", "a\udcffb"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["db", "promote", "--all-owners", "--artifact", "x" * 2**20],
+        ["db", "prune", "--all-owners", "--artifact", "x" * 2**20],
+        ["db", "prune", "--all-owners", "--artifact", "a\udcffb"],
+    ],
+)
 def test_cli_artifact_ids_sql_cannot_hold_are_one_line(pool, db_url, capsys, monkeypatch, argv):
     line = one_line_error(capsys, argv, monkeypatch, db_url)
     assert "artifact" in line and "unexpected" not in line and len(line) < 300

@@ -63,18 +63,25 @@ def test_hybrid_fuses_both_rankings_owner_scoped(pool):
     stranger_scene = store.add_scene(stranger, "s.jpg")
     with pool.connection() as conn:
         for scene, text in {**words, stranger_scene: "sunset"}.items():
-            conn.execute("UPDATE scenes SET transcript = %s, start_s = 1.5, end_s = 4 "
-                         "WHERE id = %s", (text, scene))
-    hits = search_hybrid(store, owner, query, "sunset harbour", artifact=ART, threshold=0.0,
-                         count=10)
+            conn.execute(
+                "UPDATE scenes SET transcript = %s, start_s = 1.5, end_s = 4 WHERE id = %s",
+                (text, scene),
+            )
+    hits = search_hybrid(
+        store, owner, query, "sunset harbour", artifact=ART, threshold=0.0, count=10
+    )
     # The full-text ranking: scenes holding both words, by ts_rank_cd (computed by
     # PostgreSQL here too, but independently of the fusion).
     with pool.connection() as conn:
-        text_order = [r[0] for r in conn.execute(
-            "SELECT id FROM scenes, websearch_to_tsquery('simple', 'sunset harbour') q "
-            "WHERE owner_id = %s AND to_tsvector('simple', transcript) @@ q "
-            "ORDER BY ts_rank_cd(to_tsvector('simple', transcript), q) DESC, id",
-            (owner,)).fetchall()]
+        text_order = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM scenes, websearch_to_tsquery('simple', 'sunset harbour') q "
+                "WHERE owner_id = %s AND to_tsvector('simple', transcript) @@ q "
+                "ORDER BY ts_rank_cd(to_tsvector('simple', transcript), q) DESC, id",
+                (owner,),
+            ).fetchall()
+        ]
     assert set(text_order) == {ids[4], words_only}  # ids[2] lacks "harbour"
     score = {s: 1 / (60 + r) for r, s in enumerate(ids, 1)}
     for r, s in enumerate(text_order, 1):
@@ -88,8 +95,9 @@ def test_hybrid_fuses_both_rankings_owner_scoped(pool):
     np.testing.assert_allclose(by_id[ids[1]].similarity, 0.8, atol=1e-5)
     assert stranger_scene not in by_id
     # match_threshold prunes the CLIP ranking only.
-    strict = search_hybrid(store, owner, query, "sunset harbour", artifact=ART,
-                           threshold=0.95, count=10)
+    strict = search_hybrid(
+        store, owner, query, "sunset harbour", artifact=ART, threshold=0.95, count=10
+    )
     assert {h.id for h in strict} == set(text_order)
     assert scene_spans(pool, owner, [words_only, stranger_scene]) == {words_only: (1.5, 4.0)}
 

@@ -32,7 +32,9 @@ def _state(pool, scene):
         return conn.execute(
             "SELECT embedding_visual_clip IS NOT NULL, visual_clip_attempts, "
             "visual_clip_lease_token, visual_clip_fault, visual_clip_last_error, "
-            "visual_clip_retry_at > now() FROM scenes WHERE id = %s", (scene,)).fetchone()
+            "visual_clip_retry_at > now() FROM scenes WHERE id = %s",
+            (scene,),
+        ).fetchone()
 
 
 def test_a_taken_over_lease_writes_nothing(pool):
@@ -63,9 +65,17 @@ def test_backoff_then_give_up_with_the_last_error(pool):
     slow = Policy(max_attempts=2, retry_base_s=3600)
     token, _ = claim(pool, ART, scope, slow, 1)
     with pool.connection() as conn, conn.transaction():
-        write_vector(conn, scene, owner, ART, None, {"error": "ImageError: truncated"},
-                     lease=token, fault=classify_fault("ImageError: truncated"),
-                     retry_after_s=slow.retry_after(1))
+        write_vector(
+            conn,
+            scene,
+            owner,
+            ART,
+            None,
+            {"error": "ImageError: truncated"},
+            lease=token,
+            fault=classify_fault("ImageError: truncated"),
+            retry_after_s=slow.retry_after(1),
+        )
     assert _state(pool, scene)[3:] == ("frame", "ImageError: truncated", True)
     assert claim(pool, ART, scope, slow, 1)[1] == []  # backing off
     assert count_pending(pool, ART, scope, max_attempts=2) == 1  # but not given up
@@ -75,8 +85,16 @@ def test_backoff_then_give_up_with_the_last_error(pool):
     token, rows = claim(pool, ART, scope, now, 1)
     assert rows[0][3] == 2
     with pool.connection() as conn, conn.transaction():
-        write_vector(conn, scene, owner, ART, None, {"error": "Timeout after 2.0s"},
-                     lease=token, fault=classify_fault("Timeout after 2.0s"))
+        write_vector(
+            conn,
+            scene,
+            owner,
+            ART,
+            None,
+            {"error": "Timeout after 2.0s"},
+            lease=token,
+            fault=classify_fault("Timeout after 2.0s"),
+        )
     assert claim(pool, ART, scope, now, 1)[1] == []  # given up after 2 attempts
     assert count_pending(pool, ART, scope, max_attempts=2) == 0
     assert _state(pool, scene)[3:5] == ("worker", "Timeout after 2.0s")
@@ -126,8 +144,9 @@ def test_a_raising_batch_is_recorded_as_a_worker_fault_and_retried_alone(pool):
     store = SceneStore(pool)
     scenes = [store.add_scene(owner, f"f{i}.jpg") for i in range(3)]
     scope = Scope(owner_id=owner)
-    report = run_backfill(pool, _RaisingEmbedder(), scope,
-                          policy=Policy(batch_size=3, max_attempts=1, retry_base_s=0))
+    report = run_backfill(
+        pool, _RaisingEmbedder(), scope, policy=Policy(batch_size=3, max_attempts=1, retry_base_s=0)
+    )
     assert report.failed == 3 and report.batches == 1
     for scene in scenes:
         done, attempts, lease, fault, error, _ = _state(pool, scene)

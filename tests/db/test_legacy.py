@@ -23,7 +23,8 @@ OLD_SEARCH = "SELECT id FROM search_scenes_by_visual_clip_embedding(%s, -1, 50, 
 
 
 def test_pre_provenance_rows_survive_the_migration_and_are_attributed_on_evidence(
-        db_url, artifact_dir, photos, tmp_path):
+    db_url, artifact_dir, photos, tmp_path
+):
     old_schema = tmp_path / "migrations"
     old_schema.mkdir()
     for path in sorted(MIGRATIONS_DIR.glob("00[1-3]_*.sql")):
@@ -41,13 +42,21 @@ def test_pre_provenance_rows_survive_the_migration_and_are_attributed_on_evidenc
     noise = np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     with pool.connection() as conn:  # what the old code wrote: no artifact anywhere
-        for who, rows in ((owner, zip(paths, vectors, strict=True)),
-                          (impostor, zip(paths[:3], noise, strict=True))):
+        for who, rows in (
+            (owner, zip(paths, vectors, strict=True)),
+            (impostor, zip(paths[:3], noise, strict=True)),
+        ):
             for path, vector in rows:
-                conn.execute("INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip,"
-                             " visual_clip_metadata) VALUES (%s, %s, %s, %s)",
-                             (who, path, vector, Jsonb({"model_name": model.name,
-                                                        "pretrained": model.pretrained})))
+                conn.execute(
+                    "INSERT INTO scenes (owner_id, frame_path, embedding_visual_clip,"
+                    " visual_clip_metadata) VALUES (%s, %s, %s, %s)",
+                    (
+                        who,
+                        path,
+                        vector,
+                        Jsonb({"model_name": model.name, "pretrained": model.pretrained}),
+                    ),
+                )
         before = {r[0] for r in conn.execute(OLD_SEARCH, (vectors[0], owner))}
     assert len(before) == 8
 
@@ -56,21 +65,30 @@ def test_pre_provenance_rows_survive_the_migration_and_are_attributed_on_evidenc
     with pool.connection() as conn:  # the old code's search still answers, unchanged
         assert {r[0] for r in conn.execute(OLD_SEARCH, (vectors[0], owner))} == before
     # Unknown vectors never match a query of a known artifact.
-    assert store.search_by_embedding(owner, vectors[0], artifact=embedder.artifact_id,
-                                     threshold=-1) == []
+    assert (
+        store.search_by_embedding(owner, vectors[0], artifact=embedder.artifact_id, threshold=-1)
+        == []
+    )
     assert clip_stats(pool, Scope(all_owners=True)).artifacts == {
-        "unknown (embedded before provenance)": {"main": 11, "alt": 0}}
+        "unknown (embedded before provenance)": {"main": 11, "alt": 0}
+    }
 
     with pytest.raises(DatabaseError, match="were not made by"):  # random vectors: refused
         attribute_legacy(pool, embedder, Scope(owner_id=impostor), sample=3)
     compared, attributed = attribute_legacy(pool, embedder, Scope(owner_id=owner), sample=4)
     assert (compared, attributed) == (4, 8)
-    hits = store.search_by_embedding(owner, vectors[0], artifact=embedder.artifact_id,
-                                     threshold=-1, count=50)
+    hits = store.search_by_embedding(
+        owner, vectors[0], artifact=embedder.artifact_id, threshold=-1, count=50
+    )
     assert {h.id for h in hits} == before
     assert hits[0].metadata["attributed"]["min_cosine"] >= 0.99
     with pool.connection() as conn:  # the serving artifact is now this one: same answer
         assert {r[0] for r in conn.execute(OLD_SEARCH, (vectors[0], owner))} == before
-        assert conn.execute("SELECT count(*) FROM scenes WHERE owner_id = %s AND "
-                            "visual_clip_artifact IS NULL", (impostor,)).fetchone()[0] == 3
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM scenes WHERE owner_id = %s AND visual_clip_artifact IS NULL",
+                (impostor,),
+            ).fetchone()[0]
+            == 3
+        )
     pool.close()

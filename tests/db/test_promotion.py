@@ -29,16 +29,21 @@ def _unit(seed: int) -> np.ndarray:
 
 def _serving(pool) -> str | None:
     with pool.connection() as conn:
-        row = conn.execute("SELECT value FROM heimdex_clip_settings WHERE key = %s",
-                           (SERVING_KEY,)).fetchone()
+        row = conn.execute(
+            "SELECT value FROM heimdex_clip_settings WHERE key = %s", (SERVING_KEY,)
+        ).fetchone()
     return row and row[0]
 
 
 def _slots(pool) -> dict:
     with pool.connection() as conn:
-        return {r[0]: r[1:] for r in conn.execute(
-            "SELECT id, visual_clip_artifact, embedding_visual_clip IS NOT NULL, "
-            "visual_clip_alt_artifact, embedding_visual_clip_alt IS NOT NULL FROM scenes")}
+        return {
+            r[0]: r[1:]
+            for r in conn.execute(
+                "SELECT id, visual_clip_artifact, embedding_visual_clip IS NOT NULL, "
+                "visual_clip_alt_artifact, embedding_visual_clip_alt IS NOT NULL FROM scenes"
+            )
+        }
 
 
 def _two_artifacts(pool, n: int = 6, owners: int = 2) -> tuple[SceneStore, list]:
@@ -122,14 +127,16 @@ def test_a_served_vector_is_never_overwritten_by_a_third_artifact(pool):
     store, scenes = _two_artifacts(pool, n=2, owners=1)
     (stuck, owner), _ = scenes
     with pool.connection() as conn:  # B serving, `other` swapped, `stuck` not
-        conn.execute("UPDATE heimdex_clip_settings SET value = %s WHERE key = %s",
-                     (B, SERVING_KEY))
+        conn.execute("UPDATE heimdex_clip_settings SET value = %s WHERE key = %s", (B, SERVING_KEY))
     promote(pool, B, Scope(owner_id=owner))  # (the fixed promote swaps both)
     with pool.connection() as conn:  # undo the swap of `stuck`, as the old promote left it
-        conn.execute("""UPDATE scenes SET embedding_visual_clip = embedding_visual_clip_alt,
+        conn.execute(
+            """UPDATE scenes SET embedding_visual_clip = embedding_visual_clip_alt,
             visual_clip_artifact = visual_clip_alt_artifact,
             embedding_visual_clip_alt = embedding_visual_clip,
-            visual_clip_alt_artifact = visual_clip_artifact WHERE id = %s""", (stuck,))
+            visual_clip_alt_artifact = visual_clip_artifact WHERE id = %s""",
+            (stuck,),
+        )
     assert _slots(pool)[stuck] == (A, True, B, True)
     assert prune(pool, A, ALL) == 1  # `other`'s second slot; `stuck` holds A first
     with pool.connection() as conn, conn.transaction():
@@ -143,18 +150,27 @@ def test_sql_refuses_any_write_that_drops_the_serving_vector(pool):
     """A writer bypassing the package (raw SQL) cannot take a scene out of search either."""
     _, scenes = _two_artifacts(pool, n=1, owners=1)
     scene = scenes[0][0]
-    drops = ["embedding_visual_clip = NULL", "visual_clip_artifact = 'other'",
-             "embedding_visual_clip_alt = embedding_visual_clip_alt, "
-             "visual_clip_artifact = visual_clip_alt_artifact"]
+    drops = [
+        "embedding_visual_clip = NULL",
+        "visual_clip_artifact = 'other'",
+        "embedding_visual_clip_alt = embedding_visual_clip_alt, "
+        "visual_clip_artifact = visual_clip_alt_artifact",
+    ]
     for change in drops:
-        with pool.connection() as conn, pytest.raises(
-                psycopg.errors.IntegrityConstraintViolation, match="serving artifact"):
+        with (
+            pool.connection() as conn,
+            pytest.raises(psycopg.errors.IntegrityConstraintViolation, match="serving artifact"),
+        ):
             conn.execute(f"UPDATE scenes SET {change} WHERE id = %s", (scene,))
     with pool.connection() as conn:  # B (not serving) may go; a new A vector may replace A
-        conn.execute("UPDATE scenes SET embedding_visual_clip_alt = NULL, "
-                     "visual_clip_alt_artifact = NULL WHERE id = %s", (scene,))
-        conn.execute("UPDATE scenes SET embedding_visual_clip = %s WHERE id = %s",
-                     (_unit(9), scene))
+        conn.execute(
+            "UPDATE scenes SET embedding_visual_clip_alt = NULL, "
+            "visual_clip_alt_artifact = NULL WHERE id = %s",
+            (scene,),
+        )
+        conn.execute(
+            "UPDATE scenes SET embedding_visual_clip = %s WHERE id = %s", (_unit(9), scene)
+        )
     assert _slots(pool)[scene] == (A, True, None, False)
 
 

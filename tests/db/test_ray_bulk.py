@@ -70,8 +70,9 @@ def _stored(pool) -> dict:
 
 def _writes(pool) -> dict:
     with pool.connection() as conn:
-        return dict(conn.execute("SELECT scene_id, count(*) FROM embedding_writes "
-                                 "GROUP BY 1").fetchall())
+        return dict(
+            conn.execute("SELECT scene_id, count(*) FROM embedding_writes GROUP BY 1").fetchall()
+        )
 
 
 def test_bulk_embed_equals_the_worker_path(pool, frames, embedder, artifact_dir):
@@ -87,8 +88,9 @@ def test_bulk_embed_equals_the_worker_path(pool, frames, embedder, artifact_dir)
         vector, artifact, metadata, error, fault, lease = stored[scene]
         assert artifact == embedder.artifact_id and metadata["artifact_id"] == artifact
         assert error is None and fault is None and lease is None
-        cosine = float(np.dot(vector, ref.embedding)
-                       / np.linalg.norm(vector) / np.linalg.norm(ref.embedding))
+        cosine = float(
+            np.dot(vector, ref.embedding) / np.linalg.norm(vector) / np.linalg.norm(ref.embedding)
+        )
         assert cosine >= 0.99999
         assert metadata["frame_path"] == str(scenes[scene])
     vector, artifact, metadata, error, fault, lease = stored[bad]
@@ -116,10 +118,15 @@ def test_slots_and_failures_follow_write_vector(pool, embedder, artifact_dir):
     old = np.ones(dim, dtype=np.float32) / np.sqrt(dim)
     new = -old
     # (main artifact, main has vector, alt artifact, alt has vector)
-    states = [(None, False, None, False), (other, True, None, False),
-              (artifact, True, other, True), (other, True, artifact, False),
-              (other, True, third, True), (third, True, other, True),
-              (other, False, None, False)]
+    states = [
+        (None, False, None, False),
+        (other, True, None, False),
+        (artifact, True, other, True),
+        (other, True, artifact, False),
+        (other, True, third, True),
+        (third, True, other, True),
+        (other, False, None, False),
+    ]
     store = SceneStore(pool)
     owner = uuid.uuid4()
     pairs = []
@@ -133,44 +140,65 @@ def test_slots_and_failures_follow_write_vector(pool, embedder, artifact_dir):
                         """UPDATE scenes SET visual_clip_artifact = %s,
                                embedding_visual_clip = %s, visual_clip_alt_artifact = %s,
                                embedding_visual_clip_alt = %s WHERE id = %s""",
-                        (state[0], old if state[1] else None, state[2],
-                         old if state[3] else None, scene))
+                        (
+                            state[0],
+                            old if state[1] else None,
+                            state[2],
+                            old if state[3] else None,
+                            scene,
+                        ),
+                    )
                 twin.append(scene)
             pairs.append((twin, ok))
     token = uuid.uuid4()
     with pool.connection() as conn:
-        conn.execute("UPDATE scenes SET visual_clip_lease_token = %s WHERE owner_id = %s",
-                     (token, owner))
+        conn.execute(
+            "UPDATE scenes SET visual_clip_lease_token = %s WHERE owner_id = %s", (token, owner)
+        )
         # Search serves `third`: where both slots are full, its vector must survive.
-        conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
-                     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                     (SERVING_KEY, third))
+        conn.execute(
+            "INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (SERVING_KEY, third),
+        )
     metadata = {"error": None, "frame_path": "x.jpg"}
-    batch = {"scene_id": np.array([str(t[0]) for t, _ in pairs], dtype=object),
-             "owner_id": np.array([str(owner)] * len(pairs), dtype=object),
-             "attempt": np.ones(len(pairs), dtype=np.int64),
-             "embedding": np.stack([new] * len(pairs)),
-             "ok": np.array([ok for _, ok in pairs]),
-             "error": np.array(["" if ok else "ImageError: bad" for _, ok in pairs],
-                               dtype=object),
-             "metadata": np.array(['{"frame_path": "x.jpg"}'] * len(pairs), dtype=object),
-             "artifact_id": np.array([artifact] * len(pairs), dtype=object)}
+    batch = {
+        "scene_id": np.array([str(t[0]) for t, _ in pairs], dtype=object),
+        "owner_id": np.array([str(owner)] * len(pairs), dtype=object),
+        "attempt": np.ones(len(pairs), dtype=np.int64),
+        "embedding": np.stack([new] * len(pairs)),
+        "ok": np.array([ok for _, ok in pairs]),
+        "error": np.array(["" if ok else "ImageError: bad" for _, ok in pairs], dtype=object),
+        "metadata": np.array(['{"frame_path": "x.jpg"}'] * len(pairs), dtype=object),
+        "artifact_id": np.array([artifact] * len(pairs), dtype=object),
+    }
     policy = Policy(retry_base_s=0)
     write_results(pool, artifact, dim, token, batch, policy, BulkReport())
     with pool.connection() as conn, conn.transaction():
-        for (twin, ok) in pairs:
-            write_vector(conn, twin[1], owner, artifact, new if ok else None,
-                         {**metadata, "error": None if ok else "ImageError: bad",
-                          "attempts": 1}, lease=token, fault=None if ok else "frame",
-                         retry_after_s=0)
-    columns = ("visual_clip_artifact, embedding_visual_clip, visual_clip_alt_artifact, "
-               "embedding_visual_clip_alt, visual_clip_last_error, visual_clip_fault, "
-               "visual_clip_lease_token, visual_clip_metadata->>'artifact_id', "
-               "visual_clip_alt_metadata->>'artifact_id'")
+        for twin, ok in pairs:
+            write_vector(
+                conn,
+                twin[1],
+                owner,
+                artifact,
+                new if ok else None,
+                {**metadata, "error": None if ok else "ImageError: bad", "attempts": 1},
+                lease=token,
+                fault=None if ok else "frame",
+                retry_after_s=0,
+            )
+    columns = (
+        "visual_clip_artifact, embedding_visual_clip, visual_clip_alt_artifact, "
+        "embedding_visual_clip_alt, visual_clip_last_error, visual_clip_fault, "
+        "visual_clip_lease_token, visual_clip_metadata->>'artifact_id', "
+        "visual_clip_alt_metadata->>'artifact_id'"
+    )
     with pool.connection() as conn:
         for twin, ok in pairs:
-            a, b = (conn.execute(f"SELECT {columns} FROM scenes WHERE id = %s", (s,)).fetchone()
-                    for s in twin)
+            a, b = (
+                conn.execute(f"SELECT {columns} FROM scenes WHERE id = %s", (s,)).fetchone()
+                for s in twin
+            )
             assert _comparable(a) == _comparable(b), (twin, ok)
 
 
@@ -184,17 +212,19 @@ def test_register_frames_from_csv_and_parquet(pool, frames, tmp_path):
 
     owner = uuid.uuid4()
     listing = tmp_path / "frames.csv"
-    listing.write_text("owner_id,frame_path\n" + "".join(
-        f"{owner},{p}\n" for p in frames[:3]))
+    listing.write_text("owner_id,frame_path\n" + "".join(f"{owner},{p}\n" for p in frames[:3]))
     assert register_frames(pool, listing) == (3, {owner})
     assert register_frames(pool, listing) == (0, {owner})  # idempotent
     parquet = tmp_path / "frames.parquet"
-    pq.write_table(pa.table({"owner_id": [str(owner)] * 4,
-                             "frame_path": [str(p) for p in frames[:4]]}), parquet)
+    pq.write_table(
+        pa.table({"owner_id": [str(owner)] * 4, "frame_path": [str(p) for p in frames[:4]]}),
+        parquet,
+    )
     assert register_frames(pool, parquet)[0] == 1
     bad = tmp_path / "bad.csv"
     bad.write_text("owner,frame\nx,y\n")
     from heimdex_clip.db.connection import DatabaseError
+
     with pytest.raises(DatabaseError, match="owner_id and frame_path"):
         register_frames(pool, bad)
 
@@ -216,8 +246,9 @@ def test_a_killed_actor_loses_nothing(pool, frames, artifact_dir):
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
-    report = bulk_embed(pool, artifact_dir, ALL,
-                        BulkOptions(actors=2, batch_size=2, max_attempts=1))
+    report = bulk_embed(
+        pool, artifact_dir, ALL, BulkOptions(actors=2, batch_size=2, max_attempts=1)
+    )
     killer.join()
     assert killed, "no Ray actor process was found to kill"
     assert report.embedded == len(scenes)
@@ -246,14 +277,19 @@ def test_side_by_side_with_backfill_workers(pool, frames, artifact_dir):
     scenes, _ = _seed(pool, frames)
     with pool.connection() as conn:
         conn.execute(COUNT_WRITES)
-    embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=artifact_dir,
-                                              cpu_threads=1)).load()
+    embedder = ClipEmbedder(
+        config=ClipConfig(pretrained="none", model_dir=artifact_dir, cpu_threads=1)
+    ).load()
     done = []
-    worker = threading.Thread(target=lambda: done.append(run_backfill(
-        pool, embedder, ALL, policy=Policy(batch_size=2, max_attempts=1))))
+    worker = threading.Thread(
+        target=lambda: done.append(
+            run_backfill(pool, embedder, ALL, policy=Policy(batch_size=2, max_attempts=1))
+        )
+    )
     worker.start()
-    report = bulk_embed(pool, artifact_dir, ALL,
-                        BulkOptions(actors=1, batch_size=4, chunk=8, max_attempts=1))
+    report = bulk_embed(
+        pool, artifact_dir, ALL, BulkOptions(actors=1, batch_size=4, chunk=8, max_attempts=1)
+    )
     worker.join()
     writes = _writes(pool)
     assert set(writes) == set(scenes) and all(n == 1 for n in writes.values())

@@ -41,8 +41,10 @@ def test_threshold_and_count_semantics(pool):
     owner = uuid.uuid4()
     query = unit(rng.standard_normal(DIM))
     cosines = [0.95, 0.9, 0.8, 0.71, 0.69, 0.3, -0.5]
-    ids = [store.upsert_scene(owner, f"f{i}.jpg", with_cosine(query, c, rng), {"i": i},
-                              artifact=A) for i, c in enumerate(cosines)]
+    ids = [
+        store.upsert_scene(owner, f"f{i}.jpg", with_cosine(query, c, rng), {"i": i}, artifact=A)
+        for i, c in enumerate(cosines)
+    ]
     hits = store.search_by_embedding(owner, query, threshold=0.7, count=20, artifact=A)
     assert [h.id for h in hits] == ids[:4]  # strictly above 0.7, highest first
     np.testing.assert_allclose([h.similarity for h in hits], cosines[:4], atol=1e-5)
@@ -59,8 +61,9 @@ def test_scenes_without_embedding_are_not_returned(pool):
     owner = uuid.uuid4()
     store.add_scene(owner, "pending.jpg")
     kept = store.upsert_scene(owner, "done.jpg", unit(rng.standard_normal(DIM)), {}, artifact=A)
-    hits = store.search_by_embedding(owner, unit(rng.standard_normal(DIM)), threshold=-1,
-                                     artifact=A)
+    hits = store.search_by_embedding(
+        owner, unit(rng.standard_normal(DIM)), threshold=-1, artifact=A
+    )
     assert [h.id for h in hits] == [kept]
 
 
@@ -86,10 +89,13 @@ def test_null_owner_is_refused_in_python_and_in_sql(pool):
     query = unit(np.ones(DIM))
     with pytest.raises(ValueError, match="owner_id is required"):
         store.search_by_embedding(None, query, artifact=A)
-    with pool.connection() as conn, pytest.raises(psycopg.errors.NullValueNotAllowed,
-                                                  match="always owner-scoped"):
-        conn.execute("SELECT * FROM search_scenes_by_visual_clip_embedding(%s, 0, 5, NULL, %s)",
-                     (query, A))
+    with (
+        pool.connection() as conn,
+        pytest.raises(psycopg.errors.NullValueNotAllowed, match="always owner-scoped"),
+    ):
+        conn.execute(
+            "SELECT * FROM search_scenes_by_visual_clip_embedding(%s, 0, 5, NULL, %s)", (query, A)
+        )
 
 
 def test_dimension_mismatch_is_refused_before_sql(pool):
@@ -108,12 +114,9 @@ def test_save_embedding_requires_the_owner_of_the_scene(pool):
     owner = uuid.uuid4()
     scene = store.add_scene(owner, "a.jpg")
     with pytest.raises(DatabaseError, match="does not exist for owner"):
-        store.save_embedding(scene, uuid.uuid4(), unit(rng.standard_normal(DIM)), {},
-                             artifact=A)
-    store.save_embedding(scene, owner, unit(rng.standard_normal(DIM)), {"ok": True},
-                         artifact=A)
-    assert store.get_scene(owner, scene)["visual_clip_metadata"] == {"ok": True,
-                                                                     "artifact_id": A}
+        store.save_embedding(scene, uuid.uuid4(), unit(rng.standard_normal(DIM)), {}, artifact=A)
+    store.save_embedding(scene, owner, unit(rng.standard_normal(DIM)), {"ok": True}, artifact=A)
+    assert store.get_scene(owner, scene)["visual_clip_metadata"] == {"ok": True, "artifact_id": A}
     assert store.get_scene(uuid.uuid4(), scene) is None  # reads are owner-scoped too
 
 
@@ -123,25 +126,31 @@ def test_two_artifacts_in_one_table_each_see_only_their_own(pool):
     store, rng = SceneStore(pool), np.random.default_rng(5)
     owner = uuid.uuid4()
     vectors = unit(rng.standard_normal((6, DIM)))
-    only_a = [store.upsert_scene(owner, f"a{i}.jpg", v, {}, artifact=A)
-              for i, v in enumerate(vectors[:3])]
-    only_b = [store.upsert_scene(owner, f"b{i}.jpg", v, {}, artifact=B)
-              for i, v in enumerate(vectors[:3])]  # the very same vectors, other model
+    only_a = [
+        store.upsert_scene(owner, f"a{i}.jpg", v, {}, artifact=A) for i, v in enumerate(vectors[:3])
+    ]
+    only_b = [
+        store.upsert_scene(owner, f"b{i}.jpg", v, {}, artifact=B) for i, v in enumerate(vectors[:3])
+    ]  # the very same vectors, other model
     both = store.upsert_scene(owner, "both.jpg", vectors[3], {}, artifact=A)
     store.save_embedding(both, owner, vectors[3], {}, artifact=B)  # beside A's: second slot
     row = store.get_scene(owner, both)
     assert (row["visual_clip_artifact"], row["visual_clip_alt_artifact"]) == (A, B)
     for artifact, own in ((A, {*only_a, both}), (B, {*only_b, both})):
         for query in vectors[:4]:
-            hits = store.search_by_embedding(owner, query, artifact=artifact, threshold=-1,
-                                             count=50)
+            hits = store.search_by_embedding(
+                owner, query, artifact=artifact, threshold=-1, count=50
+            )
             assert {h.id for h in hits} == own
             assert all(h.metadata["artifact_id"] == artifact for h in hits)
-    assert store.search_by_embedding(owner, vectors[0], artifact="ViT-B-32:x:none",
-                                     threshold=-1) == []
+    assert (
+        store.search_by_embedding(owner, vectors[0], artifact="ViT-B-32:x:none", threshold=-1) == []
+    )
     with pool.connection() as conn:  # the first model that stored a vector serves
-        four = conn.execute("SELECT id FROM search_scenes_by_visual_clip_embedding"
-                            "(%s, -1, 50, %s)", (vectors[0], owner)).fetchall()
+        four = conn.execute(
+            "SELECT id FROM search_scenes_by_visual_clip_embedding(%s, -1, 50, %s)",
+            (vectors[0], owner),
+        ).fetchall()
     assert {r[0] for r in four} == {*only_a, both}
     with pytest.raises(ValueError, match="artifact is required"):
         store.search_by_embedding(owner, vectors[0], artifact="")
@@ -161,11 +170,16 @@ def tenants(module_pool):
     return store, owners, rows, centers
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(owner_index=st.integers(0, 3), center=st.integers(0, 4),
-       threshold=st.floats(-1.0, 1.0), count=st.integers(1, 100),
-       seed=st.integers(0, 2**32 - 1))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    owner_index=st.integers(0, 3),
+    center=st.integers(0, 4),
+    threshold=st.floats(-1.0, 1.0),
+    count=st.integers(1, 100),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_tenant_isolation_property(tenants, owner_index, center, threshold, count, seed):
     store, owners, rows, centers = tenants
     owner = owners[owner_index] if owner_index < 3 else uuid.uuid4()  # 3: unknown owner
@@ -177,7 +191,8 @@ def test_tenant_isolation_property(tenants, owner_index, center, threshold, coun
     if hits:
         similar = store.search_similar(owner, hits[0].id, threshold=-1, count=count, artifact=A)
         assert all(rows[h.id] == owner for h in similar) and hits[0].id not in {
-            h.id for h in similar}
+            h.id for h in similar
+        }
 
 
 def test_unreachable_database_is_a_clear_error_fast():

@@ -23,9 +23,19 @@ pytestmark = [pytest.mark.db, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def embedder(artifact_dir):
     return patient_embedder(artifact_dir)
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +45,24 @@ def site(module_pool, embedder, photos):
     media = Path(tempfile.mkdtemp(prefix="heimdex-page-media-"))
     few = distinct(photos, 6)
     owner = add_owner(module_pool, embedder, few, media, uuid.uuid4())
-    shots = Path(os.environ.get("HEIMDEX_SCREENSHOT_DIR") or
-                 tempfile.mkdtemp(prefix="heimdex-page-shots-"))
+    shots = Path(
+        os.environ.get("HEIMDEX_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="heimdex-page-shots-")
+    )
     shots.mkdir(parents=True, exist_ok=True)
     print(f"search page screenshots: {shots}")
     with serve(module_pool, embedder, media) as server, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            yield {"url": server.url, "owner": owner, "browser": browser, "shots": shots,
-                   "photos": few, "media": media, "store": SceneStore(module_pool),
-                   "embedder": embedder}
+            yield {
+                "url": server.url,
+                "owner": owner,
+                "browser": browser,
+                "shots": shots,
+                "photos": few,
+                "media": media,
+                "store": SceneStore(module_pool),
+                "embedder": embedder,
+            }
         finally:
             browser.close()
     shutil.rmtree(media, ignore_errors=True)  # the screenshots are kept
@@ -95,7 +113,9 @@ def test_dropped_image_finds_its_scene_first_and_clicking_searches_similar(site,
     handle = page.evaluate_handle(
         """(bytes) => { const dt = new DataTransfer();
                dt.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'}));
-               return dt; }""", list(data))
+               return dt; }""",
+        list(data),
+    )
     page.dispatch_event("#drop", "drop", {"dataTransfer": handle})
     page.wait_for_selector("#status:has-text('image dropped.png')")
     assert first_card_scene(page) == str(owner.scenes[3])
@@ -105,8 +125,9 @@ def test_dropped_image_finds_its_scene_first_and_clicking_searches_similar(site,
     page.locator(".result").first.click()
     page.wait_for_selector(f"#status:has-text('scenes like {str(owner.scenes[3])[:8]}')")
     shown = page.eval_on_selector_all(".result", "cards => cards.map(c => c.dataset.sceneId)")
-    expected = site["store"].search_similar(owner.id, owner.scenes[3], count=24, threshold=-1,
-                                            artifact=site["embedder"].artifact_id)
+    expected = site["store"].search_similar(
+        owner.id, owner.scenes[3], count=24, threshold=-1, artifact=site["embedder"].artifact_id
+    )
     assert shown == [str(h.id) for h in expected]
     page.close()
 

@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.db, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def embedder(artifact_dir):
     return patient_embedder(artifact_dir)
+
+
 CLIENT = Path(__file__).resolve().parents[2] / "clients" / "typescript"
 
 
@@ -52,8 +54,9 @@ def toolchain():
     return CLIENT / "node_modules" / ".bin"
 
 
-def test_the_typescript_client_gives_the_python_results(module_pool, embedder, photos,
-                                                        toolchain, tmp_path):
+def test_the_typescript_client_gives_the_python_results(
+    module_pool, embedder, photos, toolchain, tmp_path
+):
     media = Path(tempfile.mkdtemp(prefix="heimdex-ts-media-"))
     a = add_owner(module_pool, embedder, distinct(photos, 5), media, uuid.uuid4())
     b = add_owner(module_pool, embedder, distinct(photos, 2), media, uuid.uuid4())
@@ -64,22 +67,41 @@ def test_the_typescript_client_gives_the_python_results(module_pool, embedder, p
         with client(server) as http:
             live = http.get("/openapi.json").json()
         # The committed document and types are the service's (regenerate: see README).
-        assert live == json.loads((CLIENT / "openapi.json").read_text()), \
+        assert live == json.loads((CLIENT / "openapi.json").read_text()), (
             "clients/typescript/openapi.json is stale: regenerate it and src/schema.ts"
+        )
         generated = tmp_path / "schema.ts"
-        subprocess.run([toolchain / "openapi-typescript", str(CLIENT / "openapi.json"), "-o",
-                        str(generated)], check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [toolchain / "openapi-typescript", str(CLIENT / "openapi.json"), "-o", str(generated)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         assert generated.read_text() == (CLIENT / "src" / "schema.ts").read_text()
         compiled = tmp_path / "dist"
-        tsc = subprocess.run([toolchain / "tsc", "-p", str(CLIENT), "--outDir", str(compiled)],
-                             capture_output=True, text=True, timeout=300)
+        tsc = subprocess.run(
+            [toolchain / "tsc", "-p", str(CLIENT), "--outDir", str(compiled)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert tsc.returncode == 0, tsc.stdout + tsc.stderr
-        env = {**os.environ, "HEIMDEX_URL": server.url, "HEIMDEX_KEY": a.key,
-               "HEIMDEX_IMAGE": str(image), "HEIMDEX_SCENE": str(a.scenes[2]),
-               "HEIMDEX_TEXT": "a bowl of coffee", "HEIMDEX_FOREIGN_SCENE": str(b.scenes[0])}
-        run = subprocess.run(["node", str(CLIENT / "test" / "run.mjs"),
-                              str(compiled / "index.js")], env=env, capture_output=True,
-                             text=True, timeout=120)
+        env = {
+            **os.environ,
+            "HEIMDEX_URL": server.url,
+            "HEIMDEX_KEY": a.key,
+            "HEIMDEX_IMAGE": str(image),
+            "HEIMDEX_SCENE": str(a.scenes[2]),
+            "HEIMDEX_TEXT": "a bowl of coffee",
+            "HEIMDEX_FOREIGN_SCENE": str(b.scenes[0]),
+        }
+        run = subprocess.run(
+            ["node", str(CLIENT / "test" / "run.mjs"), str(compiled / "index.js")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     shutil.rmtree(media, ignore_errors=True)
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout)
@@ -91,8 +113,9 @@ def test_the_typescript_client_gives_the_python_results(module_pool, embedder, p
     }
     for name, hits in expected.items():
         assert [r["scene_id"] for r in out[name]] == [str(h.id) for h in hits], name
-        np.testing.assert_allclose([r["similarity"] for r in out[name]],
-                                   [h.similarity for h in hits], atol=1e-6)
+        np.testing.assert_allclose(
+            [r["similarity"] for r in out[name]], [h.similarity for h in hits], atol=1e-6
+        )
     assert out["image"][0]["scene_id"] == str(a.scenes[1])
     # Another owner's scene: the client raises with the service's 404.
     assert out["foreign"] == {"status": 404, "message": f"scene {b.scenes[0]} not found"}

@@ -29,13 +29,15 @@ def indexed(module_pool, embedder, photos, tmp_path_factory):
         path = folder / f"{name}.jpg"
         image.save(path, quality=90)
         result = embedder.embed_frame(str(path))
-        store.upsert_scene(owner_a, str(path), result.embedding, result.metadata,
-                           artifact=embedder.artifact_id)
+        store.upsert_scene(
+            owner_a, str(path), result.embedding, result.metadata, artifact=embedder.artifact_id
+        )
         vectors[str(path)] = result.embedding
     for path in list(vectors)[:3]:
         result = embedder.embed_frame(path)
-        store.upsert_scene(owner_b, path, result.embedding, result.metadata,
-                           artifact=embedder.artifact_id)
+        store.upsert_scene(
+            owner_b, path, result.embedding, result.metadata, artifact=embedder.artifact_id
+        )
     return store, owner_a, owner_b, vectors, folder
 
 
@@ -48,8 +50,11 @@ def test_search_by_text_ranks_by_cosine_within_the_owner(indexed, embedder):
     # scikit-image's "cat" is "chelsea": equal vectors tie, so compare similarities in rank
     # order and each hit's similarity with its own stored vector, not the tie's order.
     np.testing.assert_allclose([h.similarity for h in hits], expected, atol=1e-4)
-    np.testing.assert_allclose([h.similarity for h in hits],
-                               [float(vectors[h.frame_path] @ query) for h in hits], atol=1e-4)
+    np.testing.assert_allclose(
+        [h.similarity for h in hits],
+        [float(vectors[h.frame_path] @ query) for h in hits],
+        atol=1e-4,
+    )
     assert {h.owner_id for h in hits} == {owner_a}
     only_b = store.search_by_text(owner_b, embedder, QUERY, threshold=-1.0, count=20)
     assert {h.owner_id for h in only_b} == {owner_b} and len(only_b) == 3
@@ -59,9 +64,13 @@ def test_search_by_text_ranks_by_cosine_within_the_owner(indexed, embedder):
 def test_search_by_text_is_search_by_embedding_of_the_text(indexed, embedder):
     store, owner_a, *_ = indexed
     by_text = store.search_by_text(owner_a, embedder, QUERY, threshold=-1.0, count=8)
-    by_vector = store.search_by_embedding(owner_a, embedder.embed_texts([QUERY])[0],
-                                          artifact=embedder.artifact_id, threshold=-1.0,
-                                          count=8)
+    by_vector = store.search_by_embedding(
+        owner_a,
+        embedder.embed_texts([QUERY])[0],
+        artifact=embedder.artifact_id,
+        threshold=-1.0,
+        count=8,
+    )
     assert [h.id for h in by_text] == [h.id for h in by_vector]
 
 
@@ -75,12 +84,32 @@ def test_cli_search_text_table_and_html(indexed, module_pool, artifact_dir, tmp_
     _, owner_a, _, _, folder = indexed
     url = module_pool.conninfo
     html = tmp_path / "text.html"
-    env = {**os.environ, "DATABASE_URL": url, "CLIP_PRETRAINED": "none",
-           "CLIP_MODEL_DIR": str(artifact_dir)}
-    proc = subprocess.run([sys.executable, "-m", "heimdex_clip.cli", "search", "--text",
-                           "sunset & sea <b>", "--owner", str(owner_a), "--count", "3",
-                           "--html", str(html)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "CLIP_PRETRAINED": "none",
+        "CLIP_MODEL_DIR": str(artifact_dir),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heimdex_clip.cli",
+            "search",
+            "--text",
+            "sunset & sea <b>",
+            "--owner",
+            str(owner_a),
+            "--count",
+            "3",
+            "--html",
+            str(html),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stdout.splitlines() if str(folder) in line]) == 3
     assert "ranking is meaningless" in proc.stderr  # the test artifact is a random init
@@ -90,16 +119,37 @@ def test_cli_search_text_table_and_html(indexed, module_pool, artifact_dir, tmp_
     assert "not semantic" in page
 
 
-def test_cli_search_with_a_non_utf8_query_writes_a_whole_page(indexed, module_pool,
-                                                               artifact_dir, tmp_path):
+def test_cli_search_with_a_non_utf8_query_writes_a_whole_page(
+    indexed, module_pool, artifact_dir, tmp_path
+):
     """Bytes that are not UTF-8 in argv (a Latin-1 terminal) reach Python as lone
     surrogates: the page is still written whole, valid UTF-8, with the bytes escaped."""
     _, owner_a, *_ = indexed
     html = tmp_path / "latin1.html"
-    env = {**os.environ, "DATABASE_URL": module_pool.conninfo, "CLIP_PRETRAINED": "none",
-           "CLIP_MODEL_DIR": str(artifact_dir)}
-    proc = subprocess.run([sys.executable, "-m", "heimdex_clip.cli", "search", "--text",
-                           b"caf\xe9 au lait", "--owner", str(owner_a), "--count", "2",
-                           "--html", str(html)], env=env, capture_output=True, timeout=300)
+    env = {
+        **os.environ,
+        "DATABASE_URL": module_pool.conninfo,
+        "CLIP_PRETRAINED": "none",
+        "CLIP_MODEL_DIR": str(artifact_dir),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heimdex_clip.cli",
+            "search",
+            "--text",
+            b"caf\xe9 au lait",
+            "--owner",
+            str(owner_a),
+            "--count",
+            "2",
+            "--html",
+            str(html),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "caf\\udce9 au lait" in html.read_bytes().decode("utf-8")

@@ -41,8 +41,9 @@ def _embedder(path):
     return ClipEmbedder(model_dir=path, config=ClipConfig(pretrained="none")).load()
 
 
-def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(pool, artifact_dir, artifact_b,
-                                                               photos, tmp_path):
+def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(
+    pool, artifact_dir, artifact_b, photos, tmp_path
+):
     old, new = _embedder(artifact_dir), _embedder(artifact_b)
     assert old.artifact_id != new.artifact_id
     store, owner = SceneStore(pool), uuid.uuid4()
@@ -51,19 +52,21 @@ def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(pool, artifact_d
         paths.append(str(tmp_path / f"{name}.jpg"))
         image.save(paths[-1])
     for path, result in zip(paths, old.embed_frames(paths), strict=True):
-        store.upsert_scene(owner, path, result.embedding, result.metadata,
-                           artifact=old.artifact_id)
+        store.upsert_scene(owner, path, result.embedding, result.metadata, artifact=old.artifact_id)
     # A row embedded before provenance existed: a vector, no artifact. Unknown, never matched.
     legacy = store.add_scene(owner, paths[0] + ".legacy.jpg")
     shutil.copy(paths[0], paths[0] + ".legacy.jpg")
     with pool.connection() as conn:
-        conn.execute("UPDATE scenes SET embedding_visual_clip = %s WHERE id = %s",
-                     (old.embed_images([paths[0]])[0], legacy))
+        conn.execute(
+            "UPDATE scenes SET embedding_visual_clip = %s WHERE id = %s",
+            (old.embed_images([paths[0]])[0], legacy),
+        )
     query = old.embed_images([paths[3]])[0]  # same graph: the same query for both models
 
     def ids_seen_by(embedder) -> set:
-        hits = store.search_by_embedding(owner, query, artifact=embedder.artifact_id,
-                                         threshold=-1, count=100)
+        hits = store.search_by_embedding(
+            owner, query, artifact=embedder.artifact_id, threshold=-1, count=100
+        )
         assert all(h.metadata["artifact_id"] == embedder.artifact_id for h in hits)
         return {h.id for h in hits}
 
@@ -96,8 +99,7 @@ def test_upgrade_with_backfill_never_mixes_and_never_goes_empty(pool, artifact_d
     row = store.get_scene(owner, legacy)
     assert row["visual_clip_artifact"] == new.artifact_id
     # The frame's own vector (INT8 results depend slightly on the batch it ran in).
-    assert float(row["embedding_visual_clip"].to_numpy() @ new.embed_images([paths[0]])[0]) \
-        > 0.99
+    assert float(row["embedding_visual_clip"].to_numpy() @ new.embed_images([paths[0]])[0]) > 0.99
 
 
 def _plan_nodes(plan: dict) -> list[str]:
@@ -123,23 +125,29 @@ def test_claiming_stale_rows_reads_indexes_not_the_whole_table(pool):
         # Throwaway database: without the vector indexes the rows go in 10x faster, and the
         # claim does not read them. The table must be large for the planner to prefer any
         # index to reading it: at 20,000 rows a scan is estimated cheaper and chosen.
-        conn.execute("DROP INDEX scenes_embedding_visual_clip_hnsw, "
-                     "scenes_embedding_visual_clip_alt_hnsw")
+        conn.execute(
+            "DROP INDEX scenes_embedding_visual_clip_hnsw, scenes_embedding_visual_clip_alt_hnsw"
+        )
         for tag, first, alt, n in (("done-", "A", "B", 199000), ("new-", "B", None, 1000)):
-            conn.execute(rows, {"owners": owners, "tag": tag, "vec": vec, "first": first,
-                                "alt": alt, "n": n})
-        stale = conn.execute(rows, {"owners": owners, "tag": "stale-", "vec": vec,
-                                    "first": "A", "alt": None, "n": 6}).fetchall()
+            conn.execute(
+                rows, {"owners": owners, "tag": tag, "vec": vec, "first": first, "alt": alt, "n": n}
+            )
+        stale = conn.execute(
+            rows, {"owners": owners, "tag": "stale-", "vec": vec, "first": "A", "alt": None, "n": 6}
+        ).fetchall()
         conn.execute("ANALYZE scenes")
         conn.commit()
     params = {"owner": owners[1], "artifact": "B", "max_attempts": 3}
     for scope in (Scope(all_owners=True), Scope(owner_id=owners[1])):
         where = eligible_where(scope, reembed_stale=True)
         with pool.connection() as conn:
-            (plan,), = conn.execute(f"EXPLAIN (FORMAT JSON) SELECT id FROM scenes WHERE {where}"
-                                    " LIMIT 16", params).fetchone()
-            found = {r[0] for r in conn.execute(f"SELECT id FROM scenes WHERE {where}",
-                                                params).fetchall()}
+            ((plan,),) = conn.execute(
+                f"EXPLAIN (FORMAT JSON) SELECT id FROM scenes WHERE {where} LIMIT 16", params
+            ).fetchone()
+            found = {
+                r[0]
+                for r in conn.execute(f"SELECT id FROM scenes WHERE {where}", params).fetchall()
+            }
         nodes = _plan_nodes(plan["Plan"])
         assert "Seq Scan scenes" not in nodes, nodes
         expected = {i for i, owner in stale if scope.all_owners or owner == owners[1]}

@@ -53,8 +53,9 @@ def embedders(artifact_dir, tmp_path_factory) -> dict[str, ClipEmbedder]:
     artifact ids (as tests/db/test_upgrade.py makes its second artifact)."""
     dirs = {"A": artifact_dir}
     for name in "BC":
-        dest = copy_artifact(artifact_dir, tmp_path_factory.mktemp(name) / "art",
-                             keep={"visual.int8"})
+        dest = copy_artifact(
+            artifact_dir, tmp_path_factory.mktemp(name) / "art", keep={"visual.int8"}
+        )
         manifest = json.loads((dest / "manifest.json").read_text())
         manifest["model"]["pretrained"] = f"none-{name}"
         (dest / "manifest.json").write_text(json.dumps(manifest))
@@ -80,8 +81,9 @@ def frames(photos, tmp_path_factory) -> list[str]:
 
 
 def _serving(conn) -> str | None:
-    row = conn.execute("SELECT value FROM heimdex_clip_settings WHERE key = %s",
-                       (SERVING_KEY,)).fetchone()
+    row = conn.execute(
+        "SELECT value FROM heimdex_clip_settings WHERE key = %s", (SERVING_KEY,)
+    ).fetchone()
     return row and row[0]
 
 
@@ -93,16 +95,21 @@ def _findable(pool, store: SceneStore) -> tuple[str | None, set]:
         rows = conn.execute(
             "SELECT id, owner_id, CASE WHEN visual_clip_artifact = %(s)s THEN "
             "embedding_visual_clip WHEN visual_clip_alt_artifact = %(s)s THEN "
-            "embedding_visual_clip_alt END FROM scenes", {"s": serving}).fetchall()
+            "embedding_visual_clip_alt END FROM scenes",
+            {"s": serving},
+        ).fetchall()
     found = set()
     for scene, owner, vector in rows:
         if vector is None:
             continue
-        hits = store.search_by_embedding(owner, vector.to_numpy(), artifact=serving,
-                                         threshold=-1, count=3)
+        hits = store.search_by_embedding(
+            owner, vector.to_numpy(), artifact=serving, threshold=-1, count=3
+        )
         with pool.connection() as conn:
-            first = conn.execute("SELECT id FROM search_scenes_by_visual_clip_embedding"
-                                 "(%s, -1, 3, %s)", (vector, owner)).fetchone()
+            first = conn.execute(
+                "SELECT id FROM search_scenes_by_visual_clip_embedding(%s, -1, 3, %s)",
+                (vector, owner),
+            ).fetchone()
         if hits and hits[0].id == scene and first and first[0] == scene:
             found.add(scene)
     return serving, found
@@ -113,8 +120,10 @@ def _locker(db_url: str, stop: threading.Event, rng: random.Random, held: list) 
     with psycopg.connect(db_url) as conn:
         while not stop.is_set():
             try:
-                rows = conn.execute("SELECT id FROM scenes ORDER BY random() LIMIT %s "
-                                    "FOR UPDATE", (rng.randint(1, 3),)).fetchall()
+                rows = conn.execute(
+                    "SELECT id FROM scenes ORDER BY random() LIMIT %s FOR UPDATE",
+                    (rng.randint(1, 3),),
+                ).fetchall()
                 held[0] += len(rows)
                 time.sleep(rng.uniform(0.05, 1.0))
             except psycopg.errors.DeadlockDetected:
@@ -123,13 +132,20 @@ def _locker(db_url: str, stop: threading.Event, rng: random.Random, held: list) 
             time.sleep(rng.uniform(0, 0.2))
 
 
-def _worker(pool, embedders, stop: threading.Event, rng: random.Random, errors: list,
-            transient: list) -> None:
+def _worker(
+    pool, embedders, stop: threading.Event, rng: random.Random, errors: list, transient: list
+) -> None:
     """A concurrent backfill worker switching between the three artifacts."""
     while not stop.is_set():
         try:
-            run_backfill(pool, embedders[rng.choice("ABC")], ALL, policy=POLICY,
-                         reembed_stale=True, limit=rng.randint(1, 4))
+            run_backfill(
+                pool,
+                embedders[rng.choice("ABC")],
+                ALL,
+                policy=POLICY,
+                reembed_stale=True,
+                limit=rng.randint(1, 4),
+            )
         except psycopg.OperationalError as exc:  # a lock wait or deadlock: `--follow`
             transient.append(type(exc).__name__)  # retries these; so does this loop
         except Exception as exc:  # any other failure of the worker fails the test
@@ -137,8 +153,7 @@ def _worker(pool, embedders, stop: threading.Event, rng: random.Random, errors: 
         stop.wait(rng.uniform(0.05, 0.5))
 
 
-def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embedders,
-                                                             frames):
+def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embedders, frames):
     rng = random.Random(SEED)
     store, owners = SceneStore(pool), [uuid.uuid4(), uuid.uuid4()]
     # Frames whose vectors are distinct (some sample photos coincide), or "found first by
@@ -153,16 +168,22 @@ def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embe
         conn.execute(COUNT_EVICTIONS)
     rng.shuffle(unused)
     for path, result in unused[:8]:  # A serves these from the start
-        store.upsert_scene(rng.choice(owners), path, result.embedding, result.metadata,
-                           artifact=embedders["A"].artifact_id)
+        store.upsert_scene(
+            rng.choice(owners),
+            path,
+            result.embedding,
+            result.metadata,
+            artifact=embedders["A"].artifact_id,
+        )
     del unused[:8]
 
     stop, errors, transient, held = threading.Event(), [], [], [0]
-    threads = [threading.Thread(target=_locker, args=(db_url, stop, random.Random(SEED + 1),
-                                                      held)),
-               threading.Thread(target=_worker, args=(pool, embedders, stop,
-                                                      random.Random(SEED + 2), errors,
-                                                      transient))]
+    threads = [
+        threading.Thread(target=_locker, args=(db_url, stop, random.Random(SEED + 1), held)),
+        threading.Thread(
+            target=_worker, args=(pool, embedders, stop, random.Random(SEED + 2), errors, transient)
+        ),
+    ]
     for t in threads:
         t.start()
     log, done = [], {"promoted": set(), "pruned": 0, "refused": 0}
@@ -179,8 +200,10 @@ def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embe
                 log.append(_step(rng, pool, store, embedders, owners, unused, done))
             serving, found = _findable(pool, store)
             lost = ever_findable - found
-            assert not lost, f"step {step}: {len(lost)} scenes no longer findable by " \
-                             f"{serving}; steps so far: {log}"
+            assert not lost, (
+                f"step {step}: {len(lost)} scenes no longer findable by "
+                f"{serving}; steps so far: {log}"
+            )
             ever_findable |= found
             assert not errors, errors
     finally:
@@ -214,11 +237,13 @@ def _upgrade(pool, embedders, name: str, done: dict) -> str:
     return f"upgrade to {name}: refused 3 times"
 
 
-def _step(rng: random.Random, pool, store: SceneStore, embedders, owners, unused: list,
-          done: dict) -> str:
+def _step(
+    rng: random.Random, pool, store: SceneStore, embedders, owners, unused: list, done: dict
+) -> str:
     """One random operation; returns what it did (for the failure message)."""
-    op = rng.choices(["add", "backfill", "promote", "prune", "fail", "migrate"],
-                     weights=[2, 5, 3, 2, 1, 1])[0]
+    op = rng.choices(
+        ["add", "backfill", "promote", "prune", "fail", "migrate"], weights=[2, 5, 3, 2, 1, 1]
+    )[0]
     name = rng.choice("ABC")
     embedder = embedders[name]
     scope = ALL if rng.random() < 0.7 else Scope(owner_id=rng.choice(owners))
@@ -229,8 +254,9 @@ def _step(rng: random.Random, pool, store: SceneStore, embedders, owners, unused
         return "add"
     if op == "backfill":
         stale = rng.random() < 0.8
-        report = run_backfill(pool, embedder, scope, policy=POLICY, reembed_stale=stale,
-                              limit=rng.randint(1, 8))
+        report = run_backfill(
+            pool, embedder, scope, policy=POLICY, reembed_stale=stale, limit=rng.randint(1, 8)
+        )
         return f"backfill {name} {where} stale={stale}: {report.embedded}"
     if op == "promote":
         try:
@@ -251,10 +277,12 @@ def _step(rng: random.Random, pool, store: SceneStore, embedders, owners, unused
         return f"prune {name} {where}: {n}"
     if op == "fail":
         with pool.connection() as conn:
-            row = conn.execute("SELECT id, owner_id FROM scenes ORDER BY random() LIMIT 1"
-                               ).fetchone()
-        store.save_embedding(row[0], row[1], None, {"error": "ImageError: simulated"},
-                             artifact=embedder.artifact_id)
+            row = conn.execute(
+                "SELECT id, owner_id FROM scenes ORDER BY random() LIMIT 1"
+            ).fetchone()
+        store.save_embedding(
+            row[0], row[1], None, {"error": "ImageError: simulated"}, artifact=embedder.artifact_id
+        )
         return f"fail {name}"
     assert migrate(pool) == []
     return "migrate"

@@ -32,12 +32,14 @@ def _slow_stats_table(pool, rows: int = 40) -> None:
                SELECT %s, NULL, jsonb_build_object('inference_time_ms', 1, 'blob',
                    (SELECT string_agg(md5(random()::text || g || i), '')
                     FROM generate_series(1, 60000) i))
-               FROM generate_series(1, %s) g""", (uuid.uuid4(), rows))
+               FROM generate_series(1, %s) g""",
+            (uuid.uuid4(), rows),
+        )
 
 
-def test_a_stats_query_past_the_statement_timeout_never_ends_the_worker(pool, db_url, embedder,
-                                                                        photos, tmp_path,
-                                                                        caplog):
+def test_a_stats_query_past_the_statement_timeout_never_ends_the_worker(
+    pool, db_url, embedder, photos, tmp_path, caplog
+):
     _slow_stats_table(pool)
     store, owner, scenes = SceneStore(pool), uuid.uuid4(), []
     for name, photo in photos[:3]:
@@ -52,9 +54,13 @@ def test_a_stats_query_past_the_statement_timeout_never_ends_the_worker(pool, db
         def run() -> None:
             try:
                 outcome["report"] = follow(
-                    worker_pool, embedder, ALL, stop, policy=Policy(batch_size=2),
-                    options=FollowOptions(idle_min_s=0.05, idle_max_s=0.2,
-                                          stats_interval_s=0.01))
+                    worker_pool,
+                    embedder,
+                    ALL,
+                    stop,
+                    policy=Policy(batch_size=2),
+                    options=FollowOptions(idle_min_s=0.05, idle_max_s=0.2, stats_interval_s=0.01),
+                )
             except BaseException as exc:  # the bug: the worker raised and ended
                 outcome["raised"] = exc
 

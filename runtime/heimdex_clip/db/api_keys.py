@@ -44,8 +44,9 @@ def looks_like_key(token: str) -> bool:
     return token.startswith(KEY_PREFIX)
 
 
-def create_key(pool: ConnectionPool, owner_id: uuid.UUID | str,
-               label: str | None = None) -> tuple[str, ApiKey]:
+def create_key(
+    pool: ConnectionPool, owner_id: uuid.UUID | str, label: str | None = None
+) -> tuple[str, ApiKey]:
     """A new key for ``owner_id``: (the key, to show once; its stored record)."""
     owner = owner_uuid(owner_id)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -54,7 +55,8 @@ def create_key(pool: ConnectionPool, owner_id: uuid.UUID | str,
             "INSERT INTO heimdex_clip_api_keys (owner_id, key_sha256, key_prefix, label) "
             "VALUES (%s, %s, %s, %s) "
             "RETURNING id, owner_id, key_prefix, label, created_at, revoked_at",
-            (owner, key_hash(key), key[:_SHOWN_CHARS], label)).fetchone()
+            (owner, key_hash(key), key[:_SHOWN_CHARS], label),
+        ).fetchone()
     if row is None:  # INSERT ... RETURNING always returns its row
         raise DatabaseError("creating the API key returned no row")
     return key, ApiKey(*row)
@@ -66,7 +68,9 @@ def list_keys(pool: ConnectionPool, owner_id: uuid.UUID | str | None = None) -> 
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT id, owner_id, key_prefix, label, created_at, revoked_at "
-            f"FROM heimdex_clip_api_keys {where} ORDER BY created_at, id", params).fetchall()
+            f"FROM heimdex_clip_api_keys {where} ORDER BY created_at, id",
+            params,
+        ).fetchall()
     return [ApiKey(*row) for row in rows]
 
 
@@ -77,7 +81,8 @@ def revoke_key(pool: ConnectionPool, key_id: uuid.UUID | str) -> ApiKey:
         row = conn.execute(
             "UPDATE heimdex_clip_api_keys SET revoked_at = COALESCE(revoked_at, now()) "
             "WHERE id = %s RETURNING id, owner_id, key_prefix, label, created_at, revoked_at",
-            (uuid.UUID(str(key_id)),)).fetchone()
+            (uuid.UUID(str(key_id)),),
+        ).fetchone()
     if row is None:
         raise DatabaseError(f"no API key with id {key_id}")
     return ApiKey(*row)
@@ -90,5 +95,7 @@ def owner_of_key(pool: ConnectionPool, key: str) -> uuid.UUID | None:
     with pool.connection() as conn:
         row = conn.execute(
             "SELECT owner_id FROM heimdex_clip_api_keys "
-            "WHERE key_sha256 = %s AND revoked_at IS NULL", (key_hash(key),)).fetchone()
+            "WHERE key_sha256 = %s AND revoked_at IS NULL",
+            (key_hash(key),),
+        ).fetchone()
     return row[0] if row else None

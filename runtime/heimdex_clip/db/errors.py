@@ -29,13 +29,14 @@ class OutputError(ClipError, OSError):
 class LockedRowsError(DatabaseError):
     """Rows stayed locked by other sessions past every retry; nothing was changed."""
 
+
 _RERUN = {
     "index": "everything stored so far is kept; re-running `heimdex-clip index` is safe "
-             "(it updates scenes, never duplicates them)",
+    "(it updates scenes, never duplicates them)",
     "backfill": "finished scenes are kept and leased ones return to the queue when their "
-                "lease expires; re-running `heimdex-clip backfill` is safe",
+    "lease expires; re-running `heimdex-clip backfill` is safe",
     "migrate": "each migration is applied whole or not at all; re-running "
-               "`heimdex-clip db migrate` is safe",
+    "`heimdex-clip db migrate` is safe",
 }
 
 
@@ -58,19 +59,28 @@ def database_errors(command: str) -> Iterator[None]:
     after = _RERUN.get(command, f"re-running `heimdex-clip {command}` is safe")
     try:
         yield
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
-            psycopg.errors.UndefinedColumn) as exc:
-        raise DatabaseError(f"the database schema is not up to date ({_first(exc)}): run "
-                            "`heimdex-clip db migrate`") from None
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedFunction,
+        psycopg.errors.UndefinedColumn,
+    ) as exc:
+        raise DatabaseError(
+            f"the database schema is not up to date ({_first(exc)}): run `heimdex-clip db migrate`"
+        ) from None
     except psycopg.errors.QueryCanceled as exc:
-        raise DatabaseError(f"a statement ran past its time limit ({_first(exc)}; setting "
-                            f"HEIMDEX_DB_STATEMENT_TIMEOUT_MS); {after}") from None
+        raise DatabaseError(
+            f"a statement ran past its time limit ({_first(exc)}; setting "
+            f"HEIMDEX_DB_STATEMENT_TIMEOUT_MS); {after}"
+        ) from None
     except psycopg.errors.LockNotAvailable as exc:
-        raise DatabaseError(f"a lock was held by someone else for too long ({_first(exc)}; "
-                            f"setting HEIMDEX_DB_LOCK_TIMEOUT_MS); {after}") from None
+        raise DatabaseError(
+            f"a lock was held by someone else for too long ({_first(exc)}; "
+            f"setting HEIMDEX_DB_LOCK_TIMEOUT_MS); {after}"
+        ) from None
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-        raise DatabaseError(f"lost the database during {command} ({_first(exc)}); "
-                            f"{after}") from None
+        raise DatabaseError(
+            f"lost the database during {command} ({_first(exc)}); {after}"
+        ) from None
     except psycopg.Error as exc:
         raise DatabaseError(f"the database refused {command}: {_first(exc)}") from None
 

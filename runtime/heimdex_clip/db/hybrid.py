@@ -31,9 +31,17 @@ class HybridHit(SearchHit):
     score: float = 0.0
 
 
-def search_hybrid(store: SceneStore, owner_id: uuid.UUID | str, embedding: np.ndarray,
-                  text: str, *, artifact: str, threshold: float = 0.0, count: int = 20,
-                  rrf_k: int = RRF_K) -> list[HybridHit]:
+def search_hybrid(
+    store: SceneStore,
+    owner_id: uuid.UUID | str,
+    embedding: np.ndarray,
+    text: str,
+    *,
+    artifact: str,
+    threshold: float = 0.0,
+    count: int = 20,
+    rrf_k: int = RRF_K,
+) -> list[HybridHit]:
     """The owner's scenes by the fused ranking of ``embedding`` (the CLIP vector of
     ``text``, made by ``artifact``) and of ``text`` against their transcripts."""
     owner, vector = owner_uuid(owner_id), store.check_vector(embedding)
@@ -45,27 +53,31 @@ def search_hybrid(store: SceneStore, owner_id: uuid.UUID | str, embedding: np.nd
             "SELECT id, owner_id, video_id, scene_index, frame_path, visual_clip_metadata, "
             "similarity, clip_rank, text_rank, score "
             "FROM search_scenes_hybrid(%s, %s, %s, %s, %s, %s, %s)",
-            (vector, text, threshold, count, owner, artifact, rrf_k)).fetchall()
+            (vector, text, threshold, count, owner, artifact, rrf_k),
+        ).fetchall()
     return [HybridHit(*row) for row in rows]
 
 
 Span = tuple[float | None, float | None]
 
 
-def scene_spans(pool: ConnectionPool, owner_id: uuid.UUID | str,
-                scene_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Span]:
+def scene_spans(
+    pool: ConnectionPool, owner_id: uuid.UUID | str, scene_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, Span]:
     """``{scene id: (start_s, end_s)}`` for those of ``scene_ids`` that are the owner's."""
     ids = list(scene_ids)
     if not ids:
         return {}
     with pool.connection() as conn:
-        rows = conn.execute("SELECT id, start_s, end_s FROM scenes "
-                            "WHERE owner_id = %s AND id = ANY(%s)",
-                            (owner_uuid(owner_id), ids)).fetchall()
+        rows = conn.execute(
+            "SELECT id, start_s, end_s FROM scenes WHERE owner_id = %s AND id = ANY(%s)",
+            (owner_uuid(owner_id), ids),
+        ).fetchall()
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
-def owned_scenes(pool: ConnectionPool, owner_id: uuid.UUID | str,
-                 scene_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+def owned_scenes(
+    pool: ConnectionPool, owner_id: uuid.UUID | str, scene_ids: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
     """Those of ``scene_ids`` that exist and belong to the owner."""
     return set(scene_spans(pool, owner_id, scene_ids))

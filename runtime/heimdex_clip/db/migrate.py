@@ -55,8 +55,9 @@ class Migration:
 
     def statements(self) -> list[str]:
         """The file's statements (no-transaction files: one per ``;`` at a line's end)."""
-        body = "\n".join(line for line in self.sql.splitlines()
-                         if not line.lstrip().startswith("--"))
+        body = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
         return [s.strip() for s in re.split(r";\s*$", body, flags=re.M) if s.strip()]
 
 
@@ -79,40 +80,49 @@ def _lock(conn: psycopg.Connection, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not one_value(conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,))):
         if time.monotonic() > deadline:
-            raise DatabaseError(f"another migrator has held the migration lock for over "
-                                f"{timeout_s:g}s; try again when it has finished")
+            raise DatabaseError(
+                f"another migrator has held the migration lock for over "
+                f"{timeout_s:g}s; try again when it has finished"
+            )
         time.sleep(0.1)
 
 
 def _ensure_pgvector(conn: psycopg.Connection) -> bool:
     """Create the extension if missing (True if created now); refuse pgvector < 0.8."""
-    created = one_value(conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension "
-                                     "WHERE extname = 'vector')"))
+    created = one_value(
+        conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')")
+    )
     try:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     except psycopg.errors.FeatureNotSupported as exc:  # extension files not installed
         raise DatabaseError(f"pgvector is not available on this server: {exc}") from None
-    version = one_value(conn.execute(
-        "SELECT extversion FROM pg_extension WHERE extname = 'vector'"))
+    version = one_value(
+        conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    )
     numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
     if numbers < MIN_PGVECTOR:
-        raise DatabaseError(f"pgvector {version} is installed; heimdex-clip needs >= 0.8 "
-                            "(iterative index scans): run ALTER EXTENSION vector UPDATE")
+        raise DatabaseError(
+            f"pgvector {version} is installed; heimdex-clip needs >= 0.8 "
+            "(iterative index scans): run ALTER EXTENSION vector UPDATE"
+        )
     return created
 
 
 def _drop_invalid_indexes(conn: psycopg.Connection, migration: Migration) -> None:
     """Drop indexes named in ``migration`` that an interrupted concurrent build left invalid."""
-    rows = conn.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = "
-                        "i.indexrelid WHERE NOT i.indisvalid").fetchall()
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = "
+        "i.indexrelid WHERE NOT i.indisvalid"
+    ).fetchall()
     for (name,) in rows:
         if re.search(rf"\b{re.escape(name)}\b", migration.sql):
             log.warning("dropping invalid index %s left by an interrupted build", name)
             conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
 
 
-def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *,
-            lock_timeout_s: float = 60.0) -> list[str]:
+def migrate(
+    pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *, lock_timeout_s: float = 60.0
+) -> list[str]:
     """Apply pending migrations; returns the names of those applied now."""
     applied_now: list[str] = []
     # A dedicated connection: migrations may run longer than the pool's statement_timeout.
@@ -133,14 +143,16 @@ def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *,
                     checksum   text NOT NULL,
                     applied_at timestamptz NOT NULL DEFAULT now()
                 )""")
-            done = dict(conn.execute(
-                "SELECT version, checksum FROM heimdex_clip_migrations").fetchall())
+            done = dict(
+                conn.execute("SELECT version, checksum FROM heimdex_clip_migrations").fetchall()
+            )
             for migration in discover(directory):
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:
                         raise DatabaseError(
                             f"migration {migration.name} changed after it was applied; add "
-                            "a new numbered migration instead of editing an applied one")
+                            "a new numbered migration instead of editing an applied one"
+                        )
                     continue
                 _apply(conn, migration)
                 applied_now.append(migration.name)
@@ -153,8 +165,10 @@ def migrate(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR, *,
 
 
 def _apply(conn: psycopg.Connection, migration: Migration) -> None:
-    record = ("INSERT INTO heimdex_clip_migrations (version, name, checksum) "
-              "VALUES (%s, %s, %s)", (migration.version, migration.name, migration.checksum))
+    record = (
+        "INSERT INTO heimdex_clip_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+        (migration.version, migration.name, migration.checksum),
+    )
     if migration.transactional:
         with conn.transaction():
             conn.execute(migration.sql)
@@ -169,10 +183,14 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> None:
 def pending_migrations(pool: ConnectionPool, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Names of the migrations not yet applied to this database."""
     with pool.connection() as conn:
-        exists = one_value(conn.execute(
-            "SELECT to_regclass('heimdex_clip_migrations') IS NOT NULL"))
-        done = {r[0] for r in conn.execute("SELECT version FROM heimdex_clip_migrations")
-                } if exists else set()
+        exists = one_value(
+            conn.execute("SELECT to_regclass('heimdex_clip_migrations') IS NOT NULL")
+        )
+        done = (
+            {r[0] for r in conn.execute("SELECT version FROM heimdex_clip_migrations")}
+            if exists
+            else set()
+        )
     return [m.name for m in discover(directory) if m.version not in done]
 
 
@@ -180,6 +198,9 @@ def require_schema(pool: ConnectionPool) -> None:
     """DatabaseError naming the fix unless every migration has been applied."""
     missing = pending_migrations(pool)
     if missing:
-        what = ("never migrated" if len(missing) == len(discover())
-                else f"missing migration {', '.join(missing)}")
+        what = (
+            "never migrated"
+            if len(missing) == len(discover())
+            else f"missing migration {', '.join(missing)}"
+        )
         raise DatabaseError(f"the database schema is not up to date ({what}): {_FIX}")

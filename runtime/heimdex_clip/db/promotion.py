@@ -60,8 +60,13 @@ WHERE {scope} AND visual_clip_alt_artifact = %(artifact)s AND embedding_visual_c
 """
 
 
-def locked_transaction(pool: ConnectionPool, work: Callable[[psycopg.Connection], T],
-                       what: str, retries: int = 5, backoff_s: float = 0.5) -> T:
+def locked_transaction(
+    pool: ConnectionPool,
+    work: Callable[[psycopg.Connection], T],
+    what: str,
+    retries: int = 5,
+    backoff_s: float = 0.5,
+) -> T:
     """``work(conn)`` in one transaction under the upgrade lock; retried whole when a row
     lock was not granted within lock_timeout (or a deadlock was broken)."""
     for attempt in range(1, retries + 1):
@@ -70,13 +75,20 @@ def locked_transaction(pool: ConnectionPool, work: Callable[[psycopg.Connection]
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
                 return work(conn)
         except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
-            log.warning("%s: rows locked by another session (attempt %d of %d): %s", what,
-                        attempt, retries, str(exc).splitlines()[0])
+            log.warning(
+                "%s: rows locked by another session (attempt %d of %d): %s",
+                what,
+                attempt,
+                retries,
+                str(exc).splitlines()[0],
+            )
             if attempt < retries:
                 time.sleep(backoff_s * 2 ** (attempt - 1))
-    raise LockedRowsError(f"{what}: rows stayed locked by other sessions through {retries} "
-                          "attempts; this step changed nothing (re-run it when they are "
-                          "released)")
+    raise LockedRowsError(
+        f"{what}: rows stayed locked by other sessions through {retries} "
+        "attempts; this step changed nothing (re-run it when they are "
+        "released)"
+    )
 
 
 def uncovered(conn: psycopg.Connection, artifact: str, scope: Scope) -> tuple[int, list]:
@@ -84,12 +96,19 @@ def uncovered(conn: psycopg.Connection, artifact: str, scope: Scope) -> tuple[in
     row = conn.execute(
         f"SELECT count(*), (array_agg(id ORDER BY id))[1:3] FROM scenes WHERE {scope.sql()} "
         f"AND {_HAS_VECTOR} AND NOT {_HOLDS}",
-        {"owner": scope.owner_id, "artifact": artifact}).fetchone()
+        {"owner": scope.owner_id, "artifact": artifact},
+    ).fetchone()
     return (row[0], row[1] or []) if row else (0, [])
 
 
-def promote(pool: ConnectionPool, artifact: str, scope: Scope, *, lock_retries: int = 5,
-            backoff_s: float = 0.5) -> int:
+def promote(
+    pool: ConnectionPool,
+    artifact: str,
+    scope: Scope,
+    *,
+    lock_retries: int = 5,
+    backoff_s: float = 0.5,
+) -> int:
     """Make ``artifact``'s vectors the first slot's in ``scope`` (and, for every owner, the
     serving artifact); returns how many rows were swapped. See the module docstring."""
     artifact = check_artifact(artifact)
@@ -100,38 +119,57 @@ def promote(pool: ConnectionPool, artifact: str, scope: Scope, *, lock_retries: 
     swapped = 0
     if scope.all_owners:
         with pool.connection() as conn:
-            owners = [r[0] for r in conn.execute(
-                "SELECT DISTINCT owner_id FROM scenes WHERE visual_clip_alt_artifact = "
-                "%(artifact)s AND embedding_visual_clip_alt IS NOT NULL", params).fetchall()]
+            owners = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT owner_id FROM scenes WHERE visual_clip_alt_artifact = "
+                    "%(artifact)s AND embedding_visual_clip_alt IS NOT NULL",
+                    params,
+                ).fetchall()
+            ]
         for owner in owners:
             one = Scope(owner_id=owner)
-            swapped += locked_transaction(pool, functools.partial(_swap, artifact=artifact,
-                                                                  scope=one),
-                                          f"promote {artifact} for owner {owner}",
-                                          lock_retries, backoff_s)
+            swapped += locked_transaction(
+                pool,
+                functools.partial(_swap, artifact=artifact, scope=one),
+                f"promote {artifact} for owner {owner}",
+                lock_retries,
+                backoff_s,
+            )
 
     def finish(conn: psycopg.Connection) -> int:
         n = _swap(conn, artifact, scope)
         missing, examples = uncovered(conn, artifact, scope)
         _refuse_uncovered(artifact, missing, examples)  # a writer raced us: roll back
-        behind = one_value(conn.execute(f"SELECT count(*) FROM scenes WHERE {scope.sql()} AND "
-                                        f"{_HAS_VECTOR} AND NOT {_FIRST}", params))
+        behind = one_value(
+            conn.execute(
+                f"SELECT count(*) FROM scenes WHERE {scope.sql()} AND "
+                f"{_HAS_VECTOR} AND NOT {_FIRST}",
+                params,
+            )
+        )
         if behind:
-            raise DatabaseError(f"{behind} scenes still hold another artifact's vector first "
-                                f"after the swap; {artifact} was not promoted")
+            raise DatabaseError(
+                f"{behind} scenes still hold another artifact's vector first "
+                f"after the swap; {artifact} was not promoted"
+            )
         if scope.all_owners:
-            conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
-                         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                         (SERVING_KEY, artifact))
+            conn.execute(
+                "INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (SERVING_KEY, artifact),
+            )
         return n
 
-    return swapped + locked_transaction(pool, finish, f"promote {artifact}", lock_retries,
-                                        backoff_s)
+    return swapped + locked_transaction(
+        pool, finish, f"promote {artifact}", lock_retries, backoff_s
+    )
 
 
 def _swap(conn: psycopg.Connection, artifact: str, scope: Scope) -> int:
-    return conn.execute(_SWAP.format(scope=scope.sql()),
-                        {"owner": scope.owner_id, "artifact": artifact}).rowcount
+    return conn.execute(
+        _SWAP.format(scope=scope.sql()), {"owner": scope.owner_id, "artifact": artifact}
+    ).rowcount
 
 
 def _refuse_uncovered(artifact: str, missing: int, examples: list | None) -> None:
@@ -140,22 +178,30 @@ def _refuse_uncovered(artifact: str, missing: int, examples: list | None) -> Non
         raise DatabaseError(
             f"{missing} scenes with a vector have none of {artifact} (e.g. {shown}); nothing "
             "was promoted: run `heimdex-clip backfill --reembed-stale` with it (scenes it gave "
-            "up on keep their last error in visual_clip_last_error; fix or delete them)")
+            "up on keep their last error in visual_clip_last_error; fix or delete them)"
+        )
 
 
-def prune(pool: ConnectionPool, artifact: str, scope: Scope, *, batch: int = 1000,
-          lock_retries: int = 5, backoff_s: float = 0.5) -> int:
+def prune(
+    pool: ConnectionPool,
+    artifact: str,
+    scope: Scope,
+    *,
+    batch: int = 1000,
+    lock_retries: int = 5,
+    backoff_s: float = 0.5,
+) -> int:
     """Delete the second-slot vectors of a retired ``artifact``; returns how many.
 
     Refused for the serving artifact. Each batch waits for locked rows (never skips them),
     so a return means none of its second-slot vectors is left in scope.
     """
     artifact = check_artifact(artifact)
-    params = {"owner": scope.owner_id, "artifact": artifact, "batch": batch,
-              "key": SERVING_KEY}
+    params = {"owner": scope.owner_id, "artifact": artifact, "batch": batch, "key": SERVING_KEY}
     with pool.connection() as conn:
-        serving = conn.execute("SELECT value FROM heimdex_clip_settings WHERE key = %s",
-                               (SERVING_KEY,)).fetchone()
+        serving = conn.execute(
+            "SELECT value FROM heimdex_clip_settings WHERE key = %s", (SERVING_KEY,)
+        ).fetchone()
     if serving and serving[0] == artifact:
         raise DatabaseError(f"{artifact} is the serving artifact: promote another first")
 
@@ -169,10 +215,11 @@ def prune(pool: ConnectionPool, artifact: str, scope: Scope, *, batch: int = 100
                              AND visual_clip_alt_artifact = %(artifact)s
                              AND %(artifact)s IS DISTINCT FROM (SELECT value FROM
                                  heimdex_clip_settings WHERE key = %(key)s)
-                             LIMIT %(batch)s FOR UPDATE)""", params).rowcount
+                             LIMIT %(batch)s FOR UPDATE)""",
+            params,
+        ).rowcount
 
     pruned = 0
-    while n := locked_transaction(pool, one_batch, f"prune {artifact}", lock_retries,
-                                  backoff_s):
+    while n := locked_transaction(pool, one_batch, f"prune {artifact}", lock_retries, backoff_s):
         pruned += n
     return pruned

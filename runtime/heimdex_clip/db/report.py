@@ -24,8 +24,7 @@ from .store import SearchHit
 THUMBNAIL = 224
 
 
-def thumbnail_data_uri(path: str | Path | None, *,
-                       max_pixels: int | None = None) -> str | None:
+def thumbnail_data_uri(path: str | Path | None, *, max_pixels: int | None = None) -> str | None:
     """A JPEG thumbnail of the frame as a data URI, or None if it cannot be shown.
 
     ``max_pixels`` defaults to the configured CLIP_MAX_IMAGE_PIXELS.
@@ -44,7 +43,7 @@ def thumbnail_data_uri(path: str | Path | None, *,
 
 
 def _figure(uri: str | None, caption: str) -> str:
-    img = (f'<img src="{uri}" alt="">' if uri else '<div class="missing">frame unreadable</div>')
+    img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">frame unreadable</div>'
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
 
@@ -68,13 +67,24 @@ def _clock(seconds: float) -> str:
     return f"{int(minutes)}:{rest:04.1f}"
 
 
-def render_results(query_label: str, query_frame: str | Path | None,
-                   hits: Sequence[SearchHit], *, title: str = "heimdex-clip search",
-                   warning: str | None = None, max_pixels: int | None = None) -> str:
+def render_results(
+    query_label: str,
+    query_frame: str | Path | None,
+    hits: Sequence[SearchHit],
+    *,
+    title: str = "heimdex-clip search",
+    warning: str | None = None,
+    max_pixels: int | None = None,
+) -> str:
     """The page as a string (write it anywhere; it references no other file)."""
-    cards = [_figure(thumbnail_data_uri(h.frame_path, max_pixels=max_pixels),
-                     f"<b>{h.similarity:.3f}</b><br>{html.escape(Path(h.frame_path or '?').name)}"
-                     f"{_where(h)}<br><small>{h.id}</small>") for h in hits]
+    cards = [
+        _figure(
+            thumbnail_data_uri(h.frame_path, max_pixels=max_pixels),
+            f"<b>{h.similarity:.3f}</b><br>{html.escape(Path(h.frame_path or '?').name)}"
+            f"{_where(h)}<br><small>{h.id}</small>",
+        )
+        for h in hits
+    ]
     body = "".join(cards) or "<p>No scene above the threshold.</p>"
     banner = f'<p class="warn">{html.escape(warning)}</p>' if warning else ""
     return f"""<!doctype html>
@@ -91,7 +101,7 @@ img {{ max-width: {THUMBNAIL}px; max-height: {THUMBNAIL}px; border-radius: 4px; 
 </style></head><body>
 <h1>{html.escape(title)}</h1>{banner}
 <h2>Query</h2><div class="grid query">{_query(query_label, query_frame, max_pixels)}</div>
-<h2>{len(hits)} result{'s' if len(hits) != 1 else ''}</h2><div class="grid">{body}</div>
+<h2>{len(hits)} result{"s" if len(hits) != 1 else ""}</h2><div class="grid">{body}</div>
 </body></html>
 """
 
@@ -103,8 +113,9 @@ def check_page_target(path: str | Path) -> Path:
     if target.exists() and not target.is_file():
         raise OutputError(f"cannot write the HTML page to {target}: not a regular file")
     if not target.parent.is_dir():
-        raise OutputError(f"cannot write the HTML page to {target}: folder {target.parent} "
-                          "does not exist")
+        raise OutputError(
+            f"cannot write the HTML page to {target}: folder {target.parent} does not exist"
+        )
     return target
 
 
@@ -118,8 +129,9 @@ def write_page(path: str | Path, page: str) -> None:
     data = page.encode("utf-8", errors="backslashreplace")
     tmp = None
     try:
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp", delete=False) as out:
+        with tempfile.NamedTemporaryFile(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
+        ) as out:
             tmp = out.name
             out.write(data)
             out.flush()
@@ -129,5 +141,6 @@ def write_page(path: str | Path, page: str) -> None:
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write the HTML page to {target}: "
-                          f"{exc.strerror or exc}") from None
+        raise OutputError(
+            f"cannot write the HTML page to {target}: {exc.strerror or exc}"
+        ) from None

@@ -34,9 +34,14 @@ def classify_fault(error: str | None) -> str:
     return "worker" if error and error.startswith(WORKER_FAULTS) else "frame"
 
 
-def choose_slot(main_artifact: str | None, main_has_vector: bool,
-                alt_artifact: str | None, alt_has_vector: bool, artifact: str,
-                serving: str | None = None) -> str:
+def choose_slot(
+    main_artifact: str | None,
+    main_has_vector: bool,
+    alt_artifact: str | None,
+    alt_has_vector: bool,
+    artifact: str,
+    serving: str | None = None,
+) -> str:
     """Which slot a vector of ``artifact`` goes to (see the module docstring).
 
     When both slots hold vectors of other artifacts, the one NOT of the serving artifact is
@@ -54,10 +59,18 @@ def choose_slot(main_artifact: str | None, main_has_vector: bool,
     return "main" if alt_artifact == serving and serving is not None else "alt"
 
 
-def write_vector(conn: psycopg.Connection, scene_id: uuid.UUID, owner: uuid.UUID,
-                 artifact: str, vector: np.ndarray | None, metadata: dict[str, Any], *,
-                 lease: uuid.UUID | None = None, fault: str | None = None,
-                 retry_after_s: float | None = None) -> bool:
+def write_vector(
+    conn: psycopg.Connection,
+    scene_id: uuid.UUID,
+    owner: uuid.UUID,
+    artifact: str,
+    vector: np.ndarray | None,
+    metadata: dict[str, Any],
+    *,
+    lease: uuid.UUID | None = None,
+    fault: str | None = None,
+    retry_after_s: float | None = None,
+) -> bool:
     """Store one embedding result in the caller's transaction; False if nothing was written.
 
     Nothing is written if the scene does not belong to ``owner`` or (with ``lease``) if the
@@ -76,34 +89,51 @@ def write_vector(conn: psycopg.Connection, scene_id: uuid.UUID, owner: uuid.UUID
                   visual_clip_alt_artifact, embedding_visual_clip_alt IS NOT NULL,
                   visual_clip_lease_token
            FROM scenes WHERE id = %s AND owner_id = %s FOR UPDATE""",
-        (scene_id, owner)).fetchone()
+        (scene_id, owner),
+    ).fetchone()
     if row is None or (lease is not None and row[4] != lease):
         return False
     # Read after the row lock, in a statement of its own: a promotion that committed while
     # we waited for the lock is seen (READ COMMITTED takes a snapshot per statement).
-    serving = conn.execute("SELECT value FROM heimdex_clip_settings WHERE key = %s",
-                           (SERVING_KEY,)).fetchone()
-    slot = choose_slot(row[0], row[1], row[2], row[3], artifact,
-                       serving[0] if serving else None)
+    serving = conn.execute(
+        "SELECT value FROM heimdex_clip_settings WHERE key = %s", (SERVING_KEY,)
+    ).fetchone()
+    slot = choose_slot(row[0], row[1], row[2], row[3], artifact, serving[0] if serving else None)
     vector_col, artifact_col, meta_col = _SLOTS[slot]
     has_vector = row[1] if slot == "main" else row[3]
     metadata = {**metadata, "artifact_id": artifact}
-    sets = ["visual_clip_lease_token = NULL", "visual_clip_lease_until = NULL",
-            "visual_clip_leased_by = NULL"]
+    sets = [
+        "visual_clip_lease_token = NULL",
+        "visual_clip_lease_until = NULL",
+        "visual_clip_leased_by = NULL",
+    ]
     params: list[Any] = []
     if vector is not None:
-        sets += [f"{vector_col} = %s", f"{artifact_col} = %s", f"{meta_col} = %s",
-                 "visual_clip_last_error = NULL", "visual_clip_fault = NULL",
-                 "visual_clip_retry_at = NULL"]
+        sets += [
+            f"{vector_col} = %s",
+            f"{artifact_col} = %s",
+            f"{meta_col} = %s",
+            "visual_clip_last_error = NULL",
+            "visual_clip_fault = NULL",
+            "visual_clip_retry_at = NULL",
+        ]
         params += [vector, artifact, Jsonb(metadata)]
     else:
         if not has_vector:
             sets += [f"{artifact_col} = %s", f"{meta_col} = %s"]
             params += [artifact, Jsonb(metadata)]
-        sets += ["visual_clip_last_error = %s", "visual_clip_fault = %s",
-                 "visual_clip_retry_at = now() + %s * interval '1 second'"]
-        params += [metadata.get("error"), fault or classify_fault(metadata.get("error")),
-                   retry_after_s or 0.0]
-    conn.execute(f"UPDATE scenes SET {', '.join(sets)} WHERE id = %s AND owner_id = %s",
-                 (*params, scene_id, owner))
+        sets += [
+            "visual_clip_last_error = %s",
+            "visual_clip_fault = %s",
+            "visual_clip_retry_at = now() + %s * interval '1 second'",
+        ]
+        params += [
+            metadata.get("error"),
+            fault or classify_fault(metadata.get("error")),
+            retry_after_s or 0.0,
+        ]
+    conn.execute(
+        f"UPDATE scenes SET {', '.join(sets)} WHERE id = %s AND owner_id = %s",
+        (*params, scene_id, owner),
+    )
     return True

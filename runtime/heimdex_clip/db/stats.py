@@ -87,8 +87,12 @@ class ClipStats:
         return (counts["main"] + counts["alt"]) / self.scenes if self.scenes else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "availability": self.availability,
-                "failure_rate": self.failure_rate, "timeout_rate": self.timeout_rate}
+        return {
+            **asdict(self),
+            "availability": self.availability,
+            "failure_rate": self.failure_rate,
+            "timeout_rate": self.timeout_rate,
+        }
 
 
 def clip_stats(pool: ConnectionPool, scope: Scope) -> ClipStats:
@@ -96,8 +100,10 @@ def clip_stats(pool: ConnectionPool, scope: Scope) -> ClipStats:
     params = {"owner": scope.owner_id}
     with pool.connection() as conn:
         row = conn.execute(STATS_SQL.format(scope=scope.sql()), params).fetchone()
-        artifacts = {a: {"main": m, "alt": n} for a, m, n in conn.execute(
-            ARTIFACTS_SQL.format(scope=scope.sql()), params).fetchall()}
+        artifacts = {
+            a: {"main": m, "alt": n}
+            for a, m, n in conn.execute(ARTIFACTS_SQL.format(scope=scope.sql()), params).fetchall()
+        }
     if row is None:  # an aggregate query always returns one row
         raise DatabaseError("the statistics query returned no row")
     # STATS_SQL's columns are ClipStats' fields before ``artifacts``, in order.
@@ -123,8 +129,9 @@ def format_stats(stats: ClipStats) -> str:
         "Vectors per artifact (first slot + second slot = coverage):",
     ]
     for artifact, counts in stats.artifacts.items():
-        lines.append(f"  {artifact}: {counts['main']} + {counts['alt']} = "
-                     f"{pct(stats.coverage(artifact))}")
+        lines.append(
+            f"  {artifact}: {counts['main']} + {counts['alt']} = {pct(stats.coverage(artifact))}"
+        )
     if not stats.artifacts:
         lines.append("  (none)")
     return "\n".join(lines)

@@ -39,9 +39,15 @@ _LEGACY = """{scope} AND visual_clip_artifact IS NULL AND embedding_visual_clip 
     AND visual_clip_alt_artifact IS DISTINCT FROM %(artifact)s"""
 
 
-def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, *,
-                     sample: int = 16, min_cosine: float = 0.99,
-                     frame_root: Path | None = None) -> tuple[int, int]:
+def attribute_legacy(
+    pool: ConnectionPool,
+    embedder: ClipEmbedder,
+    scope: Scope,
+    *,
+    sample: int = 16,
+    min_cosine: float = 0.99,
+    frame_root: Path | None = None,
+) -> tuple[int, int]:
     """Attribute pre-provenance vectors of this model's name and weights tag to its artifact.
 
     Embeds up to ``sample`` of their frames again; every reproduced vector must have cosine
@@ -50,27 +56,45 @@ def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
     locked rows (never skips one). Returns (frames compared, rows attributed).
     """
     model = embedder.load().manifest.model
-    params = {"owner": scope.owner_id, "model": model.name, "pretrained": model.pretrained,
-              "artifact": embedder.artifact_id, "sample": sample}
+    params = {
+        "owner": scope.owner_id,
+        "model": model.name,
+        "pretrained": model.pretrained,
+        "artifact": embedder.artifact_id,
+        "sample": sample,
+    }
     where = _LEGACY.format(scope=scope.sql())
     with pool.connection() as conn:
-        rows = conn.execute(f"SELECT frame_path, embedding_visual_clip FROM scenes WHERE "
-                            f"{where} AND frame_path IS NOT NULL ORDER BY random() "
-                            "LIMIT %(sample)s", params).fetchall()
+        rows = conn.execute(
+            f"SELECT frame_path, embedding_visual_clip FROM scenes WHERE "
+            f"{where} AND frame_path IS NOT NULL ORDER BY random() "
+            "LIMIT %(sample)s",
+            params,
+        ).fetchall()
     if not rows:
         return 0, 0
-    results = embedder.embed_frames([resolve_frame(frame_root, path) for path, _ in rows],
-                                    frame_paths=[path for path, _ in rows])
-    cosines = [float(np.dot(stored.to_numpy(), result.embedding))
-               for (_, stored), result in zip(rows, results, strict=True)
-               if result.embedding is not None]  # result.ok
+    results = embedder.embed_frames(
+        [resolve_frame(frame_root, path) for path, _ in rows],
+        frame_paths=[path for path, _ in rows],
+    )
+    cosines = [
+        float(np.dot(stored.to_numpy(), result.embedding))
+        for (_, stored), result in zip(rows, results, strict=True)
+        if result.embedding is not None
+    ]  # result.ok
     if not cosines or min(cosines) < min_cosine:
         lowest = f"lowest cosine {min(cosines):.4f}" if cosines else "no frame readable"
-        raise DatabaseError(f"the sampled vectors were not made by {embedder.artifact_id} "
-                            f"({lowest}): re-embed them with `heimdex-clip backfill "
-                            "--reembed-stale` instead")
-    evidence = Jsonb({"artifact_id": embedder.artifact_id,
-                      "attributed": {"frames": len(cosines), "min_cosine": min(cosines)}})
+        raise DatabaseError(
+            f"the sampled vectors were not made by {embedder.artifact_id} "
+            f"({lowest}): re-embed them with `heimdex-clip backfill "
+            "--reembed-stale` instead"
+        )
+    evidence = Jsonb(
+        {
+            "artifact_id": embedder.artifact_id,
+            "attributed": {"frames": len(cosines), "min_cosine": min(cosines)},
+        }
+    )
 
     def attribute(conn: psycopg.Connection) -> int:
         # One transaction, waiting for locked rows: a row skipped here would be hidden from
@@ -79,9 +103,14 @@ def attribute_legacy(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
         n = conn.execute(
             f"""UPDATE scenes SET visual_clip_artifact = %(artifact)s,
                     visual_clip_metadata = visual_clip_metadata || %(evidence)s
-                WHERE {where}""", {**params, "evidence": evidence}).rowcount
-        conn.execute("INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
-                     "ON CONFLICT (key) DO NOTHING", (SERVING_KEY, embedder.artifact_id))
+                WHERE {where}""",
+            {**params, "evidence": evidence},
+        ).rowcount
+        conn.execute(
+            "INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+            "ON CONFLICT (key) DO NOTHING",
+            (SERVING_KEY, embedder.artifact_id),
+        )
         return n
 
     attributed = locked_transaction(pool, attribute, f"attribute {embedder.artifact_id}")

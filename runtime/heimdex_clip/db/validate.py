@@ -36,15 +36,19 @@ def check_vector(vector: Any, dimension: int | None = None) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise InvalidVectorError(f"vector is not an array of numbers ({exc})") from None
     if arr.ndim != 1 or (dimension is not None and arr.shape[0] != dimension):
-        raise InvalidVectorError(f"vector has shape {arr.shape}; the embedding_visual_clip "
-                                 f"column holds vector({dimension})")
+        raise InvalidVectorError(
+            f"vector has shape {arr.shape}; the embedding_visual_clip "
+            f"column holds vector({dimension})"
+        )
     if not np.all(np.isfinite(arr)):
         raise InvalidVectorError("vector contains NaN or infinity")
     norm = float(np.linalg.norm(arr.astype(np.float64)))
     if not MIN_NORM <= norm <= MAX_NORM:
-        raise InvalidVectorError(f"vector has norm {norm:.3g}, outside [{MIN_NORM:g}, "
-                                 f"{MAX_NORM:g}]: a zero, denormal or huge vector has no "
-                                 "cosine similarity")
+        raise InvalidVectorError(
+            f"vector has norm {norm:.3g}, outside [{MIN_NORM:g}, "
+            f"{MAX_NORM:g}]: a zero, denormal or huge vector has no "
+            "cosine similarity"
+        )
     return arr
 
 
@@ -56,13 +60,16 @@ def check_text(value: str | None, what: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
     if "\x00" in value:
-        raise InvalidInputError(f"{what} contains a NUL character, which PostgreSQL text "
-                                "cannot hold")
+        raise InvalidInputError(
+            f"{what} contains a NUL character, which PostgreSQL text cannot hold"
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidInputError(f"{what} is not valid Unicode (a lone surrogate, e.g. from a "
-                                f"non-UTF-8 file name): {value!r:.80}") from None
+        raise InvalidInputError(
+            f"{what} is not valid Unicode (a lone surrogate, e.g. from a "
+            f"non-UTF-8 file name): {value!r:.80}"
+        ) from None
     return value
 
 
@@ -98,13 +105,17 @@ def _check_json(value: Any, where: str) -> None:
 def check_artifact(artifact: Any) -> str:
     """A non-empty artifact id of at most MAX_ARTIFACT_CHARS storable characters."""
     if not artifact:
-        raise InvalidInputError("artifact is required: vectors of different models are not "
-                                "comparable (use ClipEmbedder.artifact_id)")
+        raise InvalidInputError(
+            "artifact is required: vectors of different models are not "
+            "comparable (use ClipEmbedder.artifact_id)"
+        )
     if not isinstance(artifact, str) or len(artifact) > MAX_ARTIFACT_CHARS:
-        got = (f"{len(artifact)} characters" if isinstance(artifact, str)
-               else type(artifact).__name__)
-        raise InvalidInputError(f"artifact must be a string of at most {MAX_ARTIFACT_CHARS} "
-                                f"characters, got {got}")
+        got = (
+            f"{len(artifact)} characters" if isinstance(artifact, str) else type(artifact).__name__
+        )
+        raise InvalidInputError(
+            f"artifact must be a string of at most {MAX_ARTIFACT_CHARS} characters, got {got}"
+        )
     return check_text(artifact, "artifact")  # type: ignore[return-value]
 
 
@@ -122,11 +133,17 @@ def check_int4(value: int | None, what: str) -> int | None:
 def check_search_args(threshold: Any, count: Any) -> tuple[float, int]:
     """``(threshold, count)`` as (float, int) if ``count`` is an integer in [1, MAX_COUNT]
     and ``threshold`` a real number in [-1, 1]; else InvalidInputError."""
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
-            or not 1 <= count <= MAX_COUNT:
-        raise InvalidInputError(f"count must be an integer in [1, {MAX_COUNT}], "
-                                f"got {count!r:.40}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) \
-            or math.isnan(threshold) or not -1.0 <= threshold <= 1.0:
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, (int, np.integer))
+        or not 1 <= count <= MAX_COUNT
+    ):
+        raise InvalidInputError(f"count must be an integer in [1, {MAX_COUNT}], got {count!r:.40}")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float, np.floating))
+        or math.isnan(threshold)
+        or not -1.0 <= threshold <= 1.0
+    ):
         raise InvalidInputError(f"threshold must be a number in [-1, 1], got {threshold!r:.40}")
     return float(threshold), int(count)

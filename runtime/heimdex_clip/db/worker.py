@@ -44,22 +44,30 @@ class Metrics:
         try:
             import prometheus_client as prom
         except ImportError:
-            raise DatabaseError("--metrics-port needs the prometheus-client package: "
-                                "pip install 'heimdex-clip[metrics]'") from None
+            raise DatabaseError(
+                "--metrics-port needs the prometheus-client package: "
+                "pip install 'heimdex-clip[metrics]'"
+            ) from None
         registry = prom.CollectorRegistry()
         gauge = lambda name, doc: prom.Gauge(name, doc, registry=registry)  # noqa: E731
-        self.availability = gauge("heimdex_clip_availability_ratio",
-                                  "Share of scenes with a CLIP embedding")
-        self.latency = gauge("heimdex_clip_inference_time_ms_avg",
-                             "Mean inference_time_ms of embedded scenes")
-        self.failure_rate = gauge("heimdex_clip_failure_ratio",
-                                  "Share of attempted scenes whose embedding failed")
-        self.timeout_rate = gauge("heimdex_clip_timeout_ratio",
-                                  "Share of attempted scenes that timed out")
-        self.embedded = prom.Counter("heimdex_clip_worker_embedded",
-                                     "Scenes this worker embedded", registry=registry)
-        self.failed = prom.Counter("heimdex_clip_worker_failed",
-                                   "Scenes this worker failed to embed", registry=registry)
+        self.availability = gauge(
+            "heimdex_clip_availability_ratio", "Share of scenes with a CLIP embedding"
+        )
+        self.latency = gauge(
+            "heimdex_clip_inference_time_ms_avg", "Mean inference_time_ms of embedded scenes"
+        )
+        self.failure_rate = gauge(
+            "heimdex_clip_failure_ratio", "Share of attempted scenes whose embedding failed"
+        )
+        self.timeout_rate = gauge(
+            "heimdex_clip_timeout_ratio", "Share of attempted scenes that timed out"
+        )
+        self.embedded = prom.Counter(
+            "heimdex_clip_worker_embedded", "Scenes this worker embedded", registry=registry
+        )
+        self.failed = prom.Counter(
+            "heimdex_clip_worker_failed", "Scenes this worker failed to embed", registry=registry
+        )
         prom.start_http_server(port, registry=registry)
         self.enabled = True
         log.info("serving Prometheus metrics on port %d", port)
@@ -72,10 +80,12 @@ class Metrics:
     def update(self, stats: ClipStats) -> None:
         if not self.enabled:
             return
-        for gauge, value in ((self.availability, stats.availability),
-                             (self.latency, stats.latency_mean_ms),
-                             (self.failure_rate, stats.failure_rate),
-                             (self.timeout_rate, stats.timeout_rate)):
+        for gauge, value in (
+            (self.availability, stats.availability),
+            (self.latency, stats.latency_mean_ms),
+            (self.failure_rate, stats.failure_rate),
+            (self.timeout_rate, stats.timeout_rate),
+        ):
             gauge.set(float("nan") if value is None else value)
 
 
@@ -83,10 +93,15 @@ def log_figures(stats: ClipStats) -> None:
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    log.info("figures: availability %s, avg inference_time_ms %s, failure rate %s, "
-                "timeout rate %s (%d scenes)", pct(stats.availability),
-                "n/a" if stats.latency_mean_ms is None else f"{stats.latency_mean_ms:.1f}",
-                pct(stats.failure_rate), pct(stats.timeout_rate), stats.scenes)
+    log.info(
+        "figures: availability %s, avg inference_time_ms %s, failure rate %s, "
+        "timeout rate %s (%d scenes)",
+        pct(stats.availability),
+        "n/a" if stats.latency_mean_ms is None else f"{stats.latency_mean_ms:.1f}",
+        pct(stats.failure_rate),
+        pct(stats.timeout_rate),
+        stats.scenes,
+    )
 
 
 def report_figures(pool: ConnectionPool, scope: Scope, metrics: Metrics) -> bool:
@@ -95,32 +110,46 @@ def report_figures(pool: ConnectionPool, scope: Scope, metrics: Metrics) -> bool
     try:
         stats = clip_stats(pool, scope)
     except (psycopg.Error, PoolTimeout, DatabaseError) as exc:
-        log.warning("monitoring query failed, the worker goes on: %s: %s",
-                    type(exc).__name__, one_line(exc))
+        log.warning(
+            "monitoring query failed, the worker goes on: %s: %s", type(exc).__name__, one_line(exc)
+        )
         return False
     log_figures(stats)
     metrics.update(stats)
     return True
 
 
-def follow(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, stop: threading.Event,
-           *, policy: Policy | None = None, reembed_stale: bool = False,
-           options: FollowOptions | None = None) -> BackfillReport:
+def follow(
+    pool: ConnectionPool,
+    embedder: ClipEmbedder,
+    scope: Scope,
+    stop: threading.Event,
+    *,
+    policy: Policy | None = None,
+    reembed_stale: bool = False,
+    options: FollowOptions | None = None,
+) -> BackfillReport:
     """Embed pending scenes until ``stop`` is set; returns the totals."""
     options = options or FollowOptions()
     metrics = Metrics(options.metrics_port)
     total = BackfillReport()
     idle = options.idle_min_s
     next_stats = 0.0
-    log.info("worker started: artifact %s, %s", embedder.load().artifact_id,
-                "all owners" if scope.all_owners else f"owner {scope.owner_id}")
+    log.info(
+        "worker started: artifact %s, %s",
+        embedder.load().artifact_id,
+        "all owners" if scope.all_owners else f"owner {scope.owner_id}",
+    )
     while not stop.is_set():
         # One batch per pass, so the figures are logged on time while busy.
         try:
             report = _one_batch(pool, embedder, scope, policy, reembed_stale, stop)
         except (psycopg.OperationalError, PoolTimeout) as exc:  # database restarting
-            log.error("database unavailable (%s); retrying in %.0f s",
-                      str(exc).strip().splitlines()[0], idle)
+            log.error(
+                "database unavailable (%s); retrying in %.0f s",
+                str(exc).strip().splitlines()[0],
+                idle,
+            )
             stop.wait(idle)
             idle = min(idle * 2, options.idle_max_s)
             continue
@@ -137,14 +166,30 @@ def follow(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope, stop: thr
             continue
         stop.wait(idle)  # nothing ready: back off, but wake at once on SIGTERM
         idle = min(idle * 2, options.idle_max_s)
-    log.info("worker stopping: %d embedded, %d failed in %d batches", total.embedded,
-                total.failed, total.batches)
+    log.info(
+        "worker stopping: %d embedded, %d failed in %d batches",
+        total.embedded,
+        total.failed,
+        total.batches,
+    )
     return total
 
 
-def _one_batch(pool: ConnectionPool, embedder: ClipEmbedder, scope: Scope,
-               policy: Policy | None, reembed_stale: bool,
-               stop: threading.Event) -> BackfillReport:
+def _one_batch(
+    pool: ConnectionPool,
+    embedder: ClipEmbedder,
+    scope: Scope,
+    policy: Policy | None,
+    reembed_stale: bool,
+    stop: threading.Event,
+) -> BackfillReport:
     policy = policy or Policy()
-    return run_backfill(pool, embedder, scope, policy=policy, limit=policy.batch_size,
-                        reembed_stale=reembed_stale, stop=stop)
+    return run_backfill(
+        pool,
+        embedder,
+        scope,
+        policy=policy,
+        limit=policy.batch_size,
+        reembed_stale=reembed_stale,
+        stop=stop,
+    )

@@ -30,15 +30,18 @@ JSON_BODY_LIMIT = 1024 * 1024
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields
 
 
-def create_app(settings: ServeSettings, embedder: ClipEmbedder,
-               pool: ConnectionPool) -> FastAPI:
+def create_app(settings: ServeSettings, embedder: ClipEmbedder, pool: ConnectionPool) -> FastAPI:
     """The service over a loaded ``embedder`` and a ``pool`` on a migrated database. The
     batcher's model thread starts and stops with the app (its lifespan)."""
     embedder.load()
     metrics = ServeMetrics()
-    batcher = Batcher(embedder, batch_size=embedder.config.batch_size,
-                      wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue,
-                      metrics=metrics)
+    batcher = Batcher(
+        embedder,
+        batch_size=embedder.config.batch_size,
+        wait_ms=settings.batch_wait_ms,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+    )
     svc = Service(settings, embedder, pool, SceneStore(pool), batcher, metrics)
 
     @asynccontextmanager
@@ -50,11 +53,16 @@ def create_app(settings: ServeSettings, embedder: ClipEmbedder,
         finally:
             batcher.stop()
 
-    app = FastAPI(title="heimdex-clip search service", version=__version__,
-                  description="Owner-scoped CLIP scene search (image, scene, text, hybrid, "
-                              "composed) and OpenAI-compatible embeddings.",
-                  # No Swagger/ReDoc pages: they load scripts from a CDN.
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="heimdex-clip search service",
+        version=__version__,
+        description="Owner-scoped CLIP scene search (image, scene, text, hybrid, "
+        "composed) and OpenAI-compatible embeddings.",
+        # No Swagger/ReDoc pages: they load scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.state.service = svc
     errors.install(app)
     app.include_router(search_routes.router)
@@ -62,12 +70,15 @@ def create_app(settings: ServeSettings, embedder: ClipEmbedder,
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(
-            encoding="utf-8"))
+        return HTMLResponse(
+            resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+        )
 
     upload_limit = embedder.config.max_image_bytes + _FORM_OVERHEAD
-    limits = {"/v1/search/image": upload_limit,
-              "/v1/embeddings/images": upload_limit * settings.max_inputs}
+    limits = {
+        "/v1/search/image": upload_limit,
+        "/v1/embeddings/images": upload_limit * settings.max_inputs,
+    }
     app.add_middleware(BodyLimit, limits=limits, default=JSON_BODY_LIMIT)
     app.add_middleware(Admission, batcher=batcher, timeout_s=embedder.config.timeout_s)
     app.add_middleware(Measured, metrics=metrics)

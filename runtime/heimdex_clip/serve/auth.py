@@ -22,11 +22,13 @@ JWT_ALGORITHMS = ["HS256"]
 def owner_from_jwt(token: str, secret: str | None) -> uuid.UUID:
     """The ``sub`` of a valid, unexpired HS256 JWT, as a UUID; ApiError 401 otherwise."""
     if not secret:
-        raise unauthorized("JWTs are not accepted by this service (CLIP_SERVE_JWT_SECRET "
-                           "is unset); use an API key")
+        raise unauthorized(
+            "JWTs are not accepted by this service (CLIP_SERVE_JWT_SECRET is unset); use an API key"
+        )
     try:
-        claims = jwt.decode(token, secret, algorithms=JWT_ALGORITHMS,
-                            options={"require": ["exp", "sub"]})
+        claims = jwt.decode(
+            token, secret, algorithms=JWT_ALGORITHMS, options={"require": ["exp", "sub"]}
+        )
     except jwt.ExpiredSignatureError:
         raise unauthorized("the token has expired") from None
     except jwt.InvalidTokenError as exc:
@@ -37,8 +39,9 @@ def owner_from_jwt(token: str, secret: str | None) -> uuid.UUID:
         raise unauthorized("invalid token: sub is not an owner UUID") from None
 
 
-def authenticate(authorization: str | None, pool: ConnectionPool,
-                 jwt_secret: str | None) -> uuid.UUID:
+def authenticate(
+    authorization: str | None, pool: ConnectionPool, jwt_secret: str | None
+) -> uuid.UUID:
     """The owner named by an ``Authorization`` header's credential (blocking: may query
     the database); ApiError 401 if there is none or it is not valid."""
     if not authorization:

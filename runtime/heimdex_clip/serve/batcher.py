@@ -63,8 +63,15 @@ class _Job:
 class Batcher:
     """Runs texts and images through ``embedder`` in shared batches, one model thread."""
 
-    def __init__(self, embedder: ClipEmbedder, *, batch_size: int, wait_ms: float,
-                 max_queue: int, metrics: ServeMetrics) -> None:
+    def __init__(
+        self,
+        embedder: ClipEmbedder,
+        *,
+        batch_size: int,
+        wait_ms: float,
+        max_queue: int,
+        metrics: ServeMetrics,
+    ) -> None:
         self.embedder = embedder
         self.batch_size = batch_size
         self.wait_s = wait_ms / 1000
@@ -110,11 +117,13 @@ class Batcher:
         jobs = self.submit(kind, payloads, deadline)
         waiting = [asyncio.wrap_future(job.future) for job in jobs]
         try:
-            vectors = await asyncio.wait_for(asyncio.gather(*waiting),
-                                             timeout=max(0.0, deadline - time.monotonic()))
+            vectors = await asyncio.wait_for(
+                asyncio.gather(*waiting), timeout=max(0.0, deadline - time.monotonic())
+            )
         except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed before its embeddings "
-                                   "were done (CLIP_TIMEOUT_S)") from None
+            raise DeadlineExceeded(
+                "the request's deadline passed before its embeddings were done (CLIP_TIMEOUT_S)"
+            ) from None
         finally:
             for job in jobs:
                 job.future.cancel()  # no-op once done; skipped by the model thread if queued
@@ -125,8 +134,9 @@ class Batcher:
         to retry after (the queue is full, or its work would not be done in time)."""
         budget = (deadline - time.monotonic()) * _ADMIT_SHARE
         ahead = self._queued_cost + self._running_cost  # work to be done before this
-        if self._queued + count > self.max_queue or \
-                (ahead > 0 and ahead + self._cost[kind] * count > budget):
+        if self._queued + count > self.max_queue or (
+            ahead > 0 and ahead + self._cost[kind] * count > budget
+        ):
             return max(1, math.ceil(ahead))
         return None
 
@@ -220,4 +230,3 @@ def _timed(run) -> float:
     started = time.perf_counter()
     run()
     return time.perf_counter() - started
-

@@ -17,10 +17,18 @@ from .schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
-          405: "invalid_request_error", 409: "conflict", 413: "payload_too_large",
-          422: "invalid_request_error", 500: "server_error", 503: "overloaded",
-          504: "timeout"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found",
+    405: "invalid_request_error",
+    409: "conflict",
+    413: "payload_too_large",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "overloaded",
+    504: "timeout",
+}
 
 
 class ApiError(Exception):
@@ -36,8 +44,9 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "error")
 
 
-def error_response(status: int, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type(status), "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -49,7 +58,8 @@ def unauthorized(message: str) -> ApiError:
 #: The error answers every route documents (OpenAPI), besides its own: 400 for a body that
 #: cannot be parsed, 413 for one over its limit.
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 413, 422, 500, 503, 504)}
+    code: {"model": ErrorBody} for code in (400, 401, 413, 422, 500, 503, 504)
+}
 
 
 def _validation_message(exc: RequestValidationError) -> str:

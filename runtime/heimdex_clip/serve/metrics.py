@@ -12,18 +12,38 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("heimdex_clip_http_requests_total", "HTTP requests answered",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram("heimdex_clip_http_request_seconds", "HTTP request latency",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("heimdex_clip_batch_size", "inputs per model run",
-                                    ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-                                    registry=self.registry)
-        self.inference_seconds = Histogram("heimdex_clip_inference_seconds",
-                                           "time of one model run (a batch)", ["kind"],
-                                           buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("heimdex_clip_queue_depth", "inputs waiting for the model",
-                                 registry=self.registry)
-        self.rejected = Counter("heimdex_clip_overload_rejections_total",
-                                "requests refused with 503 (queue full)",
-                                registry=self.registry)
+        self.requests = Counter(
+            "heimdex_clip_http_requests_total",
+            "HTTP requests answered",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "heimdex_clip_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "heimdex_clip_batch_size",
+            "inputs per model run",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "heimdex_clip_inference_seconds",
+            "time of one model run (a batch)",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "heimdex_clip_queue_depth", "inputs waiting for the model", registry=self.registry
+        )
+        self.rejected = Counter(
+            "heimdex_clip_overload_rejections_total",
+            "requests refused with 503 (queue full)",
+            registry=self.registry,
+        )

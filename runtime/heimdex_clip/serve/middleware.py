@@ -16,17 +16,29 @@ from .metrics import ServeMetrics
 
 #: The routes that put work on the batcher, and of which kind.
 EMBEDDING_ROUTES: dict[str, Kind] = {
-    "/v1/search/image": "image", "/v1/embeddings/images": "image",
-    "/v1/search/text": "text", "/v1/search": "text", "/v1/embeddings": "text"}
+    "/v1/search/image": "image",
+    "/v1/embeddings/images": "image",
+    "/v1/search/text": "text",
+    "/v1/search": "text",
+    "/v1/embeddings": "text",
+}
 
 
 def _json_error(status: int, message: str) -> tuple[Message, Message]:
-    body = json.dumps({"error": {"message": message, "type": error_type(status),
-                                 "code": status}}).encode()
-    return ({"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]},
-            {"type": "http.response.body", "body": body})
+    body = json.dumps(
+        {"error": {"message": message, "type": error_type(status), "code": status}}
+    ).encode()
+    return (
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        },
+        {"type": "http.response.body", "body": body},
+    )
 
 
 class _TooLarge(Exception):
@@ -47,8 +59,10 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         message = f"request body exceeds {limit} bytes (CLIP_MAX_IMAGE_BYTES per image)"
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            for part in _json_error(413 if declared.isdigit() else 400,
-                                    message if declared.isdigit() else "bad Content-Length"):
+            for part in _json_error(
+                413 if declared.isdigit() else 400,
+                message if declared.isdigit() else "bad Content-Length",
+            ):
                 await send(part)
             return None
         seen, too_large, answered = 0, False, False
@@ -93,8 +107,9 @@ class Admission:
             deadline = scope.get("state", {}).get("arrived", time.monotonic()) + self.timeout_s
             if (retry_after := self.batcher.refusal(kind, deadline)) is not None:
                 self.batcher.metrics.rejected.inc()
-                start, body = _json_error(503, f"the service is at capacity; retry after "
-                                               f"{retry_after} s")
+                start, body = _json_error(
+                    503, f"the service is at capacity; retry after {retry_after} s"
+                )
                 start["headers"].append((b"retry-after", str(retry_after).encode()))
                 await send(start)
                 await send(body)

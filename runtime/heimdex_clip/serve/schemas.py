@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Bounds shared by every search (CLIP_SERVE_MAX_COUNT caps match_count further).
-Threshold = Field(0.0, ge=-1.0, le=1.0, allow_inf_nan=False,
-                  description="minimum cosine similarity, in [-1, 1]")
+Threshold = Field(
+    0.0, ge=-1.0, le=1.0, allow_inf_nan=False, description="minimum cosine similarity, in [-1, 1]"
+)
 Count = Field(20, ge=1, le=200, description="at most this many results (1..200)")
 
 
@@ -28,15 +29,22 @@ class TextSearch(_Strict):
     match_threshold: float = Threshold
     match_count: int = Count
     mode: Literal["clip", "hybrid"] = Field(
-        "clip", description="clip: the text tower only; hybrid: fused with full-text search "
-                            "of scene transcripts (reciprocal rank fusion)")
+        "clip",
+        description="clip: the text tower only; hybrid: fused with full-text search "
+        "of scene transcripts (reciprocal rank fusion)",
+    )
 
 
 class QueryPartIn(_Strict):
     text: str | None = Field(None, min_length=1, max_length=1000)
     scene_id: uuid.UUID | None = None
-    weight: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
-                          description="non-zero; negative steers away from the part")
+    weight: float = Field(
+        1.0,
+        ge=-100,
+        le=100,
+        allow_inf_nan=False,
+        description="non-zero; negative steers away from the part",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> QueryPartIn:
@@ -62,7 +70,8 @@ class SceneHit(BaseModel):
     frame_path: str | None
     similarity: float | None = Field(
         description="cosine similarity to the query (hybrid: null for a scene found by its "
-                    "words that has no vector of this model)")
+        "words that has no vector of this model)"
+    )
     score: float | None = Field(None, description="hybrid only: the fused (RRF) score")
 
 
@@ -74,8 +83,10 @@ class SearchResponse(BaseModel):
 
 class EmbeddingsRequest(BaseModel):
     input: str | list[str] = Field(description="a text or a list of texts")
-    model: str | None = Field(None, description="accepted for OpenAI compatibility; the "
-                              "service answers with its own model")
+    model: str | None = Field(
+        None,
+        description="accepted for OpenAI compatibility; the service answers with its own model",
+    )
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
@@ -83,8 +94,9 @@ class EmbeddingsRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str = Field(description="floats, or base64 of little-endian "
-                                         "float32 when encoding_format is base64")
+    embedding: list[float] | str = Field(
+        description="floats, or base64 of little-endian float32 when encoding_format is base64"
+    )
 
 
 class Usage(BaseModel):

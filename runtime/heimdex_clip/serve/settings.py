@@ -49,14 +49,18 @@ class ServeSettings:
             raise ConfigError(f"CLIP_SERVE_PORT must be <= 65535, got {self.port}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError("CLIP_SERVE_BATCH_WAIT_MS must be in [0, 1000]")
-        if self.jwt_secret is not None and \
-                len(self.jwt_secret.encode("utf-8")) < MIN_JWT_SECRET_BYTES:
-            raise ConfigError(f"CLIP_SERVE_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} "
-                              "bytes (HS256)")
+        if (
+            self.jwt_secret is not None
+            and len(self.jwt_secret.encode("utf-8")) < MIN_JWT_SECRET_BYTES
+        ):
+            raise ConfigError(
+                f"CLIP_SERVE_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes (HS256)"
+            )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None,
-                 **overrides: object) -> ServeSettings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: object
+    ) -> ServeSettings:
         """Settings from ``environ`` (default os.environ), then ``overrides`` (flags; None
         values are ignored). Raises ConfigError for a bad value."""
         env = os.environ if environ is None else environ

@@ -44,19 +44,22 @@ class Service:
         (time spent waiting for the event loop, reading the body and authenticating counts)."""
         return getattr(request.state, "arrived", time.monotonic()) + self.timeout_s
 
-    async def db(self, fn: Callable[..., T], *args: Any, deadline: float | None = None,
-                 **kwargs: Any) -> T:
+    async def db(
+        self, fn: Callable[..., T], *args: Any, deadline: float | None = None, **kwargs: Any
+    ) -> T:
         """Run a blocking database call in a worker thread, within ``deadline``."""
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed (CLIP_TIMEOUT_S)")
         try:
             with anyio.fail_after(remaining):
-                return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs),
-                                                      abandon_on_cancel=True)
+                return await anyio.to_thread.run_sync(
+                    lambda: fn(*args, **kwargs), abandon_on_cancel=True
+                )
         except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed in the database "
-                                   "(CLIP_TIMEOUT_S)") from None
+            raise DeadlineExceeded(
+                "the request's deadline passed in the database (CLIP_TIMEOUT_S)"
+            ) from None
 
 
 def service(request: Request) -> Service:
@@ -64,16 +67,17 @@ def service(request: Request) -> Service:
 
 
 async def current_owner(
-        request: Request,
-        _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> uuid.UUID:
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+) -> uuid.UUID:
     """The caller's owner id, from its credential (401 if none or invalid)."""
     svc = service(request)
     header = request.headers.get("authorization")
     scheme, _sep, credential = (header or "").partition(" ")
     if header and scheme.lower() == "bearer" and not looks_like_key(credential.strip()):
         return owner_from_jwt(credential.strip(), svc.settings.jwt_secret)  # no database
-    return await svc.db(authenticate, header, svc.pool, svc.settings.jwt_secret,
-                        deadline=svc.deadline(request))
+    return await svc.db(
+        authenticate, header, svc.pool, svc.settings.jwt_secret, deadline=svc.deadline(request)
+    )
 
 
 #: A route parameter: the authenticated caller's owner id.

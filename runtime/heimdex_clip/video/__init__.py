@@ -17,5 +17,15 @@ from .pipeline import (
 )
 from .segments import SegmentSettings
 
-__all__ = ["CutSettings", "SceneResult", "SegmentSettings", "VideoAnalysis", "VideoError",
-           "VideoInfo", "VideoSettings", "analyze_video", "content_hash", "video_id_for"]
+__all__ = [
+    "CutSettings",
+    "SceneResult",
+    "SegmentSettings",
+    "VideoAnalysis",
+    "VideoError",
+    "VideoInfo",
+    "VideoSettings",
+    "analyze_video",
+    "content_hash",
+    "video_id_for",
+]

@@ -95,8 +95,9 @@ class CutDetector:
             prev = self._frames[-1]
             feat.distance = _distance(prev, feat)
         if len(self._frames) >= self.span:
-            feat.gradual = self._blend_distance(self._frames[-self.span],
-                                                self._frames[-(self.span // 2)], feat)
+            feat.gradual = self._blend_distance(
+                self._frames[-self.span], self._frames[-(self.span // 2)], feat
+            )
         self._frames.append(feat)
         decided = []
         position = len(self._frames) - 1 - self.lag
@@ -114,8 +115,12 @@ class CutDetector:
 
     def _features(self, index: int, time_s: float, small: np.ndarray) -> _Features:
         planes = small.astype(np.float32) / 255.0
-        hist = np.concatenate([np.histogram(p, bins=_BINS, range=(0.0, 1.0))[0]
-                               for p in planes]).astype(np.float32) / planes[0].size
+        hist = (
+            np.concatenate(
+                [np.histogram(p, bins=_BINS, range=(0.0, 1.0))[0] for p in planes]
+            ).astype(np.float32)
+            / planes[0].size
+        )
         luma = float(planes[0].mean())
         s = self.settings
         black = luma < s.black_luma and float(planes[0].std()) < s.black_std
@@ -170,8 +175,11 @@ class CutDetector:
         d = frames[position].distance
         if d < s.min_cut:
             return False
-        around = [frames[p].distance for p in range(position - s.window, position + s.window + 1)
-                  if p != position and 0 < p < len(frames)]
+        around = [
+            frames[p].distance
+            for p in range(position - s.window, position + s.window + 1)
+            if p != position and 0 < p < len(frames)
+        ]
         return not around or d >= s.cut_ratio * (sum(around) / len(around)) - 1e-9
 
     def _gradual_cut(self, position: int) -> bool:

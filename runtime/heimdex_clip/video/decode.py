@@ -74,8 +74,7 @@ class DecodedFrame:
 
     __slots__ = ("_frame", "_stats", "index", "small", "time_s")
 
-    def __init__(self, frame: av.VideoFrame, index: int, time_s: float,
-                 stats: DecodeStats) -> None:
+    def __init__(self, frame: av.VideoFrame, index: int, time_s: float, stats: DecodeStats) -> None:
         self._frame, self.index, self.time_s, self._stats = frame, index, time_s, stats
         started = time.perf_counter()
         #: uint8 [3, h, w]: the Y, U and V planes at the analysis size.
@@ -90,8 +89,9 @@ class DecodedFrame:
         scale = min(1.0, long_side / max(frame.width, frame.height))
         width = max(2, round(frame.width * scale))
         height = max(2, round(frame.height * scale))
-        rgb: np.ndarray = frame.reformat(width=width, height=height, format="rgb24",
-                                         interpolation="AREA").to_ndarray()
+        rgb: np.ndarray = frame.reformat(
+            width=width, height=height, format="rgb24", interpolation="AREA"
+        ).to_ndarray()
         if rotation:  # PyAV's rotation is counter-clockwise degrees, as np.rot90's k
             rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation))
         self._stats.picture_s += time.perf_counter() - started
@@ -118,18 +118,19 @@ def small_planes(frame: av.VideoFrame) -> np.ndarray:
     width, height = ANALYSIS_SIZE
     planes = frame.planes[:3]
     if frame.format.name not in _PLANAR_YUV or any(
-            p.line_size < p.width or p.buffer_size < p.line_size * p.height for p in planes):
+        p.line_size < p.width or p.buffer_size < p.line_size * p.height for p in planes
+    ):
         return frame.reformat(width=width, height=height, format="yuv444p").to_ndarray()
     out = np.empty((3, height, width), np.uint8)
     for i, plane in enumerate(planes):
         # A plane is a buffer (PyAV's stubs do not say so).
-        samples = np.frombuffer(plane, np.uint8)[:plane.line_size * plane.height]  # type: ignore[call-overload]
+        samples = np.frombuffer(plane, np.uint8)[: plane.line_size * plane.height]  # type: ignore[call-overload]
         samples = samples.reshape(plane.height, plane.line_size)
         rows = _grid(plane.height, height)
         cols = _grid(plane.width, width)
         points = samples[np.ix_(rows, cols)].astype(np.uint16)
         cells = points.reshape(height, _SUPERSAMPLE, width, _SUPERSAMPLE).sum(axis=(1, 3))
-        out[i] = (cells + _SUPERSAMPLE ** 2 // 2) // _SUPERSAMPLE ** 2
+        out[i] = (cells + _SUPERSAMPLE**2 // 2) // _SUPERSAMPLE**2
     return out
 
 
@@ -139,8 +140,9 @@ def _grid(size: int, cells: int) -> np.ndarray:
     return ((np.arange(points) + 0.5) * size / points).astype(np.intp)
 
 
-def open_video(path: str | Path, *, max_pixels: int) -> tuple[av.container.InputContainer,
-                                                              VideoInfo]:
+def open_video(
+    path: str | Path, *, max_pixels: int
+) -> tuple[av.container.InputContainer, VideoInfo]:
     """Open ``path`` and describe its first video stream; VideoError if it cannot be
     indexed. The caller closes the container."""
     path = Path(path)
@@ -160,8 +162,7 @@ def open_video(path: str | Path, *, max_pixels: int) -> tuple[av.container.Input
     return container, info
 
 
-def _describe(container: av.container.InputContainer, path: Path,
-              max_pixels: int) -> VideoInfo:
+def _describe(container: av.container.InputContainer, path: Path, max_pixels: int) -> VideoInfo:
     if not container.streams.video:
         kinds: list[str] = sorted({s.type for s in container.streams}) or ["no"]
         raise VideoError(f"{path}: no video stream ({', '.join(kinds)} streams only)")
@@ -171,11 +172,12 @@ def _describe(container: av.container.InputContainer, path: Path,
         raise VideoError(f"{path}: unsupported video codec")
     width, height = ctx.width or 0, ctx.height or 0
     if width <= 0 or height <= 0:
-        raise VideoError(f"{path}: the video stream has no frame size (codec "
-                         f"{ctx.codec.name})")
+        raise VideoError(f"{path}: the video stream has no frame size (codec {ctx.codec.name})")
     if width * height > max_pixels:
-        raise VideoError(f"{path}: frames of {width}x{height} = {width * height} pixels "
-                         f"exceed the limit of {max_pixels} (CLIP_MAX_IMAGE_PIXELS)")
+        raise VideoError(
+            f"{path}: frames of {width}x{height} = {width * height} pixels "
+            f"exceed the limit of {max_pixels} (CLIP_MAX_IMAGE_PIXELS)"
+        )
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate and float(rate) > 0 else None
     duration = None
@@ -183,9 +185,16 @@ def _describe(container: av.container.InputContainer, path: Path,
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         duration = container.duration / av.time_base
-    return VideoInfo(path=path, container=container.format.name, codec=ctx.codec.name,
-                     width=width, height=height, fps=fps, duration_s=duration,
-                     frames=stream.frames or None)
+    return VideoInfo(
+        path=path,
+        container=container.format.name,
+        codec=ctx.codec.name,
+        width=width,
+        height=height,
+        fps=fps,
+        duration_s=duration,
+        frames=stream.frames or None,
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -193,9 +202,15 @@ def _reason(exc: BaseException) -> str:
     return text.split(":")[0].strip() if ": '" in text else text.strip()
 
 
-def iter_frames(container: av.container.InputContainer, info: VideoInfo, stats: DecodeStats,
-                *, threads: int, max_pixels: int,
-                max_analysis_fps: float) -> Iterator[DecodedFrame]:
+def iter_frames(
+    container: av.container.InputContainer,
+    info: VideoInfo,
+    stats: DecodeStats,
+    *,
+    threads: int,
+    max_pixels: int,
+    max_analysis_fps: float,
+) -> Iterator[DecodedFrame]:
     """The video's frames in presentation order, at most ``max_analysis_fps`` a second.
 
     Corrupt packets and oversized frames are skipped and counted in ``stats``; a file that

@@ -47,9 +47,14 @@ class VideoSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """What is stored with the video and each scene (threads change no result)."""
-        return {"cuts": self.cuts.as_dict(), "segments": asdict(self.segments),
-                "top_k": self.top_k, "frame_long_side": self.frame_long_side,
-                "max_analysis_fps": self.max_analysis_fps, "jpeg_quality": self.jpeg_quality}
+        return {
+            "cuts": self.cuts.as_dict(),
+            "segments": asdict(self.segments),
+            "top_k": self.top_k,
+            "frame_long_side": self.frame_long_side,
+            "max_analysis_fps": self.max_analysis_fps,
+            "jpeg_quality": self.jpeg_quality,
+        }
 
     @property
     def key(self) -> str:
@@ -86,21 +91,35 @@ class VideoAnalysis:
     def report(self) -> dict[str, Any]:
         """What is stored with the video (and printed): counts, skips, seconds spent."""
         d = self.decode
-        return {"codec": self.info.codec, "container": self.info.container,
-                "width": self.info.width, "height": self.info.height, "fps": self.info.fps,
-                "frames_decoded": d.frames_decoded, "frames_analysed": d.frames_analysed,
-                "corrupt_packets": d.corrupt_packets, "oversized_frames": d.oversized_frames,
-                "skipped_ranges_s": d.skipped_ranges, "scenes": len(self.scenes),
-                "scenes_without_usable_frame": self.unusable_scenes,
-                "failed_embeddings": sum(s.embedding is None for s in self.scenes),
-                "timings_s": {k: round(v, 4) for k, v in self.stage_seconds().items()}}
+        return {
+            "codec": self.info.codec,
+            "container": self.info.container,
+            "width": self.info.width,
+            "height": self.info.height,
+            "fps": self.info.fps,
+            "frames_decoded": d.frames_decoded,
+            "frames_analysed": d.frames_analysed,
+            "corrupt_packets": d.corrupt_packets,
+            "oversized_frames": d.oversized_frames,
+            "skipped_ranges_s": d.skipped_ranges,
+            "scenes": len(self.scenes),
+            "scenes_without_usable_frame": self.unusable_scenes,
+            "failed_embeddings": sum(s.embedding is None for s in self.scenes),
+            "timings_s": {k: round(v, 4) for k, v in self.stage_seconds().items()},
+        }
 
     def stage_seconds(self) -> dict[str, float]:
         """Where the time went: decode, scaling, detection, quality, embedding, saving."""
         t, d = self.timings, self.decode
-        return {"decode": d.decode_s, "scaling": d.scale_s + d.picture_s,
-                "detection": t["detect"], "quality": t["quality"] - d.picture_s,
-                "embedding": t["embed"], "saving": t["save"], "total": t["total"]}
+        return {
+            "decode": d.decode_s,
+            "scaling": d.scale_s + d.picture_s,
+            "detection": t["detect"],
+            "quality": t["quality"] - d.picture_s,
+            "embedding": t["embed"],
+            "saving": t["save"],
+            "total": t["total"],
+        }
 
 
 def content_hash(path: Path, chunk: int = 1 << 20) -> str:
@@ -116,16 +135,23 @@ def video_id_for(sha256: str) -> uuid.UUID:
     return uuid.uuid5(VIDEO_NAMESPACE, f"sha256:{sha256}")
 
 
-def frames_dir_for(media_dir: Path, owner: uuid.UUID, video_id: uuid.UUID,
-                   settings: VideoSettings) -> Path:
+def frames_dir_for(
+    media_dir: Path, owner: uuid.UUID, video_id: uuid.UUID, settings: VideoSettings
+) -> Path:
     """Where a video's best frames go: one directory per owner, video and settings."""
     return Path(media_dir).resolve() / str(owner) / str(video_id) / settings.key
 
 
-def analyze_video(path: str | Path, embedder: ClipEmbedder, *, owner: uuid.UUID,
-                  media_dir: Path, settings: VideoSettings | None = None,
-                  video_id: uuid.UUID | None = None, sha256: str | None = None
-                  ) -> VideoAnalysis:
+def analyze_video(
+    path: str | Path,
+    embedder: ClipEmbedder,
+    *,
+    owner: uuid.UUID,
+    media_dir: Path,
+    settings: VideoSettings | None = None,
+    video_id: uuid.UUID | None = None,
+    sha256: str | None = None,
+) -> VideoAnalysis:
     """Cut ``path`` into scenes, save each scene's best frame under ``media_dir`` and embed
     it. Raises VideoError for a file that cannot be indexed (its frames directory is then
     removed); a corrupt middle is skipped and reported in ``decode``."""
@@ -141,25 +167,38 @@ def analyze_video(path: str | Path, embedder: ClipEmbedder, *, owner: uuid.UUID,
         with container:
             run.stream(container)
         if not run.stats.frames_analysed:
-            raise VideoError(f"{path}: no decodable video frames"
-                             + (f" ({run.stats.corrupt_packets} corrupt packets)"
-                                if run.stats.corrupt_packets else ""))
+            raise VideoError(
+                f"{path}: no decodable video frames"
+                + (
+                    f" ({run.stats.corrupt_packets} corrupt packets)"
+                    if run.stats.corrupt_packets
+                    else ""
+                )
+            )
         if not run.scenes:
             raise VideoError(f"{path}: no usable frame (every frame is black or blank)")
     except BaseException:
         _remove_tree(out_dir)
         raise
     run.timings["total"] = time.perf_counter() - started
-    return VideoAnalysis(info=info, video_id=vid, sha256=sha, frames_dir=out_dir,
-                         scenes=run.scenes, decode=run.stats, timings=run.timings,
-                         unusable_scenes=run.unusable)
+    return VideoAnalysis(
+        info=info,
+        video_id=vid,
+        sha256=sha,
+        frames_dir=out_dir,
+        scenes=run.scenes,
+        decode=run.stats,
+        timings=run.timings,
+        unusable_scenes=run.unusable,
+    )
 
 
 class _Run:
     """One pass over one video (state of :func:`analyze_video`)."""
 
-    def __init__(self, embedder: ClipEmbedder, settings: VideoSettings, info: VideoInfo,
-                 out_dir: Path) -> None:
+    def __init__(
+        self, embedder: ClipEmbedder, settings: VideoSettings, info: VideoInfo, out_dir: Path
+    ) -> None:
         self.embedder, self.settings, self.info, self.out_dir = embedder, settings, info, out_dir
         self.stats = DecodeStats()
         self.timings = {"detect": 0.0, "quality": 0.0, "embed": 0.0, "save": 0.0}
@@ -185,9 +224,14 @@ class _Run:
         detector = CutDetector(s.cuts, fps)
         segmenter = Segmenter(s.segments, s.cuts.black_luma)
         waiting: dict[int, DecodedFrame] = {}  # frames inside the detector's look-ahead
-        frames = iter_frames(container, self.info, self.stats, threads=s.threads,
-                             max_pixels=self.embedder.config.max_image_pixels,
-                             max_analysis_fps=s.max_analysis_fps)
+        frames = iter_frames(
+            container,
+            self.info,
+            self.stats,
+            threads=s.threads,
+            max_pixels=self.embedder.config.max_image_pixels,
+            max_analysis_fps=s.max_analysis_fps,
+        )
         for frame in frames:
             waiting[frame.index] = frame
             started = time.perf_counter()
@@ -220,7 +264,7 @@ class _Run:
         if not ranked:
             self.unusable += 1
             return
-        self._queue.append((seg, ranked[:self.settings.top_k]))
+        self._queue.append((seg, ranked[: self.settings.top_k]))
         if len(self._queue) >= self.settings.embed_batch:
             self._flush()
 
@@ -246,7 +290,9 @@ class _Run:
         started = time.perf_counter()
         results = self.embedder.embed_scenes(
             [[(c.rgb, c.score) for c in chosen] for _, chosen in batch],
-            top_k=self.settings.top_k, frame_paths=paths)
+            top_k=self.settings.top_k,
+            frame_paths=paths,
+        )
         self.timings["embed"] += time.perf_counter() - started
         return list(zip(batch, paths, results, strict=True))
 
@@ -259,17 +305,31 @@ class _Run:
         for (seg, chosen), path, result in done:
             metadata = dict(result.metadata)
             metadata["video"] = {
-                "scene_index": len(self.scenes), "shot": seg.shot, "window": seg.window,
-                "start_s": round(seg.start_s, 4), "end_s": round(seg.end_s, 4),
-                "starts_at": seg.starts_at, "ends_at": seg.ends_at,
-                "frames": seg.frames, "frames_chosen": len(chosen),
-                "chosen": [{"time_s": round(c.time_s, 4), **c.quality.as_dict()}
-                           for c in chosen],
-                "settings": self.settings.as_dict(), "settings_key": self.settings.key}
-            self.scenes.append(SceneResult(
-                scene_index=len(self.scenes), shot=seg.shot, window=seg.window,
-                start_s=seg.start_s, end_s=seg.end_s, frame_path=path,
-                embedding=result.embedding, metadata=metadata))
+                "scene_index": len(self.scenes),
+                "shot": seg.shot,
+                "window": seg.window,
+                "start_s": round(seg.start_s, 4),
+                "end_s": round(seg.end_s, 4),
+                "starts_at": seg.starts_at,
+                "ends_at": seg.ends_at,
+                "frames": seg.frames,
+                "frames_chosen": len(chosen),
+                "chosen": [{"time_s": round(c.time_s, 4), **c.quality.as_dict()} for c in chosen],
+                "settings": self.settings.as_dict(),
+                "settings_key": self.settings.key,
+            }
+            self.scenes.append(
+                SceneResult(
+                    scene_index=len(self.scenes),
+                    shot=seg.shot,
+                    window=seg.window,
+                    start_s=seg.start_s,
+                    end_s=seg.end_s,
+                    frame_path=path,
+                    embedding=result.embedding,
+                    metadata=metadata,
+                )
+            )
 
 
 def _remove_tree(directory: Path) -> None:

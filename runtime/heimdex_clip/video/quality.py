@@ -40,23 +40,33 @@ class FrameQuality:
         return 0.5 * self.sharpness + 0.3 * self.exposure + 0.2 * self.contrast
 
     def as_dict(self) -> dict[str, float]:
-        return {"quality_score": round(self.score, 4), "sharpness": round(self.sharpness, 4),
-                "exposure": round(self.exposure, 4), "contrast": round(self.contrast, 4),
-                "luma": round(self.luma, 4)}
+        return {
+            "quality_score": round(self.score, 4),
+            "sharpness": round(self.sharpness, 4),
+            "exposure": round(self.exposure, 4),
+            "contrast": round(self.contrast, 4),
+            "luma": round(self.luma, 4),
+        }
 
 
-def frame_quality(rgb: np.ndarray, *, black_luma: float = 0.08,
-                  blank_std: float = 0.02) -> FrameQuality:
+def frame_quality(
+    rgb: np.ndarray, *, black_luma: float = 0.08, blank_std: float = 0.02
+) -> FrameQuality:
     """Score a uint8 RGB [H, W, 3] picture (every other pixel of each axis: a candidate of
     640x360 is scored on 320x180, a quarter of the work)."""
     luma = (rgb[::2, ::2].astype(np.float32) @ _LUMA) / 255.0
     mean, std = float(luma.mean()), float(luma.std())
     # A 4-neighbour Laplacian on the interior: edges and texture, not noise-free flats.
-    lap = (4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1]
-           - luma[1:-1, :-2] - luma[1:-1, 2:])
+    lap = 4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1] - luma[1:-1, :-2] - luma[1:-1, 2:]
     sharpness = 1.0 - float(np.exp(-float(lap.var()) / _SHARPNESS_SCALE))
     clipped = float(np.mean((luma < 0.02) | (luma > 0.98)))
     exposure = max(0.0, 1.0 - 2.0 * abs(mean - 0.5) - clipped)
     contrast = min(1.0, std / 0.25)
-    return FrameQuality(sharpness=sharpness, exposure=exposure, contrast=contrast, luma=mean,
-                        black=mean < black_luma and std < 0.05, blank=std < blank_std)
+    return FrameQuality(
+        sharpness=sharpness,
+        exposure=exposure,
+        contrast=contrast,
+        luma=mean,
+        black=mean < black_luma and std < 0.05,
+        blank=std < blank_std,
+    )

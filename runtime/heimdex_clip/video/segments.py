@@ -59,9 +59,11 @@ class Segment:
 
     def ranked(self, guard_s: float, fade_ratio: float) -> list[Candidate]:
         """Usable candidates, best first (see the module docstring)."""
+
         def near_edge(c: Candidate) -> bool:
-            return ((self.starts_at in ("cut", "black") and c.time_s - self.start_s < guard_s)
-                    or (self.ends_at in ("cut", "black") and self.end_s - c.time_s < guard_s))
+            return (self.starts_at in ("cut", "black") and c.time_s - self.start_s < guard_s) or (
+                self.ends_at in ("cut", "black") and self.end_s - c.time_s < guard_s
+            )
 
         def key(c: Candidate) -> tuple:
             faded = c.quality.luma < fade_ratio * self.max_luma
@@ -106,14 +108,18 @@ class Segmenter:
             new_shot = self._pending_start != "window"
             self._shot += new_shot
             self._window = 0 if new_shot else self._window + 1
-            self._open = Segment(index=next(self._indices), shot=self._shot,
-                                 window=self._window, start_s=t, starts_at=self._pending_start,
-                                 _next_sample_s=t)
+            self._open = Segment(
+                index=next(self._indices),
+                shot=self._shot,
+                window=self._window,
+                start_s=t,
+                starts_at=self._pending_start,
+                _next_sample_s=t,
+            )
         self._observe(self._open, decision, picture)
         return closed
 
-    def _observe(self, seg: Segment, decision: Decision,
-                 picture: Callable[[], np.ndarray]) -> None:
+    def _observe(self, seg: Segment, decision: Decision, picture: Callable[[], np.ndarray]) -> None:
         s = self.settings
         seg.frames += 1
         seg.max_luma = max(seg.max_luma, decision.luma)
