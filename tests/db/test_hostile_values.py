@@ -159,7 +159,7 @@ def test_migration_007_removes_bad_vectors_for_re_embedding(db_url, tmp_path):
                     ),
                 ).fetchone()[0]
             conn.commit()
-        assert migrate(pool) == ["007_hardening.sql"]
+        assert migrate(pool)[0] == "007_hardening.sql"  # then the later migrations
         store = SceneStore(pool)
         good, zero, huge = (
             store.get_scene(owner, rows[k]) for k in ("good", "zero-main", "huge-alt")

@@ -55,7 +55,9 @@ def search_hybrid(
             "FROM search_scenes_hybrid(%s, %s, %s, %s, %s, %s, %s)",
             (vector, text, threshold, count, owner, artifact, rrf_k),
         ).fetchall()
-    return [HybridHit(*row) for row in rows]
+    # By name past the SearchHit columns: SearchHit's own optional fields (start_s, end_s)
+    # come before HybridHit's in the dataclass.
+    return [HybridHit(*row[:7], clip_rank=row[7], text_rank=row[8], score=row[9]) for row in rows]
 
 
 Span = tuple[float | None, float | None]
