@@ -179,6 +179,9 @@ class _Prepared:
     def __init__(self, artifact_id: str, texts: dict[str, np.ndarray]) -> None:
         self.artifact_id, self._texts = artifact_id, texts
 
+    def load(self) -> _Prepared:
+        return self  # the service's embedder is loaded at start-up
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return np.stack([self._texts[t] for t in texts])
 
