@@ -55,9 +55,22 @@ def search_hybrid(
             "FROM search_scenes_hybrid(%s, %s, %s, %s, %s, %s, %s)",
             (vector, text, threshold, count, owner, artifact, rrf_k),
         ).fetchall()
-    # By name past the SearchHit columns: SearchHit's own optional fields (start_s, end_s)
-    # come before HybridHit's in the dataclass.
-    return [HybridHit(*row[:7], clip_rank=row[7], text_rank=row[8], score=row[9]) for row in rows]
+    # By name: SearchHit's own optional fields (start_s, end_s) come before HybridHit's.
+    return [
+        HybridHit(
+            id=row[0],
+            owner_id=row[1],
+            video_id=row[2],
+            scene_index=row[3],
+            frame_path=row[4],
+            metadata=row[5],
+            similarity=row[6],
+            clip_rank=row[7],
+            text_rank=row[8],
+            score=row[9],
+        )
+        for row in rows
+    ]
 
 
 Span = tuple[float | None, float | None]
