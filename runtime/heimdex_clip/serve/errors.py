@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ..db.errors import InvalidInputError
 from ..errors import ClipError, DimensionError, ImageError, QueryError, TextError
 from .batcher import DeadlineExceeded, Overloaded
 from .schemas import ErrorBody
@@ -96,7 +97,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ClipError)
     async def _clip(_: Request, exc: ClipError) -> JSONResponse:
         # Bad input (an image, a text, a query) is the caller's; anything else is ours.
-        if isinstance(exc, (ImageError, TextError, QueryError, DimensionError)):
+        if isinstance(exc, (ImageError, TextError, QueryError, DimensionError, InvalidInputError)):
             return error_response(422, str(exc))
         log.error("service error: %s", exc)
         return error_response(500, f"{type(exc).__name__}: {exc}")
