@@ -22,7 +22,7 @@ open_clip = pytest.importorskip("open_clip")
 from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: E402
 
 from heimdex_clip_export import evaluation as ev  # noqa: E402
-from heimdex_clip_export import pipeline  # noqa: E402
+from heimdex_clip_export import pipeline, visual_tower  # noqa: E402
 from heimdex_clip_export.install import current_version, versions  # noqa: E402
 from heimdex_clip_export.onnx_export import (  # noqa: E402
     INPUT_NAME,
@@ -286,7 +286,9 @@ def test_cli_export_installs_gates_in_runtime_sessions_and_is_deterministic(
         sessions_for.append(Path(model).name)
         return create_session(model, **kwargs)
 
+    # The fp32 parity session (pipeline) and the INT8 gate sessions (the ladder's visual tower).
     monkeypatch.setattr(pipeline, "create_session", recording_create_session)
+    monkeypatch.setattr(visual_tower, "create_session", recording_create_session)
     out = tmp_path / "models"
     assert (
         main(["--pretrained", "none", "--seed", "0", "--models-dir", str(out), "--no-text", "-q"])
