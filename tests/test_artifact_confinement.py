@@ -209,3 +209,34 @@ def test_the_unchanged_copy_still_loads(artifact_dir, tmp_path):
     art = copy_artifact(artifact_dir, tmp_path / "art")
     embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art)).load()
     assert embedder.embed_text("a dog").ok
+
+
+def test_a_listed_file_left_out_is_reported_only_where_it_is_used(artifact_dir, tmp_path):
+    """An image bakes the INT8 graphs and leaves the fp32 and QDQ graphs out while the
+    manifest still lists them (docs/docker.md): the INT8 load must work, and only a load
+    that needs a missing graph says it is missing."""
+    art = copy_artifact(artifact_dir, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    full = json.loads((artifact_dir / "manifest.json").read_text())["files"]
+    left_out = {k: v for k, v in full.items() if k not in manifest["files"]}
+    assert "visual.fp32" in left_out  # the copy lacks it
+    manifest["files"].update(left_out)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert not (art / left_out["visual.fp32"]["path"]).exists()
+
+    load_manifest(art)  # listed but absent files are not an error here
+    embedder = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art)).load()
+    assert embedder.embed_images([_tiny_png()]).shape == (1, 512)
+    fp32 = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art, precision="fp32"))
+    with pytest.raises(ArtifactError, match=r"visual\.fp32\.onnx is missing"):
+        fp32.load()
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 40, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -135,8 +135,14 @@ def check_files(artifact_dir: Path, entries: Iterable[ListedFile]) -> None:
     directory, of the size the manifest says (a missing one is reported when it is used).
     Cheap (no file is read): run at manifest load, before any hashing or pinning."""
     for entry in entries:
-        with contextlib.suppress(FileNotFoundError):
-            os.close(open_entry(Path(artifact_dir) / entry.path, entry))
+        try:
+            fd = open_inside(Path(artifact_dir), entry.path)
+        except FileNotFoundError:
+            continue  # e.g. a graph an image leaves out: reported if it is ever used
+        try:
+            _check_size(Path(artifact_dir) / entry.path, os.fstat(fd).st_size, entry)
+        finally:
+            os.close(fd)
 
 
 def _check_size(path: Path, size: int, entry: ListedFile) -> None:
