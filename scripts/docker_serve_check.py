@@ -1,10 +1,10 @@
 """The image as the search service (make docker-test): ``docker run ... serve``.
 
-The container runs ``heimdex-clip serve --migrate`` on its embedded PostgreSQL, on the
-host's network bound to 127.0.0.1 (loopback only), frames mounted read-only as its media
-root. A key is created and a folder indexed with the image's own CLI (docker exec); then,
-over HTTP from the host: /readyz, an image search that must find its own frame first, the
-frame route, and a 401 for a wrong key.
+The container runs ``heimdex-clip serve --migrate`` against a PostgreSQL on the host's
+loopback (the image has no embedded server), on the host's network bound to 127.0.0.1,
+frames mounted read-only as its media root. A key is created and a folder indexed with the
+image's own CLI (docker exec); then, over HTTP from the host: /readyz, an image search that
+must find its own frame first, the frame route, and a 401 for a wrong key.
 
 Prints one ``PASS``/``FAIL`` line per check; exits 1 when any check failed.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from docker_worker_check import tcp_postgres  # a sibling script (scripts/ is on sys.path)
 from PIL import Image
 
 NAME = "heimdex-clip-test-serve"
@@ -52,6 +53,13 @@ def main() -> int:
             frames / name, quality=90
         )
         (frames / name).chmod(0o644)
+    # The image has no embedded server (the client only): a PostgreSQL on the host's
+    # loopback, as the worker check uses, reached over the host network.
+    with tcp_postgres() as url:
+        return serve_checks(args.image, frames, url)
+
+
+def serve_checks(image: str, frames: Path, database_url: str) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -70,8 +78,10 @@ def main() -> int:
         "-e",
         f"CLIP_SERVE_PORT={port}",
         "-e",
+        f"DATABASE_URL={database_url}",
+        "-e",
         "CLIP_SERVE_MEDIA_ROOT=/frames",
-        args.image,
+        image,
         "serve",
         "--migrate",
     )
