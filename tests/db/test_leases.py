@@ -116,6 +116,7 @@ def test_faults_and_scopes():
     assert classify_fault("Timeout after 2.0s") == "worker"
     assert classify_fault("MemoryError: ") == "worker"
     assert classify_fault("Model load failed: missing") == "worker"
+    assert classify_fault("ConfigError: the deadline cannot be waited for") == "worker"
     with pytest.raises(ValueError, match="all_owners"):
         Scope()
     with pytest.raises(ValueError, match="not both"):

@@ -25,8 +25,9 @@ _SLOTS = {
 }
 
 
-#: Error prefixes that blame the worker (its state or load), not the frame.
-WORKER_FAULTS = ("Timeout", "Model load failed", "MemoryError", "ClipTimeoutError")
+#: Error prefixes that blame the worker (its state, load or configuration), not the frame:
+#: a configuration fault (metadata.CONFIG_FAULT_PREFIX) is never recorded against a frame.
+WORKER_FAULTS = ("Timeout", "Model load failed", "MemoryError", "ClipTimeoutError", "ConfigError:")
 
 
 def classify_fault(error: str | None) -> str:
