@@ -14,7 +14,7 @@ EXPORT_ARGS ?=
 TEST_MODEL_DIR ?= $(MODELS_DIR)/$(MODEL)__none
 
 .PHONY: setup export-model export-test-model rehearse-export test test-fast lint bench \
-        bench-quick bench-micro demo docker docker-test clean
+        bench-quick bench-micro bench-search demo docker docker-test clean
 
 $(VENV)/.installed: pyproject.toml export/pyproject.toml export/requirements*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -122,6 +122,11 @@ bench-quick: setup export-test-model
 	$(PY) benchmarks/run.py --quick --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/profile_encoder.py --artifact $(TEST_MODEL_DIR)
 	$(PY) benchmarks/providers.py --quick --artifact $(TEST_MODEL_DIR)
+
+# Owner-scoped search at 1,000,000 scenes for each index kind (~30 min on 2 cores; make test
+# runs the same code on 20,000 rows in tests/db/test_search_scale.py).
+bench-search: setup
+	$(PY) benchmarks/search_scale.py --rows 1000000
 
 bench-micro: setup export-test-model
 	HEIMDEX_TEST_MODEL_DIR=$(TEST_MODEL_DIR) $(VENV)/bin/pytest benchmarks/test_micro.py --benchmark-only -p no:cacheprovider

@@ -56,8 +56,10 @@ def test_migrate_twice_changes_nothing(db_url):
                     "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'scenes'"
                 )
             }
-            assert "hnsw" in indexes["scenes_embedding_visual_clip_hnsw"]
-            assert "vector_cosine_ops" in indexes["scenes_embedding_visual_clip_hnsw"]
+            # A new deployment's search index (010): HNSW over the vectors cast to halfvec.
+            halfvec = indexes["scenes_embedding_visual_clip_halfvec_hnsw"]
+            assert "hnsw" in halfvec and "halfvec_cosine_ops" in halfvec
+            assert "scenes_embedding_visual_clip_hnsw" not in indexes
             assert "owner_id" in indexes["scenes_owner_id_idx"]
             dim = conn.execute(
                 "SELECT atttypmod FROM pg_attribute WHERE attrelid = "
@@ -225,7 +227,7 @@ def test_an_interrupted_concurrent_index_build_is_rebuilt_by_the_next_migrate(po
     name = "scenes_embedding_visual_clip_alt_hnsw"
     with psycopg.connect(pool.conninfo, autocommit=True) as conn:
         register_vector(conn)
-        conn.execute(f"DROP INDEX {name}")
+        conn.execute(f"DROP INDEX IF EXISTS {name}")  # 010 dropped it on a new database
         with (
             conn.cursor() as cur,
             cur.copy(

@@ -1,4 +1,5 @@
-"""Filtered HNSW recall: owner-scoped top-20 against an exact scan, 20k scenes."""
+"""Filtered HNSW recall: owner-scoped top-20 against an exact scan, 20k scenes, for each
+search index kind (vector, halfvec, bit)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pgvector.psycopg import register_vector
 
+from heimdex_clip.db import search_index
 from heimdex_clip.db.store import SceneStore
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
@@ -20,10 +22,11 @@ ARTIFACT = "ViT-B-32:synthetic:0000000000000000"
 
 
 def bulk_load(pool, owners: np.ndarray, vectors: np.ndarray, owner_ids: list[uuid.UUID]):
-    """COPY in binary through pgvector's adapter, then build the HNSW index once."""
+    """COPY in binary through pgvector's adapter with no search index (each kind's index is
+    built once afterwards, by the switch itself)."""
     with pool.connection() as conn:
-        conn.execute("SET statement_timeout = 0")  # the index build outlasts the pool's limit
-        conn.execute("DROP INDEX IF EXISTS scenes_embedding_visual_clip_hnsw")
+        for info in search_index.search_indexes(conn):
+            conn.execute(f'DROP INDEX "{info.name}"')
         with (
             conn.cursor() as cur,
             cur.copy(
@@ -34,13 +37,7 @@ def bulk_load(pool, owners: np.ndarray, vectors: np.ndarray, owner_ids: list[uui
             copy.set_types(["uuid", "text", "vector", "text"])
             for i, (o, v) in enumerate(zip(owners, vectors, strict=True)):
                 copy.write_row([owner_ids[o], f"s{i}.jpg", v, ARTIFACT])
-        conn.execute("SET maintenance_work_mem = '512MB'")
-        conn.execute(
-            "CREATE INDEX scenes_embedding_visual_clip_hnsw ON scenes "
-            "USING hnsw (embedding_visual_clip vector_cosine_ops)"
-        )
         conn.execute("ANALYZE scenes")
-        conn.execute("RESET statement_timeout")
         conn.commit()
         ids = conn.execute("SELECT frame_path, id FROM scenes").fetchall()
     by_path = dict(ids)
@@ -64,8 +61,17 @@ def corpus(module_pool):
     return SceneStore(module_pool), vectors, owners, owner_ids, np.array(ids, dtype=object), rng
 
 
+@pytest.fixture(scope="module", params=search_index.KINDS)
+def kind(request, corpus, module_pool) -> str:
+    """Each search index kind in turn, switched to as an operator does (the others dropped)."""
+    search_index.switch_search_index(
+        module_pool, request.param, search_index.BuildOptions(maintenance_work_mem="512MB")
+    )
+    return request.param
+
+
 @pytest.mark.parametrize("owner", [0, 1], ids=["owner-1pct", "owner-30pct"])
-def test_owner_filtered_recall_at_20(corpus, owner):
+def test_owner_filtered_recall_at_20(corpus, kind, owner):
     store, vectors, owners, owner_ids, ids, rng = corpus
     mine = np.flatnonzero(owners == owner)
     if owner == 0:
@@ -90,17 +96,29 @@ def test_owner_filtered_recall_at_20(corpus, owner):
     )
     # The target is for small owners (1.0 measured). A 30% owner walks the HNSW graph, whose
     # build is randomised: its recall measured 0.944-0.961 across builds (ef_search 400).
-    assert recall >= (0.95 if owner == 0 else 0.92)
+    # These queries lie far from every scene (noise of norm ~11 on a unit vector): binary
+    # codes order such candidates coarsely, and bit measured 0.835 with its 40x re-ranking.
+    floor = 0.95 if owner == 0 else (0.80 if kind == "bit" else 0.92)
+    assert recall >= floor
 
 
-def test_iterative_scan_is_what_keeps_small_owners_whole(corpus, module_pool):
+def _order_by(pool, kind: str) -> str:
+    """The search function's ORDER BY for the first slot under ``kind`` ($1 made %s)."""
+    with pool.connection() as conn:
+        order = conn.execute(
+            "SELECT heimdex_clip_search_order(%s, 'embedding_visual_clip')", (kind,)
+        ).fetchone()[0]
+    return order.replace("$1", "%s")
+
+
+def test_iterative_scan_is_what_keeps_small_owners_whole(corpus, kind, module_pool):
     """Forced onto the HNSW index, a 1% owner gets too few rows without iterative scans
     (the filter prunes the ef_search candidates) and all 20 with the function's setting."""
     _, vectors, owners, owner_ids, _, _ = corpus
     query = vectors[np.flatnonzero(owners == 0)[0]]
     sql = (
-        "SELECT id FROM scenes WHERE owner_id = %s AND embedding_visual_clip IS NOT NULL "
-        "ORDER BY embedding_visual_clip <=> %s LIMIT 20"
+        "SELECT id FROM scenes s WHERE owner_id = %s AND embedding_visual_clip IS NOT NULL "
+        f"ORDER BY {_order_by(module_pool, kind)} LIMIT 20"
     )
     counts = {}
     with module_pool.connection() as conn:
@@ -111,7 +129,7 @@ def test_iterative_scan_is_what_keeps_small_owners_whole(corpus, module_pool):
             plan = " ".join(
                 r[0] for r in conn.execute("EXPLAIN " + sql, (owner_ids[0], query)).fetchall()
             )
-            assert "scenes_embedding_visual_clip_hnsw" in plan
+            assert search_index.index_name(kind, "embedding_visual_clip") in plan
             counts[mode] = len(conn.execute(sql, (owner_ids[0], query)).fetchall())
         conn.rollback()
     assert counts["off"] < 20 and counts["relaxed_order"] == 20
@@ -138,7 +156,7 @@ def _explaining_connection(pool) -> psycopg.Connection:
     return conn
 
 
-def _search_path_taken(conn, owner, query) -> tuple[str, int]:
+def _search_path_taken(conn, kind, owner, query) -> tuple[str, int]:
     """('hnsw' | 'exact', rows) of one call of the search function: walks the HNSW index,
     or reads the owner's rows (through a b-tree on owner_id) and sorts them."""
     conn.notices.clear()
@@ -147,30 +165,25 @@ def _search_path_taken(conn, owner, query) -> tuple[str, int]:
         (query, owner, ARTIFACT),
     ).fetchall()
     plan = next(n for n in conn.notices if "CTE main" in n).split("CTE alt")[0]
-    return ("hnsw" if "scenes_embedding_visual_clip_hnsw" in plan else "exact"), len(rows)
+    index = search_index.index_name(kind, "embedding_visual_clip")
+    return ("hnsw" if index in plan else "exact"), len(rows)
 
 
-def test_one_connection_plans_each_owner_for_its_size(corpus, module_pool):
+def test_one_connection_plans_each_owner_for_its_size(corpus, kind, module_pool):
     """Same function, a 1% and a 30% owner, alternating on one connection: every call is
-    planned for its owner (plan_cache_mode=force_custom_plan). With a generic plan forced
-    instead, the plans freeze after a few calls: both owners then share one access path."""
+    planned for its owner (the function's query runs through EXECUTE, planned with the
+    call's values; a cached generic plan would freeze one access path for owners of every
+    size, as plan_cache_mode = force_generic_plan showed before migration 010)."""
     _, vectors, owners, owner_ids, _, _ = corpus
     small, large = owner_ids[0], owner_ids[1]
     queries = vectors[np.flatnonzero(owners == 1)[:12]]
     with _explaining_connection(module_pool) as conn:
-        shipped = [
-            (_search_path_taken(conn, large, q), _search_path_taken(conn, small, q))
+        paths = [
+            (_search_path_taken(conn, kind, large, q), _search_path_taken(conn, kind, small, q))
             for q in queries
         ]
-        conn.execute(f"ALTER FUNCTION {FUNCTION} SET plan_cache_mode = 'force_generic_plan'")
-        generic = [
-            (_search_path_taken(conn, large, q), _search_path_taken(conn, small, q))
-            for q in queries
-        ]
-        conn.rollback()  # the ALTER is undone
-    assert all(big == ("hnsw", K) and little == ("exact", K) for big, little in shipped), shipped
-    assert all(big[0] == little[0] for big, little in generic), generic
-    assert all(big[1] == little[1] == K for big, little in generic)
+        conn.rollback()
+    assert all(big == ("hnsw", K) and little == ("exact", K) for big, little in paths), paths
 
 
 @settings(
@@ -182,7 +195,7 @@ def test_one_connection_plans_each_owner_for_its_size(corpus, module_pool):
     threshold=st.floats(-1.0, 1.0),
     count=st.integers(1, 100),
 )
-def test_tenant_isolation_on_the_hnsw_path(corpus, owner_index, seed, threshold, count):
+def test_tenant_isolation_on_the_hnsw_path(corpus, kind, owner_index, seed, threshold, count):
     """The isolation property on 20k rows, where the large owners' searches walk the HNSW
     index (the test above proves which path the function takes); 52 = an unknown owner."""
     store, vectors, owners, owner_ids, ids, _ = corpus
@@ -199,3 +212,18 @@ def test_tenant_isolation_on_the_hnsw_path(corpus, owner_index, seed, threshold,
     assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
     above = int(np.sum(vectors[mine] @ query > threshold + 1e-4))
     assert len(hits) >= min(count, above) * 0.9  # the filter never starves the result
+
+
+def test_an_empty_second_slot_costs_an_index_probe_not_a_scan(corpus, kind, module_pool):
+    """Outside an upgrade the second slot is empty; its half of the search must not read
+    the table (it did, on every call, before migration 011: ~600 ms at 1M rows)."""
+    _, vectors, _, owner_ids, _, _ = corpus
+    with _explaining_connection(module_pool) as conn:
+        conn.notices.clear()
+        conn.execute(
+            f"SELECT id FROM search_scenes_by_visual_clip_embedding(%s, -1, {K}, %s, %s)",
+            (vectors[0], owner_ids[1], ARTIFACT),
+        ).fetchall()
+        plan = next(n for n in conn.notices if "CTE alt" in n)
+    alt = plan.split("CTE alt")[1].split("CTE Scan")[0]
+    assert "Seq Scan" not in alt and "scenes_visual_clip_alt_owner_idx" in alt, alt

@@ -11,6 +11,7 @@ import pytest
 from heimdex_clip import ClipConfig, ClipEmbedder
 from heimdex_clip.db.backfill import Policy, Scope, eligible_where, run_backfill
 from heimdex_clip.db.connection import DatabaseError
+from heimdex_clip.db.search_index import search_indexes
 from heimdex_clip.db.stats import clip_stats
 from heimdex_clip.db.store import SceneStore
 from heimdex_clip.db.upgrade import promote, prune
@@ -125,9 +126,8 @@ def test_claiming_stale_rows_reads_indexes_not_the_whole_table(pool):
         # Throwaway database: without the vector indexes the rows go in 10x faster, and the
         # claim does not read them. The table must be large for the planner to prefer any
         # index to reading it: at 20,000 rows a scan is estimated cheaper and chosen.
-        conn.execute(
-            "DROP INDEX scenes_embedding_visual_clip_hnsw, scenes_embedding_visual_clip_alt_hnsw"
-        )
+        for info in search_indexes(conn):
+            conn.execute(f'DROP INDEX "{info.name}"')
         for tag, first, alt, n in (("done-", "A", "B", 199000), ("new-", "B", None, 1000)):
             conn.execute(
                 rows, {"owners": owners, "tag": tag, "vec": vec, "first": first, "alt": alt, "n": n}

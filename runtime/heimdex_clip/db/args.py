@@ -96,6 +96,49 @@ class _Weight(argparse.Action):
         namespace.parts[-1][2] = values
 
 
+_SEARCH_INDEX_HELP = (
+    "show the search index, or switch its kind (vector, halfvec, bit) without blocking writes"
+)
+
+
+def _search_index_args(parser: argparse.ArgumentParser) -> None:
+    from .search_index import KINDS
+
+    parser.add_argument(
+        "kind", nargs="?", choices=KINDS, help="switch to this kind (default: show the current)"
+    )
+    parser.add_argument("--m", type=integer(2, 100), default=16, help="HNSW m (default 16)")
+    parser.add_argument(
+        "--ef-construction",
+        type=integer(4, 1000),
+        default=64,
+        help="HNSW ef_construction (default 64)",
+    )
+    parser.add_argument(
+        "--maintenance-work-mem",
+        default=None,
+        help="memory for the build, e.g. 2GB (default: the server's; a graph that does not "
+        "fit is finished on disk, several times slower)",
+    )
+    parser.add_argument(
+        "--parallel-workers",
+        type=integer(0, 64),
+        default=None,
+        help="build workers besides the leader (default: the server's "
+        "max_parallel_maintenance_workers)",
+    )
+    parser.add_argument(
+        "--keep-old", action="store_true", help="keep the other kinds' indexes (a quick way back)"
+    )
+    parser.add_argument(
+        "--ef-search",
+        type=integer(1, 1000),
+        default=None,
+        help="record the search function's hnsw.ef_search (default 400)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the state as JSON")
+
+
 def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
     """Add the database commands (``commands`` by name) to the main parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -153,6 +196,8 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
     prune = command(db_sub, "prune", help="delete a retired artifact's second-slot vectors")
     prune.add_argument("--artifact", required=True)
     _owner_args(prune, all_owners=True)
+
+    _search_index_args(command(db_sub, "search-index", help=_SEARCH_INDEX_HELP))
 
     index = command(sub, "index", help="embed and store a folder of frames")
     index.add_argument("folder")

@@ -34,6 +34,13 @@ from .connection import DatabaseError, database, describe, resolve_url
 from .errors import InvalidInputError, database_errors
 from .migrate import migrate, require_schema
 from .report import check_page_target, render_results, write_page
+from .search_index import (
+    DEFAULT_KIND,
+    BuildOptions,
+    describe_search_index,
+    set_ef_search,
+    switch_search_index,
+)
 from .stats import clip_stats, format_stats
 from .store import SceneStore, SearchHit
 from .upgrade import attribute_legacy, promote, prune
@@ -160,7 +167,13 @@ def print_hits(hits: Sequence[SearchHit], out=sys.stdout) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     with _db(args, schema=False) as pool:
         applied = migrate(pool, lock_timeout_s=args.lock_timeout)
+        kind = describe_search_index(pool)["kind"]
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    if kind != DEFAULT_KIND:
+        print(
+            f"search index: {kind}; `heimdex-clip db search-index {DEFAULT_KIND}` builds the "
+            "default (half the size) without blocking writes (docs/scale.md)"
+        )
     return 0
 
 
@@ -499,6 +512,44 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search_index(args: argparse.Namespace) -> int:
+    try:
+        options = BuildOptions(
+            m=args.m,
+            ef_construction=args.ef_construction,
+            maintenance_work_mem=args.maintenance_work_mem,
+            parallel_workers=args.parallel_workers,
+        )
+    except ValueError as exc:
+        print(f"heimdex-clip db search-index: error: {exc} (see --help)", file=sys.stderr)
+        return 2
+    with _db(args) as pool:
+        if args.kind:
+            say = (lambda message: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+            report = switch_search_index(
+                pool, args.kind, options, keep_old=args.keep_old, progress=say
+            )
+            for name, seconds in report.built.items():
+                print(f"built {name} in {seconds:.1f} s")
+            for name in report.dropped:
+                print(f"dropped {name}")
+        if args.ef_search is not None:
+            set_ef_search(pool, args.ef_search)
+        state = describe_search_index(pool)
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"search index: {state['kind']} (hnsw.ef_search {state['ef_search']})")
+    for index in state["indexes"]:
+        built_with = ", ".join(f"{k}={v}" for k, v in index["options"].items()) or "defaults"
+        validity = "" if index["valid"] else "  INVALID (run the switch again)"
+        print(
+            f"  {index['name']}: {index['kind']}, {index['size_bytes'] / 2**20:.1f} MB, "
+            f"{built_with}{validity}"
+        )
+    return 0
+
+
 def cmd_api_key(args: argparse.Namespace) -> int:
     return key_cli.run(args, _db)
 
@@ -526,6 +577,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "backfill": cmd_backfill,
         "stats": cmd_stats,
         "api-key": cmd_api_key,
+        "search-index": cmd_search_index,
         "bulk-embed": cmd_bulk_embed,
         "index-video": cmd_index_video,
         "delete-video": cmd_delete_video,
