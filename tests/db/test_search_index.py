@@ -82,6 +82,7 @@ def loaded(pool):
     owners = [uuid.uuid4(), uuid.uuid4()]
     vectors = _unit(rng, 1200)
     _load(pool, vectors, owners)
+    search_index.set_exact_max_rows(pool, 0)  # every owner walks the index (else exact)
     return SceneStore(pool), vectors, owners
 
 
@@ -258,7 +259,9 @@ def test_the_cli_shows_and_switches_the_index(loaded, pool, artifact_dir):
 
     url = pool.conninfo
     shown = run(["db", "search-index", "-q"], url, artifact_dir)
-    assert shown.stdout.startswith("search index: halfvec (hnsw.ef_search 400)")
+    assert shown.stdout.startswith(
+        "search index: halfvec (hnsw.ef_search 400; owners of at most 0 rows searched exactly)"
+    )
     switched = run(
         [
             "db",
@@ -270,6 +273,8 @@ def test_the_cli_shows_and_switches_the_index(loaded, pool, artifact_dir):
             "32",
             "--ef-search",
             "120",
+            "--exact-max-rows",
+            "5000",
             "--json",
             "-q",
         ],
@@ -278,6 +283,7 @@ def test_the_cli_shows_and_switches_the_index(loaded, pool, artifact_dir):
     )
     state = json.loads(switched.stdout[switched.stdout.index("{") :])
     assert state["kind"] == "bit" and state["ef_search"] == 120
+    assert state["exact_max_rows"] == 5000
     assert {i["name"] for i in state["indexes"]} == {
         search_index.index_name("bit", slot) for slot in search_index.SLOTS
     }
@@ -293,3 +299,27 @@ def test_the_cli_shows_and_switches_the_index(loaded, pool, artifact_dir):
         ">= 2*m, got 64 (see --help)"
     ]
     assert search_index.describe_search_index(pool)["kind"] == "bit"
+
+
+@pytest.mark.parametrize("kind", search_index.KINDS)
+def test_an_owner_under_the_exact_limit_is_read_exactly_not_through_the_index(loaded, pool, kind):
+    """At or under exact_max_rows the function reads the owner's rows and sorts them by
+    exact distance (recall 1 by construction), whatever the index kind; above it the planner
+    may walk the index (test_recall.py shows it does for a 30% owner of 20,000 rows)."""
+    from tests.db.test_recall import _explaining_connection
+
+    _, vectors, owners = loaded
+    search_index.switch_search_index(pool, kind)
+    query = vectors[3] + 0.05 * _unit(np.random.default_rng(9), 1)[0]
+    exact = sorted(range(1, 1200, 2), key=lambda i: -float(vectors[i] @ query))[:10]
+    search_index.set_exact_max_rows(pool, 600)
+    with _explaining_connection(pool) as conn:
+        conn.notices.clear()
+        rows = conn.execute(
+            "SELECT frame_path FROM search_scenes_by_visual_clip_embedding(%s, -1, 10, %s, %s)",
+            (query, owners[1], ARTIFACT),
+        ).fetchall()
+        plan = next(n for n in conn.notices if "CTE main" in n).split("CTE alt")[0]
+    assert "+ '0'" in plan or "+ 0" in plan, plan  # the exact path's ORDER BY
+    assert search_index.index_name(kind, "embedding_visual_clip") not in plan
+    assert [r[0] for r in rows] == [f"f{i}.jpg" for i in exact]

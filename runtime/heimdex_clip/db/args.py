@@ -136,6 +136,13 @@ def _search_index_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="record the search function's hnsw.ef_search (default 400)",
     )
+    parser.add_argument(
+        "--exact-max-rows",
+        type=integer(0),
+        default=None,
+        help="owners of at most this many rows are searched exactly, without the index "
+        "(default 20000)",
+    )
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
 
 

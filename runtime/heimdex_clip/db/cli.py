@@ -39,6 +39,7 @@ from .search_index import (
     BuildOptions,
     describe_search_index,
     set_ef_search,
+    set_exact_max_rows,
     switch_search_index,
 )
 from .stats import clip_stats, format_stats
@@ -535,11 +536,16 @@ def cmd_search_index(args: argparse.Namespace) -> int:
                 print(f"dropped {name}")
         if args.ef_search is not None:
             set_ef_search(pool, args.ef_search)
+        if args.exact_max_rows is not None:
+            set_exact_max_rows(pool, args.exact_max_rows)
         state = describe_search_index(pool)
     if args.json:
         print(json.dumps(state, indent=2))
         return 0
-    print(f"search index: {state['kind']} (hnsw.ef_search {state['ef_search']})")
+    print(
+        f"search index: {state['kind']} (hnsw.ef_search {state['ef_search']}; owners of at "
+        f"most {state['exact_max_rows']} rows searched exactly)"
+    )
     for index in state["indexes"]:
         built_with = ", ".join(f"{k}={v}" for k, v in index["options"].items()) or "defaults"
         validity = "" if index["valid"] else "  INVALID (run the switch again)"

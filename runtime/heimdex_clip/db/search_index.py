@@ -9,6 +9,9 @@ the index's order, re-ranked by exact float32 cosine distance, which is the simi
 - ``bit``: HNSW over ``binary_quantize(vector)::bit(512)`` (Hamming distance), a 32nd of
   the vectors' size; coarse, so the search re-ranks 40x as many candidates (at least 400).
 
+Whatever the kind, an owner with at most ``exact_max_rows`` rows (the planner's estimate;
+default 20,000) is searched exactly: its rows are read through the owner index and sorted.
+
 :func:`switch_search_index` builds the new kind's index on both vector slots with
 ``CREATE INDEX CONCURRENTLY`` (writes and searches go on, on the old index), records the
 kind (searches move over at their next call), then drops the other kinds' indexes with
@@ -228,19 +231,31 @@ def _require_valid(conn: psycopg.Connection, kind: str) -> None:
         )
 
 
+def _record(pool: ConnectionPool, key: str, value: int | None) -> None:
+    with pool.connection() as conn:
+        if value is None:
+            conn.execute("DELETE FROM heimdex_clip_settings WHERE key = %s", (key,))
+        else:
+            conn.execute(
+                "INSERT INTO heimdex_clip_settings (key, value) VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (key, str(value)),
+            )
+
+
 def set_ef_search(pool: ConnectionPool, ef_search: int | None) -> None:
     """Record the search function's ``hnsw.ef_search`` (None: back to the default, 400)."""
     if ef_search is not None and not 1 <= ef_search <= 1000:
         raise ValueError(f"ef_search must be in [1, 1000], got {ef_search}")
-    with pool.connection() as conn:
-        if ef_search is None:
-            conn.execute("DELETE FROM heimdex_clip_settings WHERE key = 'search_ef_search'")
-        else:
-            conn.execute(
-                "INSERT INTO heimdex_clip_settings (key, value) VALUES ('search_ef_search', %s) "
-                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                (str(ef_search),),
-            )
+    _record(pool, "search_ef_search", ef_search)
+
+
+def set_exact_max_rows(pool: ConnectionPool, rows: int | None) -> None:
+    """Record the owner size (rows, as the statistics estimate it) up to which search reads
+    the owner's rows exactly instead of walking the index (None: the default, 20000)."""
+    if rows is not None and rows < 0:
+        raise ValueError(f"exact_max_rows must be >= 0, got {rows}")
+    _record(pool, "search_exact_max_rows", rows)
 
 
 def describe_search_index(pool: ConnectionPool) -> dict[str, Any]:
@@ -248,10 +263,14 @@ def describe_search_index(pool: ConnectionPool) -> dict[str, Any]:
     with pool.connection() as conn:
         kind = active_kind(conn)
         ef = one_value(conn.execute("SELECT heimdex_clip_setting('search_ef_search', '400')"))
+        exact = one_value(
+            conn.execute("SELECT heimdex_clip_setting('search_exact_max_rows', '20000')")
+        )
         indexes = search_indexes(conn)
     return {
         "kind": kind,
         "ef_search": int(ef),
+        "exact_max_rows": int(exact),
         "indexes": [
             {
                 "name": i.name,

@@ -40,6 +40,9 @@ BEGIN
         RAISE EXCEPTION 'unknown vector column %', slot USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN CASE kind
+        -- No index is built on this expression: the owner's rows are read (b-tree on
+        -- owner_id) and sorted by exact distance.
+        WHEN 'exact' THEN format('(s.%I <=> $1) + 0', slot)
         WHEN 'vector' THEN format('s.%I <=> $1', slot)
         WHEN 'halfvec' THEN format('(s.%I::halfvec(512)) <=> ($1::halfvec(512))', slot)
         WHEN 'bit' THEN format(
@@ -56,16 +59,37 @@ RETURNS int
 LANGUAGE sql IMMUTABLE
 AS $$
     SELECT CASE kind
+        WHEN 'exact' THEN match_count
         WHEN 'vector' THEN match_count
         WHEN 'halfvec' THEN 2 * match_count
         WHEN 'bit' THEN GREATEST(40 * match_count, 400)
     END;
 $$;
 
+-- The planner's estimate of an owner's rows (from the table's statistics: no scan). VOLATILE
+-- only because PostgreSQL allows EXPLAIN in no other kind of function.
+CREATE OR REPLACE FUNCTION heimdex_clip_owner_rows(owner uuid)
+RETURNS float
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    plan json;
+BEGIN
+    EXECUTE 'EXPLAIN (FORMAT JSON) SELECT 1 FROM scenes WHERE owner_id = $1' INTO plan
+        USING owner;
+    RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::float;
+END;
+$$;
+
 -- As in 007 (same arguments, checks and results), with candidates taken through the active
--- index kind and ranked by exact distance. ef_search comes from the setting
--- 'search_ef_search' (default 400, as before); set_config(..., true) inside a function with
--- its own SET clause for the parameter is undone when the function returns.
+-- index kind and ranked by exact distance. An owner the statistics put at no more than
+-- 'search_exact_max_rows' rows (default 20000) is searched exactly, without the index: the
+-- planner costed an owner of 1% of a million rows onto the graph, where the filtered walk
+-- took ~100 ms against ~15 ms for reading and sorting its rows (docs/scale.md).
+-- ef_search comes from the setting 'search_ef_search' (default 400, as before);
+-- set_config(..., true) inside a function with its own SET clause for the parameter is
+-- undone when the function returns.
 CREATE OR REPLACE FUNCTION search_scenes_by_visual_clip_embedding(
     query_embedding vector(512),
     match_threshold float,
@@ -91,6 +115,7 @@ SET hnsw.max_scan_tuples = '100000'
 AS $$
 DECLARE
     kind text := heimdex_clip_search_index();
+    path text;
     candidates int;
 BEGIN
     IF filter_user_id IS NULL THEN
@@ -110,11 +135,14 @@ BEGIN
         RAISE EXCEPTION 'match_threshold must be a number, got NaN'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    candidates := heimdex_clip_search_candidates(kind, match_count);
-    IF candidates IS NULL THEN
+    IF heimdex_clip_search_candidates(kind, match_count) IS NULL OR kind = 'exact' THEN
         RAISE EXCEPTION 'unknown search index kind % (heimdex_clip_settings)', kind
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    path := CASE WHEN heimdex_clip_owner_rows(filter_user_id)
+                      <= heimdex_clip_setting('search_exact_max_rows', '20000')::float
+                 THEN 'exact' ELSE kind END;
+    candidates := heimdex_clip_search_candidates(path, match_count);
     PERFORM set_config('hnsw.ef_search', heimdex_clip_setting('search_ef_search', '400'), true);
     -- EXECUTE plans each call with its values (the owner's size picks the access path).
     RETURN QUERY EXECUTE format($query$
@@ -147,8 +175,8 @@ BEGIN
         ORDER BY n.distance, n.id
         LIMIT $6
         $query$,
-        heimdex_clip_search_order(kind, 'embedding_visual_clip'),
-        heimdex_clip_search_order(kind, 'embedding_visual_clip_alt'))
+        heimdex_clip_search_order(path, 'embedding_visual_clip'),
+        heimdex_clip_search_order(path, 'embedding_visual_clip_alt'))
     USING query_embedding, filter_user_id, query_artifact, candidates,
           COALESCE(match_threshold, -1), match_count;
 END;
