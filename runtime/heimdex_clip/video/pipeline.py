@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..cpu import physical_cores
 from ..embedder import ClipEmbedder
 from .cuts import CutDetector, CutSettings
 from .decode import DecodedFrame, DecodeStats, VideoError, VideoInfo, iter_frames, open_video
@@ -120,6 +121,17 @@ class VideoAnalysis:
             "saving": t["save"],
             "total": t["total"],
         }
+
+
+def model_threads(decoder_threads: int, cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads for the embedder of a video run: the physical cores
+    the decoder's ``decoder_threads`` FFmpeg threads leave, at least one.
+
+    The model thread runs beside the decoder; given every core it fights the decoder for
+    them (its spinning workers included) and both slow down. On 2 cores with 2 decoder
+    threads the model gets 1 (see docs/video.md for the measurement).
+    """
+    return max(1, (cores or physical_cores()) - decoder_threads)
 
 
 def content_hash(path: Path, chunk: int = 1 << 20) -> str:
