@@ -347,8 +347,8 @@ def table(r: dict) -> str:
         f"photographs; {v['cuts']} hard cuts, {v['dissolves']} dissolves, {v['fades']} "
         "black stretches)",
         "",
-        f"{m.get('cpu_model', '?')}, {m['threads_used']} decoder threads, "
-        f"{r['pipeline'].get('model_threads')} model threads, load average at start "
+        f"{m.get('cpu_model', '?')}, {m['threads_used']} decoder threads, model threads "
+        f"{r['pipeline'].get('model_threads')}, load average at start "
         f"{m['load_average_at_start']} (shared machine), {m['date']}",
         "",
         "| figure | value |",
