@@ -101,12 +101,17 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
     from heimdex_clip.db.migrate import migrate
     from heimdex_clip.db.videos import index_video
     from heimdex_clip.video import VideoSettings, content_hash
+    from heimdex_clip.video.pipeline import model_threads
 
     # No embedding cache: the long file repeats the short one, and cached repeats would
-    # skip the model.
+    # skip the model. The model's threads as index-video gives them (the cores the
+    # decoder's threads leave, at least one).
     embedder = ClipEmbedder(
         config=ClipConfig(
-            pretrained="none", model_dir=artifact, cpu_threads=threads, embed_cache_size=0
+            pretrained="none",
+            model_dir=artifact,
+            cpu_threads=model_threads(threads),
+            embed_cache_size=0,
         )
     ).load()
     url = start_embedded(Path(tempfile.mkdtemp(prefix="video-bench-pg-")) / "pgdata")
@@ -127,6 +132,7 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
     return {
         "wall_s": round(wall, 3),
         "scenes": done.scenes,
+        "model_threads": embedder.config.cpu_threads,
         "breakdown_s": breakdown,
         "report": report,
     }
@@ -341,7 +347,8 @@ def table(r: dict) -> str:
         f"photographs; {v['cuts']} hard cuts, {v['dissolves']} dissolves, {v['fades']} "
         "black stretches)",
         "",
-        f"{m.get('cpu_model', '?')}, {m['threads_used']} threads, load average at start "
+        f"{m.get('cpu_model', '?')}, {m['threads_used']} decoder threads, model threads "
+        f"{r['pipeline'].get('model_threads')}, load average at start "
         f"{m['load_average_at_start']} (shared machine), {m['date']}",
         "",
         "| figure | value |",

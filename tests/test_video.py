@@ -356,3 +356,24 @@ def test_detection_planes_match_ffmpegs_area_scaler(tmp_path, size, pix_fmt):
         ).to_ndarray()
     assert ours.shape == (3, ANALYSIS_SIZE[1], ANALYSIS_SIZE[0])
     assert np.abs(ours - scaled).mean() < 4.0  # of 255: the same picture, other sampling
+
+
+def test_detection_histograms_are_numpys_bins_of_v_over_255():
+    from heimdex_clip.video.cuts import _BINS, CutDetector, CutSettings
+
+    small = np.arange(3 * 36 * 64, dtype=np.int64).reshape(3, 36, 64)
+    small = ((small * 7919) % 256).astype(np.uint8)  # every value, edges 15/16, 239/240, 255
+    feat = CutDetector(CutSettings(), 30)._features(0, 0.0, small)
+    expected = np.concatenate(
+        [np.histogram(p / 255.0, bins=_BINS, range=(0.0, 1.0))[0] for p in small]
+    ) / float(small[0].size)
+    assert feat.hist.dtype == np.float32
+    np.testing.assert_array_equal(feat.hist, expected.astype(np.float32))
+
+
+def test_the_model_gets_the_cores_the_decoder_leaves():
+    from heimdex_clip.video.pipeline import model_threads
+
+    assert model_threads(2, cores=2) == 1
+    assert model_threads(2, cores=8) == 6
+    assert model_threads(4, cores=2) == 1

@@ -244,7 +244,11 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
         help="best frames pooled into a scene's vector (default 3)",
     )
     video.add_argument(
-        "--threads", type=integer(1, 64), default=2, help="decoder threads (default 2)"
+        "--threads",
+        type=integer(1, 64),
+        default=2,
+        help="decoder threads (default 2); unless CLIP_CPU_THREADS is set, the model gets "
+        "the physical cores they leave, at least 1",
     )
     video.add_argument("--json", action="store_true", help="one JSON line per video")
     delete_video = command(db_sub, "delete-video", help="delete a video's scenes and frames")

@@ -9,6 +9,7 @@ say "run `heimdex-clip db migrate`".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -51,8 +52,13 @@ from .worker import FollowOptions, follow
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
 
 
-def _embedder(args: argparse.Namespace) -> ClipEmbedder:
-    return ClipEmbedder(model_dir=args.model_dir, config=ClipConfig.from_env()).load()
+def _embedder(args: argparse.Namespace, *, default_threads: int | None = None) -> ClipEmbedder:
+    """The embedder of CLIP_*; ``default_threads`` intra-op threads if CLIP_CPU_THREADS is
+    unset."""
+    config = ClipConfig.from_env()
+    if config.cpu_threads is None and default_threads is not None:
+        config = dataclasses.replace(config, cpu_threads=default_threads)
+    return ClipEmbedder(model_dir=args.model_dir, config=config).load()
 
 
 @contextmanager
@@ -239,6 +245,7 @@ def _video_module():
 def cmd_index_video(args: argparse.Namespace) -> int:
     videos = _video_module()
     from ..video import VideoError, VideoSettings
+    from ..video.pipeline import model_threads
     from ..video.segments import SegmentSettings
 
     if args.video_id is not None and len(args.paths) > 1:
@@ -247,7 +254,8 @@ def cmd_index_video(args: argparse.Namespace) -> int:
         segments=SegmentSettings(window_s=args.window), top_k=args.top_k, threads=args.threads
     )
     media = args.media_dir or Path(os.environ.get("HEIMDEX_MEDIA_DIR") or "heimdex-media")
-    embedder, failed = _embedder(args), 0
+    # The model runs beside the decoder: the cores it leaves (unless CLIP_CPU_THREADS says).
+    embedder, failed = _embedder(args, default_threads=model_threads(args.threads)), 0
     with _db(args) as pool:
         for path in args.paths:
             try:

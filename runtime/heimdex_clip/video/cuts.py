@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-_BINS = 16
+_BINS = 16  # histogram bins of each plane (uint8 >> 4)
 _LUMA_EPS = 0.01  # luma jitter tolerated on a fade's ramp
 _RAMP_STEP = 0.002  # the least a fade in brightens a frame
 
@@ -115,12 +115,9 @@ class CutDetector:
 
     def _features(self, index: int, time_s: float, small: np.ndarray) -> _Features:
         planes = small.astype(np.float32) / 255.0
-        hist = (
-            np.concatenate(
-                [np.histogram(p, bins=_BINS, range=(0.0, 1.0))[0] for p in planes]
-            ).astype(np.float32)
-            / planes[0].size
-        )
+        # 16 equal bins of [0, 1] over v / 255: bin v >> 4 (exactly np.histogram's bins).
+        bins = (small.reshape(3, -1) >> 4) + np.arange(0, 3 * _BINS, _BINS, dtype=np.uint8)[:, None]
+        hist = np.bincount(bins.ravel(), minlength=3 * _BINS).astype(np.float32) / planes[0].size
         luma = float(planes[0].mean())
         s = self.settings
         black = luma < s.black_luma and float(planes[0].std()) < s.black_std

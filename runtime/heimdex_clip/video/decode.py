@@ -11,6 +11,7 @@ million tiny frames costs decode time, not analysis time).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from ..errors import ClipError
 
@@ -68,17 +70,38 @@ class DecodeStats:
             self.skipped_ranges.append([at_s, at_s])
 
 
+class Scalers:
+    """FFmpeg scalers kept for a whole stream: ``VideoFrame.reformat`` builds a new one for
+    every frame, and setting one up (its filter taps, and a pool of threads unless told
+    one) costs more than the scaling itself. One per kind of output, so each keeps its
+    context; one thread each (the decoder has the others)."""
+
+    __slots__ = ("picture", "small")
+
+    def __init__(self) -> None:
+        self.small = VideoReformatter()
+        self.picture = VideoReformatter()
+
+
 class DecodedFrame:
     """One decoded frame: its time, the small YUV planes for detection, and (on demand) an
     upright RGB picture for quality ranking and embedding."""
 
-    __slots__ = ("_frame", "_stats", "index", "small", "time_s")
+    __slots__ = ("_frame", "_scalers", "_stats", "index", "small", "time_s")
 
-    def __init__(self, frame: av.VideoFrame, index: int, time_s: float, stats: DecodeStats) -> None:
+    def __init__(
+        self,
+        frame: av.VideoFrame,
+        index: int,
+        time_s: float,
+        stats: DecodeStats,
+        scalers: Scalers | None = None,
+    ) -> None:
         self._frame, self.index, self.time_s, self._stats = frame, index, time_s, stats
+        self._scalers = scalers or Scalers()
         started = time.perf_counter()
         #: uint8 [3, h, w]: the Y, U and V planes at the analysis size.
-        self.small: np.ndarray = small_planes(frame)
+        self.small: np.ndarray = small_planes(frame, self._scalers.small)
         stats.scale_s += time.perf_counter() - started
 
     def picture(self, long_side: int) -> np.ndarray:
@@ -89,8 +112,8 @@ class DecodedFrame:
         scale = min(1.0, long_side / max(frame.width, frame.height))
         width = max(2, round(frame.width * scale))
         height = max(2, round(frame.height * scale))
-        rgb: np.ndarray = frame.reformat(
-            width=width, height=height, format="rgb24", interpolation="AREA"
+        rgb: np.ndarray = self._scalers.picture.reformat(
+            frame, width=width, height=height, format="rgb24", interpolation="AREA", threads=1
         ).to_ndarray()
         if rotation:  # PyAV's rotation is counter-clockwise degrees, as np.rot90's k
             rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation))
@@ -107,31 +130,47 @@ _PLANAR_YUV = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p"
 _SUPERSAMPLE = 4  # points averaged per output pixel and axis
 
 
-def small_planes(frame: av.VideoFrame) -> np.ndarray:
+def small_planes(frame: av.VideoFrame, scaler: VideoReformatter | None = None) -> np.ndarray:
     """The frame's Y, U and V at :data:`ANALYSIS_SIZE`, uint8 [3, h, w].
 
     Each output pixel is the mean of a 4x4 grid of points over its area, read straight
     from the decoder's planes: at 1080p that touches 37k of the 3.1M samples, where a
     scaler reads them all (the detector needs the gist of a frame, not its detail).
-    Other pixel formats go through FFmpeg's scaler.
+    Other pixel formats go through FFmpeg's scaler (``scaler``, kept by the caller).
     """
     width, height = ANALYSIS_SIZE
     planes = frame.planes[:3]
     if frame.format.name not in _PLANAR_YUV or any(
         p.line_size < p.width or p.buffer_size < p.line_size * p.height for p in planes
     ):
-        return frame.reformat(width=width, height=height, format="yuv444p").to_ndarray()
+        small = (scaler or VideoReformatter()).reformat(
+            frame, width=width, height=height, format="yuv444p", threads=1
+        )
+        return small.to_ndarray()
     out = np.empty((3, height, width), np.uint8)
     for i, plane in enumerate(planes):
         # A plane is a buffer (PyAV's stubs do not say so).
         samples = np.frombuffer(plane, np.uint8)[: plane.line_size * plane.height]  # type: ignore[call-overload]
         samples = samples.reshape(plane.height, plane.line_size)
-        rows = _grid(plane.height, height)
-        cols = _grid(plane.width, width)
-        points = samples[np.ix_(rows, cols)].astype(np.uint16)
-        cells = points.reshape(height, _SUPERSAMPLE, width, _SUPERSAMPLE).sum(axis=(1, 3))
+        rows, cols = _grids(plane.height, plane.width)
+        # The sampled rows, each cell's 4 summed (uint16: 16 x 255 fits), then its columns'.
+        picked = samples.take(rows, axis=0).reshape(height, _SUPERSAMPLE, plane.line_size)
+        sums = picked[:, 0].astype(np.uint16)
+        for k in range(1, _SUPERSAMPLE):
+            sums += picked[:, k]
+        points = sums.take(cols, axis=1).reshape(height, width, _SUPERSAMPLE)
+        cells = points[..., 0].copy()
+        for k in range(1, _SUPERSAMPLE):
+            cells += points[..., k]
         out[i] = (cells + _SUPERSAMPLE**2 // 2) // _SUPERSAMPLE**2
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _grids(plane_height: int, plane_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled rows and columns of a plane of this size."""
+    width, height = ANALYSIS_SIZE
+    return _grid(plane_height, height), _grid(plane_width, width)
 
 
 def _grid(size: int, cells: int) -> np.ndarray:
@@ -220,6 +259,7 @@ def iter_frames(
     stream.thread_type = "AUTO"  # frame and slice threads
     stream.codec_context.thread_count = threads
     min_gap = 1.0 / max_analysis_fps
+    scalers = Scalers()
     last_time = -math.inf
     base = None  # the first frame's time: the video's zero
     index = 0
@@ -256,7 +296,7 @@ def iter_frames(
                 continue
             last_time = t
             stats.frames_analysed += 1
-            yield DecodedFrame(frame, index, t, stats)
+            yield DecodedFrame(frame, index, t, stats, scalers)
             index += 1
 
 

@@ -2,10 +2,12 @@
 
 :func:`analyze_video` streams the file once. Frames go through the cut detector; a frame
 is kept only while the detector's look-ahead needs it. Each closed scene keeps at most
-``top_k`` small pictures until its vector is made, and scenes are embedded in batches of
-``embed_batch`` through :meth:`ClipEmbedder.embed_scenes` on a model thread, one batch in
-flight while decoding goes on, so memory does not grow with the video's length. Only the
-vectors and a few numbers per scene are kept to the end.
+``top_k`` small pictures until its vector is made. Scenes are embedded through
+:meth:`ClipEmbedder.embed_scenes` on a model thread, one batch in flight while decoding
+goes on: a closed scene is handed over as soon as the model is idle, and while it is busy
+scenes queue up to ``embed_batch`` (then the decoder waits), so the model never idles
+while scenes wait and little is left for it after the last frame. Memory does not grow
+with the video's length: only the vectors and a few numbers per scene are kept to the end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..cpu import physical_cores
 from ..embedder import ClipEmbedder
 from .cuts import CutDetector, CutSettings
 from .decode import DecodedFrame, DecodeStats, VideoError, VideoInfo, iter_frames, open_video
@@ -120,6 +123,17 @@ class VideoAnalysis:
             "saving": t["save"],
             "total": t["total"],
         }
+
+
+def model_threads(decoder_threads: int, cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads for the embedder of a video run: the physical cores
+    the decoder's ``decoder_threads`` FFmpeg threads leave, at least one.
+
+    The model thread runs beside the decoder; given every core it fights the decoder for
+    them (its spinning workers included) and both slow down. On 2 cores with 2 decoder
+    threads the model gets 1 (see docs/video.md for the measurement).
+    """
+    return max(1, (cores or physical_cores()) - decoder_threads)
 
 
 def content_hash(path: Path, chunk: int = 1 << 20) -> str:
@@ -257,7 +271,8 @@ class _Run:
             self._closed(seg)
 
     def _closed(self, seg: Segment) -> None:
-        """Keep the scene's chosen pictures (at most top_k) until its batch is embedded."""
+        """Keep the scene's chosen pictures (at most top_k) until they are embedded: at
+        once if the model is idle, else with the next batch (at most embed_batch scenes)."""
         seg_settings = self.settings.segments
         ranked = seg.ranked(seg_settings.edge_guard_s, seg_settings.fade_ratio)
         seg.candidates = []
@@ -265,7 +280,8 @@ class _Run:
             self.unusable += 1
             return
         self._queue.append((seg, ranked[: self.settings.top_k]))
-        if len(self._queue) >= self.settings.embed_batch:
+        model_idle = self._in_flight is None or self._in_flight.done()
+        if model_idle or len(self._queue) >= self.settings.embed_batch:
             self._flush()
 
     def _flush(self) -> None:
