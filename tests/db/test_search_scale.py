@@ -19,7 +19,7 @@ def test_every_kind_at_20k_rows(pool):
         pool,
         20_000,
         kinds=list(search_index.KINDS),
-        queries=20,
+        queries=40,
         ef_values=[],
         maintenance_work_mem="256MB",
         parallel_workers=None,
