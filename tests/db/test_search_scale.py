@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from heimdex_clip.db import search_index
-from tests.test_benchmark_tools import load_benchmark_module
+from test_benchmark_tools import load_benchmark_module
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
