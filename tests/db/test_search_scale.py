@@ -5,9 +5,9 @@ here; its latencies are printed, never asserted (a shared machine)."""
 from __future__ import annotations
 
 import pytest
+from test_benchmark_tools import load_benchmark_module
 
 from heimdex_clip.db import search_index
-from test_benchmark_tools import load_benchmark_module
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
