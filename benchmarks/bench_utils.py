@@ -12,7 +12,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -79,3 +80,27 @@ def machine_info(threads: int) -> dict:
         "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def bulk_copy_scenes(conn, rows: Iterable[tuple[uuid.UUID, str, object, str]]) -> None:
+    """COPY ``(owner_id, frame_path, vector, artifact)`` rows into ``scenes`` in binary
+    through pgvector's adapter, every search index dropped first: a bulk load builds its
+    index once afterwards (``switch_search_index`` does), never row by row. Then ANALYZE,
+    so that the search function's owner estimates see the new rows; the caller commits."""
+    from heimdex_clip.db.search_index import search_indexes
+
+    conn.execute("SET statement_timeout = 0")  # a bulk load, not a request
+    for info in search_indexes(conn):
+        conn.execute(f'DROP INDEX "{info.name}"')
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
+            " FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy,
+    ):
+        copy.set_types(["uuid", "text", "vector", "text"])
+        for row in rows:
+            copy.write_row(row)
+    conn.execute("ANALYZE scenes")
+    conn.execute("RESET statement_timeout")

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from bench_utils import REPO, interleaved_medians, machine_info, ms, write_results
+from bench_utils import REPO, bulk_copy_scenes, interleaved_medians, machine_info, ms, write_results
 from PIL import Image
 from text_bench import bench_text, text_markdown
 
@@ -304,7 +304,6 @@ def bench_database(rows: int, quick: bool) -> dict:
     from heimdex_clip.db.search_index import (
         DEFAULT_KIND,
         BuildOptions,
-        search_indexes,
         switch_search_index,
     )
     from heimdex_clip.db.store import SceneStore
@@ -333,25 +332,16 @@ def bench_database(rows: int, quick: bool) -> dict:
     upsert_rate = n_upserts / (time.perf_counter() - started)
 
     with pool.connection() as conn:
-        conn.execute("SET statement_timeout = 0")  # bulk load and index build, not a request
-        for info in search_indexes(conn):  # built once after the load, as a bulk load does
-            conn.execute(f'DROP INDEX "{info.name}"')
         started = time.perf_counter()
-        with (
-            conn.cursor() as cur,
-            cur.copy(
-                "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
-                " FROM STDIN WITH (FORMAT BINARY)"
-            ) as copy,
-        ):
-            copy.set_types(["uuid", "text", "vector", "text"])
-            for i in range(n_upserts, rows):
-                copy.write_row([owner_ids[owners[i]], f"s{i}.jpg", vectors[i], artifact])
+        bulk_copy_scenes(
+            conn,
+            (
+                (owner_ids[owners[i]], f"s{i}.jpg", vectors[i], artifact)
+                for i in range(n_upserts, rows)
+            ),
+        )
         conn.commit()
-        copy_rate = (rows - n_upserts) / (time.perf_counter() - started)
-        conn.execute("ANALYZE scenes")
-        conn.execute("RESET statement_timeout")
-        conn.commit()
+        copy_rate = (rows - n_upserts) / (time.perf_counter() - started)  # COPY + ANALYZE
         started = time.perf_counter()
         switch_search_index(pool, DEFAULT_KIND, BuildOptions(maintenance_work_mem="1GB"))
         index_s = time.perf_counter() - started

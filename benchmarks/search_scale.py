@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_utils import machine_info, write_results
+from bench_utils import bulk_copy_scenes, machine_info, write_results
 
 from heimdex_clip.db import search_index
 from heimdex_clip.db.connection import open_pool, start_embedded
@@ -94,22 +94,13 @@ def load(pool, corpus: Corpus) -> float:
     """COPY the corpus in (no search index present: built afterwards, as a bulk build is)."""
     started = time.perf_counter()
     with pool.connection() as conn:
-        conn.execute("SET statement_timeout = 0")
-        for info in search_index.search_indexes(conn):
-            conn.execute(f'DROP INDEX "{info.name}"')
-        with (
-            conn.cursor() as cur,
-            cur.copy(
-                "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
-                " FROM STDIN WITH (FORMAT BINARY)"
-            ) as copy,
-        ):
-            copy.set_types(["uuid", "text", "vector", "text"])
-            for i in range(len(corpus.vectors)):
-                copy.write_row(
-                    [corpus.owner_ids[corpus.owners[i]], f"s{i}", corpus.vectors[i], ARTIFACT]
-                )
-        conn.execute("ANALYZE scenes")
+        bulk_copy_scenes(
+            conn,
+            (
+                (corpus.owner_ids[corpus.owners[i]], f"s{i}", corpus.vectors[i], ARTIFACT)
+                for i in range(len(corpus.vectors))
+            ),
+        )
     return time.perf_counter() - started
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pgvector.psycopg import register_vector
+from test_benchmark_tools import load_benchmark_module
 
 from heimdex_clip.db import search_index
 from heimdex_clip.db.store import SceneStore
@@ -19,25 +20,20 @@ from heimdex_clip.db.store import SceneStore
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 ROWS, DIM, K = 20_000, 512, 20
 ARTIFACT = "ViT-B-32:synthetic:0000000000000000"
+bulk_copy_scenes = load_benchmark_module("bench_utils").bulk_copy_scenes
 
 
 def bulk_load(pool, owners: np.ndarray, vectors: np.ndarray, owner_ids: list[uuid.UUID]):
     """COPY in binary through pgvector's adapter with no search index (each kind's index is
     built once afterwards, by the switch itself)."""
     with pool.connection() as conn:
-        for info in search_index.search_indexes(conn):
-            conn.execute(f'DROP INDEX "{info.name}"')
-        with (
-            conn.cursor() as cur,
-            cur.copy(
-                "COPY scenes (owner_id, frame_path, embedding_visual_clip, visual_clip_artifact)"
-                " FROM STDIN WITH (FORMAT BINARY)"
-            ) as copy,
-        ):
-            copy.set_types(["uuid", "text", "vector", "text"])
-            for i, (o, v) in enumerate(zip(owners, vectors, strict=True)):
-                copy.write_row([owner_ids[o], f"s{i}.jpg", v, ARTIFACT])
-        conn.execute("ANALYZE scenes")
+        bulk_copy_scenes(
+            conn,
+            (
+                (owner_ids[o], f"s{i}.jpg", v, ARTIFACT)
+                for i, (o, v) in enumerate(zip(owners, vectors, strict=True))
+            ),
+        )
         conn.commit()
         ids = conn.execute("SELECT frame_path, id FROM scenes").fetchall()
     by_path = dict(ids)

@@ -255,7 +255,7 @@ def test_an_unknown_kind_is_refused_before_anything_changes(pool):
 
 
 def test_the_cli_shows_and_switches_the_index(loaded, pool, artifact_dir):
-    from tests.db.test_cli import run
+    from .test_cli import run
 
     url = pool.conninfo
     shown = run(["db", "search-index", "-q"], url, artifact_dir)
@@ -306,7 +306,7 @@ def test_an_owner_under_the_exact_limit_is_read_exactly_not_through_the_index(lo
     """At or under exact_max_rows the function reads the owner's rows and sorts them by
     exact distance (recall 1 by construction), whatever the index kind; above it the planner
     may walk the index (test_recall.py shows it does for a 30% owner of 20,000 rows)."""
-    from tests.db.test_recall import _explaining_connection
+    from .test_recall import _explaining_connection
 
     _, vectors, owners = loaded
     search_index.switch_search_index(pool, kind)
