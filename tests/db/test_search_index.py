@@ -56,6 +56,14 @@ def test_a_new_deployment_starts_on_halfvec(pool):
         "scenes_embedding_visual_clip_halfvec_hnsw": True,
         "scenes_embedding_visual_clip_alt_halfvec_hnsw": True,
     }
+    # Built as a switch builds them: the migration and BuildOptions agree on the defaults.
+    defaults = search_index.BuildOptions()
+    with pool.connection() as conn:
+        for info in search_index.search_indexes(conn):
+            assert info.options == {
+                "m": str(defaults.m),
+                "ef_construction": str(defaults.ef_construction),
+            }
 
 
 def test_a_populated_deployment_keeps_its_vector_index_until_switched(db_url, tmp_path):
@@ -113,6 +121,18 @@ def test_every_kind_returns_exact_similarities_of_the_owner_only(loaded, pool, k
         assert hit.similarity == pytest.approx(float(vectors[row] @ query), abs=1e-5)
     assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
     assert hits[0].frame_path == "f7.jpg"  # the query's own scene (owner 1 holds odd rows)
+
+
+def test_a_graph_that_outgrows_the_build_memory_is_reported_while_it_builds(loaded, pool):
+    """pgvector's notice that the graph no longer fits maintenance_work_mem (the build goes
+    on on disk, several times slower) reaches the operator through the switch's progress."""
+    said: list[str] = []
+    search_index.switch_search_index(
+        pool, "vector", search_index.BuildOptions(maintenance_work_mem="1MB"), progress=said.append
+    )
+    spilled = [m for m in said if m.startswith("server: ")]
+    assert spilled and "maintenance_work_mem" in spilled[0], said
+    assert search_index.describe_search_index(pool)["kind"] == "vector"  # built all the same
 
 
 def test_switching_builds_concurrently_while_writes_go_on(bigger, pool):
@@ -291,7 +311,10 @@ def test_the_cli_shows_and_switches_the_index(loaded, pool, artifact_dir):
     assert "dropped scenes_embedding_visual_clip_halfvec_hnsw" in switched.stdout
 
     refused = run(
-        ["db", "search-index", "halfvec", "--m", "40", "-q"], url, artifact_dir, check=False
+        ["db", "search-index", "halfvec", "--m", "40", "--ef-construction", "64", "-q"],
+        url,
+        artifact_dir,
+        check=False,
     )
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [

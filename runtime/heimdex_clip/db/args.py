@@ -111,8 +111,8 @@ def _search_index_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ef-construction",
         type=integer(4, 1000),
-        default=64,
-        help="HNSW ef_construction (default 64)",
+        default=200,
+        help="HNSW ef_construction (default 200: see docs/scale.md)",
     )
     parser.add_argument(
         "--maintenance-work-mem",
@@ -141,7 +141,7 @@ def _search_index_args(parser: argparse.ArgumentParser) -> None:
         type=integer(0),
         default=None,
         help="owners of at most this many rows are searched exactly, without the index "
-        "(default 20000)",
+        "(default 10000)",
     )
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
 

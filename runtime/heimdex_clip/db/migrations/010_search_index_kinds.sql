@@ -84,9 +84,10 @@ $$;
 
 -- As in 007 (same arguments, checks and results), with candidates taken through the active
 -- index kind and ranked by exact distance. An owner the statistics put at no more than
--- 'search_exact_max_rows' rows (default 20000) is searched exactly, without the index: the
+-- 'search_exact_max_rows' rows (default 10000) is searched exactly, without the index: the
 -- planner costed an owner of 1% of a million rows onto the graph, where the filtered walk
--- took ~100 ms against ~15 ms for reading and sorting its rows (docs/scale.md).
+-- took ~100 ms against ~15 ms for reading and sorting its rows; at 2% (20,000 rows) the
+-- walk was the faster, 19 ms against 42 ms at the median (docs/scale.md).
 -- ef_search comes from the setting 'search_ef_search' (default 400, as before);
 -- set_config(..., true) inside a function with its own SET clause for the parameter is
 -- undone when the function returns.
@@ -140,7 +141,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     path := CASE WHEN heimdex_clip_owner_rows(filter_user_id)
-                      <= heimdex_clip_setting('search_exact_max_rows', '20000')::float
+                      <= heimdex_clip_setting('search_exact_max_rows', '10000')::float
                  THEN 'exact' ELSE kind END;
     candidates := heimdex_clip_search_candidates(path, match_count);
     PERFORM set_config('hnsw.ef_search', heimdex_clip_setting('search_ef_search', '400'), true);
@@ -195,9 +196,11 @@ BEGIN
         RETURN;
     END IF;
     CREATE INDEX IF NOT EXISTS scenes_embedding_visual_clip_halfvec_hnsw ON scenes
-        USING hnsw ((embedding_visual_clip::halfvec(512)) halfvec_cosine_ops);
+        USING hnsw ((embedding_visual_clip::halfvec(512)) halfvec_cosine_ops)
+        WITH (m = 16, ef_construction = 200);
     CREATE INDEX IF NOT EXISTS scenes_embedding_visual_clip_alt_halfvec_hnsw ON scenes
-        USING hnsw ((embedding_visual_clip_alt::halfvec(512)) halfvec_cosine_ops);
+        USING hnsw ((embedding_visual_clip_alt::halfvec(512)) halfvec_cosine_ops)
+        WITH (m = 16, ef_construction = 200);
     DROP INDEX IF EXISTS scenes_embedding_visual_clip_hnsw;
     DROP INDEX IF EXISTS scenes_embedding_visual_clip_alt_hnsw;
     INSERT INTO heimdex_clip_settings (key, value) VALUES ('search_index_kind', 'halfvec');
