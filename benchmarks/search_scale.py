@@ -198,7 +198,7 @@ def run(
         "prewarmed": warm_buffers,
         "m": m,
         "ef_construction": ef_construction,
-        "exact_max_rows": exact_max_rows or 10_000,
+        "exact_max_rows": search_index.describe_search_index(pool)["exact_max_rows"],
         "kinds": {},
     }
     warm = min(20, queries)

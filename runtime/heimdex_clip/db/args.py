@@ -102,17 +102,21 @@ _SEARCH_INDEX_HELP = (
 
 
 def _search_index_args(parser: argparse.ArgumentParser) -> None:
-    from .search_index import KINDS
+    from .search_index import DEFAULT_EF_SEARCH, DEFAULT_EXACT_MAX_ROWS, KINDS, BuildOptions
+
+    defaults = BuildOptions()
 
     parser.add_argument(
         "kind", nargs="?", choices=KINDS, help="switch to this kind (default: show the current)"
     )
-    parser.add_argument("--m", type=integer(2, 100), default=16, help="HNSW m (default 16)")
+    parser.add_argument(
+        "--m", type=integer(2, 100), default=defaults.m, help=f"HNSW m (default {defaults.m})"
+    )
     parser.add_argument(
         "--ef-construction",
         type=integer(4, 1000),
-        default=200,
-        help="HNSW ef_construction (default 200: see docs/scale.md)",
+        default=defaults.ef_construction,
+        help=f"HNSW ef_construction (default {defaults.ef_construction}: see docs/scale.md)",
     )
     parser.add_argument(
         "--maintenance-work-mem",
@@ -134,14 +138,14 @@ def _search_index_args(parser: argparse.ArgumentParser) -> None:
         "--ef-search",
         type=integer(1, 1000),
         default=None,
-        help="record the search function's hnsw.ef_search (default 400)",
+        help=f"record the search function's hnsw.ef_search (default {DEFAULT_EF_SEARCH})",
     )
     parser.add_argument(
         "--exact-max-rows",
         type=integer(0),
         default=None,
         help="owners of at most this many rows are searched exactly, without the index "
-        "(default 10000)",
+        f"(default {DEFAULT_EXACT_MAX_ROWS})",
     )
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
 

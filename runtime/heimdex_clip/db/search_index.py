@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 KINDS = ("vector", "halfvec", "bit")
 #: What migration 010 gives a new deployment (measured at 1M rows: docs/scale.md).
 DEFAULT_KIND = "halfvec"
+#: The search function's fallbacks when nothing is recorded (migration 010 holds the same).
+DEFAULT_EF_SEARCH, DEFAULT_EXACT_MAX_ROWS = 400, 10_000
 SLOTS = ("embedding_visual_clip", "embedding_visual_clip_alt")
 DIM = 512
 
@@ -263,7 +265,7 @@ def set_ef_search(pool: ConnectionPool, ef_search: int | None) -> None:
 
 def set_exact_max_rows(pool: ConnectionPool, rows: int | None) -> None:
     """Record the owner size (rows, as the statistics estimate it) up to which search reads
-    the owner's rows exactly instead of walking the index (None: the default, 10000)."""
+    the owner's rows exactly instead of walking the index (None: DEFAULT_EXACT_MAX_ROWS)."""
     if rows is not None and rows < 0:
         raise ValueError(f"exact_max_rows must be >= 0, got {rows}")
     _record(pool, "search_exact_max_rows", rows)
@@ -273,9 +275,16 @@ def describe_search_index(pool: ConnectionPool) -> dict[str, Any]:
     """The active kind, ef_search and every search index present (for ``db search-index``)."""
     with pool.connection() as conn:
         kind = active_kind(conn)
-        ef = one_value(conn.execute("SELECT heimdex_clip_setting('search_ef_search', '400')"))
+        ef = one_value(
+            conn.execute(
+                "SELECT heimdex_clip_setting('search_ef_search', %s)", (str(DEFAULT_EF_SEARCH),)
+            )
+        )
         exact = one_value(
-            conn.execute("SELECT heimdex_clip_setting('search_exact_max_rows', '10000')")
+            conn.execute(
+                "SELECT heimdex_clip_setting('search_exact_max_rows', %s)",
+                (str(DEFAULT_EXACT_MAX_ROWS),),
+            )
         )
         indexes = search_indexes(conn)
     return {
