@@ -230,6 +230,15 @@ def test_a_listed_file_left_out_is_reported_only_where_it_is_used(artifact_dir, 
     fp32 = ClipEmbedder(config=ClipConfig(pretrained="none", model_dir=art, precision="fp32"))
     with pytest.raises(ArtifactError, match=r"visual\.fp32\.onnx is missing"):
         fp32.load()
+    # OpenVINO runs the QDQ or fp32 graph, both left out: where its plugin offers a device
+    # (Intel CPUs) it must not be chosen, asked for or by auto, and the INT8 graph runs on cpu.
+    for provider in ("openvino", "auto"):
+        config = ClipConfig(
+            pretrained="none", model_dir=art, provider=provider, cache_dir=tmp_path / provider
+        )
+        embedder = ClipEmbedder(config=config).load()
+        assert embedder.session_info.provider == "cpu"
+        assert embedder.embed_images([_tiny_png()]).shape == (1, 512)
 
 
 def _tiny_png() -> bytes:

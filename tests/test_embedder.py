@@ -27,6 +27,7 @@ from heimdex_clip import (
     reset_embedder,
 )
 from heimdex_clip.jobs import DeadlineRunner, JobTimeout
+from heimdex_clip.providers import available_providers
 from heimdex_clip.worker_api import WorkerEmbedder
 
 # The design document's ten fields, plus the artifact that made the vector (provenance).
@@ -44,6 +45,10 @@ METADATA_FIELDS = {
     "artifact_id",
     "provider",
 }
+
+
+#: The ONNX Runtime execution provider behind each CLIP_PROVIDER value.
+EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
 
 
 def make_config(artifact_dir: Path, **changes) -> ClipConfig:
@@ -103,7 +108,8 @@ class TestClipEmbedderSingleton:
             assert lazy.manifest.model.name == manifest["model"]["name"]
             assert lazy.artifact_dir.resolve() == artifact_dir.resolve()
             assert lazy.artifact_id == lazy.manifest.artifact_id and lazy.has_text_tower
-            assert lazy.session_info.provider == "cpu"
+            info = lazy.session_info  # auto: cpu, or OpenVINO where its plugin runs (Intel)
+            assert info.providers[0] == EXECUTION_PROVIDERS[info.provider]
         for name in ("manifest", "artifact_id", "session_info", "artifact_dir", "has_text_tower"):
             with pytest.warns(DeprecationWarning, match=f"{name} was read before load"):
                 getattr(ClipEmbedder(config=make_config(artifact_dir)), name)
@@ -345,10 +351,13 @@ class TestGracefulDegradation:
             time.sleep(0.01)
         assert impatient.active_jobs == 0  # abandoned work ended once it could
 
-    def test_an_onnx_runtime_run_is_terminated_at_its_deadline(self, embedder):
+    def test_an_onnx_runtime_run_is_terminated_at_its_deadline(self, artifact_dir):
         """The deadline runner stops a model run in progress (RunOptions.terminate): a
-        256-frame run needs seconds on any CPU, its 50 ms deadline stops it within moments."""
-        model = embedder._slot.load()
+        256-frame run needs seconds on any CPU, its 50 ms deadline stops it within moments.
+        ONNX Runtime's CPU provider checks the flag between nodes; the OpenVINO EP runs the
+        whole graph in one call and does not (next test)."""
+        cpu = ClipEmbedder(config=make_config(artifact_dir, provider="cpu", embed_cache_size=0))
+        model = cpu._slot.load()
         pixels = np.zeros((256, 3, 224, 224), np.float32)
         runner = DeadlineRunner()
         started = time.perf_counter()
@@ -361,6 +370,34 @@ class TestGracefulDegradation:
         full = time.perf_counter()
         model.run(pixels)  # the session is still usable, and a whole run takes this long:
         assert stopped_after < (time.perf_counter() - full) / 2
+
+    @pytest.mark.parametrize(
+        "provider", [p for p, why_not in available_providers().items() if why_not is None]
+    )
+    def test_the_caller_gets_its_timeout_at_the_deadline_on_every_provider(
+        self, artifact_dir, provider
+    ):
+        """Whether or not the provider can stop a run in progress (the OpenVINO EP cannot),
+        the caller is answered at its deadline, not when the run ends, and the session
+        still answers afterwards."""
+        config = make_config(artifact_dir, provider=provider, embed_cache_size=0)
+        embedder = ClipEmbedder(config=config).load()
+        assert embedder.session_info.provider == provider
+        model = embedder._slot.load()
+        pixels = np.zeros((256, 3, 224, 224), np.float32)
+        runner = DeadlineRunner()
+        started = time.perf_counter()
+        with pytest.raises(JobTimeout):
+            runner.run(lambda job: model.run(pixels, job.run_options), timeout_s=0.05)
+        answered_after = time.perf_counter() - started
+        while runner.live_jobs and time.perf_counter() - started < 120:
+            time.sleep(0.005)
+        assert runner.live_jobs == 0
+        full = time.perf_counter()
+        model.run(pixels)
+        assert answered_after < (time.perf_counter() - full) / 2
+        one = model.run(pixels[:1])
+        np.testing.assert_allclose(model.run(pixels[:1]), one, atol=1e-6)
 
     def test_frames_over_budget_fail_with_the_per_frame_message(
         self, artifact_dir, jpeg_files, embedder

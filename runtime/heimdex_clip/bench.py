@@ -136,10 +136,10 @@ def run_bench(
     for provider in PROVIDERS:
         if why_not[provider] is not None:
             continue
-        default = graph_key(provider, "int8", manifest)
+        default = graph_key(provider, "int8", manifest, artifact_dir)
         for key in GRAPHS[provider]:
-            if key not in manifest.files:
-                continue
+            if key not in manifest.files or not (artifact_dir / manifest.files[key].path).is_file():
+                continue  # not exported, or left out of this image
             precision = manifest.files[key].precision or "int8"
             runs_by_default = (None, openvino_precision_hint(precision, exact=False))
             for hint in _hints(provider, precision):

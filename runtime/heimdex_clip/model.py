@@ -169,7 +169,7 @@ def _measurer(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> Cal
     """What CLIP_PROVIDER=auto measures a provider with: its own graph, ms/image."""
 
     def measure(provider: str) -> float:
-        key = graph_key(provider, config.precision, manifest) or "visual.int8"
+        key = graph_key(provider, config.precision, manifest, artifact_dir) or "visual.int8"
         session, info = _session_for(config, artifact_dir, manifest, provider, key)
         if info.provider != provider:
             raise RuntimeError(f"{provider} fell back to {info.provider}")
@@ -202,7 +202,7 @@ def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel
         )
     check_supported(manifest, normalize=config.normalize)
     provider = choose_provider(config, artifact_dir, manifest)
-    key = graph_key(provider, config.precision, manifest) or "visual.int8"
+    key = graph_key(provider, config.precision, manifest, artifact_dir) or "visual.int8"
     entry = manifest.file(key)
     if len(entry.inputs) != 1:
         raise ArtifactError(
@@ -212,7 +212,7 @@ def load_visual_model(config: ClipConfig, model_dir: Path | None) -> VisualModel
     path = artifact_dir / entry.path
     session, info = _session_for(config, artifact_dir, manifest, provider, key)
     if info.provider != provider:  # the plugin refused at session creation (logged)
-        key = graph_key(info.provider, config.precision, manifest) or key
+        key = graph_key(info.provider, config.precision, manifest, artifact_dir) or key
         entry = manifest.file(key)
         path = artifact_dir / entry.path
         session, info = _session_for(config, artifact_dir, manifest, info.provider, key)

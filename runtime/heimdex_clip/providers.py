@@ -234,18 +234,30 @@ class ProviderSetup:
 # --- which graph, which provider ---------------------------------------------------------
 
 
-def graph_key(provider: str, precision: str, manifest: Manifest) -> str | None:
+def graph_key(
+    provider: str, precision: str, manifest: Manifest, artifact_dir: Path | None = None
+) -> str | None:
     """The artifact file ``provider`` runs best, or None when it has none worth running.
 
     OpenVINO gains nothing on ONNX Runtime's dynamically quantized graph, so it runs the
     statically quantized ``visual.qdq`` (or the fp32 graph); CLIP_PRECISION=fp32 means the
-    fp32 graph on any provider.
+    fp32 graph on any provider. With ``artifact_dir``, OpenVINO's graphs count only where
+    their files are there: an image may bake the INT8 graph alone while the manifest still
+    lists the others (docs/docker.md), and OpenVINO must then not be chosen.
     """
     if precision == "fp32" or "visual.int8" not in manifest.files:
         # An export whose ladder found no INT8 graph that passes ships only the fp32 one.
         return "visual.fp32"
     if provider == "openvino":
-        return next((k for k in ("visual.qdq", "visual.fp32") if k in manifest.files), None)
+        return next(
+            (
+                key
+                for key in ("visual.qdq", "visual.fp32")
+                if key in manifest.files
+                and (artifact_dir is None or (artifact_dir / manifest.files[key].path).is_file())
+            ),
+            None,
+        )
     return f"visual.{precision}"
 
 
@@ -253,11 +265,15 @@ def unusable(config: ClipConfig, artifact_dir: Path, manifest: Manifest) -> dict
     """Provider -> why it cannot run this artifact here (None: it can). Loads the plugin."""
     why_not = available_providers()
     for name in PROVIDERS:
-        if why_not[name] is None and graph_key(name, config.precision, manifest) is None:
+        if (
+            why_not[name] is None
+            and graph_key(name, config.precision, manifest, artifact_dir) is None
+        ):
             why_not[name] = (
                 f"the artifact in {artifact_dir} has no graph for it (OpenVINO "
                 "gains nothing on the dynamic INT8 graph: re-export with "
-                "--openvino for visual.qdq, or with --keep-fp32)"
+                "--openvino for visual.qdq, or with --keep-fp32; an image that "
+                "leaves those files out runs cpu)"
             )
     return why_not
 
