@@ -196,19 +196,21 @@ def format_report(report: dict[str, Any]) -> str:
         + " ".join(f"{f'b{b} ms/img (x floor)':>20}" for b in batches),
     ]
     floor = report.get("gemm_floor", {}).get("ms_per_image", {})
+    auto = report["auto"]
     for r in report["rows"]:
         cells = " ".join(
             f"{r['ms_per_image'].get(b, float('nan')):>11.2f} "
             f"{'(' + multiple(r['ms_per_image'].get(b), floor.get(b)) + ')':>8}"
             for b in batches
         )
-        mark = "  <- auto's row" if r["default"] else ""
+        # Each provider's default row is what auto compares; the fastest is what it runs.
+        chosen = r["provider"] == auto["choice"]
+        mark = ("  <- auto runs this" if chosen else "  <- auto's other candidate") * r["default"]
         load = f"{r['load_ms']:>8.0f}" if r["load_ms"] is not None else f"{'-':>8}"
         line = f"{r['provider']:<9} {r['graph']:<12} {r['precision_hint'] or '-':<5} {load} "
         lines.append(line + (f"FAILED: {r['error']}" if r["error"] else cells + mark))
     for name, why in report["unavailable"].items():
         lines.append(f"{name:<9} not available: {why}")
-    auto = report["auto"]
     lines += ["", floor_line(report.get("gemm_floor", {}))]
     lines += [
         "",
