@@ -195,6 +195,17 @@ def test_auto_on_the_real_artifact(artifact_dir, tmp_path):
         assert providers.openvino_status.cache_info().currsize == 0
 
 
+def test_openvino_computes_in_bf16_only_where_the_cpu_does_and_approximation_is_accepted():
+    flags = next(
+        set(line.split(":", 1)[1].split())
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+    )
+    bf16 = bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert providers.openvino_precision_hint(exact=False) == ("bf16" if bf16 else "f32")
+    assert providers.openvino_precision_hint(exact=True) == "f32"  # CLIP_PRECISION=fp32
+
+
 def test_each_provider_gets_the_graph_it_runs_best(artifact_dir):
     manifest = load_manifest(artifact_dir)
     assert graph_key("cpu", "int8", manifest) == "visual.int8"

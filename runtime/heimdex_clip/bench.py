@@ -77,10 +77,10 @@ class BenchRow:
     default: bool = False
 
 
-def _hints(provider: str, graph_precision: str) -> list[str | None]:
+def _hints(provider: str) -> list[str | None]:
     if provider != "openvino":
         return [None]
-    best = openvino_precision_hint(graph_precision, exact=False)
+    best = openvino_precision_hint(exact=False)
     return list(sorted({"f32", best}))  # bf16 where the CPU has it, and f32 beside it
 
 
@@ -140,9 +140,8 @@ def run_bench(
         for key in GRAPHS[provider]:
             if key not in manifest.files or not (artifact_dir / manifest.files[key].path).is_file():
                 continue  # not exported, or left out of this image
-            precision = manifest.files[key].precision or "int8"
-            runs_by_default = (None, openvino_precision_hint(precision, exact=False))
-            for hint in _hints(provider, precision):
+            runs_by_default = (None, openvino_precision_hint(exact=False))
+            for hint in _hints(provider):
                 row = BenchRow(
                     provider, key, hint, default=key == default and hint in runs_by_default
                 )

@@ -154,7 +154,7 @@ def _session_for(
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """A session running artifact file ``key`` on ``provider`` with ``config``'s options."""
     entry = manifest.file(key)
-    hint = openvino_precision_hint(entry.precision or "int8", exact=config.precision == "fp32")
+    hint = openvino_precision_hint(exact=config.precision == "fp32")
     setup = ProviderSetup(
         provider=provider,
         device=config.device,
