@@ -32,6 +32,7 @@ from heimdex_clip.artifact import load_manifest
 from heimdex_clip.gemm_floor import GemmFloor, artifact_gemms, describe, image_feed, multiple
 from heimdex_clip.images import load_image
 from heimdex_clip.preprocess import Preprocessor
+from heimdex_clip.providers import available_providers, graph_key, openvino_precision_hint
 from heimdex_clip.session import create_session, physical_cores
 
 # --------------------------------------------------------------------------- encoder
@@ -72,6 +73,21 @@ def bench_encoder(
         )
         for name, entry in graphs.items()
     }
+    # Where the OpenVINO EP runs (Intel CPUs), the graph and precision CLIP_PROVIDER=auto
+    # would give it, beside ONNX Runtime's own INT8 graph.
+    openvino_key = graph_key("openvino", "int8", manifest, artifact)
+    openvino_graph = None
+    if available_providers()["openvino"] is None and openvino_key is not None:
+        hint = openvino_precision_hint(exact=False)
+        entry = manifest.files[openvino_key]
+        sessions["openvino"] = (
+            create_session(
+                artifact / entry.path, threads=threads, provider="openvino", precision_hint=hint
+            )[0],
+            entry.inputs[0].name,
+            entry.outputs[0].name,
+        )
+        openvino_graph = f"{openvino_key}, {hint}"
     int8 = graphs["onnx_int8"]
     gemms = artifact_gemms(
         paths["onnx_int8"], image_feed(int8.inputs[0].name, manifest.preprocess.image_size), threads
@@ -106,6 +122,8 @@ def bench_encoder(
             flush=True,
         )
     results["int8_gemm_floor_shapes"] = describe(gemms)
+    if openvino_graph:
+        results["openvino_graph"] = openvino_graph
     return results
 
 
@@ -182,6 +200,7 @@ def bench_end_to_end(artifact: Path, jpegs: list[bytes], threads: int, quick: bo
         name: ms(median / len(jpegs))
         for name, median in interleaved_medians(cases, repeats, pause_s=0.1).items()
     }
+    out["provider"] = exact.session_info.provider  # what CLIP_PROVIDER=auto chose here
     ex = np.stack([exact.embed_frame(d).embedding for d in jpegs])
     fa = np.stack([fast.embed_frame(d).embedding for d in jpegs])
     out["cosine_exact_int8_vs_pytorch"] = {
@@ -394,14 +413,18 @@ def markdown(r: dict) -> str:
         "",
         "| visual encoder, ms/image (x floor) | PyTorch fp32 (reference) | ONNX fp32 | "
         + ("previous INT8 graph | " if enc.get("onnx_int8_previous") else "")
-        + "ONNX INT8 (ours) | INT8 GEMM floor | INT8 / PyTorch |",
-        "|---|---|---|---|---|---|" + ("---|" if enc.get("onnx_int8_previous") else ""),
+        + "ONNX INT8 (ours) | "
+        + (f"OpenVINO EP ({enc['openvino_graph']}) | " if enc.get("openvino") else "")
+        + "INT8 GEMM floor | INT8 / PyTorch |",
+        "|---|---|---|---|---|---|"
+        + ("---|" if enc.get("onnx_int8_previous") else "")
+        + ("---|" if enc.get("openvino") else ""),
     ]
     for b in enc["pytorch_fp32"]:
         floor = enc.get("int8_gemm_floor", {}).get(b)
         cells = [
             enc[k].get(b)
-            for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8_previous", "onnx_int8")
+            for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8_previous", "onnx_int8", "openvino")
             if enc.get(k)
         ]
         shown = " | ".join(f"{v} ({multiple(v, floor)})" for v in cells)
@@ -420,6 +443,7 @@ def markdown(r: dict) -> str:
         ]
     p = r["preprocess"]
     e = r["end_to_end"]
+    encoder_of = {"cpu": "onnx_int8", "openvino": "openvino"}
     floor1 = enc.get("int8_gemm_floor", {}).get("1")
     lines += [
         "",
@@ -438,8 +462,9 @@ def markdown(r: dict) -> str:
         f" Fast decode vs exact (INT8 embeddings of 1080p frames): mean cosine "
         f"{e['cosine_fast_vs_exact']['mean']:.4f}, min {e['cosine_fast_vs_exact']['min']:.4f}. "
         f"INT8 (exact path) vs PyTorch: mean cosine "
-        f"{e['cosine_exact_int8_vs_pytorch']['mean']:.4f}. JPEG -> vector (fast decode) minus "
-        f"the INT8 encoder at batch 1: {e['ours_fast_decode'] - enc['onnx_int8']['1']:.2f} ms "
+        f"{e['cosine_exact_int8_vs_pytorch']['mean']:.4f}. JPEG -> vector (fast decode, on "
+        f"{e.get('provider', 'cpu')}) minus that provider's encoder at batch 1: "
+        f"{e['ours_fast_decode'] - enc[encoder_of[e.get('provider', 'cpu')]]['1']:.2f} ms "
         "(issue 25's target: <= 4 ms).",
     ]
     if "processes" in r:  # not in a --speed-only run
@@ -482,8 +507,10 @@ def chart(r: dict, path: Path) -> None:
         ("pytorch_fp32", "open_clip PyTorch fp32"),
         ("onnx_fp32", "ONNX Runtime fp32"),
         ("onnx_int8", "ONNX Runtime INT8"),
+        ("openvino", "OpenVINO EP"),
+        ("int8_gemm_floor", "INT8 GEMM floor"),
     ):
-        series = r["encoder"][key]
+        series = r["encoder"].get(key)
         if series:
             ax.plot([int(b) for b in series], list(series.values()), marker="o", label=label)
     ax.set_xscale("log", base=2)
