@@ -206,6 +206,18 @@ def test_openvino_computes_in_bf16_only_where_the_cpu_does_and_approximation_is_
     assert providers.openvino_precision_hint(exact=True) == "f32"  # CLIP_PRECISION=fp32
 
 
+def test_an_auto_decision_is_kept_per_precision_and_hint(artifact_dir, tmp_path):
+    """CLIP_PRECISION=fp32 compares other graphs than int8 does: a decision for one must not
+    answer for the other, nor outlive a change of OpenVINO's precision hint."""
+    manifest = load_manifest(artifact_dir)
+    int8 = providers.auto_cache(ClipConfig(cache_dir=tmp_path), manifest)[1]
+    fp32 = providers.auto_cache(ClipConfig(cache_dir=tmp_path, precision="fp32"), manifest)[1]
+    assert int8 != fp32
+    assert (int8["precision"], fp32["precision"]) == ("int8", "fp32")
+    assert int8["openvino_hint"] == providers.openvino_precision_hint(exact=False)
+    assert fp32["openvino_hint"] == "f32"
+
+
 def test_each_provider_gets_the_graph_it_runs_best(artifact_dir):
     manifest = load_manifest(artifact_dir)
     assert graph_key("cpu", "int8", manifest) == "visual.int8"

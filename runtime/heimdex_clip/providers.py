@@ -332,8 +332,12 @@ def choose_provider(
 # --- CLIP_PROVIDER=auto's remembered decision --------------------------------------------
 
 
-def auto_cache_key(artifact_id: str, threads: int, batch: int) -> dict[str, Any]:
-    """What an auto decision depends on: the CPU, the artifact, the libraries, the load."""
+def auto_cache_key(
+    artifact_id: str, threads: int, batch: int, precision: str = "int8"
+) -> dict[str, Any]:
+    """What an auto decision depends on: the CPU, the artifact, the libraries, the load,
+    and which graphs are compared how (CLIP_PRECISION picks the graphs; OpenVINO's
+    precision hint is in the key so that a change to its rule measures again)."""
     cpu = cpu_features()
     return {
         "cpu_model": cpu["cpu_model"],
@@ -343,6 +347,8 @@ def auto_cache_key(artifact_id: str, threads: int, batch: int) -> dict[str, Any]
         "openvino_plugin": plugin_version(),
         "threads": threads,
         "batch": batch,
+        "precision": precision,
+        "openvino_hint": openvino_precision_hint(exact=precision == "fp32"),
     }
 
 
@@ -351,7 +357,10 @@ def auto_cache(config: ClipConfig, manifest: Manifest) -> tuple[Path, dict]:
     return (
         config.cache_dir / AUTO_CACHE_NAME,
         auto_cache_key(
-            manifest.artifact_id, config.cpu_threads or physical_cores(), config.batch_size
+            manifest.artifact_id,
+            config.cpu_threads or physical_cores(),
+            config.batch_size,
+            config.precision,
         ),
     )
 
