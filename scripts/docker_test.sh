@@ -134,8 +134,10 @@ EOF
 chmod 644 "$WORK"/frames/*
 in_image -v "$WORK/frames:/frames:ro" "$TAG" embed /frames/frame.jpg --json --vectors \
     >"$WORK/image.json" 2>"$WORK/image.err" || true
-"$PYTHON" -m heimdex_clip.cli --model-dir "$ARTIFACT" embed "$WORK/frames/frame.jpg" \
-    --json --vectors >"$WORK/host.json"
+# The image runs ONNX Runtime's CPU provider (OpenVINO's graph is left out): so does the
+# host's reference, which on an Intel CPU would otherwise pick OpenVINO.
+CLIP_PROVIDER=cpu "$PYTHON" -m heimdex_clip.cli --model-dir "$ARTIFACT" embed \
+    "$WORK/frames/frame.jpg" --json --vectors >"$WORK/host.json"
 if cos=$("$PYTHON" - "$WORK/image.json" "$WORK/host.json" <<'EOF'
 import json, sys
 import numpy as np

@@ -162,7 +162,9 @@ def docker(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 class WorkerCheck:
     def __init__(self, image: str, artifact: Path, frames: Path, url: str, help_text: str) -> None:
         self.image, self.frames, self.url = image, frames, url
-        self.host = ClipEmbedder(model_dir=artifact, config=ClipConfig()).load()
+        # The image runs ONNX Runtime's CPU provider (OpenVINO's graph is left out): so does
+        # the host's reference, which on an Intel CPU would otherwise pick OpenVINO.
+        self.host = ClipEmbedder(model_dir=artifact, config=ClipConfig(provider="cpu")).load()
         self.run_flags = [
             "--network=host",
             "--read-only",
