@@ -224,17 +224,21 @@ def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embe
 
 def _upgrade(pool, embedders, name: str, done: dict) -> str:
     """The whole protocol for one artifact: re-embed until nothing is ready, then promote
-    every owner (refused if the worker thread held a lease on a scene meanwhile: again)."""
-    for attempt in range(3):
+    every owner. Refused while the worker thread holds a lease on a scene it is embedding
+    for another artifact (the backfill skips leased scenes): the operator waits a moment
+    and runs the backfill again, as the refusal says. Without the wait, three attempts in a
+    row could all meet the same lease and the sequence promote one artifact only."""
+    for attempt in range(6):
         run_backfill(pool, embedders[name], ALL, policy=POLICY, reembed_stale=True)
         try:
             n = promote(pool, embedders[name].artifact_id, ALL, backoff_s=0.1)
         except DatabaseError:
             done["refused"] += 1
+            time.sleep(0.5)
             continue
         done["promoted"].add(name)
         return f"upgrade to {name}: {n} swapped (attempt {attempt + 1})"
-    return f"upgrade to {name}: refused 3 times"
+    return f"upgrade to {name}: refused 6 times"
 
 
 def _step(
