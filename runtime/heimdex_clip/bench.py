@@ -28,6 +28,7 @@ from .providers import (
     ProviderSetup,
     available_providers,
     graph_key,
+    has_graph,
     openvino_precision_hint,
     openvino_status,
     remember_measured,
@@ -133,14 +134,14 @@ def run_bench(
     batches = batches or tuple(sorted({1, config.batch_size}))
     why_not = available_providers()
     rows: list[BenchRow] = []
+    runs_by_default = (None, openvino_precision_hint(exact=False))
     for provider in PROVIDERS:
         if why_not[provider] is not None:
             continue
         default = graph_key(provider, "int8", manifest, artifact_dir)
         for key in GRAPHS[provider]:
-            if key not in manifest.files or not (artifact_dir / manifest.files[key].path).is_file():
+            if not has_graph(manifest, artifact_dir, key):
                 continue  # not exported, or left out of this image
-            runs_by_default = (None, openvino_precision_hint(exact=False))
             for hint in _hints(provider):
                 row = BenchRow(
                     provider, key, hint, default=key == default and hint in runs_by_default
@@ -203,8 +204,10 @@ def format_report(report: dict[str, Any]) -> str:
             for b in batches
         )
         # Each provider's default row is what auto compares; the fastest is what it runs.
-        chosen = r["provider"] == auto["choice"]
-        mark = ("  <- auto runs this" if chosen else "  <- auto's other candidate") * r["default"]
+        mark = ""
+        if r["default"]:
+            chosen = r["provider"] == auto["choice"]
+            mark = "  <- auto runs this" if chosen else "  <- auto's other candidate"
         load = f"{r['load_ms']:>8.0f}" if r["load_ms"] is not None else f"{'-':>8}"
         line = f"{r['provider']:<9} {r['graph']:<12} {r['precision_hint'] or '-':<5} {load} "
         lines.append(line + (f"FAILED: {r['error']}" if r["error"] else cells + mark))
