@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector
 
 from heimdex_clip.db.backfill import Policy, Scope, claim, count_pending
 from heimdex_clip.db.connection import DatabaseError, DbSettings, open_pool
@@ -172,6 +173,47 @@ def test_sql_refuses_any_write_that_drops_the_serving_vector(pool):
             "UPDATE scenes SET embedding_visual_clip = %s WHERE id = %s", (_unit(9), scene)
         )
     assert _slots(pool)[scene] == (A, True, None, False)
+
+
+@pytest.mark.parametrize("writer", ["write_vector", "raw SQL"])
+def test_a_write_racing_the_promotion_is_seen_by_its_final_check(pool, db_url, writer):
+    """The race a randomized upgrade sequence found: with A serving and B already first
+    (an owner's swap done), a writer reads "A serves", so B's slot is the one it may
+    replace. If that write commits after promote's final check but before its commit,
+    B would serve a scene that has no B vector. Promote must wait for such a writer and
+    then refuse; the scene stays findable by A."""
+    _, scenes = _two_artifacts(pool, n=2, owners=1)
+    (scene, owner), _ = scenes
+    assert promote(pool, B, Scope(owner_id=owner)) == 2  # B first; A still serving
+    assert _serving(pool) == A and _slots(pool)[scene] == (B, True, A, True)
+    outcome: list = []
+    with psycopg.connect(db_url) as conn:
+        register_vector(conn)
+        if writer == "write_vector":
+            assert write_vector(conn, scene, owner, C, _unit(7), {})
+        else:  # a writer bypassing the package, held back only by migration 007's trigger
+            conn.execute(
+                "UPDATE scenes SET embedding_visual_clip = %s, visual_clip_artifact = %s "
+                "WHERE id = %s",
+                (_unit(7), C, scene),
+            )
+
+        def run() -> None:
+            try:
+                outcome.append(promote(pool, B, ALL, backoff_s=0.1))
+            except DatabaseError as exc:
+                outcome.append(exc)
+
+        promoter = threading.Thread(target=run)
+        promoter.start()
+        promoter.join(1.0)  # a promote that does not wait for the writer is done by now
+        conn.commit()  # the write lands: B's vector of `scene` is replaced by C's
+    promoter.join(30)
+    assert not promoter.is_alive()
+    assert _slots(pool)[scene] == (C, True, A, True)
+    assert isinstance(outcome[0], DatabaseError), outcome
+    assert "1 scenes with a vector have none of" in str(outcome[0])
+    assert _serving(pool) == A
 
 
 def test_prune_refuses_the_serving_artifact_and_waits_for_locks(pool, db_url):

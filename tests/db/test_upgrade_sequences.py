@@ -115,6 +115,43 @@ def _findable(pool, store: SceneStore) -> tuple[str | None, set]:
     return serving, found
 
 
+def _explain(pool, store: SceneStore, serving: str | None, lost: set) -> list[dict]:
+    """For each lost scene: what its two slots hold, its last error, and what both searches
+    answer with its vector of the serving artifact (the failure message's evidence)."""
+    evidence = []
+    for scene in sorted(lost):
+        with pool.connection() as conn:
+            owner, main, main_vec, alt, alt_vec, error = conn.execute(
+                "SELECT owner_id, visual_clip_artifact, embedding_visual_clip, "
+                "visual_clip_alt_artifact, embedding_visual_clip_alt, visual_clip_last_error "
+                "FROM scenes WHERE id = %s",
+                (scene,),
+            ).fetchone()
+            vector = main_vec if main == serving else alt_vec if alt == serving else None
+            sql_hits = (
+                vector is not None
+                and conn.execute(
+                    "SELECT id, similarity FROM "
+                    "search_scenes_by_visual_clip_embedding(%s, -1, 3, %s)",
+                    (vector, owner),
+                ).fetchall()
+            )
+        hits = vector is not None and store.search_by_embedding(
+            owner, vector.to_numpy(), artifact=serving, threshold=-1, count=3
+        )
+        evidence.append(
+            {
+                "scene": str(scene),
+                "main": (main, main_vec is not None),
+                "alt": (alt, alt_vec is not None),
+                "last_error": error,
+                "store_hits": hits and [(str(h.id), round(h.similarity, 6)) for h in hits],
+                "sql_hits": sql_hits and [(str(i), round(s, 6)) for i, s in sql_hits],
+            }
+        )
+    return evidence
+
+
 def _locker(db_url: str, stop: threading.Event, rng: random.Random, held: list) -> None:
     """Another session: FOR UPDATE on 1-3 random rows for up to 1 s, again and again."""
     with psycopg.connect(db_url) as conn:
@@ -202,7 +239,7 @@ def test_random_upgrade_sequences_never_lose_a_findable_scene(pool, db_url, embe
             lost = ever_findable - found
             assert not lost, (
                 f"step {step}: {len(lost)} scenes no longer findable by "
-                f"{serving}; steps so far: {log}"
+                f"{serving}: {_explain(pool, store, serving, lost)}; steps so far: {log}"
             )
             ever_findable |= found
             assert not errors, errors

@@ -39,6 +39,7 @@ from ..errors import DimensionError
 from .backfill import Policy, Scope, claim, release_expired
 from .connection import DatabaseError
 from .errors import InvalidInputError
+from .slots import hold_serving_lock
 from .store import WORKER_FAULTS, SceneStore, owner_uuid
 from .validate import check_metadata, check_vector
 
@@ -227,6 +228,7 @@ def write_results(
         ) as copy:
             for row in _staged_rows(batch, artifact, policy):
                 copy.write_row(row)
+        hold_serving_lock(conn)  # _APPLY's slot choice depends on the serving artifact
         applied = conn.execute(_APPLY, {"artifact": artifact, "token": token}).fetchall()
     report.embedded += sum(1 for _, ok in applied if ok)
     report.failed += sum(1 for _, ok in applied if not ok)

@@ -9,7 +9,8 @@ What they guarantee (docs/reliability.md has the whole protocol):
   then fails with :class:`~.errors.LockedRowsError`. The serving artifact is recorded
   only in the final transaction, after it has swapped the remaining rows and verified
   that every scene with a vector now has the new artifact's vector first; that transaction
-  commits all of it or none of it.
+  commits all of it or none of it. It holds the serving lock (:mod:`.slots`) exclusively,
+  so no write made under the old serving artifact lands between its check and its commit.
 * The bulk of the swap is done before, one transaction per owner (so no statement holds
   every row of a large deployment locked at once). If promote stops between owners, both
   artifacts stay findable everywhere: search reads both slots. Re-running continues.
@@ -34,6 +35,7 @@ from psycopg_pool import ConnectionPool
 from .backfill import Scope
 from .connection import DatabaseError, one_value
 from .errors import LockedRowsError
+from .slots import hold_serving_lock
 from .store import SERVING_KEY
 from .validate import check_artifact
 
@@ -138,6 +140,9 @@ def promote(
             )
 
     def finish(conn: psycopg.Connection) -> int:
+        # Exclusive: wait for every writer that read the old serving artifact to commit (its
+        # write is then seen below), and hold new ones back until this commits.
+        hold_serving_lock(conn, exclusive=True)
         n = _swap(conn, artifact, scope)
         missing, examples = uncovered(conn, artifact, scope)
         _refuse_uncovered(artifact, missing, examples)  # a writer raced us: roll back

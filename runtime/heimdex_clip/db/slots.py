@@ -4,6 +4,11 @@ A vector goes to the slot that already holds its artifact, else to an empty slot
 first one first), else over the slot that does NOT hold the serving artifact's vector: the
 vector search is serving is never overwritten (migration 007's trigger refuses that in SQL
 too, for any writer).
+
+Which slot that is depends on the serving artifact, so a writer holds the *serving lock*
+(shared) from before it reads the serving artifact until it commits, and ``db promote``
+changes the serving artifact only while holding it exclusively: a write is either seen by
+promote's final check or made knowing the new serving artifact, never between the two.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from psycopg.types.json import Jsonb
 from .validate import check_artifact, check_metadata, check_vector
 
 SERVING_KEY = "serving_visual_clip_artifact"
+#: Transaction-scoped advisory lock on the serving artifact ("HCSV"); migration 012's trigger
+#: takes it too (the same number, spelt out there).
+SERVING_LOCK = 0x48435356
 # The two vector slots: (vector, artifact, metadata) columns.
 _SLOTS = {
     "main": ("embedding_visual_clip", "visual_clip_artifact", "visual_clip_metadata"),
@@ -33,6 +41,17 @@ WORKER_FAULTS = ("Timeout", "Model load failed", "MemoryError", "ClipTimeoutErro
 def classify_fault(error: str | None) -> str:
     """``worker`` or ``frame``: who is to blame for a failed embedding."""
     return "worker" if error and error.startswith(WORKER_FAULTS) else "frame"
+
+
+def hold_serving_lock(conn: psycopg.Connection, *, exclusive: bool = False) -> None:
+    """Keep the serving artifact from changing until the caller's transaction ends.
+
+    Writers take it shared (they do not wait for each other, only for a promotion's final
+    transaction); whatever records a new serving artifact takes it ``exclusive``: it waits
+    for the writers in flight to commit and holds new ones back until it commits.
+    """
+    mode = "" if exclusive else "_shared"
+    conn.execute(f"SELECT pg_advisory_xact_lock{mode}(%s)", (SERVING_LOCK,))
 
 
 def choose_slot(
@@ -85,6 +104,8 @@ def write_vector(
     artifact = check_artifact(artifact)
     vector = check_vector(vector) if vector is not None else None
     metadata = check_metadata(metadata)
+    # Before the row lock (promote takes the two in the same order: no deadlock).
+    hold_serving_lock(conn)
     row = conn.execute(
         """SELECT visual_clip_artifact, embedding_visual_clip IS NOT NULL,
                   visual_clip_alt_artifact, embedding_visual_clip_alt IS NOT NULL,
@@ -94,8 +115,9 @@ def write_vector(
     ).fetchone()
     if row is None or (lease is not None and row[4] != lease):
         return False
-    # Read after the row lock, in a statement of its own: a promotion that committed while
-    # we waited for the lock is seen (READ COMMITTED takes a snapshot per statement).
+    # Read after both locks, in a statement of its own: a promotion that committed while we
+    # waited is seen (READ COMMITTED takes a snapshot per statement), and none can commit
+    # before we do.
     serving = conn.execute(
         "SELECT value FROM heimdex_clip_settings WHERE key = %s", (SERVING_KEY,)
     ).fetchone()

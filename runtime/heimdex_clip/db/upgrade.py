@@ -29,6 +29,7 @@ from ..embedder import ClipEmbedder
 from .backfill import Scope, resolve_frame
 from .connection import DatabaseError
 from .promotion import locked_transaction, promote, prune
+from .slots import hold_serving_lock
 from .store import SERVING_KEY
 
 __all__ = ["attribute_legacy", "promote", "prune"]
@@ -100,6 +101,7 @@ def attribute_legacy(
         # One transaction, waiting for locked rows: a row skipped here would be hidden from
         # the four-argument search (which serves unattributed rows only until a serving
         # artifact is recorded, and records it in this same transaction).
+        hold_serving_lock(conn, exclusive=True)
         n = conn.execute(
             f"""UPDATE scenes SET visual_clip_artifact = %(artifact)s,
                     visual_clip_metadata = visual_clip_metadata || %(evidence)s
