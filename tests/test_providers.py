@@ -142,18 +142,43 @@ def test_auto_measures_once_then_uses_its_cache(artifact_dir, tmp_path):
     key = {"artifact_id": "test", "threads": 2}
     candidates = {"cpu": measure("cpu", "int8"), "openvino": measure("openvino", "fp32")}
     choice, why = providers.resolve_auto(cache, key, lambda: candidates)
-    assert calls == {"cpu": 1, "openvino": 1} and "measured now" in why
     [entry] = json.loads(cache.read_text())["entries"].values()
     figures = entry["ms_per_image"]
+    # Once each, or twice each when the two came out within CLOSE_CALL (under load).
+    rounds = 2 if providers._close_call(figures) else 1
+    assert calls == {"cpu": rounds, "openvino": rounds} and "measured now" in why
     assert set(figures) == {"cpu", "openvino"} and all(v > 0 for v in figures.values())
     assert choice == entry["choice"] == min(figures, key=figures.__getitem__)
 
     again, why = providers.resolve_auto(cache, key, lambda: candidates)
-    assert again == choice and calls == {"cpu": 1, "openvino": 1} and "cache" in why
+    assert again == choice and calls == {"cpu": rounds, "openvino": rounds} and "cache" in why
     # Another CPU / artifact / library version is another decision.
     providers.resolve_auto(cache, {**key, "artifact_id": "other"}, lambda: candidates)
-    assert calls == {"cpu": 2, "openvino": 2}
+    assert calls["cpu"] == calls["openvino"] > rounds
     assert len(json.loads(cache.read_text())["entries"]) == 2
+
+
+def test_a_close_call_is_measured_again_in_the_other_order(tmp_path):
+    """Timing functions stand in for the providers here: a load change between two
+    measurements cannot be produced on demand on a real machine. openvino is the faster
+    one, but a load spike hits it the first time; measured again after cpu, it wins."""
+    order: list[str] = []
+    figures = {"cpu": iter([10.0, 10.2]), "openvino": iter([10.9, 8.0])}
+
+    def timed(name: str):
+        return lambda: order.append(name) or next(figures[name])
+
+    candidates = {"cpu": timed("cpu"), "openvino": timed("openvino")}
+    cache = tmp_path / providers.AUTO_CACHE_NAME
+    choice, _ = providers.resolve_auto(cache, {"k": 1}, lambda: candidates)
+    assert order == ["cpu", "openvino", "openvino", "cpu"] and choice == "openvino"
+    [entry] = json.loads(cache.read_text())["entries"].values()
+    assert entry["ms_per_image"] == {"cpu": 10.0, "openvino": 8.0}
+    # Far apart (more than CLOSE_CALL): measured once each.
+    order.clear()
+    figures.update(cpu=iter([10.0]), openvino=iter([5.0]))
+    choice, _ = providers.resolve_auto(cache, {"k": 2}, lambda: candidates)
+    assert order == ["cpu", "openvino"] and choice == "openvino"
 
 
 def test_auto_with_an_unwritable_cache_uses_cpu_without_measuring(tmp_path, caplog):
