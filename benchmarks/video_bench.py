@@ -147,6 +147,7 @@ def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
         "cpu_s": round(cpu, 3),
         "scenes": done.scenes,
         "model_threads": embedder.config.cpu_threads,
+        "model_provider": embedder.session_info.provider,
         "breakdown_s": breakdown,
         "report": report,
     }

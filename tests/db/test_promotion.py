@@ -15,6 +15,7 @@ from pgvector.psycopg import register_vector
 from heimdex_clip.db.backfill import Policy, Scope, claim, count_pending
 from heimdex_clip.db.connection import DatabaseError, DbSettings, open_pool
 from heimdex_clip.db.errors import LockedRowsError
+from heimdex_clip.db.slots import SERVING_LOCK
 from heimdex_clip.db.store import SERVING_KEY, SceneStore, write_vector
 from heimdex_clip.db.upgrade import promote, prune
 
@@ -214,6 +215,26 @@ def test_a_write_racing_the_promotion_is_seen_by_its_final_check(pool, db_url, w
     assert isinstance(outcome[0], DatabaseError), outcome
     assert "1 scenes with a vector have none of" in str(outcome[0])
     assert _serving(pool) == A
+
+
+def test_a_writer_waits_out_a_promotion_longer_than_its_lock_timeout(pool, db_url):
+    """A promotion's final check holds the serving lock for as long as it scans the table
+    (seconds at a million scenes): writers wait for it rather than fail at lock_timeout."""
+    _, scenes = _two_artifacts(pool, n=1, owners=1)
+    (scene, owner) = scenes[0]
+    impatient = open_pool(db_url, settings=DbSettings(lock_timeout_ms=100))
+    with psycopg.connect(db_url) as promoter:
+        promoter.execute("SELECT pg_advisory_xact_lock(%s)", (SERVING_LOCK,))
+        threading.Timer(0.6, promoter.commit).start()
+        started = time.monotonic()
+        with impatient.connection() as conn, conn.transaction():
+            assert write_vector(conn, scene, owner, C, _unit(7), {})
+            waited = time.monotonic() - started
+            # The connection's own lock_timeout is back for everything after the wait.
+            assert conn.execute("SHOW lock_timeout").fetchone()[0] == "100ms"
+    impatient.close()
+    assert waited >= 0.5  # it did wait for the promotion (and then wrote)
+    assert _slots(pool)[scene] == (A, True, C, True)
 
 
 def test_prune_refuses_the_serving_artifact_and_waits_for_locks(pool, db_url):
