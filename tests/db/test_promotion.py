@@ -237,6 +237,32 @@ def test_a_writer_waits_out_a_promotion_longer_than_its_lock_timeout(pool, db_ur
     assert _slots(pool)[scene] == (A, True, C, True)
 
 
+def test_an_upsert_during_a_promotion_waits_for_it_instead_of_deadlocking(pool, db_url):
+    """upsert_scene locks an existing scene's row before it writes the vector; promote holds
+    the serving lock, then locks rows. The upsert takes the serving lock first, so it waits
+    for the promotion rather than forming a cycle with it (PostgreSQL would abort one)."""
+    store, scenes = _two_artifacts(pool, n=1, owners=1)
+    scene, owner = scenes[0]
+    errors: list = []
+
+    def upsert() -> None:
+        try:
+            store.upsert_scene(owner, "f0.jpg", _unit(8), {}, artifact=C)
+        except Exception as exc:  # a deadlock victim, without the lock order
+            errors.append(exc)
+
+    with psycopg.connect(db_url) as promoter:
+        promoter.execute("SELECT pg_advisory_xact_lock(%s)", (SERVING_LOCK,))
+        writer = threading.Thread(target=upsert)
+        writer.start()
+        time.sleep(0.3)  # the upsert is waiting by now
+        promoter.execute("SELECT 1 FROM scenes WHERE id = %s FOR UPDATE", (scene,))  # a swap
+        promoter.commit()
+    writer.join(30)
+    assert not writer.is_alive() and not errors, errors
+    assert _slots(pool)[scene] == (A, True, C, True)
+
+
 def test_prune_refuses_the_serving_artifact_and_waits_for_locks(pool, db_url):
     _, scenes = _two_artifacts(pool, n=4, owners=1)
     with pytest.raises(DatabaseError, match="is the serving artifact"):

@@ -48,7 +48,9 @@ def hold_serving_lock(conn: psycopg.Connection, *, exclusive: bool = False) -> N
 
     Writers take it shared (they do not wait for each other, only for a promotion's final
     transaction); whatever records a new serving artifact takes it ``exclusive``: it waits
-    for the writers in flight to commit and holds new ones back until it commits.
+    for the writers in flight to commit and holds new ones back until it commits. Take it
+    before any scene row lock of the transaction: promote takes the lock, then rows, and
+    the other order can deadlock with it.
     """
     if exclusive:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SERVING_LOCK,))

@@ -28,7 +28,14 @@ from ..images import ImageSource
 from ..query import QueryPart, combine
 from .connection import DatabaseError, one_value
 from .errors import InvalidInputError, refused_values
-from .slots import SERVING_KEY, WORKER_FAULTS, choose_slot, classify_fault, write_vector
+from .slots import (
+    SERVING_KEY,
+    WORKER_FAULTS,
+    choose_slot,
+    classify_fault,
+    hold_serving_lock,
+    write_vector,
+)
 from .validate import (
     MAX_COUNT,
     check_artifact,
@@ -199,6 +206,7 @@ class SceneStore:
         vector = self.check_vector(embedding) if embedding is not None else None
         metadata = check_metadata(metadata)
         with refused_values(), self.pool.connection() as conn, conn.transaction():
+            hold_serving_lock(conn)  # before _add's row lock: the order promote takes them in
             scene_id = self._add(conn, owner, frame_path, video_id, scene_index)
             write_vector(conn, scene_id, owner, artifact, vector, metadata)
             self._record_serving(conn, artifact, vector)

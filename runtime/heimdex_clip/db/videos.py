@@ -30,6 +30,7 @@ from psycopg_pool import ConnectionPool
 from ..embedder import ClipEmbedder
 from ..video import VideoAnalysis, VideoSettings, analyze_video, content_hash, video_id_for
 from .connection import one_value
+from .slots import hold_serving_lock
 from .store import SceneStore, owner_uuid, write_vector
 
 
@@ -102,6 +103,8 @@ def _replace(
     ]
     vid = analysis.video_id
     with store.pool.connection() as conn, conn.transaction():
+        # Before any row lock (the order promote takes them in), for write_vector below.
+        hold_serving_lock(conn)
         # The videos row is the video's lock: two indexers of one video take turns.
         conn.execute(
             "INSERT INTO videos (owner_id, video_id, content_sha256, settings_key, "
