@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import struct
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -377,3 +380,22 @@ def test_the_model_gets_the_cores_the_decoder_leaves():
     assert model_threads(2, cores=2) == 1
     assert model_threads(2, cores=8) == 6
     assert model_threads(4, cores=2) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
+def test_the_model_thread_yields_the_cores_to_the_decoder(made, artifact_dir, tmp_path):
+    """The model thread runs at a lower priority than the decoder (nice +10, its own
+    thread only): the caller's priority is untouched."""
+    seen: list[int] = []
+
+    class Observed(ClipEmbedder):
+        def embed_scenes(self, *args, **kwargs):
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super().embed_scenes(*args, **kwargs)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    observed = Observed(config=ClipConfig(pretrained="none", model_dir=artifact_dir)).load()
+    result = analyze_video(made[0], observed, owner=OWNER, media_dir=tmp_path)
+    assert result.scenes and seen
+    assert set(seen) == {min(before + 10, 19)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
