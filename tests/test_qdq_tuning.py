@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from heimdex_clip_export import qdq_tuning
-from heimdex_clip_export.static_qdq import QdqRecipe, quantize_qdq
+from heimdex_clip_export.static_qdq import QdqRecipe, heads_first_layout, quantize_qdq
 
 TOKENS, WIDTH, HIDDEN = 6, 16, 32
 
@@ -130,3 +130,74 @@ def _quantized_without_budget(tmp_path, recipe: QdqRecipe) -> onnx.ModelProto:
         replace(recipe, float_budget=0, smooth_alpha=None),
     )
     return onnx.load(str(out))
+
+
+def _packed_heads(heads: int = 2, dim: int = 4, tokens: int = 5) -> onnx.ModelProto:
+    """The 5-D form quant_pre_process leaves: Q and V sliced from the packed projection
+    [B, L, 3, H, D], Transpose(2,0,3,1,4), Squeeze(0); then softmax(Q K^T) V."""
+    shape = np.array([0, tokens, 3, heads, dim], np.int64)
+    inits = [
+        numpy_helper.from_array(shape, "shape"),
+        numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+    ]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["packed"])]
+    for i, part in enumerate("qkv"):
+        inits += [
+            numpy_helper.from_array(np.array([i], np.int64), f"{part}_start"),
+            numpy_helper.from_array(np.array([i + 1], np.int64), f"{part}_end"),
+            numpy_helper.from_array(np.array([2], np.int64), f"{part}_axis"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Slice", ["packed", f"{part}_start", f"{part}_end", f"{part}_axis"], [f"{part}5"]
+            )
+        )
+    for part in "qv":
+        nodes += [
+            helper.make_node("Transpose", [f"{part}5"], [f"{part}t"], perm=[2, 0, 3, 1, 4]),
+            helper.make_node("Squeeze", [f"{part}t", "ax0"], [part]),
+        ]
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "ax2"))
+    nodes += [
+        helper.make_node("Squeeze", ["k5", "ax2"], ["k4"]),
+        helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["weights"], axis=-1),
+        helper.make_node("MatMul", ["weights", "v"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "packed_heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, tokens, 3 * heads * dim])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 5, 4]),
+            helper.make_tensor_value_info("q", TensorProto.FLOAT, [None, 2, 5, 4]),
+        ],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_heads_first_layout_reorders_without_changing_a_value():
+    model = _packed_heads()
+    x = np.random.default_rng(0).standard_normal((3, 5, 24)).astype(np.float32)
+    before = _run(model, x)
+    assert heads_first_layout(model) == 2  # Q and V; K's 4-D transpose is left alone
+    onnx.checker.check_model(model, full_check=True)
+    perms = [list(n.attribute[0].ints) for n in model.graph.node if n.op_type == "Transpose"]
+    assert sorted(perms) == [[0, 2, 1, 3], [0, 2, 1, 3], [0, 2, 3, 1]]
+    for old, new in zip(before, _run(model, x), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_the_exported_qdq_graph_has_no_five_dimensional_head_transposes(artifact_dir):
+    graph = onnx.load(str(artifact_dir / "visual.qdq.onnx"), load_external_data=False).graph
+    perms = [list(n.attribute[0].ints) for n in graph.node if n.op_type == "Transpose"]
+    assert [0, 2, 1, 3] in perms and [2, 0, 3, 1, 4] not in perms

