@@ -57,10 +57,13 @@ def hold_serving_lock(conn: psycopg.Connection, *, exclusive: bool = False) -> N
         return
     # A writer waits out a promotion's final check (a table scan: 1.2-1.4 s at 300k scenes
     # on a 2-core Xeon) instead of failing at lock_timeout; statement_timeout still bounds
-    # the wait.
-    conn.execute("SET LOCAL lock_timeout = 0")
-    conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (SERVING_LOCK,))
-    conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+    # the wait. One round trip (no parameters, so psycopg may send three statements): every
+    # write_vector call runs this, again when the transaction already holds the lock.
+    conn.execute(
+        "SET LOCAL lock_timeout = 0; "
+        f"SELECT pg_advisory_xact_lock_shared({int(SERVING_LOCK)}); "
+        "SET LOCAL lock_timeout TO DEFAULT"
+    )
 
 
 def choose_slot(
