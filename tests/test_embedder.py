@@ -152,7 +152,8 @@ class TestClipEmbedderSingleton:
 class TestClipEmbedderModelLoading:
     def test_model_loading_success(self, artifact_dir, caplog):
         caplog.set_level(logging.INFO, logger="heimdex_clip")
-        emb = ClipEmbedder(config=make_config(artifact_dir, cpu_threads=1)).load()
+        # The CPU provider named: auto may pick OpenVINO on an Intel CPU (test_providers.py).
+        emb = ClipEmbedder(config=make_config(artifact_dir, cpu_threads=1, provider="cpu")).load()
         assert emb.embed_dim == 512
         assert emb.manifest.model.name == "ViT-B-32"
         assert emb.session_info.intra_op_threads == 1
