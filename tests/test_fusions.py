@@ -28,7 +28,7 @@ def _attention_block(interleaved_heads: bool = False) -> onnx.ModelProto:
     """x [B, S, D] -> packed QKV projection -> multi-head attention -> output projection.
 
     ``interleaved_heads`` gives head ``n`` the columns ``n, n + N, n + 2N...`` instead of a
-    contiguous block: a valid attention, but not the one MultiHeadAttention computes.
+    contiguous block: a valid attention, but not the one ONNX's Attention op computes.
     """
     rng = np.random.default_rng(0)
     inits = [
@@ -116,7 +116,12 @@ def test_attention_block_is_fused_and_computes_the_same():
 
     assert report.attention == 1 and report.attention_output_smoothing_folded == 1
     ops = _ops(fused)
-    assert ops.count("MultiHeadAttention") == 1
+    assert ops.count("Attention") == 1
+    attention = next(n for n in fused.graph.node if n.op_type == "Attention")
+    producers = {o: n.op_type for n in fused.graph.node for o in n.output}
+    # Q's and V's biases as Adds; K's is dropped (softmax cancels it).
+    assert [producers[i] for i in attention.input] == ["Add", "Reshape", "Add"]
+    assert next(o.version for o in fused.opset_import if o.domain == "") == 23
     assert {"Softmax", "MatMul", "Transpose", "Gather"}.isdisjoint(ops)
     # The output projection's SmoothQuant Mul went into V's weight scales.
     smoothing = [
@@ -221,7 +226,7 @@ def test_the_clip_export_ships_its_attention_fused(artifact_dir):
         "transpose_pairs_cancelled": 1,
     }
     ops = _ops(onnx.load(str(artifact_dir / "visual.int8.onnx")))
-    assert ops.count("MultiHeadAttention") == 12
+    assert ops.count("Attention") == 12 and "MultiHeadAttention" not in ops
     assert ops.count("Transpose") == 1  # the patch cut; its way back from the conv layout went
     assert {"Softmax", "MatMul"}.isdisjoint(ops)  # no float attention MatMul is left
 

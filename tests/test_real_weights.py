@@ -189,14 +189,12 @@ def test_attention_fusion_matches_the_proxy_and_costs_no_accuracy(real, shipped,
     }  # no such pair in this graph
     fused_ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
     unfused_ops = [n.op_type for n in onnx.load(str(unfused)).graph.node]
-    assert fused_ops.count("MultiHeadAttention") == 12 and "Softmax" not in fused_ops
-    assert unfused_ops.count("Softmax") == 12 and "MultiHeadAttention" not in unfused_ops
+    assert fused_ops.count("Attention") == 12 and "Softmax" not in fused_ops
+    assert unfused_ops.count("Softmax") == 12 and "Attention" not in unfused_ops
 
     # The first block sees identical inputs in both graphs: its attention output (same
     # tensor name in both) differs only by float summation order.
-    first = next(
-        n for n in onnx.load(str(fused)).graph.node if n.op_type == "MultiHeadAttention"
-    ).output[0]
+    first = next(n for n in onnx.load(str(fused)).graph.node if n.op_type == "Attention").output[0]
     batch = pixels[:8]
     got = _with_output(fused, first).run([first], {proxy.INPUT_NAME: batch})[0]
     want = _with_output(unfused, first).run([first], {proxy.INPUT_NAME: batch})[0]

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ort-fusions",
         action="store_true",
         help="leave the INT8 graph's attention unfused (to compare; the shipped "
-        "graph runs it in ONNX Runtime's MultiHeadAttention)",
+        "graph runs it as one ONNX Attention op per block)",
     )
     p.add_argument(
         "--no-text",

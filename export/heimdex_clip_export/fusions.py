@@ -5,9 +5,9 @@ fuse on its own (its own fusions need shapes and patterns the rewritten graph no
 shows). Each pass moves some of it into a kernel ONNX Runtime's CPU provider has:
 
 * :func:`.attention_fusion.fuse_attention`: each attention core (head split, scaled
-  QK^T, softmax, PV, head merge) becomes one ``com.microsoft.MultiHeadAttention``, with
-  the Q/K/V biases as its bias input and the output projection's SmoothQuant division
-  folded into V's weight scales.
+  QK^T, softmax, PV, head merge) becomes one ONNX ``Attention`` (opset 23), with the Q
+  and V biases as ``Add``s and the output projection's SmoothQuant division folded into
+  V's weight scales.
 * :func:`cancel_transpose_pairs`: ``Transpose(p)`` -> a ``Reshape`` that keeps the shape ->
   ``Transpose(p^-1)`` is the identity (the patch embedding's way back from the conv
   layout); ONNX Runtime's transpose optimizer does not see through the Reshape.
@@ -100,7 +100,7 @@ def fuse(model: onnx.ModelProto) -> FusionReport:
     )
     if not report.attention:
         log.warning(
-            "ONNX Runtime fusions: no attention core matched MultiHeadAttention's "
+            "ONNX Runtime fusions: no attention core matched the Attention op's "
             "pattern; attention left as is"
         )
     log.info("ONNX Runtime fusions: %s", report)

@@ -6,7 +6,7 @@ optimisation; the symbolic shape pass is skipped because it fails on exported op
 graphs), every weight MatMul gets per-row symmetric uint8 activations, per-channel int8
 weights that cannot saturate the non-VNNI integer kernels, and SmoothQuant factors
 calibrated on images that are not in the evaluation set; then ``fusions.py`` hands the
-attention cores to ONNX Runtime's MultiHeadAttention kernel. The patch Conv (left only by
+attention cores to ONNX's ``Attention`` operator. The patch Conv (left only by
 ``--no-rewrites``), the embedding Gathers and the attention's activation x activation
 MatMuls stay float.
 

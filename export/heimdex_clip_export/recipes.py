@@ -117,7 +117,7 @@ class QuantRecipe:
     op_types: tuple[str, ...] = ("MatMul",)
     #: Dynamic: nodes left in fp32 (the ladder's rung 2 fills this from a sensitivity scan).
     excluded_nodes: tuple[str, ...] = ()
-    #: per_row: attention cores as ONNX Runtime's MultiHeadAttention (``fusions.py``).
+    #: per_row: attention cores as ONNX ``Attention`` ops (``fusions.py``).
     ort_fusions: bool = True
     pre_process: dict[str, Any] = field(default_factory=_default_pre_process)
     # --- static (QDQ) recipes -------------------------------------------------------------
@@ -185,7 +185,7 @@ class QuantRecipe:
     @classmethod
     def per_row_dynamic(cls, **overrides: Any) -> QuantRecipe:
         """The image tower's shipped recipe: per-token dynamic INT8, SmoothQuant 0.6,
-        saturation-safe weights, attention fused into MultiHeadAttention."""
+        saturation-safe weights, attention fused into ONNX ``Attention``."""
         return cls(**overrides)
 
     @classmethod
