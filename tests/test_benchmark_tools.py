@@ -89,6 +89,21 @@ def test_compare_graphs_reports_every_graph_by_operator(artifact_dir):
     assert "| ms/image | a | b |" in table and "| MatMulIntegerToFloat |" in table
 
 
+def test_compare_text_graphs_times_every_case_and_compares_the_outputs(artifact_dir):
+    compare_text_graphs = load_benchmark_module("compare_text_graphs")
+    manifest = load_manifest(artifact_dir)
+    graph = artifact_dir / manifest.files["text.int8"].path
+    rows = compare_text_graphs.compare([graph, graph], repeats=1, threads=1)
+
+    assert [(r["texts"], r["positions"]) for r in rows] == list(compare_text_graphs.CASES)
+    for row in rows:
+        assert len(row["ms_per_run"]) == 2 and min(row["ms_per_run"]) > 0
+        assert row["min_cosine_to_first"][1] > 0.99999  # the same graph, the same vectors
+    table = compare_text_graphs.markdown(rows, ["a", "b"])
+    assert "| texts x positions | a, ms | b, ms | ratio | min cosine |" in table
+    assert "| 1 x 7 |" in table
+
+
 def test_cold_start_process_embeds_without_torch_and_reports_its_figures(artifact_dir, tmp_path):
     """run.py's cold-start child is a real script: it runs, and it never imports torch."""
     frame = tmp_path / "frame.jpg"

@@ -226,7 +226,8 @@ class TestClipEmbedderText:
 
 
 @pytest.mark.parity
-def test_export_attention_with_the_causal_mask_is_multihead_attention():
+@pytest.mark.parametrize("onnx_attention", [False, True], ids=["matmuls", "onnx_attention"])
+def test_export_attention_with_the_causal_mask_is_multihead_attention(onnx_attention):
     torch = pytest.importorskip("torch")
     from heimdex_clip_export.onnx_export import ExportSelfAttention
 
@@ -234,12 +235,24 @@ def test_export_attention_with_the_causal_mask_is_multihead_attention():
     mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
     x = torch.randn(3, 9, 64)
     causal = torch.full((9, 9), float("-inf")).triu(1)
+    lean = ExportSelfAttention(mha, onnx_attention=onnx_attention)
     with torch.inference_mode():
         expected = mha(x, x, x, need_weights=False, attn_mask=causal)[0]
-        got = ExportSelfAttention(mha)(x, x, x, attn_mask=causal)[0]
+        got = lean(x, x, x, attn_mask=causal)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="additive float mask"):
-        ExportSelfAttention(mha)(x, x, x, attn_mask=causal.isinf())
+        lean(x, x, x, attn_mask=causal.isinf())
+
+
+def test_the_text_graphs_run_attention_as_one_onnx_op_per_layer(artifact_dir):
+    """The export's text attention: a Split of the QKV projection and one Attention op."""
+    onnx = pytest.importorskip("onnx")
+    graphs = ["text.int8.onnx"] + ["text.fp32.onnx"] * (artifact_dir / "text.fp32.onnx").exists()
+    for name in graphs:
+        path = artifact_dir / name
+        ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        assert ops.count("Attention") == 12 and ops.count("Split") == 12, name
+        assert {"Softmax", "Transpose"}.isdisjoint(ops), name
 
 
 @pytest.mark.parity

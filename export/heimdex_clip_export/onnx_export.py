@@ -54,10 +54,25 @@ class ExportSelfAttention(torch.nn.Module):
 
     With ``query_tokens=n`` only the first ``n`` tokens are queried (keys and values still
     come from every token): the output has ``n`` tokens. ClassTokenBlock uses it.
+
+    With ``onnx_attention=True`` (the text tower, exported at opset 23) the core is
+    ``torch.onnx.ops.attention``: Q, K and V split off the QKV projection, the additive mask
+    as is, exported as one ONNX ``Attention`` op per layer (PyTorch runs the op's reference
+    implementation, so the parity gate still compares against open_clip). The image tower
+    keeps the MatMul form: its attention is fused after quantization (attention_fusion.py),
+    where Q, K and V get their own per-row INT8 GEMMs.
     """
 
-    def __init__(self, mha: torch.nn.MultiheadAttention, query_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        mha: torch.nn.MultiheadAttention,
+        query_tokens: int | None = None,
+        onnx_attention: bool = False,
+    ) -> None:
         super().__init__()
+        if onnx_attention and query_tokens is not None:
+            raise ValueError("the ONNX Attention form queries every token")
+        self.onnx_attention = onnx_attention
         self.num_heads = mha.num_heads
         self.head_dim = mha.head_dim
         self.scale = float(self.head_dim) ** -0.5
@@ -98,6 +113,12 @@ class ExportSelfAttention(torch.nn.Module):
             raise ValueError("ExportSelfAttention takes an additive float mask, all queries")
         batch, length, embed = query.shape
         heads, head_dim = self.num_heads, self.head_dim
+        if self.onnx_attention:
+            q, k, v = self.qkv(query).split(embed, dim=-1)  # each [B, L, E]
+            context = torch.onnx.ops.attention(
+                q, k, v, attn_mask, q_num_heads=heads, kv_num_heads=heads, scale=self.scale
+            )[0]
+            return self.out_proj(context), None
         if self.query_tokens is None:
             qkv = self.qkv(query).reshape(batch, length, 3, heads, head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]

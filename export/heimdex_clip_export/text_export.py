@@ -30,8 +30,9 @@ from heimdex_clip.tokenizer import ClipTokenizer
 
 from . import evaluation as ev
 from . import ladder
+from .attention_fusion import ATTENTION_OPSET
 from .gates import Gates, text_gates
-from .onnx_export import OPSET, ExportSelfAttention, mha_fastpath_disabled
+from .onnx_export import ExportSelfAttention, mha_fastpath_disabled
 from .recipes import QuantRecipe
 from .text_corpus import gate_corpus
 from .text_tower import BATCH1_TEXTS, ODD_BATCH, TOKEN_DTYPE, TextTower, onnx_text_embed
@@ -94,7 +95,7 @@ def _with_lean_attention(clip_model: torch.nn.Module) -> tuple[torch.nn.Module, 
     layers = 0
     for block in ready.transformer.resblocks:
         if ExportSelfAttention.supports(getattr(block, "attn", None)):
-            block.attn = ExportSelfAttention(block.attn)
+            block.attn = ExportSelfAttention(block.attn, onnx_attention=True)
             layers += 1
     return ready, layers
 
@@ -118,7 +119,7 @@ def export_text_onnx(
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME, RAW_OUTPUT_NAME],
             dynamic_shapes={"input_ids": {0: batch, 1: length}},
-            opset_version=OPSET,
+            opset_version=ATTENTION_OPSET,
             dynamo=True,
             external_data=False,
             verbose=False,
