@@ -15,7 +15,6 @@ Writes ``<out>/compare_text_graphs.{json,md}`` when ``--out`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from bench_utils import machine_info, write_results
 
-from heimdex_clip.session import cpu_features, session_options
+from heimdex_clip.session import session_options
 
 #: (texts, positions) per case: what one search and a bulk re-embed send.
 CASES = ((1, 7), (1, 20), (32, 12))
@@ -97,26 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [g.stem for g in args.graphs]
-    load_before = os.getloadavg()[0]
+    machine = machine_info(args.threads)
     rows = compare(args.graphs, args.repeats, args.threads)
+    flags = ", ".join(f for f, on in machine["flags"].items() if on) or "none"
     header = (
         f"{', '.join(labels)}: {args.threads} threads, median of {args.repeats} alternating "
-        f"repeats on {cpu_features()['cpu_model']}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-        f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after. Ratio and min cosine: "
-        f"the last graph against the first.\n\n"
+        f"repeats on {machine['cpu_model']} (flags: {flags}), {machine['date']}, load average "
+        f"{machine['load_average_at_start'][0]:.1f} before / {os.getloadavg()[0]:.1f} after. "
+        "Ratio and min cosine: the last graph against the first.\n\n"
     )
     table = header + markdown(rows, labels)
-    print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare_text_graphs.json").write_text(
-            json.dumps(
-                {"labels": labels, "graphs": [str(g) for g in args.graphs], "rows": rows},
-                indent=2,
-            )
-        )
-        (args.out / "compare_text_graphs.md").write_text(table)
+        result = {"machine": machine, "labels": labels, "graphs": [str(g) for g in args.graphs]}
+        write_results(args.out, "compare_text_graphs", result | {"rows": rows}, table)
+    else:
+        print(table)
     return 0
 
 

@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, version_converter
 
-from .graph_edit import MS_DOMAIN, Graph, probe_shapes, topological_sort
+from .graph_edit import MS_DOMAIN, Graph, default_opset, probe_shapes, topological_sort
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[int, int]:
     matches = _matches(Graph(model))
     if not matches:
         return 0, 0
-    if _default_opset(model) < ATTENTION_OPSET:
+    if default_opset(model) < ATTENTION_OPSET:
         model.CopyFrom(version_converter.convert_version(model, ATTENTION_OPSET))
         matches = _matches(Graph(model))
     g = Graph(model)
@@ -370,10 +370,6 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[int, int]:
     g.remove_dead()
     topological_sort(model)
     return len(matches), folded
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _biased(g: Graph, name: str, bias: np.ndarray) -> str:

@@ -68,6 +68,11 @@ class Graph:
         self.refresh()
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The opset of the model's default (``ai.onnx``) domain."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def probe_shapes(
     model: onnx.ModelProto, names: list[str], batch: int = 2
 ) -> dict[str, tuple[int, ...]] | None:

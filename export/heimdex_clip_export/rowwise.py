@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph_edit import default_opset
+
 MS_DOMAIN = "com.microsoft"
 ACTIVATION_ZERO_POINT = 128
 QMAX = 127
@@ -250,7 +252,7 @@ def rewrite(
     ``alpha`` enable SmoothQuant; without them activations are quantized as they are.
     """
     graph = model.graph
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    opset = default_opset(model)
     targets = set(weight_matmuls(model, excluded))
     target_nodes = [n for i, n in enumerate(graph.node) if i in targets]
     smooth = (
