@@ -13,9 +13,11 @@ PySceneDetect (scenedetect + opencv-python-headless) is only needed for its rows
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,51 +108,86 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
-    """index_video into a fresh embedded PostgreSQL; the wall time and where it went."""
-    from heimdex_clip import ClipConfig, ClipEmbedder
-    from heimdex_clip.db.connection import open_pool, start_embedded
-    from heimdex_clip.db.migrate import migrate
-    from heimdex_clip.db.videos import index_video
-    from heimdex_clip.video import VideoSettings, content_hash
-    from heimdex_clip.video.pipeline import model_threads
+class Pipeline:
+    """index_video into one embedded PostgreSQL with one embedder, run after run: each run
+    under a fresh video id (nothing is "unchanged"), its wall time and where it went."""
 
-    # No embedding cache: the long file repeats the short one, and cached repeats would
-    # skip the model. The model's threads as index-video gives them (the cores the
-    # decoder's threads leave, at least one).
-    embedder = ClipEmbedder(
-        config=ClipConfig(
-            pretrained="none",
-            model_dir=artifact,
-            cpu_threads=model_threads(threads),
-            embed_cache_size=0,
+    def __init__(self, artifact: Path, threads: int, media: Path) -> None:
+        from heimdex_clip import ClipConfig, ClipEmbedder
+        from heimdex_clip.db.connection import open_pool, start_embedded
+        from heimdex_clip.db.migrate import migrate
+        from heimdex_clip.video.pipeline import model_threads
+
+        # No embedding cache: the long file repeats the short one, and cached repeats would
+        # skip the model. The model's threads as index-video gives them (the cores the
+        # decoder's threads leave, at least one).
+        self.embedder = ClipEmbedder(
+            config=ClipConfig(
+                pretrained="none",
+                model_dir=artifact,
+                cpu_threads=model_threads(threads),
+                embed_cache_size=0,
+            )
+        ).load()
+        url = start_embedded(Path(tempfile.mkdtemp(prefix="video-bench-pg-")) / "pgdata")
+        self.pool = open_pool(url)
+        migrate(self.pool)
+        self.threads, self.media = threads, media
+
+    def run(self, path: Path, analysis_fps: float | None = None) -> dict:
+        from heimdex_clip.db.videos import index_video
+        from heimdex_clip.video import VideoSettings, content_hash
+
+        settings = VideoSettings(threads=self.threads)
+        if analysis_fps is not None:
+            settings = dataclasses.replace(settings, max_analysis_fps=analysis_fps)
+        hash_started = time.perf_counter()
+        content_hash(path)
+        hash_s = time.perf_counter() - hash_started
+        cpu_started, started = cpu_seconds(), time.perf_counter()
+        done = index_video(
+            self.pool,
+            self.embedder,
+            path,
+            OWNER,
+            media_dir=self.media,
+            settings=settings,
+            video_id=uuid.uuid4(),
         )
-    ).load()
-    url = start_embedded(Path(tempfile.mkdtemp(prefix="video-bench-pg-")) / "pgdata")
-    pool = open_pool(url)
-    migrate(pool)
-    hash_started = time.perf_counter()
-    content_hash(path)
-    hash_s = time.perf_counter() - hash_started
-    cpu_started, started = cpu_seconds(), time.perf_counter()
-    done = index_video(
-        pool, embedder, path, OWNER, media_dir=media, settings=VideoSettings(threads=threads)
-    )
-    wall = time.perf_counter() - started
-    cpu = cpu_seconds() - cpu_started  # this process's threads; the database's are not in it
-    pool.close()
-    report = done.report
-    breakdown = {"hash": round(hash_s, 3), **report["timings_s"]}
-    breakdown["storage"] = round(wall - breakdown.pop("total") - hash_s, 3)
-    return {
-        "wall_s": round(wall, 3),
-        "cpu_s": round(cpu, 3),
-        "scenes": done.scenes,
-        "model_threads": embedder.config.cpu_threads,
-        "model_provider": embedder.session_info.provider,
-        "breakdown_s": breakdown,
-        "report": report,
-    }
+        wall = time.perf_counter() - started
+        cpu = cpu_seconds() - cpu_started  # this process's threads; the database's are not in it
+        report = done.report
+        breakdown = {"hash": round(hash_s, 3), **report["timings_s"]}
+        breakdown["storage"] = round(wall - breakdown.pop("total") - hash_s, 3)
+        with self.pool.connection() as conn:
+            starts = conn.execute(
+                "SELECT start_s, visual_clip_metadata->'video'->>'starts_at' FROM scenes "
+                "WHERE owner_id = %s AND video_id = %s ORDER BY scene_index",
+                (OWNER, done.video_id),
+            ).fetchall()
+        return {
+            "analysis_fps": settings.max_analysis_fps,
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+            "scenes": done.scenes,
+            "cuts_s": [round(t, 4) for t, kind in starts if kind == "cut"],
+            "model_threads": self.embedder.config.cpu_threads,
+            "model_provider": self.embedder.session_info.provider,
+            "breakdown_s": breakdown,
+            "report": report,
+        }
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def pipeline(path: Path, artifact: Path, threads: int, media: Path) -> dict:
+    """One run of the default settings (a fresh database and embedder)."""
+    runner = Pipeline(artifact, threads, media)
+    try:
+        return runner.run(path)
+    finally:
+        runner.close()
 
 
 def peak_rss(path: Path, artifact: Path, threads: int, media: Path) -> dict:
@@ -209,14 +246,15 @@ def f1(detected: list[float], cuts: list[float], dissolves: list, tol: float) ->
     }
 
 
-def ours_cuts(path: Path, threads: int) -> tuple[list[float], float]:
+def ours_cuts(path: Path, threads: int, analysis_fps: float) -> tuple[list[float], float]:
     """Our detector alone (decode + detection, no frames picked, no model)."""
     from heimdex_clip.video.cuts import CutDetector, CutSettings
     from heimdex_clip.video.decode import DecodeStats, iter_frames, open_video
 
     started = time.perf_counter()
     container, info = open_video(path, max_pixels=64_000_000)
-    detector, cuts = CutDetector(CutSettings(), info.fps or 30), []
+    fps = min(info.fps or analysis_fps, analysis_fps)
+    detector, cuts = CutDetector(CutSettings(), fps), []
     with container:
         for frame in iter_frames(
             container,
@@ -224,7 +262,7 @@ def ours_cuts(path: Path, threads: int) -> tuple[list[float], float]:
             DecodeStats(),
             threads=threads,
             max_pixels=64_000_000,
-            max_analysis_fps=30,
+            max_analysis_fps=analysis_fps,
         ):
             cuts += [
                 d.time_s for d in detector.push(frame.index, frame.time_s, frame.small) if d.cut
@@ -258,19 +296,20 @@ def site_size(*names: str) -> float:
     return round(total / 1e6, 1)
 
 
-def detectors(path: Path, truth: dict, threads: int) -> list[dict]:
+def detectors(path: Path, truth: dict, threads: int, rates: list[float]) -> list[dict]:
     tol = 2 / 30
     rows = []
-    cuts, secs = ours_cuts(path, threads)
-    rows.append(
-        {
-            "detector": "heimdex-content-v1 (PyAV + numpy)",
-            "seconds": round(secs, 2),
-            **f1(cuts, truth["cuts"], truth["dissolves"], tol),
-            "install_mb": 0.0,
-            "needs": "numpy (already a runtime dependency)",
-        }
-    )
+    for rate in rates:
+        cuts, secs = ours_cuts(path, threads, rate)
+        rows.append(
+            {
+                "detector": f"heimdex-content-v2 (PyAV + numpy), {rate:g} frames/s analysed",
+                "seconds": round(secs, 2),
+                **f1(cuts, truth["cuts"], truth["dissolves"], tol),
+                "install_mb": 0.0,
+                "needs": "numpy (already a runtime dependency)",
+            }
+        )
     try:
         import cv2
         import scenedetect
@@ -296,6 +335,8 @@ def detectors(path: Path, truth: dict, threads: int) -> list[dict]:
 
 
 def main() -> int:
+    from heimdex_clip.video import VideoSettings
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifact", type=Path, required=True)
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -304,6 +345,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "video-bench")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--analysis-fps",
+        type=float,
+        nargs="+",
+        default=[VideoSettings().max_analysis_fps, 30.0],
+        help="the pipeline's analysis rates to measure (default: index-video's, and 30)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")
     parser.add_argument(
         "--rss-only",
         action="store_true",
@@ -338,18 +387,44 @@ def main() -> int:
             "bytes": short.stat().st_size,
         },
     }
-    bare = bare_decode(short, args.threads)
-    run = pipeline(short, args.artifact, args.threads, media)
-    bare_after = bare_decode(short, args.threads)  # load drifts: decode before and after
-    floor = min(bare["wall_s"], bare_after["wall_s"])
-    result["bare_decode"] = [bare, bare_after]
-    result["pipeline"] = run
-    result["ratio_pipeline_to_bare_decode"] = round(run["wall_s"] / floor, 3)
-    result["realtime_factor"] = round(args.seconds / run["wall_s"], 2)
-    # With every core busy the pipeline cannot take less wall time than its CPU seconds
-    # spread over the cores: the ratio that alone allows.
-    result["cpu_bound_ratio"] = round(run["cpu_s"] / (os.cpu_count() or 1) / floor, 3)
-    result["detectors"] = detectors(short, truth, args.threads)
+    # Interleaved: bare decode, then the pipeline at each analysis rate, repeats times, and
+    # a last bare decode; medians (the machine is shared, its load drifts).
+    runner = Pipeline(args.artifact, args.threads, media)
+    bare_runs, runs = [], {rate: [] for rate in args.analysis_fps}
+    try:
+        for _ in range(args.repeats):
+            bare_runs.append(bare_decode(short, args.threads))
+            for rate in args.analysis_fps:
+                runs[rate].append(runner.run(short, rate))
+        bare_runs.append(bare_decode(short, args.threads))
+    finally:
+        runner.close()
+    bare_wall = round(statistics.median(b["wall_s"] for b in bare_runs), 3)
+    result["bare_decode"] = bare_runs
+    result["bare_decode_median_s"] = bare_wall
+    result["pipelines"] = []
+    for rate, rate_runs in runs.items():
+        walls = [r["wall_s"] for r in rate_runs]
+        median = sorted(rate_runs, key=lambda r: r["wall_s"])[len(rate_runs) // 2]
+        result["pipelines"].append(
+            {
+                "analysis_fps": rate,
+                "walls_s": walls,
+                "median": median,
+                "ratio_to_bare_decode": round(statistics.median(walls) / bare_wall, 3),
+                "realtime_factor": round(args.seconds / statistics.median(walls), 2),
+                # With every core busy the pipeline cannot take less wall time than its CPU
+                # seconds spread over the cores: the ratio that alone allows.
+                "cpu_bound_ratio": round(
+                    statistics.median(r["cpu_s"] for r in rate_runs)
+                    / (os.cpu_count() or 1)
+                    / bare_wall,
+                    3,
+                ),
+                "hard_cuts": f1(median["cuts_s"], truth["cuts"], truth["dissolves"], 2 / 30),
+            }
+        )
+    result["detectors"] = detectors(short, truth, args.threads, args.analysis_fps)
     result["install_mb"] = {
         "av (PyAV + FFmpeg libs)": site_size("av", "av.libs"),
         "opencv-python-headless": site_size("cv2", "opencv_python_headless*"),
@@ -359,33 +434,45 @@ def main() -> int:
 
 
 def table(r: dict) -> str:
-    m, v, b = r["machine"], r["video"], r["pipeline"]["breakdown_s"]
+    m, v, pipes = r["machine"], r["video"], r["pipelines"]
+    first = pipes[0]["median"]
+    bare = ", ".join(f"{b['wall_s']}" for b in r["bare_decode"])
     lines = [
         f"# Video indexing ({v['size']} H.264 {v['fps']} fps, {v['seconds']:g} s of "
         f"photographs; {v['cuts']} hard cuts, {v['dissolves']} dissolves, {v['fades']} "
         "black stretches)",
         "",
         f"{m.get('cpu_model', '?')}, {m['threads_used']} decoder threads, model threads "
-        f"{r['pipeline'].get('model_threads')}, load average at start "
-        f"{m['load_average_at_start']} (shared machine), {m['date']}",
+        f"{first.get('model_threads')} ({first.get('model_provider')}), load average at "
+        f"start {m['load_average_at_start']} (shared machine), {m['date']}. Runs "
+        "interleaved (bare decode, then the pipeline at each analysis rate), medians.",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| bare PyAV decode (before, after) | {r['bare_decode'][0]['wall_s']} s, "
-        f"{r['bare_decode'][1]['wall_s']} s |",
-        f"| whole pipeline (index-video into PostgreSQL) | {r['pipeline']['wall_s']} s, "
-        f"{r['pipeline']['scenes']} scenes |",
-        f"| pipeline / bare decode | {r['ratio_pipeline_to_bare_decode']}x |",
-        f"| realtime factor (video s per wall s) | {r['realtime_factor']} |",
-        f"| CPU seconds: bare decode, pipeline (this process) | "
-        f"{r['bare_decode'][0].get('cpu_s')}, {r['pipeline'].get('cpu_s')} |",
-        f"| pipeline CPU / cores / bare decode wall (the most cores allow) | "
-        f"{r.get('cpu_bound_ratio')}x |",
+        f"Bare PyAV decode: {bare} s (median {r['bare_decode_median_s']} s, "
+        f"{r['bare_decode'][0].get('cpu_s')} CPU s).",
         "",
-        "| stage | seconds |",
-        "|---|---|",
+        "| analysis frames/s | pipeline wall s (runs) | scenes | pipeline / bare decode "
+        "| realtime factor | CPU s | CPU-bound ratio | hard-cut F1 (2 frames) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {val} |" for k, val in b.items()]
+    for p in pipes:
+        med = p["median"]
+        lines.append(
+            f"| {p['analysis_fps']:g} | {', '.join(str(w) for w in p['walls_s'])} | "
+            f"{med['scenes']} | **{p['ratio_to_bare_decode']}x** | {p['realtime_factor']} | "
+            f"{med['cpu_s']} | {p['cpu_bound_ratio']}x | {p['hard_cuts']['f1']} |"
+        )
+    stages = list(first["breakdown_s"])
+    lines += [
+        "",
+        "Where the time went in each rate's median run (seconds; the model thread runs "
+        "beside the decoder, so the stages add up to more than the wall time):",
+        "",
+        "| analysis frames/s | " + " | ".join(stages) + " |",
+        "|---" * (len(stages) + 1) + "|",
+    ]
+    for p in pipes:
+        b = p["median"]["breakdown_s"]
+        lines.append(f"| {p['analysis_fps']:g} | " + " | ".join(str(b[k]) for k in stages) + " |")
     lines += [
         "",
         "| detector | seconds | hard-cut F1 | precision | recall | dissolves found | install MB |",

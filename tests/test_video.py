@@ -98,6 +98,84 @@ def test_hard_cuts_are_found_with_f1_at_least_095(made, analysis):
     assert hard_cut_f1(starts_of(analysis), truth, tolerance_s=2 / FPS) >= 0.95
 
 
+def test_cuts_are_placed_within_a_frame_by_default_and_on_it_at_30_fps(
+    made, analysis, embedder, tmp_path
+):
+    """15 analysed frames a second (the default) see every other frame of a 30 fps video:
+    a cut on a skipped frame is placed on the next. At 30 every cut is on its frame, and
+    every candidate frame is on the 0.5 s clock or its scene's first frame."""
+    _, truth = made
+    assert hard_cut_f1(starts_of(analysis), truth, tolerance_s=1 / FPS + 1e-6) == 1.0
+    settings = VideoSettings(max_analysis_fps=30)
+    at_30 = analyze_video(made[0], embedder, owner=OWNER, media_dir=tmp_path, settings=settings)
+    assert at_30.decode.frames_analysed == at_30.decode.frames_decoded
+    assert hard_cut_f1(starts_of(at_30), truth, tolerance_s=0.5 / FPS) == 1.0
+    for scene in at_30.scenes:
+        for chosen in scene.metadata["video"]["chosen"]:
+            t = chosen["time_s"]
+            assert abs(t * 2 - round(t * 2)) < 1e-3 or abs(t - scene.start_s) < 1e-3
+
+
+def test_the_frame_clock_takes_millisecond_timestamps_on_time():
+    """WebM and Matroska round timestamps to milliseconds (30 fps: 0, 33, 67, 100 ms...):
+    none of those frames may count as early and be dropped."""
+    from heimdex_clip.video.clock import FrameClock, analysis_slack
+
+    rounded = [round(i * 1000 / 30) / 1000 for i in range(300)]
+    at_30 = FrameClock(30, analysis_slack(30))
+    assert all(at_30.tick(t) for t in rounded)
+    at_15 = FrameClock(15, analysis_slack(15))
+    assert [t for t in rounded if at_15.tick(t)] == rounded[::2]
+    exact_60 = [i / 60 for i in range(600)]
+    at_15 = FrameClock(15, analysis_slack(15))
+    assert [t for t in exact_60 if at_15.tick(t)] == exact_60[::4]
+    with pytest.raises(ValueError, match="fps > 0"):
+        FrameClock(0, 0.0)
+
+
+def test_only_clock_frames_and_possible_scene_starts_keep_their_pictures(
+    made, embedder, tmp_path, monkeypatch
+):
+    """Decoded pictures wait for the cut detector's decision (its look-ahead) only when
+    they may be needed: the others go back to the decoder at once (see docs/video.md)."""
+    from heimdex_clip.video import pipeline
+    from heimdex_clip.video.cuts import CutDetector, CutSettings
+
+    frames, held = [], []
+    real = pipeline.iter_frames
+
+    def watched(*args, **kwargs):
+        for frame in real(*args, **kwargs):
+            frames.append(frame)
+            yield frame
+            held.append(sum(f.kept for f in frames))  # the pipeline has placed ``frame``
+
+    monkeypatch.setattr(pipeline, "iter_frames", watched)
+    result = analyze_video(made[0], embedder, owner=OWNER, media_dir=tmp_path)
+    lag = CutDetector(CutSettings(), VideoSettings().max_analysis_fps).lag
+    assert len(result.scenes) == len(SHOTS)
+    assert len(held) == len(frames) > 10 * lag
+    # The clock's 2 or 3 frames of the look-ahead, and a dissolve's or a fade's steps.
+    assert max(held) <= lag // 2
+    assert not any(f.kept for f in frames)
+
+
+def test_a_frame_may_start_a_scene_at_a_jump_or_after_black():
+    from heimdex_clip.video.cuts import CutDetector, CutSettings
+
+    rng = np.random.default_rng(3)
+    black = np.full((3, 36, 64), [[[16]], [[128]], [[128]]], np.uint8)
+    picture = rng.integers(40, 220, (3, 36, 64), dtype=np.uint8)
+    other = rng.integers(40, 220, (3, 36, 64), dtype=np.uint8)
+    detector = CutDetector(CutSettings(), 15)
+    verdicts = []
+    for i, small in enumerate([black, black, picture, picture, picture, other, other]):
+        detector.push(i, i / 15, small)
+        verdicts.append(detector.may_start_scene())
+    # the first frame; black to picture; the same picture; a different one
+    assert verdicts == [True, False, True, False, False, True, False]
+
+
 def test_dissolves_and_fades_become_boundaries(made, analysis):
     _, truth = made
     starts = starts_of(analysis)
@@ -149,7 +227,7 @@ def test_rows_times_and_ids(made, analysis):
         meta = scene.metadata
         assert meta["error"] is None and meta["frame_path"] == scene.frame_path
         assert meta["frame_quality"]["frames_pooled"] == 3
-        assert meta["video"]["settings"]["cuts"]["detector"] == "heimdex-content-v1"
+        assert meta["video"]["settings"]["cuts"]["detector"] == "heimdex-content-v2"
         assert Path(scene.frame_path).parent == analysis.frames_dir
         assert max(Image.open(scene.frame_path).size) == 320  # never upscaled
     assert analysis.report()["corrupt_packets"] == 0
@@ -172,6 +250,10 @@ def test_other_codecs_and_containers(tmp_path, embedder, suffix, codec):
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path)
     assert hard_cut_f1(starts_of(result), truth, tolerance_s=2 / FPS) >= 0.95
     assert result.info.codec in {"mpeg4", "vp9", "libvpx-vp9"}
+    # 15 of 30 frames a second, whether timestamps are frame counts (AVI) or rounded
+    # milliseconds (WebM)
+    decoded = result.decode.frames_decoded
+    assert result.decode.frames_analysed == (decoded + 1) // 2
 
 
 def _rotate_like_a_phone(path: Path) -> None:
@@ -324,7 +406,7 @@ def test_a_million_tiny_frames_cost_bounded_analysis(tmp_path, embedder, photos)
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path)
     report = result.report()
     assert report["frames_decoded"] == 3000
-    assert report["frames_analysed"] <= 3 * 30 + 1  # max_analysis_fps
+    assert report["frames_analysed"] <= 3 * VideoSettings().max_analysis_fps + 1
     assert [round(s.start_s, 1) for s in result.scenes] == [0.0, 1.5]
 
 

@@ -86,9 +86,13 @@ def test_one_row_per_scene_with_times_frames_vectors_and_provenance(
 
 
 def _shot_bounds(truth) -> list[tuple[float, float]]:
-    """Each shot's first frame, and the next shot's (the end of the video for the last)."""
+    """Each shot's first frame, and the next shot's (the end of the video for the last),
+    plus the frame a boundary may land late by: 15 analysed frames a second (the default)
+    see every other frame of this 30 fps video, and a cut on a skipped frame is found on
+    the next one."""
     starts = [start for _, start, _ in truth.shots]
-    return list(zip(starts, [*starts[1:], truth.frame_times[-1] + 1 / 30], strict=True))
+    ends = [end + 1 / 30 for end in starts[1:]] + [truth.frame_times[-1] + 1 / 30]
+    return list(zip(starts, ends, strict=True))
 
 
 def test_indexing_the_same_file_again_adds_nothing(module_pool, embedder, video, indexed):

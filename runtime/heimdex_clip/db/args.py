@@ -248,6 +248,13 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> N
         help="best frames pooled into a scene's vector (default 3)",
     )
     video.add_argument(
+        "--analysis-fps",
+        type=number(1, 240),
+        default=15.0,
+        help="frames a second the cut detector looks at (default 15: a cut is placed within "
+        "one frame of a 30 fps video; 30 places it on the frame, for more CPU)",
+    )
+    video.add_argument(
         "--threads",
         type=integer(1, 64),
         default=2,

@@ -251,7 +251,10 @@ def cmd_index_video(args: argparse.Namespace) -> int:
     if args.video_id is not None and len(args.paths) > 1:
         raise DatabaseError("--video-id names one video: give one PATH with it")
     settings = VideoSettings(
-        segments=SegmentSettings(window_s=args.window), top_k=args.top_k, threads=args.threads
+        segments=SegmentSettings(window_s=args.window),
+        top_k=args.top_k,
+        max_analysis_fps=args.analysis_fps,
+        threads=args.threads,
     )
     media = args.media_dir or Path(os.environ.get("HEIMDEX_MEDIA_DIR") or "heimdex-media")
     # The model runs beside the decoder: the cores it leaves (unless CLIP_CPU_THREADS says).

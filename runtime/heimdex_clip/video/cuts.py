@@ -48,7 +48,8 @@ class CutSettings:
     min_scene_s: float = 0.4
 
     def as_dict(self) -> dict:
-        return {"detector": "heimdex-content-v1", **asdict(self)}
+        # v2: cells of 2 rows of 8 points (v1: 4 of 4), the same rules.
+        return {"detector": "heimdex-content-v2", **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,23 @@ class CutDetector:
         while len(self._frames) > self.span + self.lag + self.settings.window + 1:
             self._frames.popleft()
         return decided
+
+    def may_start_scene(self) -> bool:
+        """Whether the frame pushed last could start a scene: as the video's first frame,
+        after black, or at a hard cut as far as the frames before it tell (its distance
+        reaches ``min_cut`` and ``cut_ratio`` times the mean the adaptive rule would take
+        if the frames after it did not move at all). Known at once, where the decision
+        waits ``lag`` frames: the pipeline keeps only such frames (and the candidate
+        clock's) until decided. A dissolve's midpoint cannot be told yet."""
+        frames, s = self._frames, self.settings
+        if len(frames) < 2:
+            return bool(frames)
+        last, before = frames[-1], frames[-2]
+        if before.black and not last.black:
+            return True
+        count = len(frames)
+        past = sum(frames[p].distance for p in range(max(1, count - 1 - s.window), count - 1))
+        return last.distance >= max(s.min_cut, s.cut_ratio * past / (2 * s.window) - 1e-9)
 
     def finish(self) -> list[Decision]:
         """The decisions of the frames still inside the look-ahead window."""

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..cpu import physical_cores
 from ..embedder import ClipEmbedder
+from .clock import FrameClock, analysis_slack
 from .cuts import CutDetector, CutSettings
 from .decode import DecodedFrame, DecodeStats, VideoError, VideoInfo, iter_frames, open_video
 from .segments import Segment, Segmenter, SegmentSettings
@@ -47,7 +48,7 @@ class VideoSettings:
     segments: SegmentSettings = field(default_factory=SegmentSettings)
     top_k: int = 3
     frame_long_side: int = 640
-    max_analysis_fps: float = 30.0
+    max_analysis_fps: float = 15.0
     jpeg_quality: int = 90
     embed_batch: int = 8
     threads: int = 2
@@ -243,7 +244,11 @@ class _Run:
         fps = min(self.info.fps or s.max_analysis_fps, s.max_analysis_fps)
         detector = CutDetector(s.cuts, fps)
         segmenter = Segmenter(s.segments, s.cuts.black_luma)
-        waiting: dict[int, DecodedFrame] = {}  # frames inside the detector's look-ahead
+        clock = FrameClock(s.segments.candidate_fps, analysis_slack(s.max_analysis_fps))
+        # Frames inside the detector's look-ahead, and whether each ticked the clock. Only
+        # the clock's frames and possible scene starts keep their picture until decided:
+        # the decoder reuses the others' buffers while they are still in cache.
+        waiting: dict[int, tuple[DecodedFrame, bool]] = {}
         frames = iter_frames(
             container,
             self.info,
@@ -253,10 +258,13 @@ class _Run:
             max_analysis_fps=s.max_analysis_fps,
         )
         for frame in frames:
-            waiting[frame.index] = frame
             started = time.perf_counter()
             decisions = detector.push(frame.index, frame.time_s, frame.small)
             self.timings["detect"] += time.perf_counter() - started
+            on_clock = clock.tick(frame.time_s)
+            if not (on_clock or detector.may_start_scene()):
+                frame.release()
+            waiting[frame.index] = (frame, on_clock)
             for decision in decisions:
                 self._segment(segmenter, decision, waiting.pop(decision.index))
         started = time.perf_counter()
@@ -267,10 +275,12 @@ class _Run:
         for seg in segmenter.finish():
             self._closed(seg)
 
-    def _segment(self, segmenter: Segmenter, decision, frame: DecodedFrame) -> None:
+    def _segment(self, segmenter: Segmenter, decision, waited: tuple[DecodedFrame, bool]) -> None:
         started = time.perf_counter()
+        frame, on_clock = waited
         long_side = self.settings.frame_long_side
-        closed = segmenter.add(decision, lambda: frame.picture(long_side))
+        picture = (lambda: frame.picture(long_side)) if frame.kept else None
+        closed = segmenter.add(decision, on_clock, picture)
         frame.release()
         self.timings["quality"] += time.perf_counter() - started
         for seg in closed:

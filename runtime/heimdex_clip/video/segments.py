@@ -4,8 +4,12 @@ A *shot* runs from one cut (or the end of a black stretch) to the next cut (or t
 of a black stretch). A shot longer than ``window_s`` is split into windows of that length,
 each its own scene row, so a long shot is found by its later content too.
 
-Candidate frames are sampled ``candidate_fps`` times a second (and the first frame of each
-window), scored (:mod:`.quality`) and the best ``max_candidates`` kept. When a window
+Candidate frames are sampled on the video's clock, ``candidate_fps`` times a second of
+video time (:class:`.clock.FrameClock`; and a window's first frame when its picture was kept),
+scored (:mod:`.quality`) and the best ``max_candidates`` kept. The clock runs on the
+video's time, not the window's, so whether a frame is a candidate is known as it is
+decoded: the other frames are dropped at once, not held until the cut detector decides
+(holding a second of decoded 1080p frames slowed decoding by a sixth). When a window
 closes, the candidates are ranked: black and blank frames never count; a frame darker than
 ``fade_ratio`` times the window's brightest is mid-fade and only used if nothing else is;
 frames within ``edge_guard_s`` of a cut or fade (a dissolve's blend) come after the rest.
@@ -55,7 +59,6 @@ class Segment:
     frames: int = 0
     max_luma: float = 0.0
     candidates: list[Candidate] = field(default_factory=list)  # a min-heap by score
-    _next_sample_s: float = 0.0
 
     def ranked(self, guard_s: float, fade_ratio: float) -> list[Candidate]:
         """Usable candidates, best first (see the module docstring)."""
@@ -73,8 +76,9 @@ class Segment:
 
 
 class Segmenter:
-    """Feed :class:`Decision` s (with a way to get the frame's picture) in order; closed
-    segments come out of :meth:`add` and :meth:`finish`."""
+    """Feed :class:`Decision` s (with whether the frame ticked the candidate clock, and a
+    way to get its picture) in order; closed segments come out of :meth:`add` and
+    :meth:`finish`."""
 
     def __init__(self, settings: SegmentSettings, black_luma: float) -> None:
         self.settings = settings
@@ -87,7 +91,14 @@ class Segmenter:
         self._last_gap = 0.0
         self._pending_start = "start"  # how the next segment starts
 
-    def add(self, decision: Decision, picture: Callable[[], np.ndarray]) -> list[Segment]:
+    def add(
+        self,
+        decision: Decision,
+        on_clock: bool,
+        picture: Callable[[], np.ndarray] | None,
+    ) -> list[Segment]:
+        """Place one frame; ``picture`` is None when the frame was not kept (it can then
+        be no candidate)."""
         s, t, closed = self.settings, decision.time_s, []
         if t > self._last_time:
             self._last_gap = t - self._last_time
@@ -114,18 +125,22 @@ class Segmenter:
                 window=self._window,
                 start_s=t,
                 starts_at=self._pending_start,
-                _next_sample_s=t,
             )
-        self._observe(self._open, decision, picture)
+        self._observe(self._open, decision, on_clock, picture)
         return closed
 
-    def _observe(self, seg: Segment, decision: Decision, picture: Callable[[], np.ndarray]) -> None:
+    def _observe(
+        self,
+        seg: Segment,
+        decision: Decision,
+        on_clock: bool,
+        picture: Callable[[], np.ndarray] | None,
+    ) -> None:
         s = self.settings
         seg.frames += 1
         seg.max_luma = max(seg.max_luma, decision.luma)
-        if decision.time_s + 1e-6 < seg._next_sample_s:
+        if picture is None or not (on_clock or seg.frames == 1):
             return
-        seg._next_sample_s = decision.time_s + 1.0 / s.candidate_fps
         rgb = picture()
         quality = frame_quality(rgb, black_luma=self.black_luma)
         if not quality.usable:
