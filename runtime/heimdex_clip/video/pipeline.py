@@ -34,8 +34,8 @@ from .cuts import CutDetector, CutSettings
 from .decode import DecodedFrame, DecodeStats, VideoError, VideoInfo, iter_frames, open_video
 from .segments import Segment, Segmenter, SegmentSettings
 
-#: How much nicer the model thread is than its caller (see _yield_to_decoder).
-_MODEL_NICENESS = 10
+#: The model thread's nice value: Linux's lowest priority (see _yield_to_decoder).
+_MODEL_NICE = 19
 #: Video ids are uuid5 of the content's SHA-256 in this namespace.
 VIDEO_NAMESPACE = uuid.UUID("6d1b7a52-2f0e-5c8e-9d3e-7f5e1c0a9b27")
 
@@ -365,15 +365,17 @@ class _Run:
 
 
 def _yield_to_decoder() -> None:
-    """Lower the model thread's scheduling priority (nice +10; Linux sets it per thread) so
-    that the decoder's threads get the cores when both want them and the model fills the
-    time they leave: 3.94-4.07 s against 4.09-4.10 s for a 60 s 1080p file, three
-    alternating pairs on a 2-core Xeon (docs/video.md). Elsewhere, or if refused, nothing
-    changes."""
+    """Give the model thread Linux's lowest priority (nice 19; Linux sets it per thread, and
+    the threads it starts inherit it) so that the decoder's threads get the cores when
+    both want them and the model fills the time they leave. It is still scheduled (unlike
+    SCHED_IDLE, which a busy machine could starve): the decoder waits for it when 8 scenes
+    queue up. A 60 s 1080p file on a 2-core Xeon, four alternating runs each: nice 10
+    3.79-4.19 s, nice 19 3.66-3.94 s, SCHED_IDLE 3.67-3.90 s (docs/video.md). Elsewhere, or
+    if refused, nothing changes."""
     with contextlib.suppress(OSError, AttributeError):  # no per-thread priority here
         thread = threading.get_native_id()
         now = os.getpriority(os.PRIO_PROCESS, thread)  # inherited from the caller
-        os.setpriority(os.PRIO_PROCESS, thread, min(now + _MODEL_NICENESS, 19))
+        os.setpriority(os.PRIO_PROCESS, thread, max(now, _MODEL_NICE))
 
 
 def _remove_tree(directory: Path) -> None:
