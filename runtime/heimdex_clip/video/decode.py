@@ -134,7 +134,7 @@ class DecodedFrame:
 
 #: 8-bit planar YUV: its planes are read in place (no scaler, no conversion).
 _PLANAR_YUV = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"})
-_ROWS, _COLS = 2, 8  # points averaged per output pixel: 2 rows (as summed below), 8 columns
+_ROWS, _COLS = 2, 8  # points averaged per output pixel: from 2 rows, 8 columns in each
 
 
 def small_planes(frame: av.VideoFrame, scaler: VideoReformatter | None = None) -> np.ndarray:
@@ -165,7 +165,7 @@ def small_planes(frame: av.VideoFrame, scaler: VideoReformatter | None = None) -
         # The sampled rows, each cell's summed (uint16: 16 x 255 fits), then its points:
         # ``cols`` lists every cell's k-th column before the (k+1)-th (one sum, not eight).
         picked = samples.take(rows, axis=0).reshape(height, _ROWS, plane.line_size)
-        sums = np.add(picked[:, 0], picked[:, 1], dtype=np.uint16)
+        sums = picked.sum(axis=1, dtype=np.uint16)
         points = sums.take(cols, axis=1).reshape(height, _COLS, width)
         cells = points.sum(axis=1, dtype=np.uint16)
         out[i] = (cells + _ROWS * _COLS // 2) // (_ROWS * _COLS)
