@@ -242,6 +242,21 @@ def test_long_shots_are_split_into_windows(tmp_path, embedder):
     assert windows == [(0, 0, 0.0), (0, 1, 2.0), (0, 2, 4.0), (1, 0, 5.0)]
 
 
+def test_a_short_last_window_keeps_its_first_frame(tmp_path, embedder):
+    """The last window of a shot can be shorter than the candidate clock's step: its first
+    frame is kept while the detector decides, so it still gets a row."""
+    path = tmp_path / "tail.mp4"
+    write_video(
+        path, [Shot("astronaut", 1.3, "still"), Shot("coffee", 4.15, "pan")], size=(160, 96)
+    )
+    settings = VideoSettings(segments=SegmentSettings(window_s=2.0))
+    result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path, settings=settings)
+    windows = [(s.shot, s.window, round(s.start_s, 3)) for s in result.scenes]
+    assert windows == [(0, 0, 0.0), (1, 0, 1.333), (1, 1, 3.333), (1, 2, 5.333)]
+    assert result.scenes[-1].end_s - result.scenes[-1].start_s < 0.5  # no clock tick in it
+    assert result.unusable_scenes == 0
+
+
 @pytest.mark.parametrize(("suffix", "codec"), [(".avi", "mpeg4"), (".webm", "libvpx-vp9")])
 def test_other_codecs_and_containers(tmp_path, embedder, suffix, codec):
     path = tmp_path / f"clip{suffix}"

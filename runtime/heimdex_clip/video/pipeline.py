@@ -246,8 +246,8 @@ class _Run:
         segmenter = Segmenter(s.segments, s.cuts.black_luma)
         clock = FrameClock(s.segments.candidate_fps, analysis_slack(s.max_analysis_fps))
         # Frames inside the detector's look-ahead, and whether each ticked the clock. Only
-        # the clock's frames and possible scene starts keep their picture until decided:
-        # the decoder reuses the others' buffers while they are still in cache.
+        # the clock's frames and possible scene or window starts keep their picture until
+        # decided: the decoder reuses the others' buffers while they are still in cache.
         waiting: dict[int, tuple[DecodedFrame, bool]] = {}
         frames = iter_frames(
             container,
@@ -262,7 +262,9 @@ class _Run:
             decisions = detector.push(frame.index, frame.time_s, frame.small)
             self.timings["detect"] += time.perf_counter() - started
             on_clock = clock.tick(frame.time_s)
-            if not (on_clock or detector.may_start_scene()):
+            if not (
+                on_clock or detector.may_start_scene() or segmenter.may_open_window(frame.time_s)
+            ):
                 frame.release()
             waiting[frame.index] = (frame, on_clock)
             for decision in decisions:

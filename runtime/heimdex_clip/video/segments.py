@@ -5,7 +5,8 @@ of a black stretch). A shot longer than ``window_s`` is split into windows of th
 each its own scene row, so a long shot is found by its later content too.
 
 Candidate frames are sampled on the video's clock, ``candidate_fps`` times a second of
-video time (:class:`.clock.FrameClock`; and a window's first frame when its picture was kept),
+video time (:class:`.clock.FrameClock`), and a window's first frame when its picture was
+kept (a start at a hard cut, after black, or at a window boundary; not mid-dissolve),
 scored (:mod:`.quality`) and the best ``max_candidates`` kept. The clock runs on the
 video's time, not the window's, so whether a frame is a candidate is known as it is
 decoded: the other frames are dropped at once, not held until the cut detector decides
@@ -26,6 +27,8 @@ import numpy as np
 
 from .cuts import Decision
 from .quality import FrameQuality, frame_quality
+
+_EPS_S = 1e-6  # timestamps are sums of fractions: 5.333 - 3.333 may fall short of 2.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,21 @@ class Segmenter:
         self._last_time = 0.0
         self._last_gap = 0.0
         self._pending_start = "start"  # how the next segment starts
+        self._window_kept_for = -1  # the open segment whose next window's frame was kept
+
+    def may_open_window(self, time_s: float) -> bool:
+        """Whether a frame at ``time_s``, not yet decided, could start the open segment's
+        next window: the first frame ``window_s`` or more after its start, as far as the
+        decisions so far tell (a cut still being decided only moves the boundary later).
+        The pipeline keeps that frame's picture, so a short last window of a shot still
+        has its first frame as a candidate."""
+        seg = self._open
+        if seg is None or seg.index == self._window_kept_for:
+            return False
+        if time_s - seg.start_s < self.settings.window_s - _EPS_S:
+            return False
+        self._window_kept_for = seg.index
+        return True
 
     def add(
         self,
@@ -112,7 +130,7 @@ class Segmenter:
         if seg is not None and decision.cut:
             closed.append(self._close(t, "cut"))
             self._pending_start = "cut"
-        elif seg is not None and t - seg.start_s >= s.window_s:
+        elif seg is not None and t - seg.start_s >= s.window_s - _EPS_S:
             closed.append(self._close(t, "window"))
             self._pending_start = "window"
         if self._open is None:
