@@ -116,6 +116,18 @@ def test_cuts_are_placed_within_a_frame_by_default_and_on_it_at_30_fps(
             assert abs(t * 2 - round(t * 2)) < 1e-3 or abs(t - scene.start_s) < 1e-3
 
 
+def test_index_video_defaults_are_the_video_settings_defaults():
+    """The CLI writes its defaults out (it must not import PyAV to build its parser)."""
+    from heimdex_clip.cli import build_parser
+
+    args = build_parser().parse_args(["index-video", "x.mp4", "--owner", str(OWNER)])
+    defaults = VideoSettings()
+    assert args.analysis_fps == defaults.max_analysis_fps
+    assert args.window == defaults.segments.window_s
+    assert args.top_k == defaults.top_k
+    assert args.threads == defaults.threads
+
+
 def test_the_frame_clock_takes_millisecond_timestamps_on_time():
     """WebM and Matroska round timestamps to milliseconds (30 fps: 0, 33, 67, 100 ms...):
     none of those frames may count as early and be dropped."""

@@ -1,7 +1,9 @@
 """Video in, scenes out (no database): decode, cut, pick frames, save the best, embed.
 
-:func:`analyze_video` streams the file once. Frames go through the cut detector; a frame
-is kept only while the detector's look-ahead needs it. Each closed scene keeps at most
+:func:`analyze_video` streams the file once. Frames go through the cut detector; a decoded
+picture is given back at once unless it may become a candidate (on the candidate clock, or
+a possible scene or window start), and then only until the detector decides about it
+(its look-ahead). Each closed scene keeps at most
 ``top_k`` small pictures until its vector is made. Scenes are embedded through
 :meth:`ClipEmbedder.embed_scenes` on a model thread, one batch in flight while decoding
 goes on: a closed scene is handed over as soon as the model is idle, and while it is busy
