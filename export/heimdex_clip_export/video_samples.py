@@ -98,11 +98,13 @@ def write_video(
     variable_rate: bool = False,
     bit_rate: int | None = None,
     seed: int = 0,
+    x264_params: str | None = None,
 ) -> Truth:
     """Encode ``shots`` to ``path``; returns where the cuts, dissolves and fades are.
 
     ``variable_rate`` alternates frame durations (1/fps and 2/fps); ``rotation`` stores
-    display rotation metadata (degrees, counter-clockwise).
+    display rotation metadata (degrees, counter-clockwise); ``x264_params`` is passed to
+    libx264 (e.g. ``"open-gop=1:keyint=20"``).
     """
     import av
 
@@ -115,6 +117,8 @@ def write_video(
         stream.bit_rate = bit_rate
     if codec == "libx264":
         stream.options = {"preset": "ultrafast" if size[0] >= 1280 else "veryfast"}
+        if x264_params:
+            stream.options["x264-params"] = x264_params
     elif codec.startswith("libvpx"):
         stream.options = {"deadline": "realtime", "cpu-used": "8"}
     time_base = Fraction(1, fps * 2)
