@@ -145,47 +145,70 @@ def test_the_frame_clock_takes_millisecond_timestamps_on_time():
         FrameClock(0, 0.0)
 
 
-def test_only_clock_frames_and_possible_scene_starts_keep_their_pictures(
+def test_only_clock_frames_and_possible_scene_starts_get_pictures(
     made, embedder, tmp_path, monkeypatch
 ):
-    """Decoded pictures wait for the cut detector's decision (its look-ahead) only when
-    they may be needed: the others go back to the decoder at once (see docs/video.md)."""
+    """The decoder threads make pictures only of frames that may be needed (the candidate
+    clock's, possible scene starts, a piece's first frames) and give every decoded frame
+    back at once (see docs/video.md)."""
     from heimdex_clip.video import pipeline
-    from heimdex_clip.video.cuts import CutDetector, CutSettings
 
-    frames, held = [], []
-    real = pipeline.iter_frames
+    frames = []
+    real = pipeline.analysed_frames
 
     def watched(*args, **kwargs):
         for frame in real(*args, **kwargs):
             frames.append(frame)
             yield frame
-            held.append(sum(f.kept for f in frames))  # the pipeline has placed ``frame``
 
-    monkeypatch.setattr(pipeline, "iter_frames", watched)
+    monkeypatch.setattr(pipeline, "analysed_frames", watched)
     result = analyze_video(made[0], embedder, owner=OWNER, media_dir=tmp_path)
-    lag = CutDetector(CutSettings(), VideoSettings().max_analysis_fps).lag
     assert len(result.scenes) == len(SHOTS)
-    assert len(held) == len(frames) > 10 * lag
-    # The clock's 2 or 3 frames of the look-ahead, and a dissolve's or a fade's steps.
-    assert max(held) <= lag // 2
-    assert not any(f.kept for f in frames)
+    pictured = [f.time_s for f in frames if f.picture is not None]
+    clock_ticks = 2 * frames[-1].time_s + 1
+    pieces = result.decode.pieces
+    assert pieces > 1  # decoded side by side
+    # the clock's (but black ones), each piece's first 4, one per cut, a few on dissolves
+    assert clock_ticks - 4 <= len(pictured) <= clock_ticks + 4 * pieces + 3 * len(SHOTS)
+    assert len(pictured) < len(frames) / 3
+    assert all(set(vars(f)) == {"time_s", "features", "picture"} for f in frames[:5])
+    chosen = {c["time_s"] for s in result.scenes for c in s.metadata["video"]["chosen"]}
+    assert chosen <= {round(t, 4) for t in pictured}
+
+
+def test_pieces_side_by_side_give_the_same_scenes_as_one_decoder(
+    made, analysis, embedder, tmp_path
+):
+    """The default decodes keyframe-aligned pieces on 2 threads; one thread decodes the
+    file in one piece. Every scene, time, chosen frame and vector is the same."""
+    one = analyze_video(
+        made[0], embedder, owner=OWNER, media_dir=tmp_path, settings=VideoSettings(threads=1)
+    )
+    assert one.decode.pieces == 1 and analysis.decode.pieces > 1
+    assert one.decode.frames_decoded == analysis.decode.frames_decoded
+    assert one.decode.frames_analysed == analysis.decode.frames_analysed
+    assert one.decode.packets == analysis.decode.packets
+    assert len(one.scenes) == len(analysis.scenes)
+    for a, b in zip(one.scenes, analysis.scenes, strict=True):
+        assert (a.start_s, a.end_s, a.shot, a.window) == (b.start_s, b.end_s, b.shot, b.window)
+        assert a.metadata["video"]["chosen"] == b.metadata["video"]["chosen"]
+        np.testing.assert_array_equal(a.embedding, b.embedding)
 
 
 def test_a_frame_may_start_a_scene_at_a_jump_or_after_black():
-    from heimdex_clip.video.cuts import CutDetector, CutSettings
+    from heimdex_clip.video.cuts import CutSettings, StartWatch, frame_features
 
     rng = np.random.default_rng(3)
     black = np.full((3, 36, 64), [[[16]], [[128]], [[128]]], np.uint8)
     picture = rng.integers(40, 220, (3, 36, 64), dtype=np.uint8)
     other = rng.integers(40, 220, (3, 36, 64), dtype=np.uint8)
-    detector = CutDetector(CutSettings(), 15)
-    verdicts = []
-    for i, small in enumerate([black, black, picture, picture, picture, other, other]):
-        detector.push(i, i / 15, small)
-        verdicts.append(detector.may_start_scene())
-    # the first frame; black to picture; the same picture; a different one
-    assert verdicts == [True, False, True, False, False, True, False]
+    settings = CutSettings()
+    watch = StartWatch(settings)
+    smalls = [picture] * 4 + [black, black, picture, picture, picture, other, other]
+    verdicts = [watch.push(frame_features(small, settings)) for small in smalls]
+    # a piece's first window + 2 frames; into black; black to picture; the same picture;
+    # a different one
+    assert verdicts == [True] * 4 + [True, False, True, False, False, True, False]
 
 
 def test_dissolves_and_fades_become_boundaries(made, analysis):
@@ -254,9 +277,10 @@ def test_long_shots_are_split_into_windows(tmp_path, embedder):
     assert windows == [(0, 0, 0.0), (0, 1, 2.0), (0, 2, 4.0), (1, 0, 5.0)]
 
 
-def test_a_short_last_window_keeps_its_first_frame(tmp_path, embedder):
-    """The last window of a shot can be shorter than the candidate clock's step: its first
-    frame is kept while the detector decides, so it still gets a row."""
+def test_windows_start_on_the_candidate_clock(tmp_path, embedder):
+    """A window ends at the first candidate-clock frame window_s after its start: its
+    successor starts on the clock with a picture, and a shot's last window is never
+    shorter than the clock's step (here 5.33 would have left 0.12 s of shot)."""
     path = tmp_path / "tail.mp4"
     write_video(
         path, [Shot("astronaut", 1.3, "still"), Shot("coffee", 4.15, "pan")], size=(160, 96)
@@ -264,8 +288,11 @@ def test_a_short_last_window_keeps_its_first_frame(tmp_path, embedder):
     settings = VideoSettings(segments=SegmentSettings(window_s=2.0))
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path, settings=settings)
     windows = [(s.shot, s.window, round(s.start_s, 3)) for s in result.scenes]
-    assert windows == [(0, 0, 0.0), (1, 0, 1.333), (1, 1, 3.333), (1, 2, 5.333)]
-    assert result.scenes[-1].end_s - result.scenes[-1].start_s < 0.5  # no clock tick in it
+    # 1.333 + 2 = 3.333: the clock's tick is 3.5, its first analysed frame 53/15 s
+    assert windows == [(0, 0, 0.0), (1, 0, 1.333), (1, 1, 3.533)]
+    assert result.scenes[-1].metadata["video"]["starts_at"] == "window"
+    last = result.scenes[-1]
+    assert all(last.start_s <= c["time_s"] < last.end_s for c in last.metadata["video"]["chosen"])
     assert result.unusable_scenes == 0
 
 
@@ -437,6 +464,62 @@ def test_a_million_tiny_frames_cost_bounded_analysis(tmp_path, embedder, photos)
     assert [round(s.start_s, 1) for s in result.scenes] == [0.0, 1.5]
 
 
+@pytest.mark.parametrize(
+    ("suffix", "codec", "x264_params"),
+    [
+        # B-frames in open GOPs: an I-frame's leading B-frames refer to the GOP before
+        (".mp4", "libx264", "open-gop=1:keyint=20:min-keyint=20:bframes=3:scenecut=0"),
+        (".webm", "libvpx-vp9", None),  # Matroska's cues
+    ],
+)
+def test_pieces_stitch_exactly_on_open_gops_and_webm(
+    tmp_path, embedder, suffix, codec, x264_params
+):
+    path = tmp_path / f"gop{suffix}"
+    write_video(path, SHOTS[:6], size=(192, 108), codec=codec, x264_params=x264_params)
+    runs = {
+        threads: analyze_video(
+            path,
+            embedder,
+            owner=OWNER,
+            media_dir=tmp_path / str(threads),
+            settings=VideoSettings(threads=threads),
+        )
+        for threads in (1, 2)
+    }
+    one, pieces = runs[1], runs[2]
+    assert one.decode.pieces == 1 and pieces.decode.pieces > 1
+    assert pieces.decode.frames_decoded == one.decode.frames_decoded
+    assert pieces.decode.frames_analysed == one.decode.frames_analysed
+    assert [(s.start_s, s.end_s) for s in pieces.scenes] == [
+        (s.start_s, s.end_s) for s in one.scenes
+    ]
+    for a, b in zip(one.scenes, pieces.scenes, strict=True):
+        assert a.metadata["video"]["chosen"] == b.metadata["video"]["chosen"]
+
+
+def test_a_failure_mid_video_stops_the_decoder_threads(made, embedder, tmp_path, monkeypatch):
+    """An error while the pieces are decoded (here the detector's, after 40 frames) is
+    raised, nothing is left behind, and no decoder thread goes on."""
+    import threading
+
+    from heimdex_clip.video import cuts
+
+    real, calls = cuts.CutDetector.push, []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) > 40:
+            raise RuntimeError("detector broke")
+        return real(self, *args)
+
+    monkeypatch.setattr(cuts.CutDetector, "push", failing)
+    with pytest.raises(RuntimeError, match="detector broke"):
+        analyze_video(made[0], embedder, owner=OWNER, media_dir=tmp_path)
+    assert not any(t.name.startswith("heimdex-video-decode") for t in threading.enumerate())
+    assert not any(tmp_path.rglob("*.jpg"))
+
+
 def test_a_corrupt_middle_keeps_the_readable_scenes_and_says_what_it_skipped(
     made, tmp_path, embedder
 ):
@@ -451,6 +534,7 @@ def test_a_corrupt_middle_keeps_the_readable_scenes_and_says_what_it_skipped(
     result = analyze_video(path, embedder, owner=OWNER, media_dir=tmp_path / "media")
     report = result.report()
     assert report["corrupt_packets"] > 0 and report["skipped_ranges_s"]
+    assert report["pieces"] > 1
     assert len(result.scenes) >= len(SHOTS) // 2
 
 
@@ -471,11 +555,11 @@ def test_detection_planes_match_ffmpegs_area_scaler(tmp_path, size, pix_fmt):
 
 
 def test_detection_histograms_are_numpys_bins_of_v_over_255():
-    from heimdex_clip.video.cuts import _BINS, CutDetector, CutSettings
+    from heimdex_clip.video.cuts import _BINS, CutSettings, frame_features
 
     small = np.arange(3 * 36 * 64, dtype=np.int64).reshape(3, 36, 64)
     small = ((small * 7919) % 256).astype(np.uint8)  # every value, edges 15/16, 239/240, 255
-    feat = CutDetector(CutSettings(), 30)._features(0, 0.0, small)
+    feat = frame_features(small, CutSettings())
     expected = np.concatenate(
         [np.histogram(p / 255.0, bins=_BINS, range=(0.0, 1.0))[0] for p in small]
     ) / float(small[0].size)

@@ -1,6 +1,6 @@
 """A rate limit on video time: which frames of a stream to take, at most ``fps`` a second.
 
-Both the analysis rate (:func:`.decode.iter_frames`) and the candidate pictures
+Both the analysis rate (:func:`.decode.analysed_frames`) and the candidate pictures
 (:mod:`.segments`) take "the first frame at or after each 1/fps seconds of video time".
 Timestamps are often rounded (WebM and Matroska count whole milliseconds: 30 fps is
 0, 33, 67, 100 ms), so a frame up to ``slack_s`` early still counts as on time;

@@ -64,15 +64,57 @@ class Decision:
 
 
 @dataclass
-class _Features:
-    index: int
-    time_s: float
+class Features:
+    """What the detector compares of one frame (made by :func:`frame_features`)."""
+
     planes: np.ndarray  # float32 [3, h, w] in [0, 1]
     hist: np.ndarray  # float32 [3 * _BINS], each plane's histogram summing to 1
     luma: float
     black: bool
+    index: int = -1
+    time_s: float = 0.0
     distance: float = 0.0  # to the previous frame
     gradual: float = 0.0  # histogram distance to the frame gradual_s earlier
+
+
+def frame_features(small: np.ndarray, settings: CutSettings) -> Features:
+    """A frame's features from its small uint8 YUV planes [3, h, w]."""
+    planes = small.astype(np.float32) / 255.0
+    # 16 equal bins of [0, 1] over v / 255: bin v >> 4 (exactly np.histogram's bins).
+    bins = (small.reshape(3, -1) >> 4) + np.arange(0, 3 * _BINS, _BINS, dtype=np.uint8)[:, None]
+    hist = np.bincount(bins.ravel(), minlength=3 * _BINS).astype(np.float32) / planes[0].size
+    luma = float(planes[0].mean())
+    black = luma < settings.black_luma and float(planes[0].std()) < settings.black_std
+    return Features(planes, hist, luma, black)
+
+
+class StartWatch:
+    """Whether a frame may start a scene, known as it is decoded (the detector decides
+    ``lag`` frames later): the decoder threads make pictures only of such frames and of
+    the candidate clock's. A frame may start a scene after black, or at a jump: its
+    distance to the frame before reaches ``min_cut`` and ``cut_ratio`` times the mean the
+    adaptive rule would take if the frames after it did not move at all. A piece of the
+    video starts without the frames before it, so its first ``window + 2`` frames may
+    always start one. A dissolve's midpoint cannot be told yet."""
+
+    def __init__(self, settings: CutSettings) -> None:
+        self.settings = settings
+        self._last: Features | None = None
+        self._distances: deque[float] = deque(maxlen=settings.window)
+        self._seen = 0
+
+    def push(self, feat: Features) -> bool:
+        s, last = self.settings, self._last
+        self._seen += 1
+        self._last = feat
+        if last is None:
+            return True
+        distance = _distance(last, feat)
+        past = sum(self._distances)
+        self._distances.append(distance)
+        if self._seen <= s.window + 2 or (last.black and not feat.black):
+            return True
+        return distance >= max(s.min_cut, s.cut_ratio * past / (2 * s.window) - 1e-9)
 
 
 class CutDetector:
@@ -83,13 +125,15 @@ class CutDetector:
         self.settings = settings
         self.span = max(2, round(settings.gradual_s * fps))  # frames back for dissolves
         self.lag = max(settings.window, 2 * self.span)  # a dissolve's peak and its span
-        self._frames: deque[_Features] = deque()  # the last span + lag + window frames
+        self._frames: deque[Features] = deque()  # the last span + lag + window frames
         self._last_cut_s: float | None = None
         self._ramp: tuple[float, float] | None = None  # since a black frame: (time, luma)
 
-    def push(self, index: int, time_s: float, small: np.ndarray) -> list[Decision]:
-        """Add one frame (uint8 YUV [3, h, w]); returns the decisions now final."""
-        feat = self._features(index, time_s, small)
+    def push(self, index: int, time_s: float, frame: np.ndarray | Features) -> list[Decision]:
+        """Add one frame (uint8 YUV [3, h, w], or its :func:`frame_features`); returns the
+        decisions now final."""
+        feat = frame if isinstance(frame, Features) else frame_features(frame, self.settings)
+        feat.index, feat.time_s = index, time_s
         if self._last_cut_s is None:  # the first frame starts the first scene
             self._last_cut_s = time_s
         if self._frames:
@@ -108,40 +152,13 @@ class CutDetector:
             self._frames.popleft()
         return decided
 
-    def may_start_scene(self) -> bool:
-        """Whether the frame pushed last could start a scene: as the video's first frame,
-        after black, or at a hard cut as far as the frames before it tell (its distance
-        reaches ``min_cut`` and ``cut_ratio`` times the mean the adaptive rule would take
-        if the frames after it did not move at all). Known at once, where the decision
-        waits ``lag`` frames: the pipeline keeps only such frames (and the candidate
-        clock's) until decided. A dissolve's midpoint cannot be told yet."""
-        frames, s = self._frames, self.settings
-        if len(frames) < 2:
-            return bool(frames)
-        last, before = frames[-1], frames[-2]
-        if before.black and not last.black:
-            return True
-        count = len(frames)
-        past = sum(frames[p].distance for p in range(max(1, count - 1 - s.window), count - 1))
-        return last.distance >= max(s.min_cut, s.cut_ratio * past / (2 * s.window) - 1e-9)
-
     def finish(self) -> list[Decision]:
         """The decisions of the frames still inside the look-ahead window."""
         count = len(self._frames)
         start = max(0, count - self.lag) if count > self.lag else 0
         return [self._decide(p) for p in range(start, count)]
 
-    def _features(self, index: int, time_s: float, small: np.ndarray) -> _Features:
-        planes = small.astype(np.float32) / 255.0
-        # 16 equal bins of [0, 1] over v / 255: bin v >> 4 (exactly np.histogram's bins).
-        bins = (small.reshape(3, -1) >> 4) + np.arange(0, 3 * _BINS, _BINS, dtype=np.uint8)[:, None]
-        hist = np.bincount(bins.ravel(), minlength=3 * _BINS).astype(np.float32) / planes[0].size
-        luma = float(planes[0].mean())
-        s = self.settings
-        black = luma < s.black_luma and float(planes[0].std()) < s.black_std
-        return _Features(index, time_s, planes, hist, luma, black)
-
-    def _blend_distance(self, a: _Features, middle: _Features, b: _Features) -> float:
+    def _blend_distance(self, a: Features, middle: Features, b: Features) -> float:
         """a-to-b distance if ``middle`` is their blend (a dissolve), else 0."""
         change = float(np.abs(a.planes - b.planes).mean())
         if change < 1e-3:
@@ -181,7 +198,7 @@ class CutDetector:
             luma = g.luma
         return False
 
-    def _fading_in(self, f: _Features) -> bool:
+    def _fading_in(self, f: Features) -> bool:
         """Whether ``f`` is still on the steady brightening that followed a black frame."""
         return self._ramp is not None and f.luma > self._ramp[1] + _RAMP_STEP
 
@@ -215,10 +232,10 @@ class CutDetector:
         return not any(frames[p].black or (p <= peak and self._hard_cut(p)) for p in near)
 
 
-def _hist_distance(a: _Features, b: _Features) -> float:
+def _hist_distance(a: Features, b: Features) -> float:
     return float(np.abs(a.hist - b.hist).sum()) / 6.0  # three planes, L1 of each <= 2
 
 
-def _distance(a: _Features, b: _Features) -> float:
+def _distance(a: Features, b: Features) -> float:
     pixels = float(np.abs(a.planes - b.planes).mean())
     return 0.5 * min(1.0, pixels * 4.0) + 0.5 * _hist_distance(a, b)

@@ -31,10 +31,11 @@ from PIL import Image
 
 from ..cpu import physical_cores
 from ..embedder import ClipEmbedder
+from .analyse import PictureRules
 from .clock import FrameClock, analysis_slack
-from .cuts import CutDetector, CutSettings
-from .decode import DecodedFrame, DecodeStats, VideoError, VideoInfo, iter_frames, open_video
-from .segments import Segment, Segmenter, SegmentSettings
+from .cuts import CutDetector, CutSettings, Decision
+from .decode import DecodeStats, VideoError, VideoInfo, analysed_frames, open_video
+from .segments import Picture, Segment, Segmenter, SegmentSettings
 
 #: The model thread's nice value: Linux's lowest priority (see _yield_to_decoder).
 _MODEL_NICE = 19
@@ -109,6 +110,7 @@ class VideoAnalysis:
             "fps": self.info.fps,
             "frames_decoded": d.frames_decoded,
             "frames_analysed": d.frames_analysed,
+            "pieces": d.pieces,
             "corrupt_packets": d.corrupt_packets,
             "oversized_frames": d.oversized_frames,
             "skipped_ranges_s": d.skipped_ranges,
@@ -119,13 +121,16 @@ class VideoAnalysis:
         }
 
     def stage_seconds(self) -> dict[str, float]:
-        """Where the time went: decode, scaling, detection, quality, embedding, saving."""
+        """Where the time went: decode, scaling, detection, quality, embedding, saving.
+        Decoding, scaling, the detector's features and quality are summed over the
+        decoder threads, and the model runs beside them: the stages add up to more than
+        the total."""
         t, d = self.timings, self.decode
         return {
             "decode": d.decode_s,
             "scaling": d.scale_s + d.picture_s,
-            "detection": t["detect"],
-            "quality": t["quality"] - d.picture_s,
+            "detection": d.features_s + t["detect"],
+            "quality": d.quality_s + t["segment"],
             "embedding": t["embed"],
             "saving": t["save"],
             "total": t["total"],
@@ -222,7 +227,7 @@ class _Run:
     ) -> None:
         self.embedder, self.settings, self.info, self.out_dir = embedder, settings, info, out_dir
         self.stats = DecodeStats()
-        self.timings = {"detect": 0.0, "quality": 0.0, "embed": 0.0, "save": 0.0}
+        self.timings = {"detect": 0.0, "segment": 0.0, "embed": 0.0, "save": 0.0}
         self.scenes: list[SceneResult] = []
         self.unusable = 0
         self._queue: list[tuple[Segment, list]] = []
@@ -245,30 +250,27 @@ class _Run:
         s = self.settings
         fps = min(self.info.fps or s.max_analysis_fps, s.max_analysis_fps)
         detector = CutDetector(s.cuts, fps)
-        segmenter = Segmenter(s.segments, s.cuts.black_luma)
-        clock = FrameClock(s.segments.candidate_fps, analysis_slack(s.max_analysis_fps))
-        # Frames inside the detector's look-ahead, and whether each ticked the clock. Only
-        # the clock's frames and possible scene or window starts keep their picture until
-        # decided: the decoder reuses the others' buffers while they are still in cache.
-        waiting: dict[int, tuple[DecodedFrame, bool]] = {}
-        frames = iter_frames(
+        segmenter = Segmenter(s.segments)
+        slack = analysis_slack(s.max_analysis_fps)
+        clock = FrameClock(s.segments.candidate_fps, slack)
+        rules = PictureRules(s.cuts, s.segments.candidate_fps, slack, s.frame_long_side)
+        # The pictures of the frames inside the detector's look-ahead, and whether each
+        # ticked the candidate clock, until the detector decides about them.
+        waiting: dict[int, tuple[Picture | None, bool]] = {}
+        frames = analysed_frames(
             container,
             self.info,
             self.stats,
             threads=s.threads,
             max_pixels=self.embedder.config.max_image_pixels,
             max_analysis_fps=s.max_analysis_fps,
+            analyser=rules.analyser(),
         )
-        for frame in frames:
+        for index, frame in enumerate(frames):
             started = time.perf_counter()
-            decisions = detector.push(frame.index, frame.time_s, frame.small)
+            decisions = detector.push(index, frame.time_s, frame.features)
             self.timings["detect"] += time.perf_counter() - started
-            on_clock = clock.tick(frame.time_s)
-            if not (
-                on_clock or detector.may_start_scene() or segmenter.may_open_window(frame.time_s)
-            ):
-                frame.release()
-            waiting[frame.index] = (frame, on_clock)
+            waiting[index] = (frame.picture, clock.tick(frame.time_s))
             for decision in decisions:
                 self._segment(segmenter, decision, waiting.pop(decision.index))
         started = time.perf_counter()
@@ -279,14 +281,13 @@ class _Run:
         for seg in segmenter.finish():
             self._closed(seg)
 
-    def _segment(self, segmenter: Segmenter, decision, waited: tuple[DecodedFrame, bool]) -> None:
+    def _segment(
+        self, segmenter: Segmenter, decision: Decision, waited: tuple[Picture | None, bool]
+    ) -> None:
         started = time.perf_counter()
-        frame, on_clock = waited
-        long_side = self.settings.frame_long_side
-        picture = (lambda: frame.picture(long_side)) if frame.kept else None
+        picture, on_clock = waited
         closed = segmenter.add(decision, on_clock, picture)
-        frame.release()
-        self.timings["quality"] += time.perf_counter() - started
+        self.timings["segment"] += time.perf_counter() - started
         for seg in closed:
             self._closed(seg)
 

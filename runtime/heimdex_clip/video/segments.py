@@ -4,29 +4,34 @@ A *shot* runs from one cut (or the end of a black stretch) to the next cut (or t
 of a black stretch). A shot longer than ``window_s`` is split into windows of that length,
 each its own scene row, so a long shot is found by its later content too.
 
+A window ends at the first tick of the candidate clock ``window_s`` or more after its
+start, so every window starts on the clock (a shot's last window is at least a clock
+step long) or at a cut.
+
 Candidate frames are sampled on the video's clock, ``candidate_fps`` times a second of
-video time (:class:`.clock.FrameClock`), and a window's first frame when its picture was
-kept (a start at a hard cut, after black, or at a window boundary; not mid-dissolve),
-scored (:mod:`.quality`) and the best ``max_candidates`` kept. The clock runs on the
-video's time, not the window's, so whether a frame is a candidate is known as it is
-decoded: the other frames are dropped at once, not held until the cut detector decides
-(holding a second of decoded 1080p frames slowed decoding by a sixth). When a window
-closes, the candidates are ranked: black and blank frames never count; a frame darker than
-``fade_ratio`` times the window's brightest is mid-fade and only used if nothing else is;
-frames within ``edge_guard_s`` of a cut or fade (a dissolve's blend) come after the rest.
+video time (:class:`.clock.FrameClock`), and a window's first frame when it has a picture
+(a start at a hard cut, after black, or on the clock; not mid-dissolve), scored
+(:mod:`.quality`) and the best ``max_candidates`` kept. The clock runs on the video's
+time, not the window's, so whether a frame is a candidate is known as it is decoded: the
+decoder threads make pictures of those frames and of possible scene starts only, and give
+every decoded frame back at once (holding a second of decoded 1080p frames slowed decoding
+by a sixth). When a window closes, the candidates are ranked: black and blank frames never
+count; a frame darker than ``fade_ratio`` times the window's brightest is mid-fade and
+only used if nothing else is; frames within ``edge_guard_s`` of a cut or fade (a
+dissolve's blend) come after the rest.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .cuts import Decision
-from .quality import FrameQuality, frame_quality
+from .quality import FrameQuality
 
 _EPS_S = 1e-6  # timestamps are sums of fractions: 5.333 - 3.333 may fall short of 2.0
 
@@ -38,6 +43,13 @@ class SegmentSettings:
     max_candidates: int = 8
     fade_ratio: float = 0.7
     edge_guard_s: float = 0.3
+
+
+class Picture(NamedTuple):
+    """A frame's upright RGB picture (uint8 [H, W, 3]) and its quality scores."""
+
+    rgb: np.ndarray
+    quality: FrameQuality
 
 
 @dataclass(order=True)
@@ -79,13 +91,12 @@ class Segment:
 
 
 class Segmenter:
-    """Feed :class:`Decision` s (with whether the frame ticked the candidate clock, and a
-    way to get its picture) in order; closed segments come out of :meth:`add` and
+    """Feed :class:`Decision` s (with whether the frame ticked the candidate clock, and
+    its picture if it has one) in order; closed segments come out of :meth:`add` and
     :meth:`finish`."""
 
-    def __init__(self, settings: SegmentSettings, black_luma: float) -> None:
+    def __init__(self, settings: SegmentSettings) -> None:
         self.settings = settings
-        self.black_luma = black_luma
         self._open: Segment | None = None
         self._indices = itertools.count()
         self._shot = -1
@@ -93,30 +104,15 @@ class Segmenter:
         self._last_time = 0.0
         self._last_gap = 0.0
         self._pending_start = "start"  # how the next segment starts
-        self._window_kept_for = -1  # the open segment whose next window's frame was kept
-
-    def may_open_window(self, time_s: float) -> bool:
-        """Whether a frame at ``time_s``, not yet decided, could start the open segment's
-        next window: the first frame ``window_s`` or more after its start, as far as the
-        decisions so far tell (a cut still being decided only moves the boundary later).
-        The pipeline keeps that frame's picture, so a short last window of a shot still
-        has its first frame as a candidate."""
-        seg = self._open
-        if seg is None or seg.index == self._window_kept_for:
-            return False
-        if time_s - seg.start_s < self.settings.window_s - _EPS_S:
-            return False
-        self._window_kept_for = seg.index
-        return True
 
     def add(
         self,
         decision: Decision,
         on_clock: bool,
-        picture: Callable[[], np.ndarray] | None,
+        picture: Picture | None,
     ) -> list[Segment]:
-        """Place one frame; ``picture`` is None when the frame was not kept (it can then
-        be no candidate)."""
+        """Place one frame; ``picture`` is None when the frame has none (it can then be
+        no candidate)."""
         s, t, closed = self.settings, decision.time_s, []
         if t > self._last_time:
             self._last_gap = t - self._last_time
@@ -130,7 +126,7 @@ class Segmenter:
         if seg is not None and decision.cut:
             closed.append(self._close(t, "cut"))
             self._pending_start = "cut"
-        elif seg is not None and t - seg.start_s >= s.window_s - _EPS_S:
+        elif seg is not None and on_clock and t - seg.start_s >= s.window_s - _EPS_S:
             closed.append(self._close(t, "window"))
             self._pending_start = "window"
         if self._open is None:
@@ -152,18 +148,16 @@ class Segmenter:
         seg: Segment,
         decision: Decision,
         on_clock: bool,
-        picture: Callable[[], np.ndarray] | None,
+        picture: Picture | None,
     ) -> None:
         s = self.settings
         seg.frames += 1
         seg.max_luma = max(seg.max_luma, decision.luma)
         if picture is None or not (on_clock or seg.frames == 1):
             return
-        rgb = picture()
-        quality = frame_quality(rgb, black_luma=self.black_luma)
-        if not quality.usable:
+        if not picture.quality.usable:
             return
-        item = Candidate(quality.score, decision.time_s, quality, rgb)
+        item = Candidate(picture.quality.score, decision.time_s, picture.quality, picture.rgb)
         if len(seg.candidates) < s.max_candidates:
             heapq.heappush(seg.candidates, item)
         elif item.score > seg.candidates[0].score:
