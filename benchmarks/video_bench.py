@@ -247,26 +247,45 @@ def f1(detected: list[float], cuts: list[float], dissolves: list, tol: float) ->
 
 
 def ours_cuts(path: Path, threads: int, analysis_fps: float) -> tuple[list[float], float]:
-    """Our detector alone (decode + detection, no frames picked, no model)."""
-    from heimdex_clip.video.cuts import CutDetector, CutSettings
-    from heimdex_clip.video.decode import DecodeStats, iter_frames, open_video
+    """Our detector alone (decode + detection, no pictures, no model), decoded the way the
+    pipeline decodes (pieces side by side on ``threads`` decoders)."""
+    from heimdex_clip.video.cuts import CutDetector, CutSettings, Features, frame_features
+    from heimdex_clip.video.decode import (
+        DecodeStats,
+        Scalers,
+        analysed_frames,
+        open_video,
+        small_planes,
+    )
+
+    settings = CutSettings()
+
+    def features_only(_stats: DecodeStats):
+        scalers = Scalers()
+
+        def analyse(frame, time_s: float) -> Features:
+            feat = frame_features(small_planes(frame, scalers.small), settings)
+            feat.time_s = time_s
+            return feat
+
+        return analyse
 
     started = time.perf_counter()
     container, info = open_video(path, max_pixels=64_000_000)
     fps = min(info.fps or analysis_fps, analysis_fps)
-    detector, cuts = CutDetector(CutSettings(), fps), []
+    detector, cuts = CutDetector(settings, fps), []
     with container:
-        for frame in iter_frames(
+        frames = analysed_frames(
             container,
             info,
             DecodeStats(),
             threads=threads,
             max_pixels=64_000_000,
             max_analysis_fps=analysis_fps,
-        ):
-            cuts += [
-                d.time_s for d in detector.push(frame.index, frame.time_s, frame.small) if d.cut
-            ]
+            analyser=features_only,
+        )
+        for index, feat in enumerate(frames):
+            cuts += [d.time_s for d in detector.push(index, feat.time_s, feat) if d.cut]
     cuts += [d.time_s for d in detector.finish() if d.cut]
     return cuts, time.perf_counter() - started
 
