@@ -461,7 +461,8 @@ def table(r: dict) -> str:
         f"photographs; {v['cuts']} hard cuts, {v['dissolves']} dissolves, {v['fades']} "
         "black stretches)",
         "",
-        f"{m.get('cpu_model', '?')}, {m['threads_used']} decoder threads, model threads "
+        f"{m.get('cpu_model', '?')}, {m['threads_used']} decoder threads (the file in "
+        f"{first['report'].get('pieces', 1)} pieces), model threads "
         f"{first.get('model_threads')} ({first.get('model_provider')}), load average at "
         f"start {m['load_average_at_start']} (shared machine), {m['date']}. Runs "
         "interleaved (bare decode, then the pipeline at each analysis rate), medians.",
@@ -483,8 +484,9 @@ def table(r: dict) -> str:
     stages = list(first["breakdown_s"])
     lines += [
         "",
-        "Where the time went in each rate's median run (seconds; the model thread runs "
-        "beside the decoder, so the stages add up to more than the wall time):",
+        "Where the time went in each rate's median run (seconds; decode, scaling, "
+        "detection and quality are summed over the decoder threads, and the model thread "
+        "runs beside them, so the stages add up to more than the wall time):",
         "",
         "| analysis frames/s | " + " | ".join(stages) + " |",
         "|---" * (len(stages) + 1) + "|",

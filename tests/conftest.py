@@ -68,6 +68,7 @@ def _ensure_test_artifact() -> Path:
                 "--pretrained",
                 "none",
                 "--keep-fp32",
+                "--openvino",  # as `make export-test-model`: visual.qdq, OpenVINO's graph
                 "--models-dir",
                 str(path.parent),
                 "-q",

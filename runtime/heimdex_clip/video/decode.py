@@ -17,6 +17,7 @@ stalls both; separate pieces do not (docs/video.md has the figures).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import itertools
 import math
@@ -382,6 +383,23 @@ def _one_piece(
     )
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def _give_back_free_memory() -> None:
+    """Hand freed heap pages back to the OS. The decoder threads allocate pictures that
+    the main thread frees later, and glibc keeps such pages in each thread's arena: peak
+    RSS of decoding alone grew 185 -> 226 -> 251 MB for 1, 10 and 30 minutes of 1080p
+    without this, and 179 -> 194 MB for 1 and 10 minutes with it after every piece (the
+    rest is the longer pieces of the longer file; 2-core Xeon, 2026-12-07)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class _End:
     """A piece's last item: its counts, and the error that ended it if any."""
 
@@ -454,6 +472,7 @@ def _side_by_side(
                 yield item
             stats.add(item.stats)
             room.release()
+            _give_back_free_memory()
             if item.error is not None:
                 raise item.error
     finally:

@@ -1,15 +1,18 @@
 """Video in, scenes out (no database): decode, cut, pick frames, save the best, embed.
 
-:func:`analyze_video` streams the file once. Frames go through the cut detector; a decoded
-picture is given back at once unless it may become a candidate (on the candidate clock, or
-a possible scene or window start), and then only until the detector decides about it
-(its look-ahead). Each closed scene keeps at most
-``top_k`` small pictures until its vector is made. Scenes are embedded through
-:meth:`ClipEmbedder.embed_scenes` on a model thread, one batch in flight while decoding
-goes on: a closed scene is handed over as soon as the model is idle, and while it is busy
-scenes queue up to ``embed_batch`` (then the decoder waits), so the model never idles
-while scenes wait and little is left for it after the last frame. Memory does not grow
-with the video's length: only the vectors and a few numbers per scene are kept to the end.
+:func:`analyze_video` streams the file once, decoded in pieces side by side
+(:func:`.decode.analysed_frames`). On each decoder thread, every analysed frame is reduced
+to the cut detector's features, and a small upright picture with its quality scores is
+made only if the frame may become a candidate (on the candidate clock, or a possible scene
+start); the decoded frame goes back to the decoder right away. Here, in order, the cut
+detector decides and the segmenter keeps those pictures until the detector's look-ahead
+has passed them. Each closed scene keeps at most ``top_k`` small pictures until its vector
+is made. Scenes are embedded through :meth:`ClipEmbedder.embed_scenes` on a model thread,
+one batch in flight while decoding goes on: a closed scene is handed over as soon as the
+model is idle, and while it is busy scenes queue up to ``embed_batch`` (then the decoder
+waits), so the model never idles while scenes wait and little is left for it after the
+last frame. Memory does not grow with the video's length: only the vectors and a few
+numbers per scene are kept to the end.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from .segments import Picture, Segment, Segmenter, SegmentSettings
 
 #: The model thread's nice value: Linux's lowest priority (see _yield_to_decoder).
 _MODEL_NICE = 19
+#: How shots become windows and candidates; bumped when the same settings would give other
+#: scenes (v2: windows end on the candidate clock), so re-indexing replaces old scenes.
+SEGMENTER = "heimdex-windows-v2"
 #: Video ids are uuid5 of the content's SHA-256 in this namespace.
 VIDEO_NAMESPACE = uuid.UUID("6d1b7a52-2f0e-5c8e-9d3e-7f5e1c0a9b27")
 
@@ -60,7 +66,7 @@ class VideoSettings:
         """What is stored with the video and each scene (threads change no result)."""
         return {
             "cuts": self.cuts.as_dict(),
-            "segments": asdict(self.segments),
+            "segments": {"segmenter": SEGMENTER, **asdict(self.segments)},
             "top_k": self.top_k,
             "frame_long_side": self.frame_long_side,
             "max_analysis_fps": self.max_analysis_fps,
@@ -139,7 +145,7 @@ class VideoAnalysis:
 
 def model_threads(decoder_threads: int, cores: int | None = None) -> int:
     """ONNX Runtime intra-op threads for the embedder of a video run: the physical cores
-    the decoder's ``decoder_threads`` FFmpeg threads leave, at least one.
+    the video's ``decoder_threads`` decoder threads leave, at least one.
 
     The model thread runs beside the decoder; given every core it fights the decoder for
     them (its spinning workers included) and both slow down. On 2 cores with 2 decoder
