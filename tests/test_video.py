@@ -498,6 +498,48 @@ def test_pieces_stitch_exactly_on_open_gops_and_webm(
         assert a.metadata["video"]["chosen"] == b.metadata["video"]["chosen"]
 
 
+def test_decoders_stay_at_most_threads_plus_one_pieces_ahead_of_a_slow_consumer(made):
+    """However slow the consumer, at most ``threads + 1`` pieces are decoded or waiting:
+    what the decoder threads hold does not grow with the video's length."""
+    import time
+    from typing import NamedTuple
+
+    from heimdex_clip.video.decode import DecodeStats, analysed_frames, open_video
+
+    class Item(NamedTuple):
+        time_s: float
+        piece: int
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def analyser(_stats: DecodeStats):
+        with lock:
+            piece = len(started)
+            started.append(piece)
+        return lambda frame, time_s: Item(time_s, piece)
+
+    threads, stats, seen, ahead = 2, DecodeStats(), [], []
+    container, info = open_video(made[0], max_pixels=64_000_000)
+    with container:
+        for item in analysed_frames(
+            container,
+            info,
+            stats,
+            threads=threads,
+            max_pixels=64_000_000,
+            max_analysis_fps=15,
+            analyser=analyser,
+        ):
+            if not seen or seen[-1] != item.piece:
+                seen.append(item.piece)
+            # pieces before the one being read are done and their room given back
+            ahead.append(len(started) - (len(seen) - 1))
+            time.sleep(0.002)
+    assert stats.pieces >= 5 and len(seen) == stats.pieces == len(started)
+    assert 2 <= max(ahead) <= threads + 1
+
+
 def test_a_failure_mid_video_stops_the_decoder_threads(made, embedder, tmp_path, monkeypatch):
     """An error while the pieces are decoded (here the detector's, after 40 frames) is
     raised, nothing is left behind, and no decoder thread goes on."""
