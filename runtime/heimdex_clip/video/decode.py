@@ -385,8 +385,11 @@ def _one_piece(
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # Windows: no handle for the process itself
+        return None
 
 
 def _give_back_free_memory() -> None:
