@@ -395,9 +395,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def _give_back_free_memory() -> None:
     """Hand freed heap pages back to the OS. The decoder threads allocate pictures that
     the main thread frees later, and glibc keeps such pages in each thread's arena: peak
-    RSS of decoding alone grew 185 -> 226 -> 251 MB for 1, 10 and 30 minutes of 1080p
-    without this, and 179 -> 194 MB for 1 and 10 minutes with it after every piece (the
-    rest is the longer pieces of the longer file; 2-core Xeon, 2026-12-07)."""
+    RSS of decoding alone was 185, 226 and 251 MB for 1, 10 and 30 minutes of 1080p
+    without this, 179, 194 and 204 MB with it after every piece (2-core Xeon,
+    2026-12-07)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

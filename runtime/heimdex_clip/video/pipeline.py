@@ -1,18 +1,18 @@
 """Video in, scenes out (no database): decode, cut, pick frames, save the best, embed.
 
-:func:`analyze_video` streams the file once, decoded in pieces side by side
-(:func:`.decode.analysed_frames`). On each decoder thread, every analysed frame is reduced
-to the cut detector's features, and a small upright picture with its quality scores is
-made only if the frame may become a candidate (on the candidate clock, or a possible scene
-start); the decoded frame goes back to the decoder right away. Here, in order, the cut
-detector decides and the segmenter keeps those pictures until the detector's look-ahead
-has passed them. Each closed scene keeps at most ``top_k`` small pictures until its vector
-is made. Scenes are embedded through :meth:`ClipEmbedder.embed_scenes` on a model thread,
-one batch in flight while decoding goes on: a closed scene is handed over as soon as the
-model is idle, and while it is busy scenes queue up to ``embed_batch`` (then the decoder
-waits), so the model never idles while scenes wait and little is left for it after the
-last frame. Memory does not grow with the video's length: only the vectors and a few
-numbers per scene are kept to the end.
+:func:`analyze_video` streams the file once, decoded in pieces side by side where the
+container allows (:func:`.decode.analysed_frames`). On each decoder thread, every analysed
+frame is reduced to the cut detector's features, and a small upright picture with its
+quality scores is made only if the frame may become a candidate (on the candidate clock,
+or a possible scene start); the decoded frame goes back to the decoder right away. Here,
+in order, the cut detector decides and the segmenter keeps those pictures until the
+detector's look-ahead has passed them. Each closed scene keeps at most ``top_k`` small
+pictures until its vector is made. Scenes are embedded through
+:meth:`ClipEmbedder.embed_scenes` on a model thread, one batch in flight while decoding
+goes on: a closed scene is handed over as soon as the model is idle, and while it is busy
+scenes queue up to ``embed_batch`` (then the decoder waits), so the model never idles
+while scenes wait and little is left for it after the last frame. Memory does not grow
+with the video's length: only the vectors and a few numbers per scene are kept to the end.
 """
 
 from __future__ import annotations
