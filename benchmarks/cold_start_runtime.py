@@ -1,10 +1,11 @@
 """One cold worker process of ours, for ``run.py``'s cold start and peak RSS figures.
 
-    python benchmarks/cold_start_runtime.py ARTIFACT_DIR FRAME.jpg THREADS
+    python benchmarks/cold_start_runtime.py ARTIFACT_DIR FRAME.jpg THREADS [PROVIDER]
 
 Times import + load + first embedding from the first line of this file, then embeds the
 frame 99 more times and prints one JSON line: cold start, peak RSS (VmHWM), whether torch
-was imported.
+was imported, the provider that ran. PROVIDER is a CLIP_PROVIDER value (default ``auto``,
+what ``run.py`` measures).
 """
 
 import time
@@ -24,10 +25,14 @@ def peak_rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def main(artifact: str, frame: str, threads: str) -> None:
+def main(artifact: str, frame: str, threads: str, provider: str = "auto") -> None:
     emb = ClipEmbedder(
         config=ClipConfig(
-            pretrained="none", model_dir=artifact, cpu_threads=int(threads), embed_cache_size=0
+            pretrained="none",
+            model_dir=artifact,
+            cpu_threads=int(threads),
+            embed_cache_size=0,
+            provider=provider,
         )
     )
     first = emb.embed_frame(frame)
@@ -43,10 +48,11 @@ def main(artifact: str, frame: str, threads: str) -> None:
                 "cold_start_s": cold,
                 "peak_rss_mb": peak_rss_mb(),
                 "torch_imported": "torch" in sys.modules,
+                "provider": emb.session_info.provider,  # what really ran (auto's choice)
             }
         )
     )
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from heimdex_clip.artifact import load_manifest
+from heimdex_clip.providers import available_providers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +126,63 @@ def test_cold_start_process_embeds_without_torch_and_reports_its_figures(artifac
     assert figures["torch_imported"] is False
     assert figures["cold_start_s"] > 0
     assert figures["peak_rss_mb"] > 0
+
+
+def test_cold_start_process_runs_the_provider_it_is_given(artifact_dir, tmp_path):
+    """run.py measures ``cpu`` beside ``auto`` where auto may pick OpenVINO: the child runs
+    the provider it is handed (each one that can run here), not auto's choice."""
+    frame = tmp_path / "frame.jpg"
+    Image.new("RGB", (320, 240), (20, 140, 90)).save(frame)
+    script = str(BENCHMARKS / "cold_start_runtime.py")
+    runnable = [name for name, why_not in available_providers().items() if why_not is None]
+    for provider in runnable:
+        proc = subprocess.run(
+            [sys.executable, script, str(artifact_dir), str(frame), "1", provider],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["provider"] == provider
+
+
+def test_weight_only_int8_graph_keeps_the_function_and_quantizes_every_matmul_weight(tmp_path):
+    """openvino_options.py's weight-only INT8 variant: the same function to int8 rounding,
+    every 2-D MatMul weight int8 behind a DequantizeLinear, nodes in an order ORT loads."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    openvino_options = load_benchmark_module("openvino_options")
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 96)).astype(np.float32)
+    w2 = rng.standard_normal((96, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "two_layers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+
+    out = openvino_options.weight_only_int8(fp32, tmp_path / "int8.onnx")
+
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    kinds = [node.op_type for node in model.graph.node]
+    assert kinds.count("DequantizeLinear") == 2 and kinds.count("MatMul") == 2
+    assert {i.data_type for i in model.graph.initializer if i.name.endswith("/q")} == {
+        TensorProto.INT8
+    }
+    assert not any(i.name in ("w1", "w2") for i in model.graph.initializer)  # fp32 copies gone
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(fp32)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    cosine = np.sum(want * got, 1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() > 0.999 and not np.array_equal(want, got)
