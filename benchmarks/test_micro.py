@@ -50,7 +50,11 @@ def test_decode_and_preprocess_1080p_exact(benchmark, hd_jpeg, preprocessor):
 
 
 def test_decode_and_preprocess_1080p_fast(benchmark, hd_jpeg, preprocessor):
-    benchmark(lambda: preprocessor([load_image(hd_jpeg, max_pixels=10**8, min_side_for_draft=224)]))
+    benchmark(
+        lambda: preprocessor(
+            [load_image(hd_jpeg, max_pixels=10**8, min_side_for_draft=224)], fast=True
+        )
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])

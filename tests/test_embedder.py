@@ -283,6 +283,23 @@ class TestClipEmbedderEmbeddingGeneration:
         pixels = embedder.preprocess(jpeg_files[:3])
         assert pixels.shape == (3, 3, 224, 224) and pixels.dtype == np.float32
 
+    def test_fast_decode_runs_the_fast_geometry(self, artifact_dir, embedder, photos):
+        """CLIP_FAST_DECODE reaches the preprocessor: a 1080p JPEG gets the DCT-scaled
+        decode and the crop-only resize, and its vector stays next to the exact one."""
+        from heimdex_clip.images import load_image
+        from heimdex_clip.preprocess import Preprocessor
+
+        buf = io.BytesIO()
+        dict(photos)["astronaut"].convert("RGB").resize((1920, 1080)).save(buf, "JPEG")
+        frame = buf.getvalue()
+        fast = ClipEmbedder(config=make_config(artifact_dir, embed_cache_size=0, fast_decode=True))
+        pre = Preprocessor(embedder.manifest.preprocess)
+        drafted = load_image(frame, max_pixels=10**8, min_side_for_draft=224)
+        assert np.array_equal(fast.preprocess([frame]), pre([drafted], fast=True))
+        assert not np.array_equal(pre([drafted], fast=True), pre([drafted]))  # both in play
+        cosine = float(fast.embed_frame(frame).embedding @ embedder.embed_frame(frame).embedding)
+        assert cosine > 0.999
+
 
 class TestGracefulDegradation:
     @pytest.mark.parametrize(

@@ -391,11 +391,51 @@ def test_fast_decode_shrinks_a_1080p_jpeg_by_dct_scaling(hd_jpeg, preprocess, tm
     assert load_image(hd_jpeg, max_pixels=LIMIT, min_side_for_draft=100).size == (240, 135)
     assert load_image(hd_jpeg, max_pixels=LIMIT, min_side_for_draft=60).size == (120, 68)
     # the measured price: small pixel changes in the model input (documented, opt-in)
-    a, b = preprocess.transform(exact), preprocess.transform(fast)
+    a, b = preprocess.transform(exact), preprocess.transform(fast, fast=True)
     diff = np.abs(a - b)
     assert 0 < diff.mean() < 0.05 and diff.max() < 1.0
     cosine = float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
     assert cosine > 0.995
+
+
+@pytest.mark.parametrize(
+    "size", [(480, 270), (1920, 1080), (270, 480), (300, 225), (225, 224), (4000, 3000)]
+)
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_fast_geometry_computes_only_the_crop_and_stays_within_one_level(
+    photo, preprocess, size, mode, monkeypatch
+):
+    """CLIP_FAST_DECODE's shrink makes only the S x S crop (not the whole resized image),
+    and its pixels stay within 3 levels of open_clip's resize-then-crop (the most seen on
+    300 random sizes; the DCT-scaled decode itself moves pixels far more)."""
+    image = photo.convert(mode).resize(size, Image.Resampling.BICUBIC)
+    exact = np.asarray(preprocess.geometry(image), dtype=np.int16)
+    asked: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        asked.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    fast = preprocess.geometry(image, fast=True)
+    monkeypatch.undo()
+
+    assert fast.size == (224, 224) and fast.mode == image.mode
+    assert set(asked) == (set() if min(size) == 224 else {(224, 224)})  # RGBA: twice
+    assert np.abs(np.asarray(fast, dtype=np.int16) - exact).max() <= 3
+
+
+def test_fast_geometry_leaves_the_other_resize_modes_and_small_frames_exact(photo):
+    for resize_mode in ("longest", "squash"):
+        pre = Preprocessor(
+            PreprocessSpec(image_size=224, mean=SPEC.mean, std=SPEC.std, resize_mode=resize_mode)
+        )
+        image = photo.resize((640, 360))
+        assert np.array_equal(pre.transform(image, fast=True), pre.transform(image))
+    small = photo.resize((200, 150))  # an enlargement: nothing to save, exact
+    pre = Preprocessor(SPEC)
+    assert np.array_equal(pre.transform(small, fast=True), pre.transform(small))
 
 
 def test_fast_decode_reduces_other_formats_by_the_largest_safe_factor(photo):

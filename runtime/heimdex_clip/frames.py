@@ -132,7 +132,7 @@ class FramePipeline:
             images.append(self.decode(model, source))
             if job is not None:
                 job.check()
-        return model.preprocessor(images)
+        return model.preprocessor(images, fast=self.config.fast_decode)
 
     # ------------------------------------------------------------------ worker path
 
