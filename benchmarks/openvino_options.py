@@ -60,6 +60,8 @@ def weight_only_int8(fp32_graph: Path, out: Path) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
+    from heimdex_clip_export.graph_edit import topological_sort
+
     model = onnx.load(str(fp32_graph))
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
@@ -85,30 +87,9 @@ def weight_only_int8(fp32_graph: Path, out: Path) -> Path:
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    # DequantizeLinear nodes were appended after their consumers: restore topological order
-    onnx.save(_sorted(model), str(out))
+    topological_sort(model)  # the DequantizeLinear nodes were appended after their consumers
+    onnx.save(model, str(out))
     return out
-
-
-def _sorted(model):
-    """``model`` with its nodes in topological order."""
-    graph = model.graph
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError("the graph has a cycle or an undefined input")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
-    return model
 
 
 class Variant:
